@@ -36,6 +36,9 @@ class ModelSpec:
         What the underlying network returns: one complex tensor, or a list [amplitude, phase].
     name : str
         A label for logs and reports.
+    max_batch : int or None
+        Largest batch the model may be called with (PtychoPINN bundles merge a whole call into one
+        canvas above a size, spec §0.3); None means no limit.
     """
 
     kind: Literal["pinn", "baseline"]
@@ -45,6 +48,7 @@ class ModelSpec:
     intensity_scale: float | None
     output: Literal["complex", "amp_phase"]
     name: str = "model"
+    max_batch: int | None = None
 
     @property
     def channels(self) -> int:
