@@ -1,0 +1,189 @@
+"""Tests of ptychozarr.memory: projections, budgets and measured peaks."""
+
+import json
+import time
+
+import dask.threaded
+import numpy as np
+import psutil
+import pytest
+from dask.utils import format_bytes
+
+from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
+from ptychozarr.memory import (
+    DEFAULT_RESERVED,
+    PeakMemory,
+    TaskMemoryCallback,
+    check,
+    choose_block_groups,
+    parse_budget,
+    plan,
+    probe_model,
+    process_peaks,
+    project_inference,
+    project_metrics,
+    project_stitch,
+    report,
+)
+
+MB = 10**6
+ARGS = dict(batch_size=64, N=128, C=4, M=20, model_probe=50 * MB, reserved=500 * MB, threads=2)
+
+
+def test_inference_projection_is_the_arithmetic_of_its_buffers():
+    t = project_inference(256, 64, 128, 4, 20, 7_000_000, output="amp_phase")
+    pattern = 128 * 128 * 4 * 4  # one group of 4 float32 patterns
+    expected = {
+        "gathered": 256 * pattern,
+        "normalised": 256 * pattern,
+        "offsets": 256 * 4 * 2 * 12,
+        "model_input": 64 * pattern,
+        "model_output": 64 * 128 * 128 * 8,
+        "amp_phase": 64 * 128 * 128 * 16,
+        "crops": 256 * 20 * 20 * 8,
+        "model_probe": 7_000_000,
+    }
+    assert dict(t.parts) == expected
+    assert t.total == sum(expected.values())
+    assert t.stage == "infer" and t.knob == "block_groups"
+
+
+def test_per_pattern_inference_has_one_row_and_one_crop_per_member():
+    t = project_inference(10, 8, 64, 4, 16, output="complex", per_pattern=True)
+    assert t.parts["gathered"] == 40 * 64 * 64 * 4
+    assert t.parts["model_input"] == 8 * 64 * 64 * 4
+    assert t.parts["crops"] == 40 * 16 * 16 * 8
+    assert t.parts["amp_phase"] == 0
+
+
+def test_stitch_and_metric_projections():
+    s = project_stitch(256, 128, 20, split_every=4)
+    assert dict(s.parts) == {
+        "crops": 128 * 400 * 8,
+        "weighted": 128 * 400 * 16,
+        "partial_tile": 256 * 256 * 24,
+        "tree_sum": 4 * 256 * 256 * 24,
+    }
+    assert project_stitch((128, 512), 1, 20).parts["partial_tile"] == 128 * 512 * 24
+    m = project_metrics(512, 5, temporaries=16)
+    assert dict(m.parts) == {"inputs": 2 * 522 * 522 * 8, "temporaries": 16 * 522 * 522 * 8}
+
+
+def test_plan_peak_is_processes_times_baseline_plus_threads_times_largest_task():
+    p = plan(block_groups=512, tile=1024, chunk=512, halo=5, processes=3, **ARGS)
+    totals = {t.stage: t.total for t in p.tasks}
+    assert set(totals) == {"infer", "stitch", "metrics"}
+    assert p.peak == 3 * (500 * MB + 2 * max(totals.values()))
+    assert p.per_process("stitch") == 500 * MB + 2 * totals["stitch"]
+    assert plan(block_groups=8, batch_size=8, N=64, C=1, M=16).reserved == DEFAULT_RESERVED
+    json.dumps(p.to_dict())
+
+
+def test_check_refuses_with_the_figure_the_budget_and_a_block_size_that_fits():
+    p = plan(block_groups=4096, **ARGS)
+    budget = 2 * 10**9
+    assert p.peak > budget
+    with pytest.raises(MemoryBudgetError) as e:
+        check(p, "2GB")
+    fits = choose_block_groups(budget, max_groups=4096, **ARGS)
+    message = str(e.value)
+    assert format_bytes(p.peak) in message and format_bytes(budget) in message
+    assert f"--block-groups {fits} fits" in message
+    assert plan(block_groups=fits, **ARGS).peak <= budget
+    assert check(plan(block_groups=fits, **ARGS), budget).params["block_groups"] == fits
+
+
+def test_check_names_the_tile_when_stitching_is_the_largest_task():
+    p = plan(block_groups=64, tile=4096, **ARGS)
+    assert p.largest.stage == "stitch"
+    budget = plan(block_groups=64, tile=1024, **ARGS).peak
+    with pytest.raises(MemoryBudgetError, match="--tile 1024 fits"):
+        check(p, budget)
+
+
+def test_check_refuses_device_memory_over_its_budget():
+    p = plan(block_groups=64, device=3 * 10**9, **ARGS)
+    with pytest.raises(MemoryBudgetError, match="lower --batch-size"):
+        check(p, "100GB", device_budget="2GB")
+    assert check(p, "100GB", device_budget="4GB") is p
+
+
+def test_choose_block_groups_returns_the_largest_fitting_candidate():
+    peak = {b: plan(block_groups=b, **ARGS).peak for b in (512, 1024, 2048, 5216)}
+    budget = (peak[1024] + peak[2048]) // 2
+    assert choose_block_groups(budget, max_groups=5216, **ARGS) == 1024
+    assert choose_block_groups(peak[5216], max_groups=5216, **ARGS) == 5216
+    assert choose_block_groups(peak[5216] - 1, max_groups=5216, **ARGS) == 4096
+
+
+def test_choose_block_groups_refuses_when_one_batch_does_not_fit():
+    one_batch = plan(block_groups=64, **ARGS).peak
+    with pytest.raises(MemoryBudgetError, match="raise --memory-budget") as e:
+        choose_block_groups(one_batch - 1, max_groups=5216, **ARGS)
+    assert "--block-groups 64" in str(e.value)
+
+
+def test_parse_budget():
+    assert parse_budget("2GB") == 2 * 10**9
+    assert parse_budget("1.5GiB") == 3 * 2**29
+    assert parse_budget(123) == 123 and parse_budget(None) is None
+    for bad in ("lots", "-1GB", 0):
+        with pytest.raises(InvalidParameterError, match="--memory-budget"):
+            parse_budget(bad)
+
+
+def test_peak_memory_sees_a_deliberate_allocation():
+    with PeakMemory() as pm:
+        block = np.ones(200 * MB // 8)
+        deadline = time.monotonic() + 20  # wait for the sampler to see it; not a timing assertion
+        while pm.peak - pm.baseline < 190 * MB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        del block
+    assert pm.increase >= 190 * MB
+
+
+def test_probe_model_measures_what_one_call_allocates():
+    def predict(x, offsets):
+        assert x.shape == (4, 64, 64, 4) and offsets.shape == (4, 1, 2, 4)
+        return np.ones(120 * MB // 8)
+
+    assert probe_model(predict, (4, 64, 64, 4), (4, 1, 2, 4)) >= 115 * MB
+
+
+def _hold(nbytes):
+    return np.ones(int(nbytes) // 8)
+
+
+def _small():
+    return 1
+
+
+def _combine(a, b):
+    return a.size + b
+
+
+def test_task_callback_attributes_memory_to_the_task_stage():
+    big = "alloc-block-" + "0123456789abcdef" * 2  # key_split drops the token: "alloc-block"
+    dsk = {big: (_hold, 150 * MB), "small-1": (_small,), "out": (_combine, big, "small-1")}
+    with TaskMemoryCallback(stages=("alloc",)) as cb:
+        dask.threaded.get(dsk, "out", num_workers=1)
+    assert set(cb.by_stage) == {"alloc", "small", "out"}
+    assert cb.by_stage["alloc"]["increase"] >= 145 * MB
+    assert cb.by_stage["small"]["increase"] < 50 * MB
+    assert cb.peaks()["alloc"] >= cb.by_stage["alloc"]["increase"]
+    assert all(r["tasks"] == 1 for r in cb.by_stage.values())
+
+
+def test_report_puts_measured_beside_projected():
+    p = plan(block_groups=256, tile=512, **ARGS)
+    measured = {"peak": p.peak // 2, "infer": p.per_process("infer"), "device": None, "other": 5}
+    r = report(p, measured)
+    assert r["ratio"] == {"peak": 0.5, "infer": 1.0}
+    assert r["projected"]["stages"]["stitch"]["task"] == p.stage("stitch").total
+    json.dumps(r)
+
+
+def test_process_peaks_reports_host_peak_and_no_device_without_tensorflow_gpu():
+    peaks = process_peaks()
+    assert peaks["host"] >= 0.99 * psutil.Process().memory_info().rss
+    assert peaks["device"] is None or peaks["device"] >= 0
