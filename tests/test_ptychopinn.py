@@ -1,0 +1,190 @@
+"""Tests of the PtychoPINN bundle adapter.
+
+The error-path tests need neither PtychoPINN nor TensorFlow and run everywhere. The tests against real
+bundles run where the ``ptycho`` package is importable and ``PTYCHOZARR_TEST_BUNDLES`` names a folder with
+``gs2/wts.h5.zip`` and ``gs1/wts.h5.zip`` made by PtychoPINN's ``scripts/training/train.py``; elsewhere they
+are skipped.
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptychozarr.errors import ModelMismatchError
+from ptychozarr.models.ptychopinn import load_bundle
+
+_BUNDLES = os.environ.get("PTYCHOZARR_TEST_BUNDLES")
+
+
+def _fake_bundle(folder: Path) -> Path:
+    """A zip with a bundle's member names (and nothing loadable in them)."""
+    folder.mkdir()
+    path = folder / "wts.h5.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("manifest.dill", "diffraction_to_obj/model.keras", "diffraction_to_obj/params.dill"):
+            zf.writestr(name, b"x")
+    return path
+
+
+def test_missing_ptycho_names_what_to_install(tmp_path, monkeypatch):
+    _fake_bundle(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "ptycho", None)
+    with pytest.raises(
+        ModelMismatchError, match=r"`ptycho` package is not importable.*pip install --no-deps -e"
+    ):
+        load_bundle(tmp_path / "run")
+
+
+def test_not_a_zip_is_rejected(tmp_path):
+    path = tmp_path / "wts.h5.zip"
+    path.write_bytes(b"this is not a zip archive")
+    with pytest.raises(ModelMismatchError, match="not a PtychoPINN bundle: it cannot be read as a zip"):
+        load_bundle(path)
+
+
+def test_zip_without_bundle_members_is_rejected(tmp_path):
+    path = tmp_path / "wts.h5.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("manifest.dill", b"x")
+    with pytest.raises(ModelMismatchError, match="lacks diffraction_to_obj/model.keras"):
+        load_bundle(path)
+
+
+def test_missing_path_is_rejected(tmp_path):
+    with pytest.raises(ModelMismatchError, match="does not exist"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_importing_the_adapter_imports_neither_ptycho_nor_tensorflow():
+    code = (
+        "import sys, ptychozarr.models.ptychopinn; "
+        "print(sorted(m for m in ('tensorflow', 'ptycho', 'keras') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- against real bundles --------------------------------------------------------------------------------
+
+_needs_bundles = pytest.mark.skipif(
+    not (_BUNDLES and all((Path(_BUNDLES) / g / "wts.h5.zip").is_file() for g in ("gs1", "gs2"))),
+    reason="set PTYCHOZARR_TEST_BUNDLES to a folder with gs1/ and gs2/ wts.h5.zip",
+)
+
+
+def _bundle_dir(gridsize: int) -> Path:
+    return Path(_BUNDLES) / f"gs{gridsize}"
+
+
+@pytest.fixture(scope="module")
+def ptycho():
+    return pytest.importorskip("ptycho")
+
+
+@pytest.fixture(scope="module")
+def bundles(ptycho):
+    """Both bundles loaded through the adapter into this one process."""
+    return {g: load_bundle(_bundle_dir(g) / "wts.h5.zip") for g in (2, 1)}
+
+
+def _inputs(model, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled diffraction and zero-sum member offsets for ``b`` groups, shaped as the engine gives them."""
+    rng = np.random.default_rng(seed)
+    n, c = model.spec.N, model.spec.channels
+    x = rng.gamma(0.3, 1.0, (b, n, n, c))
+    x *= np.sqrt((n / 2) ** 2 / np.mean(np.sum(x**2, axis=(1, 2))))  # spec §1.4 normalisation
+    positions = rng.uniform(-12.0, 12.0, (b, 2, c))
+    offsets = -(positions - positions.mean(axis=2, keepdims=True))[:, None]
+    return (x * model.spec.intensity_scale).astype(np.float32), offsets.astype(np.float32)
+
+
+def _reference(ptycho, gridsize: int, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """PtychoPINN's own inference: ``load_inference_bundle`` and ``predict`` in batches of 15 groups.
+
+    ``log_scale`` is process-global in PtychoPINN; it is set to the bundle's trained value, which is what a
+    fresh process loading only this bundle holds.
+    """
+    from ptycho.model import _get_log_scale
+    from ptycho.workflows.components import load_inference_bundle
+
+    network, cfg = load_inference_bundle(_bundle_dir(gridsize))
+    _get_log_scale().assign(np.log(cfg["intensity_scale"]))
+    return network.predict([x, offsets], batch_size=15, verbose=0)[..., 0]
+
+
+@_needs_bundles
+@pytest.mark.parametrize("gridsize", [2, 1])
+def test_spec_reads_the_bundle(bundles, gridsize):
+    import h5py
+
+    model = bundles[gridsize]
+    with zipfile.ZipFile(model.path) as zf, zf.open("diffraction_to_obj/model.h5") as fh:
+        saved_scale = float(h5py.File(fh, "r").attrs["intensity_scale"])
+    spec = model.spec
+    assert (spec.N, spec.gridsize, spec.channels) == (128, gridsize, gridsize**2)
+    assert spec.kind == ("pinn" if gridsize > 1 else "baseline")
+    assert spec.takes_positions is (gridsize > 1)
+    assert spec.output == "complex"
+    assert spec.max_batch == {2: 15, 1: 63}[gridsize]
+    assert spec.max_batch * spec.channels < 64
+    assert spec.intensity_scale == pytest.approx(saved_scale, rel=1e-12)
+    assert model.params["gridsize"] == gridsize
+
+
+@_needs_bundles
+@pytest.mark.parametrize("gridsize", [2, 1])
+def test_outputs_equal_ptychopinn_inference(ptycho, bundles, gridsize):
+    model = bundles[gridsize]
+    x, offsets = _inputs(model, 37, seed=gridsize)
+    if gridsize == 1:
+        offsets = np.zeros_like(offsets)
+    ours = model.predict_batch(x, offsets if model.spec.takes_positions else None)
+    ref = _reference(ptycho, gridsize, x, offsets)
+    assert ours.shape == (37, 128, 128) and ours.dtype == np.complex64
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+@_needs_bundles
+def test_batch_above_max_batch_is_split_per_group(bundles):
+    model = bundles[2]
+    x, offsets = _inputs(model, 2 * model.spec.max_batch + 4, seed=7)
+    whole = model.predict_batch(x, offsets)
+    one_by_one = np.concatenate(
+        [model.predict_batch(x[i : i + 1], offsets[i : i + 1]) for i in range(len(x))]
+    )
+    assert whole.shape == (len(x), 128, 128)
+    np.testing.assert_allclose(whole, one_by_one, rtol=0, atol=1e-5)
+    assert np.abs(whole[0] - whole[1]).max() > 1e-3  # groups are not merged into one canvas
+
+
+@_needs_bundles
+def test_bundles_do_not_disturb_each_other_or_params(ptycho, bundles):
+    from ptycho import params
+
+    before = params.cfg.get("gridsize")
+    x2, o2 = _inputs(bundles[2], 5, seed=3)
+    x1, _ = _inputs(bundles[1], 5, seed=4)
+    first = bundles[2].predict_batch(x2, o2)
+    bundles[1].predict_batch(x1, None)
+    np.testing.assert_array_equal(bundles[2].predict_batch(x2, o2), first)
+    assert params.cfg.get("gridsize") == before
+
+
+@_needs_bundles
+def test_wrong_inputs_are_rejected(bundles):
+    gs2, gs1 = bundles[2], bundles[1]
+    x2, o2 = _inputs(gs2, 2, seed=0)
+    x1, o1 = _inputs(gs1, 2, seed=0)
+    with pytest.raises(ModelMismatchError, match="takes diffraction"):
+        gs2.predict_batch(x1, o2)
+    with pytest.raises(ModelMismatchError, match="needs the members' offsets"):
+        gs2.predict_batch(x2, None)
+    with pytest.raises(ModelMismatchError, match="gridsize-1 model"):
+        gs1.predict_batch(x1, o1 + 1.0)
+    assert gs2.predict_batch(x2[:0], o2[:0]).shape == (0, 128, 128)
