@@ -1,0 +1,221 @@
+"""Where the graph runs: threads, local processes, one worker per GPU, or an existing cluster.
+
+The stages build lazy graphs and know nothing of this module; the pipeline enters :func:`scheduler`
+once and computes inside it::
+
+    with scheduler("processes", n_workers=2) as client:
+        conc = concurrency(client)              # processes × threads, for memory.plan
+        dask.compute(...)
+
+TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS`` when its runtime starts, and
+``TF_FORCE_GPU_ALLOW_GROWTH`` when it first touches a GPU, so this module sets them in each worker's
+environment (dask's ``distributed.nanny.environ``) and every worker gets them before any task imports
+TensorFlow. Variables already set in this process's environment win over these defaults, as
+``distributed`` documents. Models are loaded once per worker by the per-process cache of
+``ptychozarr.inference``, which workers import like any module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+from dask.system import CPU_COUNT
+
+from ptychozarr.errors import InvalidParameterError
+
+__all__ = ["GPU_EXTRA", "Concurrency", "concurrency", "scheduler"]
+
+GPU_EXTRA = "pip install 'ptychozarr[gpu]'"
+"""The command that installs what ``scheduler("cuda")`` needs (dask-cuda and TensorFlow with CUDA)."""
+
+_LOCAL = ("threads", "processes", "cuda")
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """How many tasks run at once: ``processes`` × ``threads`` (per process)."""
+
+    processes: int
+    threads: int
+
+    @property
+    def tasks(self) -> int:
+        """Tasks running at once over all processes."""
+        return self.processes * self.threads
+
+
+def concurrency(client: Any = None) -> Concurrency:
+    """Processes and threads per process the graph runs on, for ``memory.plan``.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        The client :func:`scheduler` yielded; None for the threaded scheduler (one process with dask's
+        ``num_workers`` threads, all cores by default).
+    """
+    if client is None:
+        return Concurrency(1, dask.config.get("num_workers", None) or CPU_COUNT)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not workers:
+        raise InvalidParameterError(f"the cluster at {client.scheduler.address} has no workers; start some")
+    return Concurrency(len(workers), max(w["nthreads"] for w in workers))
+
+
+@contextmanager
+def scheduler(
+    spec: str = "threads",
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    tf_threads: int | None = None,
+    **cluster_kwargs: Any,
+) -> Iterator[Any]:
+    """Run the dask computations inside the block on the scheduler ``spec`` names.
+
+    Parameters
+    ----------
+    spec : str
+        ``"threads"`` (default): dask's threaded scheduler in this process, nothing started.
+        ``"processes"``: a ``distributed.LocalCluster`` of ``n_workers`` processes.
+        ``"cuda"``: a ``dask_cuda.LocalCUDACluster``, one worker per visible GPU (``gpu`` extra), TF
+        memory growth on and no RMM pool (TensorFlow keeps its own allocator).
+        An address such as ``"tcp://host:8786"``: an existing scheduler (e.g. ``dask cuda worker``
+        on other nodes), whose workers are configured by whoever started them.
+    n_workers : int, optional
+        Threads (``threads``), worker processes (``processes``; default one per core) or GPU workers
+        (``cuda``; default one per GPU).
+    threads_per_worker : int
+        Threads in each worker process.
+    tf_threads : int, optional
+        TensorFlow intra- and inter-op threads per worker; default cores // workers for ``processes``
+        and ``cuda``. With ``threads`` it sets this process's environment for the block, which matters
+        only if TensorFlow has not started yet (default: TensorFlow's own, all cores).
+    **cluster_kwargs
+        Passed to ``LocalCluster``, ``LocalCUDACluster`` or ``Client`` (e.g. ``memory_limit``).
+
+    Yields
+    ------
+    distributed.Client or None
+        The client, set as dask's default inside the block; None for ``threads``.
+
+    Raises
+    ------
+    InvalidParameterError
+        An unknown ``spec``, counts below 1, worker options given with an address, or ``cuda`` without
+        dask-cuda or a visible GPU.
+    """
+    for name, value in (
+        ("n_workers", n_workers),
+        ("threads_per_worker", threads_per_worker),
+        ("tf_threads", tf_threads),
+    ):
+        if value is not None and value < 1:
+            raise InvalidParameterError(f"{name} is {value}; give a positive integer or leave it unset")
+    if spec == "threads":
+        env = _tf_env(tf_threads) if tf_threads else {}
+        config = {"scheduler": "threads"} | ({"num_workers": n_workers} if n_workers else {})
+        with dask.config.set(config), _environ(env):
+            yield None
+    elif spec in ("processes", "cuda"):
+        with _local_cluster(spec, n_workers, threads_per_worker, tf_threads, cluster_kwargs) as cluster:
+            from distributed import Client
+
+            with Client(cluster) as client:
+                yield client
+    elif "://" in spec:
+        if n_workers is not None or tf_threads is not None:
+            raise InvalidParameterError(
+                f"n_workers and tf_threads apply to local clusters, not to the scheduler at {spec}; "
+                "configure its workers where they are started"
+            )
+        from distributed import Client
+
+        with Client(spec, **cluster_kwargs) as client:
+            yield client
+    else:
+        raise InvalidParameterError(
+            f"scheduler {spec!r} is not one of {', '.join(map(repr, _LOCAL))} or an address such as "
+            "'tcp://host:8786'"
+        )
+
+
+def _tf_env(threads: int) -> dict[str, str]:
+    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(threads)}
+
+
+@contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` in this process's environment for the block, then restore it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _local_cluster(
+    spec: str,
+    n_workers: int | None,
+    threads_per_worker: int,
+    tf_threads: int | None,
+    cluster_kwargs: dict[str, Any],
+) -> Iterator[Any]:
+    """A LocalCluster (``processes``) or LocalCUDACluster (``cuda``) whose workers carry the TF env."""
+    from distributed import LocalCluster  # also loads distributed's configuration defaults
+
+    if spec == "cuda":
+        n_gpus = _visible_gpus()
+        n_workers = n_workers or n_gpus
+        env = {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+    else:
+        n_workers = n_workers or CPU_COUNT
+        env = {}
+    env |= _tf_env(tf_threads or max(1, CPU_COUNT // n_workers))
+    environ = {**dask.config.get("distributed.nanny.environ"), **env}
+    kwargs = {"n_workers": n_workers, "threads_per_worker": threads_per_worker, "dashboard_address": None}
+    with dask.config.set({"distributed.nanny.environ": environ}):
+        if spec == "cuda":
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(**(kwargs | {"rmm_pool_size": None} | cluster_kwargs))
+        else:
+            cluster = LocalCluster(**(kwargs | {"processes": True} | cluster_kwargs))
+    with cluster:
+        yield cluster
+
+
+def _visible_gpus() -> int:
+    """GPUs dask-cuda would use; raises the error naming the ``gpu`` extra when it cannot run."""
+    try:
+        from dask_cuda.utils import get_gpu_count
+    except ImportError as e:
+        raise InvalidParameterError(
+            f"scheduler 'cuda' needs dask-cuda, which is not installed ({e}); install the gpu extra: "
+            f"{GPU_EXTRA}"
+        ) from e
+    try:
+        n = get_gpu_count()
+    except Exception as e:  # NVML absent or failing: no usable GPU or driver
+        raise InvalidParameterError(
+            f"scheduler 'cuda' sees no GPU (NVML: {e}); run on a machine with a GPU and its driver, "
+            "or use scheduler 'processes'"
+        ) from e
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([d for d in visible.split(",") if d.strip()]))
+    if n < 1:
+        raise InvalidParameterError(
+            f"scheduler 'cuda' sees no GPU (CUDA_VISIBLE_DEVICES={visible!r}); make one visible or use "
+            "scheduler 'processes'"
+        )
+    return n
