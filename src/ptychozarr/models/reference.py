@@ -1,0 +1,203 @@
+"""Reference architectures and the differentiable forward model that trains the PINN.
+
+Two networks, both Keras 3 functional models built from stock layers only (so a saved ``.keras`` file
+loads without custom objects), both returning ``[amplitude, phase]`` as two ``(b, N, N, 1)`` tensors:
+
+- :func:`build_pinn` — an encoder–decoder from a group's ``C`` diffraction amplitudes to the group's
+  object patch (amplitude ``sigmoid``, phase ``π·tanh``). It is trained without ground truth: the
+  predicted object is moved to each member's offset (:func:`translate`), multiplied by the probe and
+  propagated to the far field (:func:`far_field`), and compared with the measured amplitudes through a
+  Poisson negative log-likelihood (:func:`poisson_nll`).
+- :func:`build_baseline` — a U-Net from one pattern to its object patch, trained on ground-truth patches.
+
+Frames are those of DESIGN.md: a pattern's offset is ``−(position − group centre)`` as ``(x, y)``, and
+member ``c`` of a group sees the group object moved by its offset, i.e. ``member[r, s] =
+group[r − t_y, s − t_x]`` with ``t`` the offset (content moves by ``+t``).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["build_baseline", "build_pinn", "far_field", "poisson_nll", "translate", "object_from_outputs"]
+
+
+def _conv(x, filters: int, name: str):
+    import keras
+
+    for i in range(2):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv{i}")(x)
+    return x
+
+
+def _heads(x):
+    """Amplitude (sigmoid) and phase (π·tanh) heads, one channel each."""
+    import keras
+
+    amp = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="amplitude")(x)
+    tanh = keras.layers.Conv2D(1, 3, padding="same", activation="tanh", name="phase_tanh")(x)
+    phase = keras.layers.Rescaling(math.pi, name="phase")(tanh)
+    return [amp, phase]
+
+
+def _check_depth(N: int, depth: int) -> None:
+    from ptychozarr.errors import InvalidParameterError
+
+    if depth < 1 or N % (2**depth):
+        raise InvalidParameterError(
+            f"depth={depth} needs N divisible by 2**depth, got N={N}; choose a smaller depth"
+        )
+
+
+def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3):
+    """Encoder–decoder from a group's diffraction to the group's object patch.
+
+    Parameters
+    ----------
+    N : int
+        Pattern side.
+    gridsize : int
+        Group side; the input has ``gridsize**2`` channels.
+    filters : int
+        Filters of the first stage; each deeper stage doubles them.
+    depth : int
+        Number of 2× pooling stages (``N`` must be divisible by ``2**depth``).
+
+    Returns
+    -------
+    keras.Model
+        Input ``(b, N, N, C)`` float32, outputs ``[amplitude, phase]``, each ``(b, N, N, 1)``.
+    """
+    import keras
+
+    _check_depth(N, depth)
+    inp = keras.Input((N, N, gridsize**2), name="diffraction")
+    x = inp
+    for level in range(depth):
+        x = _conv(x, filters * 2**level, f"enc{level}")
+        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
+    x = _conv(x, filters * 2**depth, "bottleneck")
+    for level in reversed(range(depth)):
+        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
+        x = _conv(x, filters * 2**level, f"dec{level}")
+    return keras.Model(inp, _heads(x), name=f"pinn_gs{gridsize}_n{N}")
+
+
+def build_baseline(N: int, filters: int = 16, depth: int = 3):
+    """U-Net from one diffraction pattern to its object patch.
+
+    Parameters
+    ----------
+    N : int
+        Pattern side.
+    filters, depth : int
+        As in :func:`build_pinn`; the U-Net adds skip connections between matching stages.
+
+    Returns
+    -------
+    keras.Model
+        Input ``(b, N, N, 1)`` float32, outputs ``[amplitude, phase]``, each ``(b, N, N, 1)``.
+    """
+    import keras
+
+    _check_depth(N, depth)
+    inp = keras.Input((N, N, 1), name="diffraction")
+    x, skips = inp, []
+    for level in range(depth):
+        x = _conv(x, filters * 2**level, f"enc{level}")
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
+    x = _conv(x, filters * 2**depth, "bottleneck")
+    for level in reversed(range(depth)):
+        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
+        x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
+        x = _conv(x, filters * 2**level, f"dec{level}")
+    return keras.Model(inp, _heads(x), name=f"baseline_n{N}")
+
+
+def object_from_outputs(amplitude, phase):
+    """Complex object ``(b, N, N)`` from the networks' ``(b, N, N, 1)`` amplitude and phase tensors."""
+    import tensorflow as tf
+
+    amp = tf.cast(amplitude[..., 0], tf.float32)
+    ph = tf.cast(phase[..., 0], tf.float32)
+    return tf.complex(amp * tf.cos(ph), amp * tf.sin(ph))
+
+
+def translate(images, shifts):
+    """Bilinear translation with zero fill: ``out[r, s] = images[r − t_y, s − t_x]``.
+
+    Parameters
+    ----------
+    images : tf.Tensor, (b, H, W, k) float32
+    shifts : tf.Tensor, (b, 2) float32
+        ``t = (t_x, t_y)`` per image; content moves by ``+t`` (columns by x, rows by y).
+
+    Returns
+    -------
+    tf.Tensor, (b, H, W, k) float32
+    """
+    import tensorflow as tf
+
+    b = tf.shape(images)[0]
+    one, zero = tf.ones((b,), tf.float32), tf.zeros((b,), tf.float32)
+    transforms = tf.stack([one, zero, -shifts[:, 0], zero, one, -shifts[:, 1], zero, zero], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def far_field(obj, probe, offsets=None):
+    """Far-field amplitude ``|fftshift(fft2(P · O_c))| / N`` of each member of each group.
+
+    Parameters
+    ----------
+    obj : tf.Tensor, (b, N, N) complex64
+        One object patch per group, centred on the group centre.
+    probe : tf.Tensor, (N, N) complex64
+    offsets : tf.Tensor, (b, C, 2) float32, optional
+        Members' offsets ``−(position − centre)``, ``(x, y)``; None for single patterns.
+
+    Returns
+    -------
+    tf.Tensor, (b, N, N, C) float32
+        Amplitudes in the simulator's convention (unnormalised FFT, divided by N, zero frequency centred).
+    """
+    import tensorflow as tf
+
+    n = tf.shape(obj)[1]
+    if offsets is None:
+        members = obj[:, None]
+    else:
+        c = tf.shape(offsets)[1]
+        parts = tf.stack([tf.math.real(obj), tf.math.imag(obj)], axis=-1)  # (b, N, N, 2)
+        parts = tf.repeat(parts, c, axis=0)  # (b·C, N, N, 2), batch-major then member
+        moved = translate(parts, tf.reshape(offsets, (-1, 2)))
+        members = tf.reshape(tf.complex(moved[..., 0], moved[..., 1]), (-1, c, n, n))
+    field = tf.signal.fft2d(members * tf.cast(probe, tf.complex64)[None, None])
+    amp = tf.abs(tf.signal.fftshift(field, axes=(2, 3))) / tf.cast(n, tf.float32)
+    return tf.transpose(amp, (0, 2, 3, 1))
+
+
+def poisson_nll(predicted, measured, count_scale: float):
+    """Mean Poisson negative log-likelihood of measured amplitudes given predicted ones.
+
+    Counts are ``(count_scale · amplitude)²``; the constant ``log k!`` term is left out.
+
+    Parameters
+    ----------
+    predicted, measured : tf.Tensor, same shape, float32
+        Amplitudes.
+    count_scale : float
+        Factor from amplitude to the square root of photon counts.
+    """
+    import tensorflow as tf
+
+    rate = tf.square(count_scale * predicted)
+    counts = tf.square(count_scale * measured)
+    return tf.reduce_mean(rate - counts * tf.math.log(rate + 1e-8))
