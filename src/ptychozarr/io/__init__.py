@@ -1,0 +1,24 @@
+"""Input and storage: streamed NPZ reading and writing, the scan contract, the Zarr store of a run."""
+
+from ptychozarr.io.npz import NpzReader, NpzWriter
+from ptychozarr.io.store import (
+    ingest,
+    is_complete,
+    mark_complete,
+    open_dataset,
+    open_store,
+    replace_path,
+    require_complete,
+)
+
+__all__ = [
+    "NpzReader",
+    "NpzWriter",
+    "ingest",
+    "is_complete",
+    "mark_complete",
+    "open_dataset",
+    "open_store",
+    "replace_path",
+    "require_complete",
+]

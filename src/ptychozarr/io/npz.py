@@ -1,0 +1,284 @@
+"""Streaming access to NPZ members: read and write whole arrays one block of rows at a time.
+
+``np.load`` cannot memory-map the members of an NPZ file, so reading one pattern means decompressing (or
+copying) the whole member. Here a member is read as consecutive blocks along the first axis of its
+storage order:
+
+- a *stored* member (``np.savez``) is read by byte offset: its array data starts at a fixed position in the
+  file, so a block is one ``readinto`` into a preallocated buffer;
+- a *deflated* member (``np.savez_compressed``) is read through :mod:`zipfile`'s incremental decompressor,
+  block after block, so only one block is ever decompressed at a time.
+
+Array data is never unpickled: members with an object dtype are listed but cannot be read.
+The writer is the mirror image: :meth:`NpzWriter.stream` appends blocks to one member without holding it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.lib import format as npformat
+
+from ptychozarr.errors import InvalidParameterError, InvalidScanError
+
+__all__ = ["NpzMember", "NpzReader", "NpzWriter"]
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, skipped fields, file name length, extra length
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_HEADER_READERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
+
+
+@dataclass(frozen=True)
+class NpzMember:
+    """One ``.npy`` member of an NPZ file, described from its header without reading its data.
+
+    Attributes
+    ----------
+    name : str
+        Key, without the ``.npy`` suffix.
+    shape, dtype, fortran_order
+        As in the ``.npy`` header.
+    compressed : bool
+        True unless the member is stored uncompressed.
+    header_bytes : int
+        Length of the ``.npy`` header inside the member.
+    data_offset : int
+        Absolute file offset of the array data (meaningful for stored members only).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    compressed: bool
+    header_bytes: int
+    data_offset: int
+    zinfo: zipfile.ZipInfo
+
+    @property
+    def storage_shape(self) -> tuple[int, ...]:
+        """Shape of the data in the order it is stored (reversed for Fortran order)."""
+        return self.shape[::-1] if self.fortran_order else self.shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class NpzReader:
+    """Read the members of an NPZ file block by block.
+
+    Parameters
+    ----------
+    path : str or Path
+        The NPZ file.
+
+    Raises
+    ------
+    InvalidScanError
+        If the file is not a zip archive, is truncated, or a member's header is malformed.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise InvalidScanError(f"{self.path}: cannot open the input file ({exc.strerror})") from exc
+        try:
+            self._zip = zipfile.ZipFile(self._fh)
+            self._file_size = self._fh.seek(0, 2)
+            self.members = {m.name: m for m in map(self._describe, self._zip.infolist()) if m is not None}
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as exc:
+            self.close()
+            raise InvalidScanError(
+                f"{self.path}: not a readable NPZ (zip) file, or truncated ({exc}); "
+                "re-create it with numpy.savez or numpy.savez_compressed"
+            ) from exc
+        except InvalidScanError:
+            self.close()
+            raise
+
+    def __enter__(self) -> NpzReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        if hasattr(self, "_zip"):
+            self._zip.close()
+        self._fh.close()
+
+    def _describe(self, zinfo: zipfile.ZipInfo) -> NpzMember | None:
+        if not zinfo.filename.endswith(".npy"):
+            return None
+        name = zinfo.filename[: -len(".npy")]
+        with self._zip.open(zinfo) as fp:
+            version = npformat.read_magic(fp)
+            if version not in _HEADER_READERS:
+                raise InvalidScanError(f"key {name!r}: unsupported .npy format version {version}")
+            shape, fortran_order, dtype = _HEADER_READERS[version](fp)
+            header_bytes = fp.tell()
+        compressed = zinfo.compress_type != zipfile.ZIP_STORED
+        member = NpzMember(name, shape, dtype, fortran_order, compressed, header_bytes, 0, zinfo)
+        if dtype.hasobject:
+            return member
+        if zinfo.file_size != header_bytes + member.nbytes:
+            raise InvalidScanError(
+                f"key {name!r}: member holds {zinfo.file_size - header_bytes} data bytes but its header "
+                f"announces shape {shape} of {dtype} ({member.nbytes} bytes); the file is damaged, "
+                "re-create it"
+            )
+        if compressed:
+            return member
+        self._fh.seek(zinfo.header_offset)
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(self._fh.read(_LOCAL_HEADER.size))
+        if signature != _LOCAL_SIGNATURE:
+            raise zipfile.BadZipFile(f"bad local header for member {zinfo.filename}")
+        start = zinfo.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if start + zinfo.file_size > self._file_size:
+            raise InvalidScanError(
+                f"key {name!r}: the file ends inside this member (truncated); re-create it"
+            )
+        return NpzMember(name, shape, dtype, fortran_order, False, header_bytes, start + header_bytes, zinfo)
+
+    def member(self, name: str) -> NpzMember:
+        """The member ``name``, checked to be readable array data."""
+        member = self.members[name]
+        if member.dtype.hasobject:
+            raise InvalidScanError(
+                f"key {name!r} holds Python objects (pickled data), which are never loaded; "
+                "save it as a numeric array"
+            )
+        return member
+
+    def read(self, name: str) -> np.ndarray:
+        """Read a whole member (for the small ones: coordinates, probe, object)."""
+        member = self.member(name)
+        blocks = list(self.iter_blocks(name, max(1, member.shape[0] if member.shape else 1)))
+        data = np.concatenate(blocks) if blocks else np.empty(0, member.dtype)
+        data = data.reshape(member.storage_shape)
+        return data.T if member.fortran_order else data
+
+    def iter_blocks(self, name: str, rows: int, shape: tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
+        """Yield consecutive blocks of ``rows`` rows along the first axis of the storage order.
+
+        Parameters
+        ----------
+        name : str
+            The member.
+        rows : int
+            Rows per block (the last block may be shorter).
+        shape : tuple of int, optional
+            Read the data as a C-ordered array of this shape (same size): the storage shape by default,
+            which is the member's shape reversed for a Fortran-ordered member.
+        """
+        member = self.member(name)
+        shape = tuple(shape or member.storage_shape or (1,))
+        if math.prod(shape) != math.prod(member.shape):
+            raise InvalidParameterError(f"key {name!r}: cannot read shape {member.shape} as {shape}")
+        stream = self._zip.open(member.zinfo) if member.compressed else None
+        offset = member.data_offset
+        try:
+            if stream is not None:
+                stream.read(member.header_bytes)
+            for start in range(0, shape[0], rows):
+                block = np.empty((min(rows, shape[0] - start), *shape[1:]), member.dtype)
+                view = block.reshape(-1).view(np.uint8)
+                filled = stream.readinto(view) if stream is not None else self._pread(view, offset)
+                if filled != block.nbytes:
+                    raise EOFError("unexpected end of data")
+                offset += block.nbytes
+                yield block
+        except (EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InvalidScanError(
+                f"key {name!r}: cannot read the member's data ({exc}); the file is truncated or damaged"
+            ) from exc
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def _pread(self, view: np.ndarray, offset: int) -> int:
+        """Fill ``view`` from the file at ``offset`` (independent of any other reader's position)."""
+        filled = 0
+        while filled < len(view):
+            got = os.preadv(self._fh.fileno(), [view[filled:]], offset + filled)
+            if not got:
+                break
+            filled += got
+        return filled
+
+
+class NpzWriter:
+    """Write an NPZ file member by member, each member block by block.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to create.
+    compress : bool
+        Deflate the members (as ``np.savez_compressed``) instead of storing them (as ``np.savez``).
+    """
+
+    def __init__(self, path: str | Path, compress: bool = False):
+        mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        self._zip = zipfile.ZipFile(path, "w", compression=mode, allowZip64=True)
+
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish the archive (writes the central directory)."""
+        self._zip.close()
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write a whole array as member ``name``."""
+        array = np.asarray(array)
+        with self.stream(name, array.shape, array.dtype) as append:
+            append(array)
+
+    @contextmanager
+    def stream(self, name: str, shape: tuple[int, ...], dtype) -> Iterator:
+        """Open member ``name`` of ``shape`` and ``dtype`` (C order); yield a function appending blocks.
+
+        Each block is a run of rows along the first axis. Leaving the context checks that exactly
+        ``shape[0]`` rows were written.
+        """
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise InvalidParameterError(f"key {name!r}: object arrays are not written")
+        header = {"descr": npformat.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        written = 0
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as fp:
+            npformat.write_array_header_1_0(fp, header)
+
+            def append(block: np.ndarray) -> None:
+                nonlocal written
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.shape[1:] != tuple(shape[1:]) and shape:
+                    raise InvalidParameterError(
+                        f"key {name!r}: block of shape {block.shape} does not continue shape {shape}"
+                    )
+                written += block.shape[0] if shape else 1
+                fp.write(block.reshape(-1).view(np.uint8))
+
+            yield append
+        expected = shape[0] if shape else 1
+        if written != expected:
+            raise InvalidParameterError(
+                f"key {name!r}: wrote {written} rows, the header announced {expected}"
+            )

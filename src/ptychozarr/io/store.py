@@ -1,0 +1,317 @@
+"""The Zarr v3 store of a run: streamed NPZ ingestion, the lazy dataset view, completeness markers.
+
+Layout (DESIGN.md, "Store"): ``data/diffraction`` (n, N, N) float32 amplitude in chunks of whole
+patterns (zstd), ``data/{x,y}coords[_start]`` (n,) float64, ``data/scan_index`` (n,) int64,
+``data/probeGuess`` (N, N) complex64 and, when present, ``data/objectGuess`` (H, W) complex64.
+Every array carries its dimension names; the ``data`` group carries the provenance and ``complete``.
+
+A stage's output counts only once its group has ``"complete": true`` in its attrs, set after its last
+chunk (:func:`mark_complete`, :func:`require_complete`). Ingestion writes to a hidden temporary store
+beside the target and renames it into place at the end, so no failed run leaves a store behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import ZstdCodec
+
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.io.npz import NpzReader
+from ptychozarr.io.validate import (
+    COORDINATE_KEYS,
+    DiffractionLayout,
+    check_block,
+    check_coordinates,
+    check_square,
+    diffraction_key,
+    diffraction_layout,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "SCHEMA_VERSION",
+    "ingest",
+    "is_complete",
+    "mark_complete",
+    "open_dataset",
+    "open_store",
+    "replace_path",
+    "require_complete",
+    "scratch_array",
+]
+
+SCHEMA_VERSION = 1
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+_COMPRESSOR = ZstdCodec(level=3)
+_DIMS = {
+    "diffraction": ("pattern", "det_y", "det_x"),
+    "scan_index": ("pattern",),
+    "probeGuess": ("det_y", "det_x"),
+    "objectGuess": ("obj_y", "obj_x"),
+    **{key: ("pattern",) for key in COORDINATE_KEYS},
+}
+
+
+def mark_complete(node: zarr.Group | zarr.Array, **attrs) -> None:
+    """Record ``attrs`` and ``complete: true`` on a group or array; call after its last chunk."""
+    node.attrs.update({**attrs, "complete": True})
+
+
+def is_complete(node: zarr.Group | zarr.Array) -> bool:
+    """Whether a stage marked ``node`` complete."""
+    return node.attrs.get("complete") is True
+
+
+def open_store(store_path: str | Path, mode: str = "r") -> zarr.Group:
+    """Open the root group of a run's store (``mode`` as :func:`zarr.open_group`)."""
+    path = Path(store_path)
+    if mode == "r" and not (path / "zarr.json").is_file():
+        raise StoreError(f"{path}: no Zarr store there; create one with `ptychozarr ingest IN.npz {path}`")
+    return zarr.open_group(zarr.storage.LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
+def require_complete(root: zarr.Group, name: str) -> zarr.Group:
+    """The sub-group ``name`` of ``root``, or :class:`StoreError` if absent or not marked complete."""
+    try:
+        node = root[name]
+    except KeyError:
+        node = None
+    if not isinstance(node, zarr.Group) or not is_complete(node):
+        state = "is incomplete (an interrupted run?)" if node is not None else "is missing"
+        raise StoreError(f"{root.store}: group {name!r} {state}; re-run the stage that writes it")
+    return node
+
+
+def scratch_array(
+    directory: str | Path, shape: tuple[int, ...], dtype, chunks: tuple[int, ...]
+) -> zarr.Array:
+    """An uncompressed Zarr array in ``directory``, to reorder data that does not fit in memory."""
+    return zarr.create_array(
+        zarr.storage.LocalStore(directory), shape=shape, dtype=dtype, chunks=chunks, compressors=None
+    )
+
+
+def replace_path(temporary: Path, target: Path) -> None:
+    """Rename ``temporary`` to ``target``, replacing what is there only once the new one is in place."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(temporary, target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    os.rename(temporary, target)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def ingest(
+    npz_path: str | Path,
+    store_path: str | Path,
+    overwrite: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Path:
+    """Stream an NPZ scan into a new Zarr v3 store, never holding a whole member in memory.
+
+    Parameters
+    ----------
+    npz_path : str or Path
+        The scan (spec §1.2): ``diff3d`` or ``diffraction`` as (M, N, N), (M, N, N, 1) or legacy (N, N, M);
+        ``xcoords``, ``ycoords``, ``probeGuess``; optional ``xcoords_start``, ``ycoords_start``,
+        ``scan_index``, ``objectGuess``. Integer diffraction is photon counts and is stored as its square
+        root. Other keys (``Y``, ``_metadata``, …) are skipped and listed in the attrs.
+    store_path : str or Path
+        The store to create.
+    overwrite : bool
+        Replace an existing ``store_path`` (only once the new store is complete).
+    chunk_bytes : int
+        Target bytes of one diffraction chunk (whole patterns, at least one) and of one read.
+
+    Returns
+    -------
+    Path
+        ``store_path``.
+
+    Raises
+    ------
+    InvalidScanError
+        The file breaks the data contract (the message names the key).
+    StoreError
+        ``store_path`` exists and ``overwrite`` is false.
+    """
+    npz_path, store_path = Path(npz_path), Path(store_path)
+    if (store_path.exists() or store_path.is_symlink()) and not overwrite:
+        raise StoreError(
+            f"{store_path} already exists; choose another path or pass overwrite=True (--overwrite)"
+        )
+    if chunk_bytes < 1:
+        raise InvalidParameterError(f"chunk_bytes={chunk_bytes}: must be a positive number of bytes")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = store_path.with_name(f".{store_path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        with NpzReader(npz_path) as npz:
+            data = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3).create_group(
+                "data"
+            )
+            attrs = _ingest_members(npz, data, chunk_bytes)
+        with open(npz_path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        mark_complete(
+            data,
+            source=npz_path.name,
+            source_size=npz_path.stat().st_size,
+            source_sha256=digest,
+            schema_version=SCHEMA_VERSION,
+            **attrs,
+        )
+        replace_path(temporary, store_path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return store_path
+
+
+def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int) -> dict:
+    """Validate and write every member; return the attrs describing what was done."""
+    keys = set(npz.members)
+    key = diffraction_key(keys)
+    for required in ("xcoords", "ycoords", "probeGuess"):
+        if required not in keys:
+            raise InvalidScanError(f"missing required key {required!r}; see the data contract (spec §1.2)")
+    coordinates = {name: npz.read(name) for name in ("xcoords", "ycoords")}
+    if coordinates["xcoords"].ndim != 1:
+        raise InvalidScanError(f"key 'xcoords' has shape {coordinates['xcoords'].shape}; expected (M,)")
+    layout = diffraction_layout(npz.member(key), len(coordinates["xcoords"]))
+    n, size = layout.n_patterns, layout.size
+    defaults = []
+    for name in COORDINATE_KEYS:
+        source = name if name in keys else name.removesuffix("_start")
+        if source != name:
+            defaults.append(name)
+        values = coordinates[source] if source in coordinates else npz.read(source)
+        _write(data, name, check_coordinates(name, values, n))
+    scan_index = npz.read("scan_index") if "scan_index" in keys else np.zeros(n, np.int64)
+    if "scan_index" not in keys:
+        defaults.append("scan_index")
+    if scan_index.shape != (n,) or not np.issubdtype(scan_index.dtype, np.integer):
+        raise InvalidScanError(
+            f"key 'scan_index' has shape {scan_index.shape} and dtype {scan_index.dtype}; "
+            f"expected ({n},) integers"
+        )
+    _write(data, "scan_index", scan_index.astype(np.int64))
+    probe = _complex("probeGuess", npz.read("probeGuess"))
+    check_square("probeGuess", probe.shape, size)
+    _write(data, "probeGuess", probe)
+    if "objectGuess" in keys:
+        obj = _complex("objectGuess", npz.read("objectGuess"))
+        if obj.ndim != 2:
+            raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
+        _write(data, "objectGuess", obj)
+    _write_diffraction(npz, layout, data, chunk_bytes)
+    used = {
+        key,
+        "xcoords",
+        "ycoords",
+        "xcoords_start",
+        "ycoords_start",
+        "scan_index",
+        "probeGuess",
+        "objectGuess",
+    }
+    return {
+        "diffraction_key": key,
+        "diffraction_layout": layout.name,
+        "diffraction_source_dtype": str(npz.members[key].dtype),
+        "diffraction_conversion": "sqrt of integer photon counts" if layout.intensity else "none",
+        "defaults": sorted(defaults),
+        "skipped_keys": sorted(keys - used),
+    }
+
+
+def _complex(key: str, values: np.ndarray) -> np.ndarray:
+    """A probe or object as complex64, refusing non-numeric data and NaN or inf."""
+    if not np.issubdtype(values.dtype, np.number):
+        raise InvalidScanError(f"key {key!r} has dtype {values.dtype}; expected complex64")
+    if not np.isfinite(values).all():
+        raise InvalidScanError(f"key {key!r} holds NaN or inf; fix the {key} saved in the file")
+    return values.astype(np.complex64)
+
+
+def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
+    group.create_array(
+        name, data=values, chunks=values.shape, compressors=_COMPRESSOR, dimension_names=_DIMS[name]
+    )
+
+
+def _write_diffraction(npz: NpzReader, layout: DiffractionLayout, data: zarr.Group, chunk_bytes: int) -> None:
+    """Stream the diffraction member into ``data/diffraction``: float32 amplitude, whole-pattern chunks."""
+    n, size = layout.n_patterns, layout.size
+    per_chunk = max(1, min(n, chunk_bytes // (size * size * 4)))
+    target = data.create_array(
+        "diffraction",
+        shape=(n, size, size),
+        dtype=np.float32,
+        chunks=(per_chunk, size, size),
+        compressors=_COMPRESSOR,
+        dimension_names=_DIMS["diffraction"],
+    )
+    first = 0
+    for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes):
+        check_block(layout.key, block, first)
+        target[first : first + len(block)] = np.sqrt(block, dtype=np.float32) if layout.intensity else block
+        first += len(block)
+
+
+def _pattern_blocks(npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int) -> Iterator:
+    """Blocks of ``per_chunk`` whole patterns (pattern, det_y, det_x), in the member's dtype.
+
+    When the member is not stored pattern after pattern (legacy (N, N, M)), bands of rows go to a scratch
+    array chunked (rows, N, per_chunk) and the patterns come back one chunk at a time.
+    """
+    blocks = npz.iter_blocks(layout.key, per_chunk if layout.patterns_first else 1, layout.stream_shape)
+    if layout.patterns_first:
+        for block in blocks:
+            yield block.transpose(layout.to_patterns)
+        return
+    n, size = layout.n_patterns, layout.size
+    itemsize = npz.members[layout.key].dtype.itemsize
+    rows = max(1, min(size, chunk_bytes // (size * n * itemsize)))
+    with tempfile.TemporaryDirectory(prefix="ptychozarr-") as tmp:
+        scratch = scratch_array(
+            tmp, layout.stream_shape, npz.members[layout.key].dtype, (rows, size, per_chunk)
+        )
+        band = npz.iter_blocks(layout.key, rows, layout.stream_shape)
+        for start, block in zip(range(0, size, rows), band, strict=True):
+            scratch[start : start + len(block)] = block
+        for start in range(0, n, per_chunk):
+            yield scratch[:, :, start : start + per_chunk].transpose(layout.to_patterns)
+
+
+def open_dataset(store_path: str | Path) -> xr.Dataset:
+    """The ingested scan as a lazy :class:`xarray.Dataset` backed by dask.
+
+    Variables ``diffraction`` (pattern, det_y, det_x), ``xcoords``, ``ycoords``, ``xcoords_start``,
+    ``ycoords_start``, ``scan_index`` (pattern), ``probeGuess`` (det_y, det_x) and, when present,
+    ``objectGuess`` (obj_y, obj_x), each chunked as stored. ``attrs`` are those of ``data`` plus
+    ``store``, the store's path.
+
+    Raises
+    ------
+    StoreError
+        No store at ``store_path``, or its ``data`` is incomplete.
+    """
+    data = require_complete(open_store(store_path), "data")
+    variables = {
+        name: (array.metadata.dimension_names, da.from_zarr(array)) for name, array in sorted(data.arrays())
+    }
+    return xr.Dataset(variables, attrs={**data.attrs, "store": str(Path(store_path))})

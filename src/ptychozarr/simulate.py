@@ -1,0 +1,209 @@
+"""Synthetic ptychography scans that follow the study's data contract (spec §1.3, §1.5).
+
+The object is complex and structured (amplitude from scikit-image's ``camera``, phase from
+``astronaut``), the probe a band-limited, defocused soft aperture, the positions uniform within the object's
+margins, and each pattern
+
+    A = sqrt(Poisson(s_sim² · |FFT(P·O)|² / N²)) / s_sim,   s_sim = sqrt(dose / mean_patterns Σ|P·O|²),
+
+fftshifted, so that ``(A·s_sim)²`` are photon counts whose mean total per pattern is ``dose``.
+Patterns are generated in batches and appended to the NPZ member as they are made: memory depends on the
+batch, never on ``n_points``.
+
+Frame (DESIGN.md): positions are object pixels ``(x, y)`` = (column, row); patch pixel ``(r, c)`` of the
+pattern at ``(x, y)`` sees object pixel ``(y + r − N/2, x + c − N/2)``, bilinearly interpolated.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ptychozarr.errors import InvalidParameterError
+from ptychozarr.io.npz import NpzWriter
+
+__all__ = ["SPLITS", "extract_patches", "make_object", "make_probe", "simulate"]
+
+SPLITS = ("none", "train", "test")
+_BATCH_BYTES = 16 * 2**20  # complex64 exit waves held per batch
+
+
+def make_object(size: int) -> np.ndarray:
+    """A ``size``×``size`` complex64 object: amplitude in [0.2, 1], phase within ±1.4 rad."""
+    from skimage import color, data, filters, transform
+
+    def _unit(image: np.ndarray) -> np.ndarray:
+        image = transform.resize(image.astype(np.float64), (size, size), anti_aliasing=True)
+        image = filters.gaussian(image, sigma=1.0)
+        return (image - image.min()) / (np.ptp(image) or 1.0)
+
+    amplitude = 0.2 + 0.8 * _unit(data.camera())
+    phase = 1.4 * (2.0 * _unit(color.rgb2gray(data.astronaut())) - 1.0)
+    return (amplitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def make_probe(n: int) -> np.ndarray:
+    """An ``n``×``n`` complex64 probe: a soft aperture of radius n/5, defocused and low-passed.
+
+    Its energy lies within a radius of about n/4 of the centre; its maximum amplitude is 1.
+    """
+    radius = np.hypot(*(np.indices((n, n)) - n / 2))
+    aperture = 1.0 / (1.0 + np.exp(radius - n / 5))
+    k = np.fft.fftfreq(n)
+    k = np.hypot(*np.meshgrid(k, k, indexing="ij"))
+    transfer = np.exp(1j * np.pi * n * k**2) / (1.0 + np.exp((k - 0.25) * 60.0))
+    probe = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(aperture)) * transfer))
+    return (probe / np.abs(probe).max()).astype(np.complex64)
+
+
+def extract_patches(obj: np.ndarray, x: np.ndarray, y: np.ndarray, n: int) -> np.ndarray:
+    """The ``n``×``n`` object patches seen at positions ``(x, y)``, bilinearly interpolated.
+
+    Patch pixel ``(r, c)`` of position ``(x, y)`` is object pixel ``(y + r − n/2, x + c − n/2)``. Every
+    patch must lie inside the object: ``n/2 ≤ x, y`` and ``x, y ≤ size − n/2``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(len(x), n, n)``, the object's dtype.
+    """
+    padded = np.pad(obj, ((0, 1), (0, 1)), mode="edge")  # the last tap of a patch at the far edge
+    top, left = np.asarray(y, np.float64) - n / 2, np.asarray(x, np.float64) - n / 2
+    row0, col0 = np.floor(top).astype(np.intp), np.floor(left).astype(np.intp)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (n + 1, n + 1))[row0, col0]
+    real = np.float32 if obj.dtype.itemsize <= 8 else np.float64
+    fy, fx = ((top - row0).astype(real)[:, None, None], (left - col0).astype(real)[:, None, None])
+    upper = (1 - fx) * windows[:, :-1, :-1] + fx * windows[:, :-1, 1:]
+    lower = (1 - fx) * windows[:, 1:, :-1] + fx * windows[:, 1:, 1:]
+    return ((1 - fy) * upper + fy * lower).astype(obj.dtype, copy=False)
+
+
+def _positions(rng: np.random.Generator, n_points: int, n: int, size: int, split: str) -> np.ndarray:
+    low, high = n / 2, size - n / 2
+    middle = low + 0.5 * (high - low)
+    y_range = {"none": (low, high), "train": (low, middle), "test": (middle, high)}[split]
+    x = rng.uniform(low, high, n_points)
+    y = rng.uniform(*y_range, n_points)
+    return np.stack([x, y])
+
+
+def _exit_waves(obj, probe, xy, batch) -> Iterator[np.ndarray]:
+    n = probe.shape[0]
+    for start in range(0, xy.shape[1], batch):
+        yield probe * extract_patches(obj, xy[0, start : start + batch], xy[1, start : start + batch], n)
+
+
+def _check(n_points, patch_size, object_size, dose, split) -> None:
+    if n_points < 1:
+        raise InvalidParameterError(f"n_points={n_points}: at least one scan position is needed")
+    if patch_size < 4 or patch_size % 2:
+        raise InvalidParameterError(f"patch_size={patch_size}: use an even size of at least 4 (64 or 128)")
+    if object_size <= patch_size:
+        raise InvalidParameterError(
+            f"object_size={object_size} must exceed patch_size={patch_size} so that positions have room"
+        )
+    if not dose > 0:
+        raise InvalidParameterError(f"dose={dose}: photons per pattern must be positive")
+    if split not in SPLITS:
+        raise InvalidParameterError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
+
+
+def simulate(
+    path: str | Path,
+    n_points: int = 5216,
+    patch_size: int = 128,
+    object_size: int = 464,
+    dose: float = 1e3,
+    seed: int = 0,
+    split: str = "none",
+    stored: bool = False,
+    legacy: bool = False,
+) -> Path:
+    """Simulate a scan and write it as an NPZ file with the keys and dtypes of spec §1.5.
+
+    Parameters
+    ----------
+    path : str or Path
+        The NPZ file to write (overwritten).
+    n_points : int
+        Scan positions written to the file, *after* the split: ``split="test"`` with 5216 points gives a
+        file like the study's ``patched_test.npz``.
+    patch_size : int
+        Pattern and probe size N.
+    object_size : int
+        Side of the square ``objectGuess``.
+    dose : float
+        Mean photon count per pattern.
+    seed : int
+        Seed of the positions and the Poisson noise (the object and the probe are fixed).
+    split : {"none", "train", "test"}
+        Half of the object to scan, split by y at the midpoint of the position range (spec §1.5 step 4):
+        train ``y < mid``, test ``y ≥ mid``, none: the whole range.
+    stored : bool
+        Store the members uncompressed (``np.savez``) instead of deflating them.
+    legacy : bool
+        Write the legacy variant instead: key ``diff3d``, layout (N, N, M), uint16 photon counts.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    _check(n_points, patch_size, object_size, dose, split)
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    obj, probe = make_object(object_size), make_probe(patch_size)
+    xy = _positions(rng, n_points, patch_size, object_size, split)
+    batch = max(1, _BATCH_BYTES // (8 * patch_size**2))
+    energy = np.concatenate([np.sum(np.abs(w) ** 2, axis=(1, 2)) for w in _exit_waves(obj, probe, xy, batch)])
+    scale = np.sqrt(dose / energy.astype(np.float64).mean())
+
+    def counts() -> Iterator[np.ndarray]:
+        for wave in _exit_waves(obj, probe, xy, batch):
+            far = np.fft.fftshift(np.fft.fft2(wave), axes=(1, 2))
+            yield rng.poisson(scale**2 * np.abs(far) ** 2 / patch_size**2)
+
+    shape = (n_points, patch_size, patch_size)
+    with NpzWriter(path, compress=not stored) as npz:
+        if legacy:
+            _write_transposed(npz, "diff3d", counts(), shape, np.uint16, batch)
+        else:
+            with npz.stream("diffraction", shape, np.float32) as append:
+                for block in counts():
+                    append((np.sqrt(block) / scale).astype(np.float32))
+        for key, value in (("xcoords", xy[0]), ("ycoords", xy[1])):
+            npz.write(key, value)
+            npz.write(f"{key}_start", value)
+        npz.write("scan_index", np.zeros(n_points, np.int64))
+        npz.write("probeGuess", probe)
+        npz.write("objectGuess", obj)
+    return path
+
+
+def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: int) -> None:
+    """Write pattern blocks (M, N, N) as one (N, N, M) member, through a temporary Zarr array.
+
+    The (N, N, M) layout is stored row by row, so no pattern is complete before the last row: the blocks
+    go to a scratch array chunked (rows, N, batch) and come back one band of rows at a time.
+    """
+    from ptychozarr.io.store import scratch_array
+
+    n_patterns, n = shape[0], shape[1]
+    rows = max(1, _BATCH_BYTES // (n * n_patterns * np.dtype(dtype).itemsize))
+    with tempfile.TemporaryDirectory(prefix="ptychozarr-") as tmp:
+        scratch = scratch_array(tmp, (n, n, n_patterns), dtype, (rows, n, batch))
+        start, limit = 0, np.iinfo(dtype).max
+        for block in blocks:
+            if block.max(initial=0) > limit:
+                raise InvalidParameterError(
+                    f"legacy=True: a pixel holds more than {limit} photons, beyond {np.dtype(dtype)}; "
+                    "lower the dose"
+                )
+            scratch[:, :, start : start + len(block)] = block.astype(dtype).transpose(1, 2, 0)
+            start += len(block)
+        with npz.stream(name, (n, n, n_patterns), dtype) as append:
+            for row in range(0, n, rows):
+                append(scratch[row : row + rows])

@@ -1,0 +1,31 @@
+"""Session fixtures: one small simulated scan, built once, shared by every test module.
+
+- ``small_npz``: a deflated NPZ from :func:`ptychozarr.simulate.simulate` with the study's keys
+  (``diffraction`` (400, 32, 32) float32, coordinates, ``probeGuess`` (32, 32), ``objectGuess`` (160, 160)),
+  dose 1000, seed 0. Its parameters are in ``SMALL``.
+- ``small_store``: ``small_npz`` ingested into a Zarr store (read it with ``ptychozarr.open_dataset``).
+- ``small_groups``: gridsize-2 groups (k=7, seed 0) of ``small_store``, written into it; the
+  ``xarray.Dataset`` that :func:`ptychozarr.group` returns.
+
+They are session-scoped and shared: treat them as read-only (copy the store before writing into it).
+"""
+
+from pathlib import Path
+
+import pytest
+
+SMALL = {"n_points": 400, "patch_size": 32, "object_size": 160, "dose": 1e3, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    from ptychozarr.simulate import simulate
+
+    return simulate(tmp_path_factory.mktemp("small") / "small.npz", **SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_store(small_npz) -> Path:
+    from ptychozarr.io import ingest
+
+    return ingest(small_npz, small_npz.with_name("small.zarr"))
