@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -157,8 +158,10 @@ def stitch(
     Notes
     -----
     Numerators accumulate in complex128 and weights in float64, so results agree with PtychoPINN's
-    float32 TensorFlow implementation to float32 precision; the float32 centre of mass is accumulated in
-    float32 like ``tf.reduce_mean``, which fixes the canvas bit for bit. The result is bitwise independent of the order of the
+    float32 TensorFlow implementation to float32 precision. The centre of mass is the exactly summed
+    mean of the float32 positions, rounded to float32, so that it does not depend on the order of the
+    patches; ``tf.reduce_mean`` sums in float32 in input order and may differ in its last bit (a
+    placement difference of about 1e-5 px). The result is bitwise independent of the order of the
     blocks (module docstring).
     """
     plan = _plan(patches, positions, weights, tile=tile, canvas=canvas, block=block)
@@ -355,7 +358,7 @@ def _shifts(pos: np.ndarray, m: int, canvas) -> tuple[np.ndarray, CanvasFrame]:
     """Canvas ``(row, col)`` of each patch's top-left crop pixel, float64, and the canvas frame."""
     if canvas is None:
         o = pos.astype(np.float32)  # reassemble_position casts the offsets to float32 ...
-        com = o.mean(axis=0, dtype=np.float32)  # float32 accumulation, as tf.reduce_mean does
+        com = np.array([math.fsum(c) / len(c) for c in o.T.astype(np.float64)], dtype=np.float32)
         a = o - com  # ... and centres them in float32
         pad = int(np.ceil(np.abs(a).max()))
         pad += pad % 2

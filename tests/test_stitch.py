@@ -1,0 +1,339 @@
+"""Tests of ptychozarr.stitch against plain in-memory references written here."""
+
+import json
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.stitch import CanvasFrame, stitch, stitch_to_zarr
+
+# --------------------------------------------------------------------------- references
+
+
+def spec_shifts(positions, m):
+    """Spec §3.2: canvas (row, col) of each crop's pixel (0, 0), and the canvas side P."""
+    o = np.asarray(positions).astype(np.float32)
+    com = o.astype(np.float64).mean(axis=0).astype(np.float32)  # the mean, rounded to float32
+    a = o - com
+    pad = int(np.ceil(np.abs(a).max()))
+    pad += pad % 2
+    return a[:, ::-1].astype(np.float64) + pad, m + 2 * pad, com
+
+
+def explicit_shifts(positions, m, origin):
+    return np.asarray(positions, dtype=np.float64)[:, ::-1] - m / 2 - np.asarray(origin)
+
+
+def splat_sums(patches, shifts, shape, weights=None):
+    """Plain float64 scatter-add of the four bilinear taps over a full canvas (np.add.at)."""
+    n, m, _ = patches.shape
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    k = np.floor(shifts).astype(np.int64)
+    f = shifts - k
+    num = np.zeros(shape, dtype=np.complex128)
+    den = np.zeros(shape)
+    ii = np.arange(m)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            tap = w * (f[:, 0] if dy else 1 - f[:, 0]) * (f[:, 1] if dx else 1 - f[:, 1])
+            rows = np.broadcast_to((k[:, 0, None] + ii + dy)[:, :, None], patches.shape)
+            cols = np.broadcast_to((k[:, 1, None] + ii + dx)[:, None, :], patches.shape)
+            ok = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+            np.add.at(num, (rows[ok], cols[ok]), (patches * tap[:, None, None])[ok])
+            np.add.at(den, (rows[ok], cols[ok]), np.broadcast_to(tap[:, None, None], patches.shape)[ok])
+    return num, den
+
+
+def scatter_add(patches, shifts, shape, weights=None):
+    num, den = splat_sums(patches, shifts, shape, weights)
+    return num / (den + 1e-9)
+
+
+def translate_and_sum(patches, positions):
+    """Spec §3.2 literally: zero-pad each crop by ``pad``, bilinear-translate by +t, sum, divide."""
+    _, m, _ = patches.shape
+    shifts, size, _ = spec_shifts(positions, m)
+    pad = (size - m) // 2
+    num = np.zeros((size, size), dtype=np.complex128)
+    den = np.zeros((size, size))
+    ones = np.pad(np.ones((m, m)), pad)
+    for crop, s in zip(patches, shifts - pad, strict=True):
+        big = np.pad(crop.astype(np.complex128), pad)
+        move = {"shift": s, "order": 1, "mode": "grid-constant", "cval": 0.0}
+        num += ndimage.shift(big.real, **move) + 1j * ndimage.shift(big.imag, **move)
+        den += ndimage.shift(ones, **move)
+    return (num / (den + 1e-9)).astype(np.complex64)
+
+
+def random_patches(rng, n, m):
+    return (rng.standard_normal((n, m, m)) + 1j * rng.standard_normal((n, m, m))).astype(np.complex64)
+
+
+def assert_close(got, want, rtol=1e-6):
+    assert got.shape == want.shape
+    assert got.dtype == np.complex64
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= rtol, f"max error {err:.3g} relative to the largest value"
+
+
+POSITIONS = {
+    "uniform": lambda rng, n: rng.uniform(-30, 45, (n, 2)),
+    "integer": lambda rng, n: rng.integers(-25, 25, (n, 2)).astype(float),
+    "half-pixel": lambda rng, n: rng.integers(-50, 50, (n, 2)) / 2,
+    "negative": lambda rng, n: rng.uniform(-400, -350, (n, 2)),
+    "very large": lambda rng, n: rng.uniform(0, 60, (n, 2)) + [1.5e6, -2.5e6],
+}
+
+
+# --------------------------------------------------------------------------- default mode (spec §3.2)
+
+
+@pytest.mark.parametrize("kind", POSITIONS)
+@pytest.mark.parametrize(("tile", "block"), [(1024, 1000), (16, 17), (5, 64)])
+def test_default_mode_equals_scatter_add(kind, tile, block):
+    rng = np.random.default_rng(7)
+    n, m = 150, 8
+    patches, pos = random_patches(rng, n, m), POSITIONS[kind](rng, n)
+    obj, frame = stitch(patches, pos, tile=tile, block=block)
+    shifts, size, com = spec_shifts(pos, m)
+    assert obj.shape == frame.shape == (size, size)
+    assert obj.chunks[0][0] == min(tile, size)
+    assert frame.origin == (float(com[1]) - size / 2, float(com[0]) - size / 2)
+    assert_close(obj.compute(), scatter_add(patches, shifts, (size, size)))
+
+
+def test_default_mode_equals_literal_translate_and_sum():
+    rng = np.random.default_rng(3)
+    patches, pos = random_patches(rng, 40, 10), rng.uniform(-12, 12, (40, 2))
+    obj, _ = stitch(patches, pos, tile=16)
+    assert_close(obj.compute(), translate_and_sum(patches, pos), rtol=1e-6)
+
+
+def test_identical_patches_reproduce_and_overlaps_average():
+    m = 6
+    same, _ = stitch(np.full((2, m, m), 2 - 1j, np.complex64), [[3.0, 3.0], [3.0, 3.0]])
+    np.testing.assert_allclose(same.compute(), 2 - 1j, rtol=1e-7)
+    two = np.stack([np.full((m, m), 1.0), np.full((m, m), 3.0)]).astype(np.complex64)
+    avg, _ = stitch(two, [[0.5, -1.0], [0.5, -1.0]])
+    np.testing.assert_allclose(avg.compute()[1:-1, 1:-1], 2.0, rtol=1e-7)
+
+
+def test_integer_shift_moves_content_by_plus_t_and_frame_maps_to_object():
+    m = 8
+    patches = np.zeros((2, m, m), np.complex64)
+    patches[1, 4, 5] = 1.0
+    (x, y) = (4.0, 2.0)
+    obj, frame = stitch(patches, [[0.0, 0.0], [x, y]])
+    got = obj.compute()
+    # com = (2, 1), pad = 2: the second crop's top-left sits at canvas (1 + 2, 2 + 2)
+    assert got.shape == (m + 4, m + 4)
+    (r, c) = np.argwhere(got != 0).T
+    assert (r.tolist(), c.tolist()) == ([3 + 4], [4 + 5])
+    oy, ox = frame.to_object(r[0], c[0])
+    assert (oy, ox) == (y + 4 - m / 2, x + 5 - m / 2)
+    assert frame.to_canvas(oy, ox) == (r[0], c[0])
+
+
+# --------------------------------------------------------------------------- explicit canvas, weights, inputs
+
+
+@pytest.mark.parametrize(("tile", "block"), [(1024, 500), (13, 29)])
+def test_explicit_canvas_equals_scatter_add(tile, block):
+    rng = np.random.default_rng(11)
+    n, m = 200, 10
+    patches, pos = random_patches(rng, n, m), rng.uniform(-20, 90, (n, 2))
+    frame = CanvasFrame((-3.5, 10.0), (61, 97))  # cuts off patches on every side
+    obj, got_frame = stitch(patches, pos, tile=tile, block=block, canvas=((-3.5, 10.0), (61, 97)))
+    assert got_frame == frame
+    want = scatter_add(patches, explicit_shifts(pos, m, frame.origin), frame.shape)
+    assert_close(obj.compute(), want)
+
+
+def test_weights_and_dask_input():
+    rng = np.random.default_rng(5)
+    n, m = 120, 8
+    patches, pos = random_patches(rng, n, m), rng.uniform(0, 40, (n, 2))
+    w = rng.integers(0, 4, n).astype(float)
+    lazy = da.from_array(patches, chunks=(25, m // 2, m))  # chunked along the crop too
+    obj, _ = stitch(lazy, pos, w, tile=20)
+    shifts, size, _ = spec_shifts(pos, m)
+    assert_close(obj.compute(), scatter_add(patches, shifts, (size, size), w))
+    # integer weights are multiplicities: the same as repeating each patch (on a common canvas)
+    reps = np.repeat(np.arange(n), w.astype(int))
+    canvas = ((-10.0, -10.0), (60, 60))
+    once, _ = stitch(patches, pos, w, tile=20, canvas=canvas)
+    repeated, _ = stitch(patches[reps], pos[reps], tile=20, canvas=canvas)
+    assert_close(once.compute(), repeated.compute().astype(np.complex128), rtol=1e-6)
+
+
+def test_untouched_tiles_are_zero_without_work():
+    m = 8
+    obj, frame = stitch(np.ones((2, m, m), np.complex64), [[0.0, 0.0], [300.0, 300.0]], tile=32)
+    assert frame.shape == (308, 308) and obj.numblocks == (10, 10)
+    splats = [k for k in dict(obj.__dask_graph__()) if isinstance(k, tuple) and "splat" in k[0]]
+    assert len(splats) == 2  # one per touched tile; the other 98 tiles are plain zeros
+    got = obj.compute()
+    assert np.count_nonzero(got) == 2 * m**2
+    np.testing.assert_allclose(got[:m, :m], 1, rtol=1e-7)
+    np.testing.assert_allclose(got[300:, 300:], 1, rtol=1e-7)
+
+
+# --------------------------------------------------------------------------- order independence
+
+
+@pytest.mark.parametrize("canvas", [None, ((-5.0, -5.0), (50, 40))])
+def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
+    rng = np.random.default_rng(2)
+    m, size, count = 8, 10, 12
+    blocks = [random_patches(rng, size, m) for _ in range(count)]
+    pos = [rng.uniform(0, 30, (size, 2)) for _ in range(count)]
+    w = [rng.uniform(0.5, 2, size) for _ in range(count)]
+    for b in (9, 10, 11):  # three blocks placed exactly like block 0, with other values: a tie
+        pos[b], w[b] = pos[0], w[0]
+
+    def run(order):
+        patches = da.concatenate([da.from_array(blocks[b], chunks=(size, m, m)) for b in order])
+        obj, _ = stitch(
+            patches,
+            np.concatenate([pos[b] for b in order]),
+            np.concatenate([w[b] for b in order]),
+            tile=16,
+            canvas=canvas,
+        )
+        return obj.compute()
+
+    orders = [list(range(count)), list(range(count))[::-1], list(rng.permutation(count))]
+    results = [run(order) for order in orders]
+    assert all(r.tobytes() == results[0].tobytes() for r in results[1:])
+    # the test has power: plain float sums of the blocks' numerators in these orders differ
+    m_all = np.concatenate(pos)
+    shifts = spec_shifts(m_all, m)[0] if canvas is None else explicit_shifts(m_all, m, canvas[0])
+    nums = [
+        splat_sums(blocks[b], shifts[b * size : (b + 1) * size], results[0].shape, w[b])[0]
+        for b in range(count)
+    ]
+    sums = [sum((nums[b] for b in order), np.zeros(results[0].shape, complex)) for order in orders]
+    assert any(s.tobytes() != sums[0].tobytes() for s in sums[1:])
+
+
+# --------------------------------------------------------------------------- Zarr writer
+
+
+def test_stitch_to_zarr_writes_each_touched_tile_once_then_marks_complete(tmp_path):
+    rng = np.random.default_rng(4)
+    m = 8
+    pos = np.concatenate([rng.uniform(0, 20, (30, 2)), rng.uniform(150, 170, (30, 2))])
+    patches = random_patches(rng, len(pos), m)
+    group = zarr.open_group(tmp_path / "store.zarr", mode="w").require_group("arms/pinn")
+    stitch_to_zarr(group, "object", patches, pos, tile=32, attrs={"arm": "pinn"})
+    want, frame = stitch(patches, pos, tile=32)
+    want = want.compute()
+    reopened = zarr.open_group(tmp_path / "store.zarr", mode="r")["arms/pinn/object"]
+    np.testing.assert_array_equal(reopened[...], want)
+    assert reopened.chunks == (32, 32) and reopened.dtype == np.complex64
+    assert reopened.attrs["complete"] is True and reopened.attrs["arm"] == "pinn"
+    assert CanvasFrame.from_attrs(reopened.attrs["canvas"]) == frame
+    assert (reopened.attrs["tile"], reopened.attrs["patch_size"], reopened.attrs["n_patches"]) == (32, m, 60)
+    touched = {(r // 32, c // 32) for r, c in np.argwhere(want != 0)}
+    assert reopened.nchunks_initialized == len(touched) < reopened.nchunks
+    with pytest.raises(StoreError, match="overwrite=True"):
+        stitch_to_zarr(group, "object", patches, pos)
+    again = stitch_to_zarr(group, "object", patches[:30], pos[:30], tile=16, overwrite=True)
+    assert again.chunks == (16, 16) and again.attrs["n_patches"] == 30
+
+
+_BIG = """
+import json, resource, sys
+import numpy as np, zarr
+from ptychozarr.stitch import stitch_to_zarr
+data = np.load(sys.argv[1])
+group = zarr.open_group(sys.argv[2], mode="w")
+arr = stitch_to_zarr(group, "object", data["patches"], data["positions"], tile=1024,
+                     canvas=((0.0, 0.0), (40_000, 40_000)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak, "stored": arr.nchunks_initialized}))
+"""
+
+
+def test_canvas_far_bigger_than_memory_streams_to_zarr(tmp_path):
+    rng = np.random.default_rng(9)
+    m, side = 32, 40_000
+    centres = rng.uniform(100, side - 100, (14, 2))
+    centres[0] = (5 * 1024, 7 * 1024)  # a cluster on a tile corner: its patches meet four tiles
+    centres[1] = (side - 20, side - 20)  # a cluster hanging over the canvas edge: taps dropped
+    pos = np.concatenate([c + rng.uniform(-40, 40, (64, 2)) for c in centres])
+    patches = random_patches(rng, len(pos), m)
+    np.savez(tmp_path / "in.npz", patches=patches, positions=pos)
+    done = subprocess.run(
+        [sys.executable, "-c", _BIG, str(tmp_path / "in.npz"), str(tmp_path / "big.zarr")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peak"] < 2 * 2**30  # the canvas alone would be 12.8 GB as complex64
+    arr = zarr.open_group(tmp_path / "big.zarr", mode="r")["object"]
+    assert arr.shape == (side, side) and arr.attrs["complete"] is True
+    assert 14 <= report["stored"] <= 14 * 4
+    shifts = explicit_shifts(pos, m, (0.0, 0.0))
+    for cy, cx in (centres[0][::-1], centres[1][::-1], centres[5][::-1]):
+        y0, x0 = int(cy) - 90, int(cx) - 90
+        y1, x1 = min(y0 + 180, side), min(x0 + 180, side)
+        want = scatter_add(patches, shifts - (y0, x0), (y1 - y0, x1 - x0))
+        assert_close(arr[y0:y1, x0:x1], want)
+    far = next(  # a window no footprint reaches reads as zeros
+        (y, x)
+        for y in range(0, side, 1000)
+        for x in range(0, side, 1000)
+        if np.all(np.abs(pos - (x + 150, y + 150)).max(axis=1) > 150 + m)
+    )
+    assert not np.any(arr[far[0] : far[0] + 300, far[1] : far[1] + 300])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_P = np.zeros((3, 4, 4), np.complex64)
+_XY = np.zeros((3, 2))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "match"),
+    [
+        ((np.zeros((3, 5, 5), np.complex64), _XY), {}, InvalidParameterError, "odd"),
+        ((np.zeros((3, 4, 6), np.complex64), _XY), {}, InvalidParameterError, "square"),
+        ((np.zeros((4, 4), np.complex64), _XY), {}, InvalidParameterError, "square"),
+        ((np.zeros((0, 4, 4), np.complex64), np.zeros((0, 2))), {}, InvalidParameterError, "nothing"),
+        ((np.zeros((3, 4, 4), np.int32), _XY), {}, InvalidParameterError, "dtype"),
+        ((_P, np.zeros((2, 2))), {}, InvalidParameterError, "3 patches"),
+        ((_P, np.zeros((3, 3))), {}, InvalidParameterError, "3 patches"),
+        ((_P, [[0, 0], [np.nan, 1], [0, 0]]), {}, InvalidScanError, "index 1"),
+        ((_P, [[0, 0], [0, 1], [np.inf, 0]]), {}, InvalidScanError, "NaN or infinite"),
+        ((_P, _XY, [1, -1, 1]), {}, InvalidParameterError, "weights"),
+        ((_P, _XY, [1, np.nan, 1]), {}, InvalidParameterError, "weights"),
+        ((_P, _XY, [1, 1]), {}, InvalidParameterError, "weights"),
+        ((_P, _XY), {"tile": 0}, InvalidParameterError, "tile"),
+        ((_P, _XY), {"tile": 2.5}, InvalidParameterError, "tile"),
+        ((_P, _XY), {"block": 0}, InvalidParameterError, "block"),
+        ((_P, _XY), {"canvas": ((0, 0), (0, 10))}, InvalidParameterError, "canvas"),
+        ((_P, _XY), {"canvas": ((0, 0), (10.5, 10))}, InvalidParameterError, "canvas"),
+        ((_P, _XY), {"canvas": ((np.nan, 0), (10, 10))}, InvalidParameterError, "canvas"),
+        ((_P, _XY), {"canvas": "everywhere"}, InvalidParameterError, "canvas"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        stitch(*args, **kwargs)
+
+
+def test_package_exports_stitch_lazily():
+    code = "import ptychozarr; print(ptychozarr.stitch.__module__, ptychozarr.stitch.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ptychozarr.stitch", "stitch"]
