@@ -29,3 +29,11 @@ def small_store(small_npz) -> Path:
     from ptychozarr.io import ingest
 
     return ingest(small_npz, small_npz.with_name("small.zarr"))
+
+
+@pytest.fixture(scope="session")
+def small_groups(small_store):
+    from ptychozarr.grouping import group
+    from ptychozarr.io import open_dataset
+
+    return group(open_dataset(small_store), gridsize=2, k=7, seed=0)

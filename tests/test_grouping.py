@@ -1,0 +1,120 @@
+"""Grouping (spec §1.4) against plain brute-force references written here."""
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from conftest import SMALL
+
+from ptychozarr.errors import InvalidParameterError, StoreError
+from ptychozarr.grouping import group, neighbour_groups, normaliser, open_groups
+from ptychozarr.io import open_dataset
+
+
+@pytest.fixture
+def store_copy(small_store, tmp_path):
+    """A private copy of the small store, without the groups other tests may have written."""
+    return shutil.copytree(small_store, tmp_path / "copy.zarr", ignore=shutil.ignore_patterns("groups"))
+
+
+def test_members_are_true_nearest_neighbours(small_store, small_groups):
+    ds = open_dataset(small_store)
+    points = np.stack([ds.xcoords.values, ds.ycoords.values], axis=-1)
+    distance = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    np.fill_diagonal(distance, np.inf)
+    kth = np.sort(distance, axis=1)[:, 6]  # the 7th nearest other point
+    nn = small_groups.nn_indices.values
+    assert nn.shape == (SMALL["n_points"], 4) and nn.dtype == np.int32
+    rows = np.arange(len(nn))[:, None]
+    assert (nn != rows).all()  # the seed point is not its own member
+    assert all(len(set(members)) == 4 for members in nn)  # drawn without replacement
+    assert (distance[rows, nn] <= kth[:, None] + 1e-9).all()
+
+
+def test_draws_are_uniform_over_the_k_neighbours():
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(0, 100, 4000), rng.uniform(0, 100, 4000)
+    nn = neighbour_groups(x, y, gridsize=2, k=7, seed=3)
+    points = np.stack([x, y], axis=-1)
+    order = np.argsort(np.linalg.norm(points[:500, None] - points[None], axis=-1), axis=1)[:, 1:8]
+    ranks = np.array(
+        [[list(o).index(m) for m in members] for o, members in zip(order, nn[:500], strict=True)]
+    )
+    frequency = np.bincount(ranks.ravel(), minlength=7) / ranks.size
+    np.testing.assert_allclose(frequency, 1 / 7, atol=0.03)
+
+
+def test_reproducible_with_a_seed(small_store):
+    ds = open_dataset(small_store).drop_attrs()
+    one, two = group(ds, 2, seed=5), group(ds, 2, seed=5)
+    np.testing.assert_array_equal(one.nn_indices.values, two.nn_indices.values)
+    assert not np.array_equal(one.nn_indices.values, group(ds, 2, seed=6).nn_indices.values)
+
+
+def test_centres_offsets_and_normaliser_match_plain_numpy(small_store, small_groups):
+    ds = open_dataset(small_store)
+    nn = small_groups.nn_indices.values
+    x, y = ds.xcoords.values, ds.ycoords.values
+    np.testing.assert_allclose(small_groups.centres.values[:, 0], x[nn].mean(axis=1))
+    np.testing.assert_allclose(small_groups.centres.values[:, 1], y[nn].mean(axis=1))
+    xs, ys = ds.xcoords_start.values[nn], ds.ycoords_start.values[nn]
+    np.testing.assert_allclose(small_groups.offsets.values[..., 0], -(xs - xs.mean(axis=1, keepdims=True)))
+    np.testing.assert_allclose(small_groups.offsets.values[..., 1], -(ys - ys.mean(axis=1, keepdims=True)))
+    stack = ds.diffraction.values.astype(np.float64)[nn]  # (B, C, N, N): the grouped stack, with repeats
+    size = stack.shape[-1]
+    expected = np.sqrt((size / 2) ** 2 / np.mean(np.sum(stack**2, axis=(2, 3))))
+    assert small_groups.attrs["normaliser"] == pytest.approx(expected, rel=1e-12)
+    assert np.mean(np.sum((expected * stack) ** 2, axis=(2, 3))) == pytest.approx((size / 2) ** 2)
+
+
+def test_normaliser_is_streamed_over_blocks(small_store, small_groups):
+    ds = open_dataset(small_store)
+    rechunked = ds.diffraction.data.rechunk((37, -1, -1))
+    assert rechunked.numblocks[0] > 1
+    nn = small_groups.nn_indices.values
+    assert normaliser(rechunked, nn) == pytest.approx(small_groups.attrs["normaliser"], rel=1e-12)
+
+
+def test_gridsize_one_is_each_point_alone(small_store):
+    ds = open_dataset(small_store).drop_attrs()
+    groups = group(ds, 1)
+    np.testing.assert_array_equal(groups.nn_indices.values[:, 0], np.arange(SMALL["n_points"]))
+    assert not groups.offsets.values.any()
+
+
+def test_stored_reused_and_replaced(store_copy):
+    ds = open_dataset(store_copy)
+    first = group(ds, 2, seed=1)
+    assert first.attrs["complete"] is True and first.attrs["gridsize"] == 2
+    stamp = (store_copy / "groups" / "zarr.json").stat().st_mtime_ns
+    again = group(ds, 2, seed=1)
+    assert (store_copy / "groups" / "zarr.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    np.testing.assert_array_equal(again.nn_indices.values, first.nn_indices.values)
+    other = group(ds, 1)
+    assert open_groups(store_copy).attrs["gridsize"] == 1
+    assert other.nn_indices.shape == (SMALL["n_points"], 1)
+    assert sorted(p.name for p in store_copy.iterdir()) == ["data", "groups", "zarr.json"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"gridsize": 0}, "gridsize=0"), ({"gridsize": 2, "k": 3}, "k=3"), ({"gridsize": 3, "k": 8}, "k=8")],
+)
+def test_impossible_parameters(small_store, kwargs, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        group(open_dataset(small_store).drop_attrs(), **kwargs)
+
+
+def test_too_few_points():
+    with pytest.raises(InvalidParameterError, match="only 5 scan points"):
+        neighbour_groups(np.arange(5.0), np.zeros(5), gridsize=2, k=7)
+
+
+def test_missing_or_incomplete_groups(store_copy):
+    with pytest.raises(StoreError, match="'groups' is missing"):
+        open_groups(store_copy)
+    group(open_dataset(store_copy), 2)
+    zarr.open_group(store_copy / "groups", mode="r+").attrs["complete"] = False
+    with pytest.raises(StoreError, match="incomplete"):
+        open_groups(store_copy)
