@@ -150,6 +150,17 @@ def test_probe_model_measures_what_one_call_allocates():
     assert probe_model(predict, (4, 64, 64, 4), (4, 1, 2, 4)) >= 115 * MB
 
 
+def test_probe_model_measures_a_keras_model_on_the_cpu():
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential([keras.Input((64, 64, 4)), keras.layers.Conv2D(64, 3, padding="same")])
+
+    def predict(x):
+        return model(x, training=False).numpy()
+
+    output_bytes = 64 * 64 * 64 * 64 * 4  # (64, 64, 64, 64) float32, 64 MiB
+    assert probe_model(predict, (64, 64, 64, 4)) >= 0.9 * output_bytes
+
+
 def _hold(nbytes):
     return np.ones(int(nbytes) // 8)
 

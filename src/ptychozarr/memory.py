@@ -458,27 +458,37 @@ def probe_model(
     batch_shape: Sequence[int],
     *more_shapes: Sequence[int],
     device: str = "cpu",
+    warmup: bool = True,
 ) -> int:
     """Measure the memory one batch through the model takes.
+
+    Call it before computing anything else in this process, and then :func:`measure_reserved`: the
+    baseline then holds the model and its one-time tracing, and the probe what every batch adds.
 
     Parameters
     ----------
     predict_fn : callable
-        Called once with float32 arrays of ones of ``batch_shape`` and each of ``more_shapes``
+        Called with float32 arrays of ones of ``batch_shape`` and each of ``more_shapes``
         (e.g. ``model.predict_batch`` with diffraction ``(b, N, N, C)`` and offsets ``(b, 1, 2, C)``).
     batch_shape, *more_shapes : tuple of int
         Shapes of the inputs.
     device : str
         ``"cpu"``, or a TensorFlow device such as ``"GPU:0"``.
+    warmup : bool
+        Call ``predict_fn`` once before measuring, so that one-time costs (tracing, runtime start)
+        stay out of the probe.
 
     Returns
     -------
     int
-        On the CPU, the rise of this process's RSS during the call above its RSS before it (inputs
-        already allocated, output included), sampled every 5 ms; a model never called before includes
-        its one-time tracing. On a GPU, TensorFlow's peak device memory during the call (weights included).
+        On the CPU, the rise of this process's RSS during the measured call above its RSS before it
+        (inputs already allocated, output included), sampled every 5 ms: a call lasting only a few
+        samples under-measures its transients. On a GPU, TensorFlow's peak device memory during the
+        measured call (weights included).
     """
     inputs = [np.ones(tuple(s), np.float32) for s in (batch_shape, *more_shapes)]
+    if warmup:
+        predict_fn(*inputs)
     if device.lower() == "cpu":
         with PeakMemory(interval=0.005, children=False) as pm:
             output = predict_fn(*inputs)  # alive until the last sample, so the output counts
@@ -692,7 +702,7 @@ def report(plan: Plan, measured: Mapping[str, int | None]) -> dict:
     projected = {"peak": plan.peak, "process": plan.per_process(), "device": plan.device}
     projected |= {s: plan.per_process(s) for s in stages}
     ratio = {k: round(v / projected[k], 3) for k, v in measured.items() if v is not None and projected.get(k)}
-    return {"projected": plan.to_dict(), "measured": {k: v for k, v in measured.items()}, "ratio": ratio}
+    return {"projected": plan.to_dict(), "measured": dict(measured), "ratio": ratio}
 
 
 def _pair(shape: int | Sequence[int]) -> tuple[int, int]:
@@ -730,13 +740,14 @@ def _largest_fitting(p: Plan, knob: str, candidates: Sequence, budget: int) -> A
 def _suggest(p: Plan, budget: int) -> str:
     """The knob to turn for an over-budget plan, with a value that fits when there is one."""
     knob = p.largest.knob
-    current = p.params[knob]
+    current, flag = p.params.get(knob), _FLAGS[knob]
+    if current is None:  # a Plan built by hand: nothing to re-project
+        return f"lower {flag}"
     if knob == "block_groups":
         candidates = [c for c in _block_candidates(p.params["batch_size"], current) if c < current]
     else:
         candidates = list(_shrink(current, _SMALLEST[knob]))
     value = _largest_fitting(p, knob, candidates, budget)
-    flag = _FLAGS[knob]
     if value is None:
         return (
             f"no smaller {flag} fits; lower --batch-size, use fewer workers or threads "
