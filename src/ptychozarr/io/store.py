@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask.array as da
@@ -160,25 +161,28 @@ def ingest(
     store_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = store_path.with_name(f".{store_path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
-        with NpzReader(npz_path) as npz:
-            data = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3).create_group(
-                "data"
-            )
+        with NpzReader(npz_path) as npz, ThreadPoolExecutor(1) as pool:
+            digest = pool.submit(_sha256, npz_path)  # hashes beside the ingestion (hashlib frees the GIL)
+            root = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3)
+            data = root.create_group("data")
             attrs = _ingest_members(npz, data, chunk_bytes)
-        with open(npz_path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        mark_complete(
-            data,
-            source=npz_path.name,
-            source_size=npz_path.stat().st_size,
-            source_sha256=digest,
-            schema_version=SCHEMA_VERSION,
-            **attrs,
-        )
+            mark_complete(
+                data,
+                source=npz_path.name,
+                source_size=npz_path.stat().st_size,
+                source_sha256=digest.result(),
+                schema_version=SCHEMA_VERSION,
+                **attrs,
+            )
         replace_path(temporary, store_path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return store_path
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int) -> dict:
@@ -265,11 +269,17 @@ def _write_diffraction(npz: NpzReader, layout: DiffractionLayout, data: zarr.Gro
         compressors=_COMPRESSOR,
         dimension_names=_DIMS["diffraction"],
     )
-    first = 0
-    for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes):
-        check_block(layout.key, block, first)
-        target[first : first + len(block)] = np.sqrt(block, dtype=np.float32) if layout.intensity else block
-        first += len(block)
+    first, pending = 0, None
+    with ThreadPoolExecutor(1) as pool:  # one chunk is compressed and written while the next is read
+        for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes):
+            check_block(layout.key, block, first)
+            values = np.sqrt(block, dtype=np.float32) if layout.intensity else block
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(target.__setitem__, slice(first, first + len(block)), values)
+            first += len(block)
+        if pending is not None:
+            pending.result()
 
 
 def _pattern_blocks(npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int) -> Iterator:
