@@ -57,14 +57,14 @@ def test_per_pattern_inference_has_one_row_and_one_crop_per_member():
 
 
 def test_stitch_and_metric_projections():
-    s = project_stitch(256, 128, 20, split_every=4)
-    assert dict(s.parts) == {
-        "crops": 128 * 400 * 8,
-        "weighted": 128 * 400 * 16,
-        "partial_tile": 256 * 256 * 24,
-        "tree_sum": 4 * 256 * 256 * 24,
-    }
-    assert project_stitch((128, 512), 1, 20).parts["partial_tile"] == 128 * 512 * 24
+    splat, tree_sum = project_stitch(256, 128, 20, split_every=4)
+    taps = 128 * 4 * 400  # whole block in one batch: 4 bilinear taps per crop pixel
+    assert dict(splat.parts) == {"crops": 128 * 400 * 8, "taps": taps * 33, "partial_tile": 256 * 256 * 40}
+    assert dict(tree_sum.parts) == {"partials": 4 * 256 * 256 * 24, "sum": 256 * 256 * 24}
+    assert (splat.stage, tree_sum.stage) == ("stitch-splat", "stitch-sum")
+    big, _ = project_stitch((128, 512), 10_000, 20, taps_per_batch=16_000)
+    assert big.parts["taps"] == 10 * 1600 * 33  # ten whole patches per batch
+    assert project_stitch((128, 512), 1, 20)[1].parts["sum"] == 128 * 512 * 24
     m = project_metrics(512, 5, temporaries=16)
     assert dict(m.parts) == {"inputs": 2 * 522 * 522 * 8, "temporaries": 16 * 522 * 522 * 8}
 
@@ -72,9 +72,9 @@ def test_stitch_and_metric_projections():
 def test_plan_peak_is_processes_times_baseline_plus_threads_times_largest_task():
     p = plan(block_groups=512, tile=1024, chunk=512, halo=5, processes=3, **ARGS)
     totals = {t.stage: t.total for t in p.tasks}
-    assert set(totals) == {"infer", "stitch", "metrics"}
+    assert set(totals) == {"infer", "stitch-splat", "stitch-sum", "metrics"}
     assert p.peak == 3 * (500 * MB + 2 * max(totals.values()))
-    assert p.per_process("stitch") == 500 * MB + 2 * totals["stitch"]
+    assert p.per_process("stitch-sum") == 500 * MB + 2 * totals["stitch-sum"]
     assert plan(block_groups=8, batch_size=8, N=64, C=1, M=16).reserved == DEFAULT_RESERVED
     json.dumps(p.to_dict())
 
@@ -95,7 +95,7 @@ def test_check_refuses_with_the_figure_the_budget_and_a_block_size_that_fits():
 
 def test_check_names_the_tile_when_stitching_is_the_largest_task():
     p = plan(block_groups=64, tile=4096, **ARGS)
-    assert p.largest.stage == "stitch"
+    assert p.largest.stage == "stitch-sum"
     budget = plan(block_groups=64, tile=1024, **ARGS).peak
     with pytest.raises(MemoryBudgetError, match="--tile 1024 fits"):
         check(p, budget)
@@ -175,10 +175,11 @@ def _combine(a, b):
 
 def test_task_callback_attributes_memory_to_the_task_stage():
     big = "alloc-block-" + "0123456789abcdef" * 2  # key_split drops the token: "alloc-block"
-    dsk = {big: (_hold, 150 * MB), "small-1": (_small,), "out": (_combine, big, "small-1")}
-    with TaskMemoryCallback(stages=("alloc",)) as cb:
-        dask.threaded.get(dsk, "out", num_workers=1)
-    assert set(cb.by_stage) == {"alloc", "small", "out"}
+    fused = "array-stage-two-" + "fedcba9876543210" * 2  # a fused layer holding stage "stage-two"
+    dsk = {big: (_hold, 150 * MB), "small-1": (_small,), fused: (_combine, big, "small-1")}
+    with TaskMemoryCallback(stages=("alloc", "stage-two")) as cb:
+        dask.threaded.get(dsk, fused, num_workers=1)
+    assert set(cb.by_stage) == {"alloc", "small", "stage-two"}
     assert cb.by_stage["alloc"]["increase"] >= 145 * MB
     assert cb.by_stage["small"]["increase"] < 50 * MB
     assert cb.peaks()["alloc"] >= cb.by_stage["alloc"]["increase"]
@@ -190,7 +191,7 @@ def test_report_puts_measured_beside_projected():
     measured = {"peak": p.peak // 2, "infer": p.per_process("infer"), "device": None, "other": 5}
     r = report(p, measured)
     assert r["ratio"] == {"peak": 0.5, "infer": 1.0}
-    assert r["projected"]["stages"]["stitch"]["task"] == p.stage("stitch").total
+    assert r["projected"]["stages"]["stitch-splat"]["task"] == p.stage("stitch-splat").total
     json.dumps(r)
 
 

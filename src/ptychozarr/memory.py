@@ -73,7 +73,7 @@ class TaskMemory:
     Attributes
     ----------
     stage : str
-        The stage the task belongs to (``infer``, ``stitch``, ``metrics``).
+        The stage the task belongs to (``infer``, ``stitch-splat``, ``stitch-sum``, ``metrics``).
     parts : dict of str to int
         Bytes of each buffer the task holds at its peak, by name.
     knob : str
@@ -153,9 +153,14 @@ def project_inference(
 
 
 def project_stitch(
-    tile: int | Sequence[int], block_patches: int, M: int, *, split_every: int = 4
-) -> TaskMemory:
-    """Project one stitching task: a block of crops scattered into a canvas tile, and the tree sum.
+    tile: int | Sequence[int],
+    block_patches: int,
+    M: int,
+    *,
+    split_every: int = 4,
+    taps_per_batch: int = 2**22,
+) -> tuple[TaskMemory, TaskMemory]:
+    """Project the two kinds of stitching task: a block's splat onto one tile, and the tree sum.
 
     Parameters
     ----------
@@ -166,28 +171,33 @@ def project_stitch(
     M : int
         Crop side in pixels.
     split_every : int
-        Partial tiles a tree-sum step adds at once.
+        Partial tiles a tree-sum step adds at once (``ptychozarr.stitch`` uses 4).
+    taps_per_batch : int
+        Bilinear taps a splat gathers at once (``ptychozarr.stitch`` uses 2²², whole patches of 4·M²).
 
     Returns
     -------
-    TaskMemory
-        Parts, with A = tile area: ``crops`` block_patches·M²·8 (complex64 input), ``weighted``
-        block_patches·M²·16 (complex128 weighted copy for one bilinear tap), ``partial_tile`` A·24
-        (complex128 numerator and float64 weight), ``tree_sum`` split_every·A·24 (the partial tiles a
-        combine step holds). Scatter and combine are separate tasks; adding both is conservative.
+    splat, tree_sum : TaskMemory
+        Stages named after the stitch layers. With A = tile area and T = the taps of one batch
+        (min(block_patches, max(1, taps_per_batch // 4M²))·4M²), ``stitch-splat`` holds ``crops``
+        block_patches·M²·8 (complex64 input), ``taps`` T·33 (int64 index, bool mask, complex128 value
+        and float64 weight per tap) and ``partial_tile`` A·40 (three float64 accumulators and the
+        complex128 numerator); ``stitch-sum`` holds ``partials`` split_every·A·24 (complex128
+        numerator and float64 weight each) and ``sum`` A·24. The final division of a tile (A·56)
+        needs less than a sum.
     """
     area = math.prod(_pair(tile))
     _positive(tile=area, block_patches=block_patches, M=M, split_every=split_every)
-    return TaskMemory(
-        "stitch",
-        {
-            "crops": block_patches * M * M * _C64,
-            "weighted": block_patches * M * M * _C128,
-            "partial_tile": area * (_C128 + _F64),
-            "tree_sum": split_every * area * (_C128 + _F64),
-        },
-        "tile",
-    )
+    per_patch = 4 * M * M
+    taps = min(block_patches, max(1, taps_per_batch // per_patch)) * per_patch
+    tile_sums = _C128 + _F64
+    splat = {
+        "crops": block_patches * M * M * _C64,
+        "taps": taps * (8 + 1 + _C128 + _F64),
+        "partial_tile": area * (3 * _F64 + _C128),
+    }
+    tree_sum = {"partials": split_every * area * tile_sums, "sum": area * tile_sums}
+    return TaskMemory("stitch-splat", splat, "tile"), TaskMemory("stitch-sum", tree_sum, "tile")
 
 
 def project_metrics(
@@ -344,7 +354,7 @@ def plan(
     ]
     if tile is not None:
         rows = block_groups * C if per_pattern else block_groups
-        tasks.append(project_stitch(tile, rows, M, split_every=split_every))
+        tasks.extend(project_stitch(tile, rows, M, split_every=split_every))
     if chunk is not None:
         tasks.append(project_metrics(chunk, halo, temporaries=temporaries))
     reserved = DEFAULT_RESERVED if reserved is None else int(reserved)
@@ -585,7 +595,8 @@ class TaskMemoryCallback(Callback):
 
     Each task's peak is the largest RSS sampled between its start and its end (sampled every
     ``interval`` and at both ends); tasks are grouped by their key prefix (:func:`dask.utils.key_split`),
-    mapped to the first of ``stages`` it equals or starts with followed by ``-``. Name graph layers
+    mapped to the first of ``stages`` that is a run of its dash-separated words (so fused layers such as
+    ``array-stitch-splat-stitch-tile`` count as ``stitch-splat``). Name graph layers
     ``f"{stage}-{token}"`` so their tasks land in the right stage. Tasks of several stages running at
     once share one RSS, so each is charged with the whole process: compare with
     ``Plan.per_process(stage)``.
@@ -605,10 +616,10 @@ class TaskMemoryCallback(Callback):
 
     Examples
     --------
-    >>> with TaskMemoryCallback(stages=("infer", "stitch")) as cb:
+    >>> with TaskMemoryCallback(stages=("infer", "stitch-splat", "stitch-sum")) as cb:
     ...     dask.compute(patches, obj)
     >>> cb.peaks()
-    {'infer': 1342177280, 'stitch': 905969664}
+    {'infer': 1342177280, 'stitch-splat': 905969664, 'stitch-sum': 805306368}
     """
 
     def __init__(self, stages: Sequence[str] = (), interval: float = 0.02):
@@ -620,7 +631,7 @@ class TaskMemoryCallback(Callback):
 
     def _stage(self, key: Hashable) -> str:
         prefix = key_split(key)
-        return next((s for s in self.stages if prefix == s or prefix.startswith(s + "-")), prefix)
+        return next((s for s in self.stages if f"-{s}-" in f"-{prefix}-"), prefix)
 
     def _update(self, rss: int) -> None:
         with self._lock:
