@@ -24,6 +24,7 @@ __all__ = [
     "check_compatible",
     "demo_weights",
     "load_model",
+    "model_file",
     "read_spec",
     "save_keras",
     "train",
@@ -32,7 +33,7 @@ __all__ = [
 _WEIGHTS = Path(__file__).parent / "weights"
 
 
-def _resolve(path: str | Path) -> Path:
+def model_file(path: str | Path) -> Path:
     """The model file a path names: itself, or the only ``.keras`` file of a directory."""
     path = Path(path)
     if path.is_dir():
@@ -61,7 +62,7 @@ def load_model(path: str | Path) -> Model:
     -------
     Model
     """
-    path = _resolve(path)
+    path = model_file(path)
     if path.suffix == ".zip":
         from ptychozarr.models.ptychopinn import load_bundle
 

@@ -50,15 +50,6 @@ def _read(diffraction: zarr.Array, members: np.ndarray, scale: float) -> np.ndar
     return np.moveaxis(patterns[rows.reshape(members.shape)], 1, -1) * np.float32(scale)
 
 
-def _normaliser(diffraction: zarr.Array) -> float:
-    """``f = sqrt((N/2)² / mean Σ d²)`` over every pattern once, streamed by chunk (spec §1.4)."""
-    import dask.array as da
-
-    d = da.from_zarr(diffraction)
-    mean_energy = float((d.astype(np.float64) ** 2).sum(axis=(1, 2)).mean().compute())
-    return float(np.sqrt((d.shape[1] / 2) ** 2 / mean_energy))
-
-
 def _open_training_store(data: Path, tmp: str) -> Path:
     """The Zarr store to train from: ``data`` itself, or ``data`` (an NPZ) ingested into ``tmp``."""
     from ptychozarr.io import ingest
@@ -166,7 +157,8 @@ def train(
     import keras
     import tensorflow as tf
 
-    from ptychozarr.io import open_dataset
+    from ptychozarr.grouping import group, normaliser
+    from ptychozarr.io import open_dataset, open_store
     from ptychozarr.models.keras_model import save_keras
     from ptychozarr.models.reference import build_baseline, build_pinn
 
@@ -182,16 +174,16 @@ def train(
     data = Path(data)
     with tempfile.TemporaryDirectory(prefix="ptychozarr-train-") as tmp:
         store = _open_training_store(data, tmp)
-        root = zarr.open_group(store, mode="r")
-        diffraction = root["data/diffraction"]
-        n_pix = int(diffraction.shape[1])
-        probe = np.asarray(root["data/probeGuess"][...], np.complex64)
+        ds = open_dataset(store)
+        diffraction = open_store(store)["data/diffraction"]
+        n_pix = int(ds.sizes["det_y"])
+        probe = ds["probeGuess"].values.astype(np.complex64)
         if kind == "pinn":
-            from ptychozarr.grouping import group
-
-            groups = group(open_dataset(store), gridsize=gridsize, k=k, seed=seed)
-            members = np.asarray(groups["nn_indices"].values)
-            offsets = np.asarray(groups["offsets"].values, np.float32)
+            unstored = ds.copy()
+            unstored.attrs.pop("store")  # group in memory: training never writes into the data's store
+            groups = group(unstored, gridsize=gridsize, k=k, seed=seed)
+            members = groups["nn_indices"].values
+            offsets = groups["offsets"].values.astype(np.float32)
             f = float(groups.attrs["normaliser"])
             network = build_pinn(n_pix, gridsize, filters=filters, depth=depth)
             log_gain = tf.Variable(np.log(f), dtype=tf.float32, name="log_gain")
@@ -205,12 +197,16 @@ def train(
         else:
             from ptychozarr.simulate import extract_patches
 
-            members = np.arange(diffraction.shape[0])[:, None]
-            f = _normaliser(diffraction)
+            if "objectGuess" not in ds:
+                raise InvalidParameterError(
+                    f"{data}: a baseline trains on ground truth; the scan has no objectGuess"
+                )
+            members = np.arange(ds.sizes["pattern"])[:, None]
+            f = normaliser(ds["diffraction"].data, members)
             pad = n_pix  # zero margin, so that any position's patch can be read
-            obj = np.pad(np.asarray(root["data/objectGuess"][...], np.complex64), pad)
-            xs = np.asarray(root["data/xcoords"][...]) + pad
-            ys = np.asarray(root["data/ycoords"][...]) + pad
+            obj = np.pad(ds["objectGuess"].values.astype(np.complex64), pad)
+            xs = ds["xcoords"].values + pad
+            ys = ds["ycoords"].values + pad
             network = build_baseline(n_pix, filters=filters, depth=depth)
             optimizer = keras.optimizers.Adam(learning_rate)
             step = _baseline_step(network, optimizer)
