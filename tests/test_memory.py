@@ -35,7 +35,7 @@ def test_inference_projection_is_the_arithmetic_of_its_buffers():
     pattern = 128 * 128 * 4 * 4  # one group of 4 float32 patterns
     expected = {
         "gathered": 256 * pattern,
-        "normalised": 256 * pattern,
+        "normalised": 2 * 64 * pattern,
         "offsets": 256 * 4 * 2 * 12,
         "model_input": 64 * pattern,
         "model_output": 64 * 128 * 128 * 8,
@@ -46,14 +46,7 @@ def test_inference_projection_is_the_arithmetic_of_its_buffers():
     assert dict(t.parts) == expected
     assert t.total == sum(expected.values())
     assert t.stage == "infer" and t.knob == "block_groups"
-
-
-def test_per_pattern_inference_has_one_row_and_one_crop_per_member():
-    t = project_inference(10, 8, 64, 4, 16, output="complex", per_pattern=True)
-    assert t.parts["gathered"] == 40 * 64 * 64 * 4
-    assert t.parts["model_input"] == 8 * 64 * 64 * 4
-    assert t.parts["crops"] == 40 * 16 * 16 * 8
-    assert t.parts["amp_phase"] == 0
+    assert project_inference(256, 64, 128, 1, 20).parts["amp_phase"] == 0
 
 
 def test_stitch_and_metric_projections():

@@ -99,53 +99,49 @@ def project_inference(
     model_probe_bytes: int = 0,
     *,
     output: Literal["complex", "amp_phase"] = "complex",
-    per_pattern: bool = False,
 ) -> TaskMemory:
-    """Project one inference task: a block of groups through the model, cropped.
+    """Project one inference task: a block of model inputs read, run through the model, cropped.
 
     Parameters
     ----------
     block_groups : int
-        Groups per block (b).
+        Model inputs per block (b): groups for a gridsize > 1 model, distinct patterns for a gridsize 1
+        model (then C = 1), as ``ptychozarr.infer`` blocks them.
     batch_size : int
-        Rows per model call; the last batch is padded to it.
+        Rows per model call (B); the last batch is padded to it.
     N : int
         Pattern side in pixels.
     C : int
-        Group members (gridsize²).
+        Channels of one model input (gridsize²).
     M : int
         Side of the crop kept from each predicted patch.
     model_probe_bytes : int
-        Measured working memory of one batch through the model (:func:`probe_model`).
+        Measured host memory one batch adds inside the model (:func:`probe_model`).
     output : {"complex", "amp_phase"}
         What the network returns; ``amp_phase`` adds the amplitude, phase and phasor buffers.
-    per_pattern : bool
-        The model sees one pattern at a time (baseline): the block's b·C patterns are rows of one
-        channel, each giving its own crop.
 
     Returns
     -------
     TaskMemory
-        Parts, with r = b (or b·C when ``per_pattern``), c = C (or 1) and B = batch_size:
-        ``gathered`` r·N²·c·4 (float32 diffraction read for the block), ``normalised`` the same
-        (normalised, scaled copy), ``offsets`` b·C·2·12 (float64 offsets and their float32 cast),
-        ``model_input`` B·N²·c·4 (one padded batch), ``model_output`` B·N²·8 (complex64 before the
-        crop), ``amp_phase`` B·N²·16 or 0 (float32 amplitude and phase, complex64 phasor),
-        ``crops`` r·M²·8 (complex64, the task's output), ``model_probe`` as measured.
+        Parts: ``gathered`` b·N²·C·4 (float32 diffraction read for the block, at most b·C distinct
+        patterns), ``normalised`` 2·B·N²·C·4 (one batch gathered from the block and its scaled copy),
+        ``offsets`` b·C·2·12 (float64 offsets and their float32 cast), ``model_input`` B·N²·C·4 (the
+        padded batch), ``model_output`` B·N²·8 (complex64 before the crop), ``amp_phase`` B·N²·16 or 0
+        (float32 amplitude and phase, complex64 phasor), ``crops`` b·M²·8 (complex64, the task's
+        output), ``model_probe`` as measured.
     """
     _positive(block_groups=block_groups, batch_size=batch_size, N=N, C=C, M=M)
-    rows, channels = (block_groups * C, 1) if per_pattern else (block_groups, C)
-    pattern = N * N * channels * _F32
+    pattern = N * N * C * _F32
     return TaskMemory(
         "infer",
         {
-            "gathered": rows * pattern,
-            "normalised": rows * pattern,
+            "gathered": block_groups * pattern,
+            "normalised": 2 * batch_size * pattern,
             "offsets": block_groups * C * 2 * (_F64 + _F32),
             "model_input": batch_size * pattern,
             "model_output": batch_size * N * N * _C64,
             "amp_phase": batch_size * N * N * (2 * _F32 + _C64) if output == "amp_phase" else 0,
-            "crops": rows * M * M * _C64,
+            "crops": block_groups * M * M * _C64,
             "model_probe": int(model_probe_bytes),
         },
         "block_groups",
@@ -312,7 +308,6 @@ def plan(
     M: int,
     model_probe: int = 0,
     output: Literal["complex", "amp_phase"] = "complex",
-    per_pattern: bool = False,
     tile: int | tuple[int, int] | None = None,
     split_every: int = 4,
     chunk: int | tuple[int, int] | None = None,
@@ -347,14 +342,9 @@ def plan(
     """
     params = dict(locals())
     _positive(threads=threads, processes=processes)
-    tasks = [
-        project_inference(
-            block_groups, batch_size, N, C, M, model_probe, output=output, per_pattern=per_pattern
-        )
-    ]
+    tasks = [project_inference(block_groups, batch_size, N, C, M, model_probe, output=output)]
     if tile is not None:
-        rows = block_groups * C if per_pattern else block_groups
-        tasks.extend(project_stitch(tile, rows, M, split_every=split_every))
+        tasks.extend(project_stitch(tile, block_groups, M, split_every=split_every))
     if chunk is not None:
         tasks.append(project_metrics(chunk, halo, temporaries=temporaries))
     reserved = DEFAULT_RESERVED if reserved is None else int(reserved)
