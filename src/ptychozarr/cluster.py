@@ -33,7 +33,7 @@ __all__ = ["GPU_EXTRA", "Concurrency", "concurrency", "scheduler"]
 GPU_EXTRA = "pip install 'ptychozarr[gpu]'"
 """The command that installs what ``scheduler("cuda")`` needs (dask-cuda and TensorFlow with CUDA)."""
 
-_LOCAL = ("threads", "processes", "cuda")
+_SPECS = ("threads", "processes", "cuda")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def scheduler(
         Threads (``threads``), worker processes (``processes``; default one per core) or GPU workers
         (``cuda``; default one per GPU).
     threads_per_worker : int
-        Threads in each worker process.
+        Threads in each worker process (``processes``, ``cuda``).
     tf_threads : int, optional
         TensorFlow intra- and inter-op threads per worker; default cores // workers for ``processes``
         and ``cuda``. With ``threads`` it sets this process's environment for the block, which matters
@@ -138,7 +138,7 @@ def scheduler(
             yield client
     else:
         raise InvalidParameterError(
-            f"scheduler {spec!r} is not one of {', '.join(map(repr, _LOCAL))} or an address such as "
+            f"scheduler {spec!r} is not one of {', '.join(map(repr, _SPECS))} or an address such as "
             "'tcp://host:8786'"
         )
 
