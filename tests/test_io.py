@@ -214,10 +214,12 @@ def test_open_dataset_refuses_missing_or_incomplete(tmp_path):
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from ptychozarr.io import ingest
     ingest(sys.argv[1], sys.argv[2])
-    print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    # VmHWM is this process's own peak (ru_maxrss would include the forking pytest process's peak)
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"peak": int(hwm.split()[1]) * 1024}))
     """
 )
 
