@@ -16,6 +16,7 @@ pattern at ``(x, y)`` sees object pixel ``(y + r − N/2, x + c − N/2)``, bili
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +168,8 @@ def simulate(
             yield rng.poisson(scale**2 * np.abs(far) ** 2 / patch_size**2)
 
     shape = (n_points, patch_size, patch_size)
-    with NpzWriter(path, compress=not stored) as npz:
+    partial = path.with_name(f".{path.name}.partial")
+    with NpzWriter(partial, compress=not stored) as npz:
         if legacy:
             _write_transposed(npz, "diff3d", counts(), shape, np.uint16, batch)
         else:
@@ -180,6 +182,7 @@ def simulate(
         npz.write("scan_index", np.zeros(n_points, np.int64))
         npz.write("probeGuess", probe)
         npz.write("objectGuess", obj)
+    os.replace(partial, path)  # only a finished file ever has the requested name
     return path
 
 

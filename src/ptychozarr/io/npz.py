@@ -53,6 +53,8 @@ class NpzMember:
         Length of the ``.npy`` header inside the member.
     data_offset : int
         Absolute file offset of the array data (meaningful for stored members only).
+    zinfo : zipfile.ZipInfo
+        The zip entry.
     """
 
     name: str
@@ -91,7 +93,7 @@ class NpzReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed by close()
+            self._fh = open(self.path, "rb")  # closed by close()
         except OSError as exc:
             raise InvalidScanError(f"{self.path}: cannot open the input file ({exc.strerror})") from exc
         try:

@@ -165,7 +165,7 @@ def ingest(
             digest = pool.submit(_sha256, npz_path)  # hashes beside the ingestion (hashlib frees the GIL)
             root = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3)
             data = root.create_group("data")
-            attrs = _ingest_members(npz, data, chunk_bytes)
+            attrs = _ingest_members(npz, data, chunk_bytes, scratch=store_path.parent)
             mark_complete(
                 data,
                 source=npz_path.name,
@@ -185,8 +185,8 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int) -> dict:
-    """Validate and write every member; return the attrs describing what was done."""
+def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch: Path) -> dict:
+    """Validate and write every member (reordering, if needed, in ``scratch``); return the attrs."""
     keys = set(npz.members)
     key = diffraction_key(keys)
     for required in ("xcoords", "ycoords", "probeGuess"):
@@ -221,7 +221,7 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int) -> dict:
         if obj.ndim != 2:
             raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
         _write(data, "objectGuess", obj)
-    _write_diffraction(npz, layout, data, chunk_bytes)
+    _write_diffraction(npz, layout, data, chunk_bytes, scratch)
     used = {
         key,
         "xcoords",
@@ -257,7 +257,9 @@ def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
     )
 
 
-def _write_diffraction(npz: NpzReader, layout: DiffractionLayout, data: zarr.Group, chunk_bytes: int) -> None:
+def _write_diffraction(
+    npz: NpzReader, layout: DiffractionLayout, data: zarr.Group, chunk_bytes: int, scratch: Path
+) -> None:
     """Stream the diffraction member into ``data/diffraction``: float32 amplitude, whole-pattern chunks."""
     n, size = layout.n_patterns, layout.size
     per_chunk = max(1, min(n, chunk_bytes // (size * size * 4)))
@@ -271,7 +273,7 @@ def _write_diffraction(npz: NpzReader, layout: DiffractionLayout, data: zarr.Gro
     )
     first, pending = 0, None
     with ThreadPoolExecutor(1) as pool:  # one chunk is compressed and written while the next is read
-        for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes):
+        for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes, scratch):
             check_block(layout.key, block, first)
             values = np.sqrt(block, dtype=np.float32) if layout.intensity else block
             if pending is not None:
@@ -282,29 +284,31 @@ def _write_diffraction(npz: NpzReader, layout: DiffractionLayout, data: zarr.Gro
             pending.result()
 
 
-def _pattern_blocks(npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int) -> Iterator:
+def _pattern_blocks(
+    npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int, scratch: Path
+) -> Iterator:
     """Blocks of ``per_chunk`` whole patterns (pattern, det_y, det_x), in the member's dtype.
 
     When the member is not stored pattern after pattern (legacy (N, N, M)), bands of rows go to a scratch
-    array chunked (rows, N, per_chunk) and the patterns come back one chunk at a time.
+    array chunked (rows, N, per_chunk) in a temporary directory under ``scratch``, and the patterns come
+    back one chunk at a time.
     """
-    blocks = npz.iter_blocks(layout.key, per_chunk if layout.patterns_first else 1, layout.stream_shape)
     if layout.patterns_first:
-        for block in blocks:
+        for block in npz.iter_blocks(layout.key, per_chunk, layout.stream_shape):
             yield block.transpose(layout.to_patterns)
         return
     n, size = layout.n_patterns, layout.size
     itemsize = npz.members[layout.key].dtype.itemsize
     rows = max(1, min(size, chunk_bytes // (size * n * itemsize)))
-    with tempfile.TemporaryDirectory(prefix="ptychozarr-") as tmp:
-        scratch = scratch_array(
+    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+        staged = scratch_array(
             tmp, layout.stream_shape, npz.members[layout.key].dtype, (rows, size, per_chunk)
         )
         band = npz.iter_blocks(layout.key, rows, layout.stream_shape)
         for start, block in zip(range(0, size, rows), band, strict=True):
-            scratch[start : start + len(block)] = block
+            staged[start : start + len(block)] = block
         for start in range(0, n, per_chunk):
-            yield scratch[:, :, start : start + per_chunk].transpose(layout.to_patterns)
+            yield staged[:, :, start : start + per_chunk].transpose(layout.to_patterns)
 
 
 def open_dataset(store_path: str | Path) -> xr.Dataset:
