@@ -31,10 +31,10 @@ ARGS = dict(batch_size=64, N=128, C=4, M=20, model_probe=50 * MB, reserved=500 *
 
 
 def test_inference_projection_is_the_arithmetic_of_its_buffers():
-    t = project_inference(256, 64, 128, 4, 20, 7_000_000, output="amp_phase")
+    t = project_inference(256, 64, 128, 4, 20, 7_000_000, output="amp_phase", read_copies=1)
     pattern = 128 * 128 * 4 * 4  # one group of 4 float32 patterns
     expected = {
-        "gathered": 256 * pattern,
+        "gathered": 2 * 256 * pattern,  # the block and one read buffer
         "normalised": 2 * 64 * pattern,
         "offsets": 256 * 4 * 2 * 12,
         "model_input": 64 * pattern,
@@ -46,7 +46,8 @@ def test_inference_projection_is_the_arithmetic_of_its_buffers():
     assert dict(t.parts) == expected
     assert t.total == sum(expected.values())
     assert t.stage == "infer" and t.knob == "block_groups"
-    assert project_inference(256, 64, 128, 1, 20).parts["amp_phase"] == 0
+    plain = project_inference(256, 64, 128, 1, 20, read_copies=0)
+    assert plain.parts["amp_phase"] == 0 and plain.parts["gathered"] == 256 * 128 * 128 * 4
 
 
 def test_stitch_and_metric_projections():

@@ -99,6 +99,7 @@ def project_inference(
     model_probe_bytes: int = 0,
     *,
     output: Literal["complex", "amp_phase"] = "complex",
+    read_copies: int = 1,
 ) -> TaskMemory:
     """Project one inference task: a block of model inputs read, run through the model, cropped.
 
@@ -119,23 +120,28 @@ def project_inference(
         Measured host memory one batch adds inside the model (:func:`probe_model`).
     output : {"complex", "amp_phase"}
         What the network returns; ``amp_phase`` adds the amplitude, phase and phasor buffers.
+    read_copies : int
+        Buffers the read holds besides its result (decoded chunks, selection copies), as Cubed's
+        ``BufferCopies.read`` (1 for a local store, 2 for a cloud store).
 
     Returns
     -------
     TaskMemory
-        Parts: ``gathered`` b·N²·C·4 (float32 diffraction read for the block, at most b·C distinct
-        patterns), ``normalised`` 2·B·N²·C·4 (one batch gathered from the block and its scaled copy),
-        ``offsets`` b·C·2·12 (float64 offsets and their float32 cast), ``model_input`` B·N²·C·4 (the
-        padded batch), ``model_output`` B·N²·8 (complex64 before the crop), ``amp_phase`` B·N²·16 or 0
-        (float32 amplitude and phase, complex64 phasor), ``crops`` b·M²·8 (complex64, the task's
-        output), ``model_probe`` as measured.
+        Parts: ``gathered`` (1 + read_copies)·b·N²·C·4 (float32 diffraction read for the block, at most
+        b·C distinct patterns, and the read's buffers), ``normalised`` 2·B·N²·C·4 (one batch gathered
+        from the block and its scaled copy), ``offsets`` b·C·2·12 (float64 offsets and their float32
+        cast), ``model_input`` B·N²·C·4 (the padded batch), ``model_output`` B·N²·8 (complex64 before
+        the crop), ``amp_phase`` B·N²·16 or 0 (float32 amplitude and phase, complex64 phasor),
+        ``crops`` b·M²·8 (complex64, the task's output), ``model_probe`` as measured.
     """
     _positive(block_groups=block_groups, batch_size=batch_size, N=N, C=C, M=M)
+    if read_copies < 0:
+        raise InvalidParameterError(f"read_copies is {read_copies}; give 0 or more buffers")
     pattern = N * N * C * _F32
     return TaskMemory(
         "infer",
         {
-            "gathered": block_groups * pattern,
+            "gathered": (1 + read_copies) * block_groups * pattern,
             "normalised": 2 * batch_size * pattern,
             "offsets": block_groups * C * 2 * (_F64 + _F32),
             "model_input": batch_size * pattern,
@@ -308,6 +314,7 @@ def plan(
     M: int,
     model_probe: int = 0,
     output: Literal["complex", "amp_phase"] = "complex",
+    read_copies: int = 1,
     tile: int | tuple[int, int] | None = None,
     split_every: int = 4,
     chunk: int | tuple[int, int] | None = None,
@@ -342,7 +349,11 @@ def plan(
     """
     params = dict(locals())
     _positive(threads=threads, processes=processes)
-    tasks = [project_inference(block_groups, batch_size, N, C, M, model_probe, output=output)]
+    tasks = [
+        project_inference(
+            block_groups, batch_size, N, C, M, model_probe, output=output, read_copies=read_copies
+        )
+    ]
     if tile is not None:
         tasks.extend(project_stitch(tile, block_groups, M, split_every=split_every))
     if chunk is not None:
