@@ -104,10 +104,10 @@ def diffraction_layout(member: NpzMember, n_points: int) -> DiffractionLayout:
         )
     if pair[0] != pair[1]:
         raise InvalidScanError(
-            f"key {key!r}: patterns are {pair[0]}×{pair[1]}; only square patterns are supported"
+            f"key {key!r}: patterns are {pair[0]}×{pair[1]}; crop or pad them to square N×N patterns"
         )
     if n_points == 0:
-        raise InvalidScanError(f"key {key!r} holds no patterns (empty scan)")
+        raise InvalidScanError(f"key {key!r} holds no patterns (empty scan); nothing to ingest")
     stream = labels[::-1] if member.fortran_order else labels
     return DiffractionLayout(
         key=key,
@@ -142,11 +142,12 @@ def check_coordinates(key: str, values: np.ndarray, n_points: int) -> np.ndarray
     return values.astype(np.float64)
 
 
-def check_square(key: str, shape: tuple[int, ...], size: int | None = None) -> None:
-    """Check that a 2-D array is square and, when ``size`` is given, ``size``×``size``."""
-    if len(shape) != 2 or (size is not None and shape != (size, size)):
-        want = f"({size}, {size}), the pattern shape" if size is not None else "a 2-D array"
-        raise InvalidScanError(f"key {key!r} has shape {shape}; expected {want}")
+def check_square(key: str, shape: tuple[int, ...], size: int) -> None:
+    """Check that a 2-D array (the probe) is ``size``×``size``, the pattern shape."""
+    if tuple(shape) != (size, size):
+        raise InvalidScanError(
+            f"key {key!r} has shape {shape}; expected ({size}, {size}), the shape of the diffraction patterns"
+        )
 
 
 def check_block(key: str, block: np.ndarray, first: int) -> None:
