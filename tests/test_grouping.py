@@ -99,7 +99,12 @@ def test_stored_reused_and_replaced(store_copy):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"gridsize": 0}, "gridsize=0"), ({"gridsize": 2, "k": 3}, "k=3"), ({"gridsize": 3, "k": 8}, "k=8")],
+    [
+        ({"gridsize": 0}, "gridsize=0"),
+        ({"gridsize": 2, "k": 3}, "k=3"),
+        ({"gridsize": 3, "k": 8}, "k=8"),
+        ({"gridsize": 2, "seed": -1}, "seed=-1"),
+    ],
 )
 def test_impossible_parameters(small_store, kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):

@@ -124,7 +124,14 @@ def test_seeded_and_reproducible(tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    [{"n_points": 0}, {"patch_size": 31}, {"object_size": 32}, {"dose": 0}, {"split": "validation"}],
+    [
+        {"n_points": 0},
+        {"patch_size": 31},
+        {"object_size": 32},
+        {"dose": 0},
+        {"seed": -1},
+        {"split": "validation"},
+    ],
 )
 def test_impossible_parameters(tmp_path, bad):
     with pytest.raises(InvalidParameterError, match=next(iter(bad))):

@@ -57,6 +57,8 @@ def neighbour_groups(x: np.ndarray, y: np.ndarray, gridsize: int, k: int = 7, se
     n, members = len(x), gridsize**2
     if gridsize < 1:
         raise InvalidParameterError(f"gridsize={gridsize}: must be at least 1")
+    if seed < 0:
+        raise InvalidParameterError(f"seed={seed}: use a non-negative integer")
     if gridsize == 1:
         return np.arange(n, dtype=np.int32)[:, None]
     if k < members:

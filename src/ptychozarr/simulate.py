@@ -97,7 +97,7 @@ def _exit_waves(obj, probe, xy, batch) -> Iterator[np.ndarray]:
         yield probe * extract_patches(obj, xy[0, start : start + batch], xy[1, start : start + batch], n)
 
 
-def _check(n_points, patch_size, object_size, dose, split) -> None:
+def _check(n_points, patch_size, object_size, dose, seed, split) -> None:
     if n_points < 1:
         raise InvalidParameterError(f"n_points={n_points}: at least one scan position is needed")
     if patch_size < 4 or patch_size % 2:
@@ -108,6 +108,8 @@ def _check(n_points, patch_size, object_size, dose, split) -> None:
         )
     if not dose > 0:
         raise InvalidParameterError(f"dose={dose}: photons per pattern must be positive")
+    if seed < 0:
+        raise InvalidParameterError(f"seed={seed}: use a non-negative integer")
     if split not in SPLITS:
         raise InvalidParameterError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
 
@@ -153,7 +155,7 @@ def simulate(
     Path
         ``path``.
     """
-    _check(n_points, patch_size, object_size, dose, split)
+    _check(n_points, patch_size, object_size, dose, seed, split)
     path = Path(path)
     rng = np.random.default_rng(seed)
     obj, probe = make_object(object_size), make_probe(patch_size)

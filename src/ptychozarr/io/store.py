@@ -222,16 +222,7 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
             raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
         _write(data, "objectGuess", obj)
     _write_diffraction(npz, layout, data, chunk_bytes, scratch)
-    used = {
-        key,
-        "xcoords",
-        "ycoords",
-        "xcoords_start",
-        "ycoords_start",
-        "scan_index",
-        "probeGuess",
-        "objectGuess",
-    }
+    used = {key, *COORDINATE_KEYS, "scan_index", "probeGuess", "objectGuess"}
     return {
         "diffraction_key": key,
         "diffraction_layout": layout.name,
