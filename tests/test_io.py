@@ -14,6 +14,9 @@ import textwrap
 import numpy as np
 import pytest
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from ptychozarr.errors import InvalidScanError, StoreError
 from ptychozarr.io import NpzReader, NpzWriter, ingest, open_dataset
@@ -125,6 +128,28 @@ def test_writer_matches_numpy_and_reader_streams_blocks(tmp_path):
         blocks = list(npz.iter_blocks("d", 6))
     assert [len(b) for b in blocks] == [6] * 6 + [4]
     np.testing.assert_array_equal(np.concatenate(blocks), data)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    array=hnp.arrays(
+        dtype=st.sampled_from(["<f4", "<f8", ">f4", "<u2", "<i8", "<c8", "<c16"]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
+    ),
+    fortran=st.booleans(),
+    compressed=st.booleans(),
+    rows=st.integers(1, 4),
+)
+def test_reader_reads_any_member_as_numpy_wrote_it(tmp_path_factory, array, fortran, compressed, rows):
+    array = np.asfortranarray(array) if fortran else array
+    path = _save(tmp_path_factory.mktemp("h") / "a.npz", {"a": array}, compressed)
+    with NpzReader(path) as npz:
+        np.testing.assert_array_equal(npz.read("a"), array, strict=True)
+        storage = array.T if npz.members["a"].fortran_order else array
+        blocks = list(npz.iter_blocks("a", rows))
+    assert all(block.dtype == array.dtype for block in blocks)
+    if storage.ndim and storage.shape[0]:
+        np.testing.assert_array_equal(np.concatenate(blocks), storage)
 
 
 def test_overwrite(tmp_path):

@@ -168,9 +168,9 @@ class NpzReader:
     def read(self, name: str) -> np.ndarray:
         """Read a whole member (for the small ones: coordinates, probe, object)."""
         member = self.member(name)
-        blocks = list(self.iter_blocks(name, max(1, member.shape[0] if member.shape else 1)))
-        data = np.concatenate(blocks) if blocks else np.empty(0, member.dtype)
-        data = data.reshape(member.storage_shape)
+        rows = member.storage_shape[0] if member.shape else 1
+        blocks = list(self.iter_blocks(name, max(1, rows)))  # one block (none if empty)
+        data = (blocks[0] if blocks else np.empty(0, member.dtype)).reshape(member.storage_shape)
         return data.T if member.fortran_order else data
 
     def iter_blocks(self, name: str, rows: int, shape: tuple[int, ...] | None = None) -> Iterator[np.ndarray]:
