@@ -103,18 +103,23 @@ def _inputs(model, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (x * model.spec.intensity_scale).astype(np.float32), offsets.astype(np.float32)
 
 
-def _reference(ptycho, gridsize: int, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """PtychoPINN's own inference: ``load_inference_bundle`` and ``predict`` in batches of 15 groups.
+def _reference(gridsize: int, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """PtychoPINN's own inference, called as ``load_inference_bundle`` sets it up, 11 groups per call.
 
-    ``log_scale`` is process-global in PtychoPINN; it is set to the bundle's trained value, which is what a
-    fresh process loading only this bundle holds.
+    ``load_inference_bundle`` also rebuilds the unused training model; this loads only
+    ``diffraction_to_obj`` (the same ``ModelManager`` call) to keep the test short. ``log_scale`` is
+    process-global in PtychoPINN; it is set to the bundle's trained value, which is what a fresh process
+    loading only this bundle holds.
     """
+    from ptycho import params
     from ptycho.model import _get_log_scale
-    from ptycho.workflows.components import load_inference_bundle
+    from ptycho.model_manager import ModelManager
+    from ptycho.workflows.components import DiffractionToObjectAdapter
 
-    network, cfg = load_inference_bundle(_bundle_dir(gridsize))
-    _get_log_scale().assign(np.log(cfg["intensity_scale"]))
-    return network.predict([x, offsets], batch_size=15, verbose=0)[..., 0]
+    base = str(_bundle_dir(gridsize) / "wts.h5")
+    network = ModelManager.load_multiple_models(base, ["diffraction_to_obj"])["diffraction_to_obj"]
+    _get_log_scale().assign(np.log(params.cfg["intensity_scale"]))
+    return DiffractionToObjectAdapter(network).predict([x, offsets], batch_size=11, verbose=0)[..., 0]
 
 
 @_needs_bundles
@@ -138,28 +143,29 @@ def test_spec_reads_the_bundle(bundles, gridsize):
 
 @_needs_bundles
 @pytest.mark.parametrize("gridsize", [2, 1])
-def test_outputs_equal_ptychopinn_inference(ptycho, bundles, gridsize):
+def test_outputs_equal_ptychopinn_inference(bundles, gridsize):
+    """Equal to float32 rounding: 1e-5 absolute where the object is (|value| ~ 1), 1e-6 relative outside
+    the centre masks, where PtychoPINN divides by 0.001 (spec §3.3) and values reach ~10²."""
     model = bundles[gridsize]
-    x, offsets = _inputs(model, 37, seed=gridsize)
+    x, offsets = _inputs(model, 22, seed=gridsize)  # 22 = 15 + 7: the adapter pads its last call
     if gridsize == 1:
         offsets = np.zeros_like(offsets)
     ours = model.predict_batch(x, offsets if model.spec.takes_positions else None)
-    ref = _reference(ptycho, gridsize, x, offsets)
-    assert ours.shape == (37, 128, 128) and ours.dtype == np.complex64
-    assert np.abs(ref).max() > 0.1
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+    ref = _reference(gridsize, x, offsets)
+    assert ours.shape == (22, 128, 128) and ours.dtype == np.complex64
+    assert np.abs(ref[:, 32:96, 32:96]).mean() > 0.1
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-5)
 
 
 @_needs_bundles
 def test_batch_above_max_batch_is_split_per_group(bundles):
+    """17 groups in one call equal the same groups called as 4 + 13: no group sees another."""
     model = bundles[2]
-    x, offsets = _inputs(model, 2 * model.spec.max_batch + 4, seed=7)
+    x, offsets = _inputs(model, model.spec.max_batch + 2, seed=7)
     whole = model.predict_batch(x, offsets)
-    one_by_one = np.concatenate(
-        [model.predict_batch(x[i : i + 1], offsets[i : i + 1]) for i in range(len(x))]
-    )
+    parts = np.concatenate([model.predict_batch(x[:4], offsets[:4]), model.predict_batch(x[4:], offsets[4:])])
     assert whole.shape == (len(x), 128, 128)
-    np.testing.assert_allclose(whole, one_by_one, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(whole, parts, rtol=1e-6, atol=1e-5)
     assert np.abs(whole[0] - whole[1]).max() > 1e-3  # groups are not merged into one canvas
 
 
