@@ -4,12 +4,15 @@
   (``diffraction`` (400, 32, 32) float32, coordinates, ``probeGuess`` (32, 32), ``objectGuess`` (160, 160)),
   dose 1000, seed 0. Its parameters are in ``SMALL``.
 - ``small_store``: ``small_npz`` ingested into a Zarr store (read it with ``ptychozarr.open_dataset``).
-- ``small_groups``: gridsize-2 groups (k=7, seed 0) of ``small_store``, written into it; the
-  ``xarray.Dataset`` that :func:`ptychozarr.group` returns.
+- ``small_groups``: gridsize-2 groups (k=7, seed 0) of the same scan: the lazy ``xarray.Dataset`` that
+  :func:`ptychozarr.group` returns. They are written into a private copy of the store
+  (``small_groups.attrs["store"]``, data identical to ``small_store``), so that a test grouping
+  ``small_store`` differently cannot replace them under a lazy reader.
 
-They are session-scoped and shared: treat them as read-only (copy the store before writing into it).
+They are session-scoped and shared: treat them as read-only (copy a store before writing into it).
 """
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,4 +39,5 @@ def small_groups(small_store):
     from ptychozarr.grouping import group
     from ptychozarr.io import open_dataset
 
-    return group(open_dataset(small_store), gridsize=2, k=7, seed=0)
+    private = shutil.copytree(small_store, small_store.with_name("small-grouped.zarr"))
+    return group(open_dataset(private), gridsize=2, k=7, seed=0)

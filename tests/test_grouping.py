@@ -14,7 +14,7 @@ from ptychozarr.io import open_dataset
 
 @pytest.fixture
 def store_copy(small_store, tmp_path):
-    """A private copy of the small store, without the groups other tests may have written."""
+    """A private copy of the small store, without any groups another test may have written there."""
     return shutil.copytree(small_store, tmp_path / "copy.zarr", ignore=shutil.ignore_patterns("groups"))
 
 
