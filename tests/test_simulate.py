@@ -139,3 +139,9 @@ def test_impossible_parameters(tmp_path, bad):
     with pytest.raises(InvalidParameterError, match=next(iter(bad))):
         simulate(tmp_path / "x.npz", **{**SMALL, **bad})
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_legacy_overflow_is_refused_and_leaves_nothing(tmp_path):
+    with pytest.raises(InvalidParameterError, match="lower the dose"):
+        simulate(tmp_path / "hot.npz", legacy=True, **{**SMALL, "n_points": 4, "dose": 1e9})
+    assert list(tmp_path.iterdir()) == []

@@ -171,35 +171,40 @@ def simulate(
 
     shape = (n_points, patch_size, patch_size)
     partial = path.with_name(f".{path.name}.partial")
-    with NpzWriter(partial, compress=not stored) as npz:
-        if legacy:
-            _write_transposed(npz, "diff3d", counts(), shape, np.uint16, batch)
-        else:
-            with npz.stream("diffraction", shape, np.float32) as append:
-                for block in counts():
-                    append((np.sqrt(block) / scale).astype(np.float32))
-        for key, value in (("xcoords", xy[0]), ("ycoords", xy[1])):
-            npz.write(key, value)
-            npz.write(f"{key}_start", value)
-        npz.write("scan_index", np.zeros(n_points, np.int64))
-        npz.write("probeGuess", probe)
-        npz.write("objectGuess", obj)
+    try:
+        with NpzWriter(partial, compress=not stored) as npz:
+            if legacy:
+                _write_transposed(npz, "diff3d", counts(), shape, np.uint16, batch, scratch=path.parent)
+            else:
+                with npz.stream("diffraction", shape, np.float32) as append:
+                    for block in counts():
+                        append((np.sqrt(block) / scale).astype(np.float32))
+            for key, value in (("xcoords", xy[0]), ("ycoords", xy[1])):
+                npz.write(key, value)
+                npz.write(f"{key}_start", value)
+            npz.write("scan_index", np.zeros(n_points, np.int64))
+            npz.write("probeGuess", probe)
+            npz.write("objectGuess", obj)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)  # only a finished file ever has the requested name
     return path
 
 
-def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: int) -> None:
+def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: int, scratch: Path) -> None:
     """Write pattern blocks (M, N, N) as one (N, N, M) member, through a temporary Zarr array.
 
     The (N, N, M) layout is stored row by row, so no pattern is complete before the last row: the blocks
-    go to a scratch array chunked (rows, N, batch) and come back one band of rows at a time.
+    go to a scratch array chunked (rows, N, batch) in a temporary directory under ``scratch`` and come
+    back one band of rows at a time.
     """
     from ptychozarr.io.store import scratch_array
 
     n_patterns, n = shape[0], shape[1]
-    rows = max(1, _BATCH_BYTES // (n * n_patterns * np.dtype(dtype).itemsize))
-    with tempfile.TemporaryDirectory(prefix="ptychozarr-") as tmp:
-        scratch = scratch_array(tmp, (n, n, n_patterns), dtype, (rows, n, batch))
+    rows = min(n, max(1, _BATCH_BYTES // (n * n_patterns * np.dtype(dtype).itemsize)))
+    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+        staged = scratch_array(tmp, (n, n, n_patterns), dtype, (rows, n, batch))
         start, limit = 0, np.iinfo(dtype).max
         for block in blocks:
             if block.max(initial=0) > limit:
@@ -207,8 +212,8 @@ def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: in
                     f"legacy=True: a pixel holds more than {limit} photons, beyond {np.dtype(dtype)}; "
                     "lower the dose"
                 )
-            scratch[:, :, start : start + len(block)] = block.astype(dtype).transpose(1, 2, 0)
+            staged[:, :, start : start + len(block)] = block.astype(dtype).transpose(1, 2, 0)
             start += len(block)
         with npz.stream(name, (n, n, n_patterns), dtype) as append:
             for row in range(0, n, rows):
-                append(scratch[row : row + rows])
+                append(staged[row : row + rows])
