@@ -57,8 +57,7 @@ __all__ = ["CanvasFrame", "stitch", "stitch_to_zarr"]
 _EPS = 1e-9  # added to the weight before dividing, as reassemble_position does
 _FAN_IN = 4  # partial tiles summed per reduction task
 _BLOCK_BYTES = 64 * 2**20  # default block of a numpy input, in bytes of patches
-_TAPS_PER_BATCH = 2**22  # bilinear taps gathered at once inside one task
-_TAPS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) offsets of the four bilinear taps
+_VALUES_PER_BATCH = 2**19  # footprint pixels scattered at once inside one task
 
 
 @dataclass(frozen=True)
@@ -230,9 +229,8 @@ def stitch_to_zarr(
     name_w = "stitch-write-" + tokenize(plan.array.name, out.store_path)
     dsk = {}
     for i, j in plan.touched:
-        region = (
-            slice(i * plan.tile, (i + 1) * plan.tile),
-            slice(j * plan.tile, (j + 1) * plan.tile),
+        region = tuple(
+            slice(t * plan.tile, t * plan.tile + c[t]) for t, c in zip((i, j), plan.array.chunks, strict=True)
         )
         dsk[(name_w, i, j)] = (_write_tile, out, (plan.array.name, i, j), region)
     done = "stitch-done-" + tokenize(name_w)
@@ -261,35 +259,24 @@ def _plan(patches, positions, weights, *, tile, canvas, block) -> _Plan:
     starts = np.cumsum((0, *patches.chunks[0]))
     keys = _block_digests(shift, w, starts)
     rows, cols = frame.shape
-    n_ty, n_tx = -(-rows // tile), -(-cols // tile)
+    chunks = (_tile_chunks(rows, tile), _tile_chunks(cols, tile))
 
     token = tokenize(patches, shift, w, tile, frame)
     splat, red, final = (f"stitch-{s}-{token}" for s in ("splat", "sum", "tile"))
     dsk: dict = {}
     leaves: dict[tuple[int, int], list[tuple[bytes, tuple]]] = {}
     for b, ty, tx, idx in _route(k, w, m, starts, tile, (rows, cols)):
-        origin = (ty * tile, tx * tile)
-        shape = (min(tile, rows - origin[0]), min(tile, cols - origin[1]))
         key = (splat, b, ty, tx)
-        dsk[key] = (
-            _splat_tile,
-            (patches.name, b, 0, 0),
-            idx - starts[b],
-            k[idx] - origin,
-            frac[idx],
-            w[idx],
-            shape,
-        )
+        local_k = k[idx] - (ty * tile, tx * tile)
+        shape = (chunks[0][ty], chunks[1][tx])
+        dsk[key] = (_splat_tile, (patches.name, b, 0, 0), idx - starts[b], local_k, frac[idx], w[idx], shape)
         leaves.setdefault((ty, tx), []).append((keys[b], key))
-    for (ty, tx), items in leaves.items():
-        shape = (min(tile, rows - ty * tile), min(tile, cols - tx * tile))
-        dsk[(final, ty, tx)] = (_finish_tile, _reduce(items, (red, ty, tx), dsk), shape)
-    for ty in range(n_ty):
-        for tx in range(n_tx):
-            if (ty, tx) not in leaves:
-                shape = (min(tile, rows - ty * tile), min(tile, cols - tx * tile))
-                dsk[(final, ty, tx)] = (np.zeros, shape, np.complex64)
-    chunks = (_tile_chunks(rows, tile), _tile_chunks(cols, tile))
+    for ty, th in enumerate(chunks[0]):
+        for tx, tw in enumerate(chunks[1]):
+            if (ty, tx) in leaves:
+                dsk[(final, ty, tx)] = (_finish_tile, _reduce(leaves[ty, tx], (red, ty, tx), dsk), (th, tw))
+            else:
+                dsk[(final, ty, tx)] = (np.zeros, (th, tw), np.complex64)
     graph = HighLevelGraph.from_collections(final, dsk, dependencies=[patches])
     array = da.Array(graph, final, chunks, meta=np.empty((0, 0), dtype=np.complex64))
     return _Plan(array, frame, tile, m, n, tuple(sorted(leaves)))
@@ -473,38 +460,53 @@ def _splat_tile(block, rows, k, frac, w, shape) -> _Partial:
 
     ``k`` are the tile-local integer top-left corners, ``frac`` the fractional parts of the shifts
     ``(row, col)`` and ``w`` the weights of those patches; ``shape`` is the tile's. Only the bounding
-    box of the footprints inside the tile is allocated.
+    box of the footprints inside the tile is allocated. The four taps are first combined inside each
+    patch (a separable spread onto its ``(M+1)²`` footprint), so each patch scatters ``(M+1)²`` values
+    rather than ``4·M²``.
     """
     m = block.shape[1]
     y0, x0 = np.maximum(k.min(axis=0), 0)
     y1, x1 = np.minimum(k.max(axis=0) + m + 1, shape)
     h, wd = int(y1 - y0), int(x1 - x0)
-    num_re, num_im, den = np.zeros(h * wd), np.zeros(h * wd), np.zeros(h * wd)
-    ar = np.arange(m)
-    step = max(1, _TAPS_PER_BATCH // (4 * m * m))
+    sums = np.zeros((3, h * wd))  # real and imaginary numerator, weight
+    ar = np.arange(m + 1)
+    step = max(1, _VALUES_PER_BATCH // (m + 1) ** 2)
     for a in range(0, len(rows), step):
         z = np.asarray(block[rows[a : a + step]])
-        ry = k[a : a + step, 0, None] + ar - y0  # (b, M) bbox rows of the first tap
-        cx = k[a : a + step, 1, None] + ar - x0
-        fy, fx, wb = frac[a : a + step, 0], frac[a : a + step, 1], w[a : a + step]
-        idx = np.empty((4, *z.shape), dtype=np.int64)
-        ok = np.empty((4, *z.shape), dtype=bool)
-        tap = np.empty((4, len(z)))
-        for t, (dy, dx) in enumerate(_TAPS):
-            r, c = ry + dy, cx + dx
-            idx[t] = r[:, :, None] * wd + c[:, None, :]
-            ok[t] = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
-            tap[t] = wb * (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
-        val = z[None] * tap[:, :, None, None]
-        tap = np.broadcast_to(tap[:, :, None, None], idx.shape)
-        if ok.all():
-            idx, val, tap = idx.ravel(), val.ravel(), tap.ravel()
-        else:  # taps beyond this tile belong to a neighbour or fall off the canvas
-            idx, val, tap = idx[ok], val[ok], tap[ok]
-        num_re += np.bincount(idx, val.real, h * wd)
-        num_im += np.bincount(idx, val.imag, h * wd)
-        den += np.bincount(idx, tap, h * wd)
-    return _Partial(int(y0), int(x0), (num_re + 1j * num_im).reshape(h, wd), den.reshape(h, wd))
+        fy, fx = frac[a : a + step, 0], frac[a : a + step, 1]
+        wb = w[a : a + step, None, None]
+        r = k[a : a + step, 0, None] + ar - y0  # (b, M+1) footprint rows in the box
+        c = k[a : a + step, 1, None] + ar - x0
+        flat = r[:, :, None] * wd + c[:, None, :]
+        weight = _edges(fy, m)[:, :, None] * _edges(fx, m)[:, None, :] * wb
+        parts = [_spread(_spread(part * wb, fx, 2), fy, 1) for part in (z.real, z.imag)]
+        if r[:, 0].min() < 0 or r[:, -1].max() >= h or c[:, 0].min() < 0 or c[:, -1].max() >= wd:
+            # taps beyond this tile belong to a neighbour or fall off the canvas
+            ok = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
+            flat, weight, parts = flat[ok], weight[ok], [p[ok] for p in parts]
+        for out, values in zip(sums, (*parts, weight), strict=True):
+            out += np.bincount(flat.ravel(), values.ravel(), h * wd)
+    num = (sums[0] + 1j * sums[1]).reshape(h, wd)
+    return _Partial(int(y0), int(x0), num, sums[2].reshape(h, wd))
+
+
+def _spread(x: np.ndarray, f: np.ndarray, axis: int) -> np.ndarray:
+    """Linear taps of each patch of ``x`` along ``axis``: ``x·(1-f)`` at offset 0 plus ``x·f`` at 1."""
+    shape = list(x.shape)
+    shape[axis] += 1
+    out = np.zeros(shape)
+    first = [slice(None)] * 3
+    second = [slice(None)] * 3
+    first[axis], second[axis] = slice(0, -1), slice(1, None)
+    f = f[:, None, None]
+    out[tuple(first)] = x * (1 - f)
+    out[tuple(second)] += x * f
+    return out
+
+
+def _edges(f: np.ndarray, m: int) -> np.ndarray:
+    """Summed tap weights of a unit patch along one axis: ``(1-f, 1, …, 1, f)``, shape ``(b, M+1)``."""
+    return np.concatenate([1 - f[:, None], np.ones((len(f), m - 1)), f[:, None]], axis=1)
 
 
 def _sum_partials(parts: list[_Partial], tied: bool) -> _Partial:

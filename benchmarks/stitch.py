@@ -1,0 +1,175 @@
+"""Stitching throughput and peak memory: the tiled engine against two in-memory ways.
+
+Variants, each in a fresh process (``_harness.measure``), on an explicit square canvas of side S covered by
+a jittered raster of M×M patches at a step of M/2 (so n ≈ 4·S²/M²; every pixel is covered about four
+times):
+
+- ``engine``: :func:`ptychozarr.stitch.stitch_to_zarr` from lazily generated patch blocks into a Zarr
+  store in a temporary directory (tiles of ``--tile``, default scheduler).
+- ``in-memory``: the plain scatter-add, ``np.add.at`` of the four bilinear taps into a full complex128
+  numerator and float64 weight held in memory, patches streamed block by block. Skipped where the canvas
+  would not fit in 60 % of the memory available now.
+- ``translate``: PtychoPINN's way, a full zero-padded canvas per patch, bilinearly shifted
+  (``scipy.ndimage.shift``, order 1; real, imaginary and weight) and summed. Its cost is n·S², so it runs
+  on at most ``--translate-pixels`` / S² patches and reports the rate of those.
+
+Each variant returns the sum of a 256×256 window of its result, so the table also shows they agree.
+All variants import the same modules before the clock starts; peak RSS includes the interpreter and
+those imports (about 200 MB).
+
+Run from the repository root::
+
+    python -m benchmarks.stitch --sizes 512 1024 2048 4096 8192 16384 --json stitch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import psutil
+import zarr
+from scipy import ndimage
+
+from benchmarks._harness import measure, ratio, table, write_json
+from ptychozarr.stitch import stitch_to_zarr
+
+__all__ = ["main"]
+
+_BLOCK = 4096  # patches per generated block
+_WINDOW = 256
+
+
+def _positions(size: int, m: int) -> np.ndarray:
+    """Jittered raster (x, y) covering the canvas, patches wholly inside."""
+    step = m // 2
+    grid = np.arange(m / 2, size - m / 2 - 1, step)
+    y, x = np.meshgrid(grid, grid, indexing="ij")
+    pos = np.stack([x.ravel(), y.ravel()], axis=1)
+    return pos + np.random.default_rng(0).uniform(0, 1, pos.shape)
+
+
+def _patch_block(first: int, count: int, m: int) -> np.ndarray:
+    """Patches ``first … first+count-1``: a fixed pattern scaled per patch (cheap to make)."""
+    ramp = np.exp(1j * np.linspace(0, np.pi, m * m)).reshape(m, m)
+    scale = 1 + 0.5 * np.sin(np.arange(first, first + count))
+    return (scale[:, None, None] * ramp).astype(np.complex64)
+
+
+def _blocks(n: int):
+    for first in range(0, n, _BLOCK):
+        yield first, min(_BLOCK, n - first)
+
+
+def _window_sum(image) -> complex:
+    c = image.shape[0] // 2
+    return complex(np.asarray(image[c : c + _WINDOW, c : c + _WINDOW], dtype=np.complex128).sum())
+
+
+def _taps(shift: np.ndarray):
+    """Per tap: integer (row, col) of each patch's top-left and the (n,) tap weight."""
+    k = np.floor(shift).astype(np.int64)
+    f = shift - k
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yield k + (dy, dx), (f[:, 0] if dy else 1 - f[:, 0]) * (f[:, 1] if dx else 1 - f[:, 1])
+
+
+def run_engine(size: int, m: int, tile: int) -> complex:
+    pos = _positions(size, m)
+    n = len(pos)
+    parts = [
+        da.from_delayed(dask.delayed(_patch_block)(first, count, m), (count, m, m), dtype=np.complex64)
+        for first, count in _blocks(n)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        group = zarr.open_group(Path(tmp) / "s.zarr", mode="w")
+        out = stitch_to_zarr(
+            group, "object", da.concatenate(parts), pos, tile=tile, canvas=((0.0, 0.0), (size, size))
+        )
+        return _window_sum(out)
+
+
+def run_in_memory(size: int, m: int) -> complex:
+    pos = _positions(size, m)
+    shift = pos[:, ::-1] - m / 2
+    num = np.zeros(size * size, dtype=np.complex128)
+    den = np.zeros(size * size)
+    ii = np.arange(m)
+    for first, count in _blocks(len(pos)):
+        z = _patch_block(first, count, m)
+        for k, w in _taps(shift[first : first + count]):
+            idx = ((k[:, 0, None] + ii) * size)[:, :, None] + (k[:, 1, None] + ii)[:, None, :]
+            np.add.at(num, idx.ravel(), (z * w[:, None, None]).ravel())
+            np.add.at(den, idx.ravel(), np.repeat(w, m * m))
+    return _window_sum((num / (den + 1e-9)).astype(np.complex64).reshape(size, size))
+
+
+def run_translate(size: int, m: int, count: int) -> complex:
+    shift = (_positions(size, m)[:, ::-1] - m / 2)[:count]
+    num = np.zeros((size, size), dtype=np.complex128)
+    den = np.zeros((size, size))
+    ones = np.zeros((size, size))
+    ones[:m, :m] = 1
+    canvas = np.zeros((size, size), dtype=np.complex128)
+    for first, n in _blocks(count):
+        z = _patch_block(first, n, m)
+        for crop, s in zip(z, shift[first : first + n], strict=True):
+            canvas[:m, :m] = crop
+            move = {"shift": s, "order": 1, "mode": "grid-constant"}
+            num += ndimage.shift(canvas.real, **move) + 1j * ndimage.shift(canvas.imag, **move)
+            den += ndimage.shift(ones, **move)
+    return _window_sum((num / (den + 1e-9)).astype(np.complex64))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the benchmark; print one markdown table and return its rows."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--patch", type=int, default=32, help="crop size M")
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--translate-pixels", type=float, default=2**28, help="n·S² budget of 'translate'")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+
+    rows = []
+    for size in args.sizes:
+        n = len(_positions(size, args.patch))
+        row = {"canvas": f"{size}²", "patches": n}
+        eng = measure(run_engine, size, args.patch, args.tile)
+        row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine MB": eng.peak_rss_mb}
+        if size * size * 40 < 0.6 * psutil.virtual_memory().available:
+            mem = measure(run_in_memory, size, args.patch)
+            row |= {
+                "in-mem s": mem.wall_s,
+                "in-mem patch/s": n / mem.wall_s,
+                "in-mem MB": mem.peak_rss_mb,
+                "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
+                "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
+                "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
+            }
+        count = int(min(n, max(1, args.translate_pixels // size**2)))
+        tr = measure(run_translate, size, args.patch, count)
+        row |= {
+            "translate patches run": count,
+            "translate patch/s": count / tr.wall_s,
+            "translate MB": tr.peak_rss_mb,
+            "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
+        }
+        if count == n:
+            row["translate agrees"] = bool(np.isclose(tr.value, eng.value, rtol=1e-6))
+        rows.append(row)
+        print(f"done {size}²", file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        write_json(args.json, "stitch", rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
