@@ -333,6 +333,12 @@ def test_bad_input_raises_a_clear_error(args, kwargs, error, match):
         stitch(*args, **kwargs)
 
 
+def test_patches_of_unknown_length_are_refused():
+    lazy = da.from_array(_P, chunks=(2, 4, 4))
+    with pytest.raises(InvalidParameterError, match="compute_chunk_sizes"):
+        stitch(lazy[lazy[:, 0, 0].real >= 0], _XY)
+
+
 def test_package_exports_stitch_lazily():
     code = "import ptychozarr; print(ptychozarr.stitch.__module__, ptychozarr.stitch.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

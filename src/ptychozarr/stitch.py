@@ -14,10 +14,11 @@ Design, in words:
   corners of that footprint by ``tile`` gives the tiles it touches (up to four when ``tile > M``). The
   routing is computed once on the host from the positions, which are small.
 - **Partial sums.** For every pair (block of patches, tile) with at least one routed patch, one task
-  splats the routed patches of that block onto that tile only: the four taps are gathered with vectorised
-  indexing and summed with ``np.bincount`` into a complex128 numerator and a float64 weight covering just
-  the bounding box of those patches inside the tile. Work is proportional to ``n·M²``, never to the
-  canvas area, and a tile no patch touches is a plain zero chunk that costs nothing.
+  splats the routed patches of that block onto that tile only: the four taps are first combined inside
+  each patch (a separable linear spread onto its ``(M+1)²`` footprint), then the footprints are summed
+  with ``np.bincount`` into a complex128 numerator and a float64 weight covering just the bounding box
+  of those patches inside the tile. Work is proportional to ``n·M²``, never to the canvas area, and a
+  tile no patch touches is a plain zero chunk that costs nothing.
 - **Tree reduction.** The partials of one tile are summed by a tree of fan-in four, then one task per
   tile divides lazily. Floating-point addition is commutative but not associative, so the tree is made
   independent of the order of the blocks: its leaves are sorted by a digest of each block's placements
@@ -288,6 +289,10 @@ def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
         _check_count("block", block, "patches per block")
     if not isinstance(patches, da.Array):
         patches = np.asarray(patches)
+    elif np.isnan(patches.shape).any():
+        raise InvalidParameterError(
+            "patches have unknown block sizes; call patches.compute_chunk_sizes() before stitching"
+        )
     if patches.ndim != 3 or patches.shape[1] != patches.shape[2]:
         raise InvalidParameterError(
             f"patches have shape {patches.shape}; expected (n, M, M) square crops (crop them first)"
