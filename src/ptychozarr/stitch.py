@@ -16,7 +16,7 @@ Design, in words:
 - **Partial sums.** For every pair (block of patches, tile) with at least one routed patch, one task
   splats the routed patches of that block onto that tile only: the four taps are first combined inside
   each patch (a separable linear spread onto its ``(M+1)²`` footprint), then the footprints are summed
-  with ``np.bincount`` into a complex128 numerator and a float64 weight covering just the bounding box
+  with ``np.add.at`` into a complex128 numerator and a float64 weight covering just the bounding box
   of those patches inside the tile. Work is proportional to ``n·M²``, never to the canvas area, and a
   tile no patch touches is a plain zero chunk that costs nothing.
 - **Tree reduction.** The partials of one tile are summed by a tree of fan-in four, then one task per
@@ -479,33 +479,36 @@ def _splat_tile(block, rows, k, frac, w, shape) -> _Partial:
     for a in range(0, len(rows), step):
         z = np.asarray(block[rows[a : a + step]])
         fy, fx = frac[a : a + step, 0], frac[a : a + step, 1]
-        wb = w[a : a + step, None, None]
+        wb = w[a : a + step]
         r = k[a : a + step, 0, None] + ar - y0  # (b, M+1) footprint rows in the box
         c = k[a : a + step, 1, None] + ar - x0
         flat = r[:, :, None] * wd + c[:, None, :]
-        weight = _edges(fy, m)[:, :, None] * _edges(fx, m)[:, None, :] * wb
-        parts = [_spread(_spread(part * wb, fx, 2), fy, 1) for part in (z.real, z.imag)]
+        weight = _edges(fy, m)[:, :, None] * (_edges(fx, m) * wb[:, None])[:, None, :]
+        parts = [_spread(_spread(part, fx, 2, wb), fy, 1, 1.0) for part in (z.real, z.imag)]
         if r[:, 0].min() < 0 or r[:, -1].max() >= h or c[:, 0].min() < 0 or c[:, -1].max() >= wd:
             # taps beyond this tile belong to a neighbour or fall off the canvas
             ok = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
             flat, weight, parts = flat[ok], weight[ok], [p[ok] for p in parts]
         for out, values in zip(sums, (*parts, weight), strict=True):
-            out += np.bincount(flat.ravel(), values.ravel(), h * wd)
+            np.add.at(out, flat.ravel(), values.ravel())  # unbuffered, in index order
     num = (sums[0] + 1j * sums[1]).reshape(h, wd)
     return _Partial(int(y0), int(x0), num, sums[2].reshape(h, wd))
 
 
-def _spread(x: np.ndarray, f: np.ndarray, axis: int) -> np.ndarray:
-    """Linear taps of each patch of ``x`` along ``axis``: ``x·(1-f)`` at offset 0 plus ``x·f`` at 1."""
+def _spread(x: np.ndarray, f: np.ndarray, axis: int, scale) -> np.ndarray:
+    """Linear taps of each patch of ``x`` along ``axis``: ``x·(1-f)`` at offset 0 plus ``x·f`` at 1.
+
+    ``f`` holds one value per patch and ``scale`` (one per patch, or a scalar) multiplies both taps.
+    """
     shape = list(x.shape)
     shape[axis] += 1
-    out = np.zeros(shape)
-    first = [slice(None)] * 3
-    second = [slice(None)] * 3
-    first[axis], second[axis] = slice(0, -1), slice(1, None)
-    f = f[:, None, None]
-    out[tuple(first)] = x * (1 - f)
-    out[tuple(second)] += x * f
+    out = np.empty(shape)
+    lead, last, tail = ([slice(None)] * 3 for _ in range(3))
+    lead[axis], last[axis], tail[axis] = slice(0, -1), -1, slice(1, None)
+    first, second = ((1 - f) * scale)[:, None, None], (f * scale)[:, None, None]
+    np.multiply(x, first, out=out[tuple(lead)])
+    out[tuple(last)] = 0
+    out[tuple(tail)] += x * second
     return out
 
 
