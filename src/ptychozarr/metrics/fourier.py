@@ -1,0 +1,180 @@
+"""Fourier ring correlation through a separable out-of-core 2-D FFT.
+
+Picture: the image is cut into row slabs (whole rows, a few MiB each) and each slab gets a real FFT along
+its rows, giving the non-negative column frequencies only (the spectrum of a real image is Hermitian,
+so the other half is the conjugate mirror and has the same ring radii). The result is transposed to
+column slabs (whole columns) — through a Zarr array on disk when ``workdir`` is given, by a dask
+rechunk otherwise — and each slab gets a full FFT along its columns. A column slab then holds the
+final spectrum for its frequencies; it computes its ring index (signed frequencies stand in for
+``fftshift``) and adds its products to three ``bincount`` ring sums with Hermitian weights 2 (1 for the
+self-conjugate columns 0 and n/2). The per-slab sums are a tree reduction. No task ever holds more
+than one slab per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.graph_manipulation import bind
+from scipy.ndimage import gaussian_filter
+
+from ptychozarr.metrics._common import _finish, _pair
+
+__all__ = ["frc", "frc_cutoff", "frc_length", "FRC50", "FRC1OVER7"]
+
+#: The two thresholds PtychoPINN reports.
+FRC50 = 0.5
+FRC1OVER7 = 1.0 / 7.0
+_SLAB_BYTES = 2**24
+
+
+def frc_length(n: int) -> int:
+    """Length of the FRC curve of an n×n image: the ring of the corners, plus one."""
+    half = n // 2
+    return int(np.rint(np.sqrt(2.0 * half * half))) + 1
+
+
+def _slab(n: int, slab_bytes: int) -> int:
+    return max(1, min(n, slab_bytes // (16 * n)))
+
+
+def _column_spectrum(x: da.Array, workdir: str | Path | None, slab_bytes: int) -> da.Array:
+    """The half-plane 2-D FFT of a real square image, chunked in column slabs of whole columns."""
+    n = x.shape[0]
+    rows = _slab(n, slab_bytes)
+    half = da.fft.rfft(x.astype(np.float64).rechunk((rows, -1)), axis=1)
+    cols = _slab(n, slab_bytes)
+    if workdir is None:
+        transposed = half.rechunk((-1, cols))
+    else:
+        target = zarr.create_array(
+            store=str(Path(workdir) / f"{half.name}.zarr"),
+            shape=half.shape,
+            chunks=(rows, cols),
+            dtype=half.dtype,
+            compressors=None,
+            overwrite=True,
+        )
+        written = da.store(half, target, lock=False, compute=False)
+        transposed = bind(da.from_zarr(target, chunks=(n, cols)), written)
+    return da.fft.fft(transposed, axis=0)
+
+
+def _ring_sums(fa: np.ndarray, fb: np.ndarray, kx: np.ndarray, length: int) -> np.ndarray:
+    """Ring sums of Re(Fa·Fb*), |Fa|², |Fb|² over one column slab (frequencies ``kx``) of the spectrum."""
+    n = fa.shape[0]
+    ky = np.fft.fftfreq(n, 1.0 / n)[:, None]
+    kx = kx[None, :]
+    ring = np.rint(np.sqrt(ky * ky + kx * kx)).astype(np.intp).ravel()
+    self_conjugate = (kx == 0) | ((n % 2 == 0) & (kx == n // 2))
+    weight = np.where(self_conjugate, 1.0, 2.0)
+    terms = ((fa * fb.conj()).real, (fa * fa.conj()).real, (fb * fb.conj()).real)
+    sums = [np.bincount(ring, weights=(t * weight).ravel(), minlength=length) for t in terms]
+    return np.stack(sums)[None, :, :]
+
+
+def _curve(sums: np.ndarray, sigma: float) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curve = np.abs(sums[0]) / np.sqrt(np.abs(sums[1] * sums[2]))
+    return gaussian_filter(curve, sigma) if sigma > 0 else curve
+
+
+def frc(a, b, *, sigma: float = 0.0, workdir: str | Path | None = None, slab_bytes: int = _SLAB_BYTES):
+    """Fourier ring correlation curve of two images, PtychoPINN's (hoidn/FRC) convention.
+
+    Parameters
+    ----------
+    a, b : (H, W) numpy or dask arrays of equal shape.
+    sigma : float
+        Gaussian smoothing of the curve (``scipy.ndimage.gaussian_filter``; 0: none).
+    workdir : str or Path, optional
+        Directory for the transposition between the two FFT passes (a Zarr array per image, written
+        when the graph runs and left there; the caller removes it). Without it the transposition is an
+        in-memory dask rechunk, which holds one half-plane spectrum per image.
+    slab_bytes : int
+        Target size of one row or column slab of the complex spectrum.
+
+    Returns
+    -------
+    (L,) float64 curve, numpy or dask like the inputs, with ``L = frc_length(min(H, W))``.
+
+    Notes
+    -----
+    Non-square images are first centre-cropped to their shorter side. With ``F = fftshift(fft2(·))``
+    and ring index ``round(sqrt(R² + C²))`` (round half to even; R, C = index − floor(n/2)), the curve
+    is ``|Σ F_a·F_b*| / sqrt(|Σ|F_a|² · Σ|F_b|²|)`` per ring, out to the corners (beyond Nyquist).
+    """
+    a, b, eager = _pair(a, b)
+    n = min(a.shape)
+    r0, c0 = (a.shape[0] - n) // 2, (a.shape[1] - n) // 2
+    a, b = a[r0 : r0 + n, c0 : c0 + n], b[r0 : r0 + n, c0 : c0 + n]
+    length = frc_length(n)
+    fa = _column_spectrum(a, workdir, slab_bytes)
+    fb = _column_spectrum(b, workdir, slab_bytes).rechunk(fa.chunks)
+    kx = da.arange(fa.shape[1], chunks=fa.chunks[1], dtype=np.float64)
+    sums = da.blockwise(
+        _ring_sums,
+        "jrl",
+        fa,
+        "ij",
+        fb,
+        "ij",
+        kx,
+        "j",
+        length,
+        None,
+        new_axes={"r": 3, "l": length},
+        adjust_chunks={"j": 1},
+        concatenate=True,
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), np.float64),
+    ).sum(axis=0)
+    curve = sums.map_blocks(_curve, sigma, drop_axis=0, dtype=np.float64, meta=np.empty((0,), np.float64))
+    return _finish(curve, eager)
+
+
+def _cutoff(curve: np.ndarray, threshold: float) -> np.float64:
+    vals = np.asarray(curve, dtype=np.float64)
+    finite = np.isfinite(vals)
+    if not finite.any():
+        return np.float64(np.nan)
+    below = np.flatnonzero(finite & (vals < threshold))
+    if below.size == 0:
+        return np.float64(vals.size)
+    i = int(below[0])
+    if i == 0:
+        return np.float64(0.0)
+    y0, y1 = vals[i - 1], vals[i]
+    if not np.isfinite(y0) or np.isclose(y1 - y0, 0.0):
+        return np.float64(i)
+    return np.float64(np.clip(i - 1 + (threshold - y0) / (y1 - y0), i - 1, i))
+
+
+def frc_cutoff(curve, threshold: float = FRC50):
+    """First crossing of ``threshold`` by an FRC curve, linearly interpolated (PtychoPINN HEAD).
+
+    Parameters
+    ----------
+    curve : (L,) numpy or dask array.
+    threshold : float
+        0.5 for frc50, 1/7 for frc1over7.
+
+    Returns
+    -------
+    float, or a 0-d dask array for a dask curve.
+
+    Notes
+    -----
+    For the first finite bin i below the threshold: ``(i − 1) + (t − c[i−1]) / (c[i] − c[i−1])``,
+    clipped to [i − 1, i]; 0.0 when i = 0; ``i`` when the step is flat or the previous bin is not
+    finite; ``L`` when the curve never crosses; NaN when no bin is finite. For example
+    [.95, .72, .55, .45, .20] gives 2.5 and [.8, .4, .2, .1] gives 0.75 (t = 0.5) and 2.5714… (t = 1/7).
+    """
+    if isinstance(curve, da.Array):
+        return curve.rechunk(-1).map_blocks(
+            _cutoff, threshold, drop_axis=0, dtype=np.float64, meta=np.float64(0.0)
+        )
+    return float(_cutoff(curve, threshold))

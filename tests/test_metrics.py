@@ -1,0 +1,295 @@
+"""Out-of-core metrics against scikit-image / numpy computed in memory (spec §5 written plainly)."""
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+from skimage import data
+from skimage.metrics import structural_similarity
+
+from ptychozarr.errors import InvalidParameterError
+from ptychozarr.metrics import (
+    evaluate,
+    frc,
+    frc_cutoff,
+    frc_length,
+    gaussian_prefilter,
+    mae,
+    ms_ssim,
+    mse,
+    phase_plane,
+    psnr,
+    remove_phase_plane,
+    ssim,
+)
+
+RTOL = 1e-6
+# chunk shapes that do not divide the images, and ones smaller than the 3-px SSIM halo / 7-px window
+CHUNKS = [(64, 50), (70, 2), (5, 90)]
+
+
+# ---------------------------------------------------------------- in-memory references (spec §5)
+
+def ref_psnr(a, b):
+    return 20 * np.log10(255.0 / (np.sqrt(np.mean((a - b) ** 2)) + np.finfo(np.float64).eps))
+
+
+def ref_plane_removed(phase):
+    rows, cols = np.meshgrid(np.arange(phase.shape[0]), np.arange(phase.shape[1]), indexing="ij")
+    design = np.column_stack([cols.ravel(), rows.ravel(), np.ones(phase.size)])
+    coef = np.linalg.lstsq(design, phase.ravel(), rcond=None)[0]
+    return phase - (coef[0] * cols + coef[1] * rows + coef[2]), coef
+
+
+def ref_ms_ssim(a, b, sigma):
+    if sigma > 0:
+        a, b = gaussian_filter(a, sigma), gaussian_filter(b, sigma)
+    weights = [0.0448, 0.2856, 0.3001, 0.2363, 0.1333]
+    data_range = max(a.max() - a.min(), b.max() - b.min())
+    value = 1.0
+    for level in range(5):
+        s = structural_similarity(a, b, data_range=data_range)
+        if np.isnan(s):
+            return 0.0
+        value *= (s if s >= 0 else 1e-4) ** weights[level]
+        if level < 4:
+            a, b = a[::2, ::2], b[::2, ::2]
+            if min(a.shape) < 7:
+                break
+    return value
+
+
+def ref_frc(a, b):
+    n = min(a.shape)
+    r0, c0 = (a.shape[0] - n) // 2, (a.shape[1] - n) // 2
+    a, b = a[r0 : r0 + n, c0 : c0 + n], b[r0 : r0 + n, c0 : c0 + n]
+    f1, f2 = np.fft.fftshift(np.fft.fft2(a)), np.fft.fftshift(np.fft.fft2(b))
+    rr, cc = np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2, indexing="ij")
+    ring = np.round(np.sqrt(rr**2 + cc**2)).astype(int)
+
+    def ring_mean(z):
+        return np.array([z[ring == k].mean() for k in range(ring.max() + 1)])
+
+    c12, c11, c22 = ring_mean(f1 * f2.conj()), ring_mean(np.abs(f1) ** 2), ring_mean(np.abs(f2) ** 2)
+    return np.abs(c12) / np.sqrt(np.abs(c11 * c22))
+
+
+def ref_cutoff(curve, threshold):
+    below = np.flatnonzero(curve < threshold)
+    if below.size == 0:
+        return float(len(curve))
+    i = below[0]
+    return 0.0 if i == 0 else (i - 1) + (threshold - curve[i - 1]) / (curve[i] - curve[i - 1])
+
+
+def ref_evaluate(recon, gt, ms_ssim_sigma=1.0):
+    t = np.abs(gt)[2:-2, 2:-2]
+    p = np.abs(recon)[2:-2, 2:-2]
+    p = p * t.mean() / p.mean()
+    phi_t = ref_plane_removed(np.angle(gt)[2:-2, 2:-2])[0]
+    phi_p = ref_plane_removed(np.angle(recon)[2:-2, 2:-2])[0]
+    s_t, s_p = (phi_t + np.pi) / (2 * np.pi), (phi_p + np.pi) / (2 * np.pi)
+    curves = ref_frc(t, p), ref_frc(phi_t, phi_p)
+    return {
+        "mae": (np.mean(np.abs(t - p)), np.mean(np.abs(phi_t - phi_p))),
+        "mse": (np.mean((t - p) ** 2), np.mean((phi_t - phi_p) ** 2)),
+        "psnr": (ref_psnr(t, p), ref_psnr(phi_t, phi_p)),
+        "ssim": (structural_similarity(t, p, data_range=t.max() - t.min()),
+                 structural_similarity(s_t, s_p, data_range=1.0)),
+        "ms_ssim": (ref_ms_ssim(t, p, ms_ssim_sigma), ref_ms_ssim(s_t, s_p, 0.0)),
+        "frc50": tuple(ref_cutoff(c, 0.5) for c in curves),
+        "frc1over7": tuple(ref_cutoff(c, 1 / 7) for c in curves),
+        "frc": curves,
+    }
+
+
+# ---------------------------------------------------------------- images
+
+def _pairs():
+    rng = np.random.default_rng(1)
+    camera = data.camera()[:201, :187].astype(np.float64)
+    structured = (camera, camera + rng.normal(0, 25, camera.shape))
+    noise = rng.random((97, 130))
+    return {"camera": structured, "random": (noise, 0.5 * noise + rng.random(noise.shape))}
+
+
+PAIRS = _pairs()
+
+
+def _complex_pair(shape=(150, 170)):
+    rng = np.random.default_rng(2)
+    amp = data.camera()[: shape[0], : shape[1]] / 255.0 + 0.2
+    phase = data.astronaut()[: shape[0], : shape[1], 1] / 255.0 * 2 - 1
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    gt = amp * np.exp(1j * phase)
+    recon_amp = 1.4 * amp + rng.normal(0, 0.05, shape)
+    recon_phase = phase + 0.01 * cols - 0.02 * rows + 0.4 + rng.normal(0, 0.2, shape)
+    return recon_amp * np.exp(1j * recon_phase), gt
+
+
+def _dask(x, chunks):
+    return da.from_array(x, chunks=chunks)
+
+
+# ---------------------------------------------------------------- each metric
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_pointwise_metrics_equal_numpy(name, chunks):
+    a, b = PAIRS[name]
+    da_, db = _dask(a, chunks), _dask(b, chunks)
+    computed = dask.compute(mae(da_, db), mse(da_, db), psnr(da_, db))
+    expected = (np.mean(np.abs(a - b)), np.mean((a - b) ** 2), ref_psnr(a, b))
+    np.testing.assert_allclose(computed, expected, rtol=RTOL)
+
+
+def test_psnr_of_identical_images_is_opencv_ceiling():
+    a = PAIRS["random"][0]
+    assert psnr(a, a) == pytest.approx(20 * np.log10(255 / np.finfo(np.float64).eps))
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_phase_plane_equals_lstsq(chunks):
+    rng = np.random.default_rng(3)
+    rows, cols = np.mgrid[:123, :77]
+    phase = np.angle(np.exp(1j * (0.03 * cols - 0.05 * rows + 1.0 + rng.normal(0, 0.3, rows.shape))))
+    expected, coef = ref_plane_removed(phase)
+    np.testing.assert_allclose(phase_plane(_dask(phase, chunks)).compute(), coef, rtol=RTOL)
+    np.testing.assert_allclose(remove_phase_plane(_dask(phase, chunks)).compute(), expected,
+                               rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_ssim_equals_skimage(name, chunks):
+    a, b = PAIRS[name]
+    expected = structural_similarity(a, b, data_range=a.max() - a.min())
+    assert ssim(_dask(a, chunks), _dask(b, chunks)).compute() == pytest.approx(expected, rel=RTOL)
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_gaussian_prefilter_equals_scipy(chunks):
+    a = PAIRS["camera"][0]
+    np.testing.assert_allclose(gaussian_prefilter(_dask(a, chunks), 1.5).compute(),
+                               gaussian_filter(a, 1.5), rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_ms_ssim_equals_in_memory(name, chunks, sigma):
+    a, b = PAIRS[name]
+    got = ms_ssim(_dask(a, chunks), _dask(b, chunks), sigma=sigma).compute()
+    assert got == pytest.approx(ref_ms_ssim(a, b, sigma), rel=RTOL)
+
+
+def test_ms_ssim_clamps_negative_levels():
+    rng = np.random.default_rng(4)
+    a = rng.random((64, 64))
+    assert ms_ssim(a, 1 - a) == pytest.approx(ref_ms_ssim(a, 1 - a, 0.0), rel=RTOL)
+
+
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_frc_equals_numpy(name, chunks, tmp_path):
+    a, b = PAIRS[name]
+    expected = ref_frc(a, b)
+    in_memory = frc(_dask(a, chunks), _dask(b, chunks), slab_bytes=2**15).compute()
+    spilled = frc(_dask(a, chunks), _dask(b, chunks), workdir=tmp_path, slab_bytes=2**15).compute()
+    np.testing.assert_allclose(in_memory, expected, rtol=RTOL)
+    np.testing.assert_allclose(spilled, expected, rtol=RTOL)
+
+
+def test_frc_smoothing_filters_the_curve():
+    a, b = PAIRS["random"]
+    np.testing.assert_allclose(frc(a, b, sigma=2.0), gaussian_filter(ref_frc(a, b), 2.0), rtol=RTOL)
+
+
+@pytest.mark.parametrize(("n", "length"), [(64, 46), (182, 130), (353, 250)])
+def test_frc_curve_reaches_the_corners(n, length):
+    assert frc_length(n) == length
+    rng = np.random.default_rng(n)
+    assert len(frc(rng.random((n, n)), rng.random((n, n)))) == length
+
+
+@pytest.mark.parametrize(
+    ("curve", "threshold", "expected"),
+    [
+        ([0.95, 0.72, 0.55, 0.45, 0.20], 0.5, 2.5),
+        ([0.95, 0.72, 0.66, 0.51], 0.5, 4.0),
+        ([0.8, 0.4, 0.2, 0.1], 0.5, 0.75),
+        ([0.8, 0.4, 0.2, 0.1], 1 / 7, 2.5714285714285716),
+        ([0.3, 0.2], 0.5, 0.0),
+    ],
+)
+def test_frc_cutoff_golden_values(curve, threshold, expected):
+    assert frc_cutoff(np.array(curve), threshold) == pytest.approx(expected, rel=1e-12)
+    assert frc_cutoff(da.from_array(np.array(curve), chunks=2), threshold).compute() == pytest.approx(
+        expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------- evaluate
+
+@pytest.mark.parametrize("chunks", [None, (37, 23), (4, 60)])
+def test_evaluate_equals_in_memory_reference(chunks):
+    recon, gt = _complex_pair()
+    expected = ref_evaluate(recon, gt)
+    if chunks is not None:
+        recon, gt = _dask(recon, chunks), _dask(gt, chunks)
+    got = evaluate(recon, gt)
+    assert list(got) == ["mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7", "frc"]
+    for key in expected:
+        if key == "frc":
+            for curve, ref in zip(got[key], expected[key], strict=True):
+                np.testing.assert_allclose(curve, ref, rtol=RTOL)
+        else:
+            assert all(isinstance(v, float) for v in got[key])
+            np.testing.assert_allclose(got[key], expected[key], rtol=RTOL, err_msg=key)
+
+
+def test_evaluate_lazy_is_one_graph_with_the_same_values():
+    recon, gt = _complex_pair((90, 80))
+    eager = evaluate(recon, gt, phase_align="mean")
+    lazy = evaluate(_dask(recon, (31, 29)), _dask(gt, (31, 29)), phase_align="mean", lazy=True)
+    assert isinstance(lazy["ssim"][0], da.Array)
+    (computed,) = dask.compute(lazy)
+    for key in eager:
+        if key != "frc":
+            np.testing.assert_allclose(computed[key], eager[key], rtol=RTOL, err_msg=key)
+    phi, phi_t = np.angle(recon)[2:-2, 2:-2], np.angle(gt)[2:-2, 2:-2]
+    expected_mae = np.mean(np.abs((phi_t - phi_t.mean()) - (phi - phi.mean())))
+    assert eager["mae"][1] == pytest.approx(expected_mae, rel=RTOL)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_nan_input_raises():
+    recon, gt = _complex_pair((40, 40))
+    recon[10, 10] = np.nan
+    with pytest.raises(InvalidParameterError, match="NaN"):
+        evaluate(recon, gt)
+    with pytest.raises(InvalidParameterError, match="NaN"):
+        dask.compute(evaluate(_dask(recon, 16), _dask(gt, 16), lazy=True))
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(InvalidParameterError, match="shape"):
+        evaluate(np.ones((40, 40), np.complex64), np.ones((40, 41), np.complex64))
+    with pytest.raises(InvalidParameterError, match="shape"):
+        ssim(np.ones((40, 40)), np.ones((41, 40)))
+
+
+def test_too_small_images_raise():
+    small = np.random.default_rng(5).random((6, 30))
+    for metric in (ssim, ms_ssim):
+        with pytest.raises(InvalidParameterError, match="too small"):
+            metric(small, small)
+    with pytest.raises(InvalidParameterError, match="too small"):
+        evaluate(np.ones((10, 10), np.complex64), np.ones((10, 10), np.complex64))
+
+
+def test_unknown_phase_align_raises():
+    recon, gt = _complex_pair((20, 20))
+    with pytest.raises(InvalidParameterError, match="phase_align"):
+        evaluate(recon, gt, phase_align="unwrap")
