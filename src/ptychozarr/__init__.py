@@ -15,10 +15,15 @@ from ptychozarr.errors import (
     StoreError,
 )
 
+# Functions named like their module are bound here, at import, so that a later ``import
+# ptychozarr.stitch`` (which sets the package attribute to the module) cannot shadow them.
+from ptychozarr.simulate import simulate  # noqa: E402
+from ptychozarr.stitch import stitch  # noqa: E402
+from ptychozarr.study import study  # noqa: E402
+
 __version__ = "0.1.0"
 
 _LAZY = {
-    "simulate": "ptychozarr.simulate",
     "ingest": "ptychozarr.io",
     "open_dataset": "ptychozarr.io",
     "group": "ptychozarr.grouping",
@@ -26,10 +31,8 @@ _LAZY = {
     "load_model": "ptychozarr.models",
     "train": "ptychozarr.models",
     "infer": "ptychozarr.inference",
-    "stitch": "ptychozarr.stitch",
     "evaluate": "ptychozarr.metrics",
     "compare": "ptychozarr.pipeline",
-    "study": "ptychozarr.pipeline",
 }
 _SUBMODULES = {"align", "cluster", "memory", "metrics", "models", "io"}
 
@@ -42,6 +45,9 @@ __all__ = sorted(
         "PtychozarrError",
         "StoreError",
         "__version__",
+        "simulate",
+        "stitch",
+        "study",
         *_LAZY,
         *_SUBMODULES,
     ]

@@ -60,8 +60,10 @@ class ArmResult:
 
     def metrics_table(self) -> dict:
         """``{metric: {"amplitude": a, "phase": p}}`` of the tuple metrics (empty when missing)."""
-        return {name: dict(zip(("amplitude", "phase"), (self.metrics or {}).get(name, (None, None)),
-                               strict=True)) for name in METRIC_ORDER}
+        return {
+            name: dict(zip(("amplitude", "phase"), (self.metrics or {}).get(name, (None, None)), strict=True))
+            for name in METRIC_ORDER
+        }
 
 
 def _num(x) -> float:
@@ -79,16 +81,37 @@ def metrics_rows(arms: list[ArmResult]) -> list[dict]:
     for arm in arms:
         for name in METRIC_ORDER:
             amp, phase = (arm.metrics or {}).get(name, (None, None))
-            rows.append({"model": arm.label, "metric": name, "amplitude": _num(amp),
-                         "phase": _num(phase), "value": math.nan})
+            rows.append(
+                {
+                    "model": arm.label,
+                    "metric": name,
+                    "amplitude": _num(amp),
+                    "phase": _num(phase),
+                    "value": math.nan,
+                }
+            )
     for arm in arms:
         if arm.offset is not None:
             for axis, value in zip(("dy", "dx"), arm.offset, strict=True):
-                rows.append({"model": arm.label, "metric": f"registration_offset_{axis}",
-                             "amplitude": math.nan, "phase": math.nan, "value": float(value)})
+                rows.append(
+                    {
+                        "model": arm.label,
+                        "metric": f"registration_offset_{axis}",
+                        "amplitude": math.nan,
+                        "phase": math.nan,
+                        "value": float(value),
+                    }
+                )
     for arm in arms:
-        rows.append({"model": arm.label, "metric": "computation_time_s", "amplitude": math.nan,
-                     "phase": math.nan, "value": _num(arm.computation_time_s)})
+        rows.append(
+            {
+                "model": arm.label,
+                "metric": "computation_time_s",
+                "amplitude": math.nan,
+                "phase": math.nan,
+                "value": _num(arm.computation_time_s),
+            }
+        )
     return rows
 
 
@@ -104,14 +127,16 @@ def write_frc_curves(path: str | os.PathLike, label: str, curves) -> Path:
     amp, phase = (np.asarray(c, dtype=float) for c in curves)
     n = max(len(amp), len(phase))
     pad = lambda c: np.concatenate([c, np.full(n - len(c), np.nan)])  # noqa: E731
-    frame = pd.DataFrame({"model": label, "frequency_bin": np.arange(n),
-                          "amplitude_frc": pad(amp), "phase_frc": pad(phase)})
+    frame = pd.DataFrame(
+        {"model": label, "frequency_bin": np.arange(n), "amplitude_frc": pad(amp), "phase_frc": pad(phase)}
+    )
     frame.to_csv(path, index=False, float_format="%.6f", na_rep="")
     return Path(path)
 
 
-def write_comparison_plot(path: str | os.PathLike, panels: list[tuple[str, np.ndarray]],
-                          p_min: float = 10.0, p_max: float = 90.0) -> Path:
+def write_comparison_plot(
+    path: str | os.PathLike, panels: list[tuple[str, np.ndarray]], p_min: float = 10.0, p_max: float = 90.0
+) -> Path:
     """Phase over amplitude for each (title, complex image) panel, per-panel percentile limits."""
     import matplotlib
 

@@ -61,7 +61,8 @@ def _load_config(path: Path) -> dict:
             raise InvalidParameterError(
                 f"study config {path}: run #{i + 1} "
                 + (f"lacks {sorted(missing)}" if missing else f"has unknown keys {sorted(unknown)}")
-                + f"; each run takes {sorted(_RUN_KEYS)}")
+                + f"; each run takes {sorted(_RUN_KEYS)}"
+            )
     if len(set(names)) != len(names):
         raise InvalidParameterError(f"study config {path}: run names must be unique, got {names}")
     return config
@@ -95,22 +96,39 @@ def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = 
     summary = {}
     for run in config["run"]:
         entry = {k: run.get(k) for k in ("dose", "view", "split")}
-        models = {label: base / run[key] for label, key in
-                  (("PtychoPINN", "pinn_model"), ("Baseline", "baseline_model")) if key in run}
+        models = {
+            label: base / run[key]
+            for label, key in (("PtychoPINN", "pinn_model"), ("Baseline", "baseline_model"))
+            if key in run
+        }
         recon = base / run["ptychi_recon"] if "ptychi_recon" in run else None
         try:
-            result = compare(base / run["test_data"], models, output_dir=out / run["name"],
-                             ptychi_recon=recon, force=force, quiet=quiet, **defaults)
+            result = compare(
+                base / run["test_data"],
+                models,
+                output_dir=out / run["name"],
+                ptychi_recon=recon,
+                force=force,
+                quiet=quiet,
+                **defaults,
+            )
         except Exception as exc:  # one failed run must not lose the study
             log.warning("study run %s failed: %s", run["name"], exc)
             entry.update(status="failed", error=str(exc), metrics={})
         else:
             failed = [a.label for a in result.arms if a.metrics is None]
             for label in failed:
-                log.warning("study run %s: arm %s has no metrics (%s)", run["name"], label,
-                            result.errors.get(label, "missing"))
-            entry.update(status="partial" if failed else "ok", errors=result.errors,
-                         metrics={a.label: a.metrics_table() for a in result.arms})
+                log.warning(
+                    "study run %s: arm %s has no metrics (%s)",
+                    run["name"],
+                    label,
+                    result.errors.get(label, "missing"),
+                )
+            entry.update(
+                status="partial" if failed else "ok",
+                errors=result.errors,
+                metrics={a.label: a.metrics_table() for a in result.arms},
+            )
         summary[run["name"]] = entry
     write_json(out / "metrics_summary.json", summary)
     table = deltas(summary)
@@ -131,8 +149,14 @@ def deltas(summary: dict) -> pd.DataFrame:
         pinn = metrics.get("PtychoPINN", {})
         for metric in METRIC_ORDER:
             for part in ("amplitude", "phase"):
-                row = {"run": name, "dose": entry.get("dose"), "view": entry.get("view"),
-                       "split": entry.get("split"), "metric": metric, "part": part}
+                row = {
+                    "run": name,
+                    "dose": entry.get("dose"),
+                    "view": entry.get("view"),
+                    "split": entry.get("split"),
+                    "metric": metric,
+                    "part": part,
+                }
                 p = _get(pinn, metric, part)
                 row["pinn"] = p
                 row["pinn_minus_baseline"] = p - _get(metrics.get("Baseline", {}), metric, part)
@@ -150,7 +174,9 @@ def _markdown(table: pd.DataFrame) -> str:
     columns = list(table.columns)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table.itertuples(index=False):
-        cells = ["" if isinstance(v, float) and math.isnan(v) else
-                 (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row]
+        cells = [
+            "" if isinstance(v, float) and math.isnan(v) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+            for v in row
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
