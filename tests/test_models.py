@@ -1,6 +1,7 @@
 """Model adapters, the reference networks' forward model, and training."""
 
 import json
+import pickle
 import sys
 import types
 
@@ -96,6 +97,7 @@ def test_keras_round_trip_applies_the_output_convention(tmp_path):
     x = np.random.default_rng(2).random((3, N, N, 4), dtype=np.float32)
     amp, phase = (np.asarray(o)[..., 0] for o in network(x))
     got = model.predict_batch(x, None)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(model)).predict_batch(x, None), got)
     assert got.dtype == np.complex64 and got.shape == (3, N, N)
     np.testing.assert_allclose(got, amp * np.exp(1j * phase), atol=1e-5)
 
@@ -135,3 +137,45 @@ def test_zip_bundles_go_to_the_ptychopinn_adapter(tmp_path, monkeypatch):
 def _touch(path):
     path.write_bytes(b"")
     return path
+
+
+@pytest.mark.parametrize("kind, source", [("pinn", "small_store"), ("baseline", "small_npz")])
+def test_training_lowers_the_loss_and_saves_a_loadable_model(kind, source, tmp_path, request):
+    from ptychozarr.models import train
+
+    data = request.getfixturevalue(source)
+    path = train(
+        kind,
+        data,
+        tmp_path,
+        epochs=2,
+        gridsize=2,
+        batch_size=16,
+        filters=4,
+        depth=2,
+        window=400,
+        verbose=False,
+    )
+    model = load_model(path)
+    assert (model.spec.kind, model.spec.N, model.spec.gridsize) == (kind, N, 2 if kind == "pinn" else 1)
+    losses = model.provenance["loss_per_epoch"]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    np.testing.assert_array_equal(model.probe, make_probe(N))
+    x = np.ones((2, N, N, model.spec.channels), np.float32)
+    assert model.predict_batch(x, None).shape == (2, N, N)
+
+
+@pytest.mark.parametrize(
+    "name, kind, gridsize", [("pinn_gs2_n64", "pinn", 2), ("baseline_n64", "baseline", 1)]
+)
+def test_shipped_demo_weights_load(name, kind, gridsize):
+    from ptychozarr.models import demo_weights
+
+    path = demo_weights(name)
+    assert path.stat().st_size < 3 * 2**20
+    spec, provenance = read_spec(path)
+    assert (spec.kind, spec.N, spec.gridsize) == (kind, 64, gridsize)
+    assert provenance["loss_per_epoch"][-1] < provenance["loss_per_epoch"][0]
+    model = load_model(path)
+    out = model.predict_batch(np.zeros((1, 64, 64, gridsize**2), np.float32), None)
+    assert out.shape == (1, 64, 64) and np.isfinite(out).all()

@@ -106,6 +106,15 @@ class KerasModel:
         self._first_call = threading.Lock()
         self._traced = False
 
+    def __getstate__(self) -> dict:  # a lock does not pickle: a copy in another process makes its own
+        state = {**self.__dict__, "_traced": False}
+        del state["_first_call"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._first_call = threading.Lock()
+
     def predict_batch(self, diffraction: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
         """Predict one fixed-shape batch; see :class:`~ptychozarr.models.base.Model`."""
         inputs = [diffraction, positions] if self.spec.takes_positions else diffraction
