@@ -27,6 +27,11 @@ def _as_dask(x) -> da.Array:
     return arr
 
 
+def _one(x) -> tuple[da.Array, bool]:
+    """One image as a 2-D dask array, and whether to compute (the input was not dask)."""
+    return _as_dask(x), not isinstance(x, da.Array)
+
+
 def _pair(a, b) -> tuple[da.Array, da.Array, bool]:
     """Both images as dask arrays with equal shape and aligned chunks, and whether to compute."""
     eager = not (isinstance(a, da.Array) or isinstance(b, da.Array))

@@ -7,8 +7,8 @@ column slabs (whole columns) — through a Zarr array on disk when ``workdir`` i
 rechunk otherwise — and each slab gets a full FFT along its columns. A column slab then holds the
 final spectrum for its frequencies; it computes its ring index (signed frequencies stand in for
 ``fftshift``) and adds its products to three ``bincount`` ring sums with Hermitian weights 2 (1 for the
-self-conjugate columns 0 and n/2). The per-slab sums are a tree reduction. No task ever holds more
-than one slab per image.
+self-conjugate columns 0 and n/2). The per-slab sums are a tree reduction. No task holds more than one
+slab per image; with ``workdir`` no step holds more than a few slabs, the transposed spectrum lives on disk.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import numpy as np
 from dask.array.overlap import ensure_minimum_chunksize
 from scipy.ndimage import gaussian_filter
 
-from ptychozarr.metrics._common import _finish, _pair, _require_min_side
+from ptychozarr.metrics._common import _finish, _one, _pair, _require_min_side
 from ptychozarr.metrics.structural import WIN_SIZE, ssim
 
 __all__ = ["ms_ssim", "gaussian_prefilter", "MS_SSIM_WEIGHTS"]
@@ -36,7 +36,7 @@ def gaussian_prefilter(image, sigma: float):
     where scipy's own reflect padding of the edge block reproduces the whole-image result exactly.
     Chunks are merged up to at least the radius first.
     """
-    x, _, eager = _pair(image, image)
+    x, eager = _one(image)
     x = x.astype(np.float64)
     if sigma > 0:
         radius = int(4.0 * sigma + 0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from ptychozarr.metrics._common import _finish, _pair
+from ptychozarr.metrics._common import _finish, _one, _pair
 
 __all__ = ["mae", "mse", "psnr", "phase_plane", "remove_phase_plane", "remove_phase_mean"]
 
@@ -100,7 +100,7 @@ def phase_plane(phase):
     Solves the 3×3 normal equations whose nine sums are a tree reduction over chunks (coordinates centred
     on the image for conditioning). Equal to PtychoPINN's ``np.linalg.lstsq`` fit to float precision.
     """
-    ph, _, eager = _pair(phase, phase)
+    ph, eager = _one(phase)
     centre = ((ph.shape[0] - 1) / 2.0, (ph.shape[1] - 1) / 2.0)
     moments = ph.map_blocks(
         _plane_moments,
@@ -133,7 +133,7 @@ def remove_phase_plane(phase, coefficients=None):
     -----
     Each image gets its own plane (prediction and target are never cross-referenced).
     """
-    ph, _, eager = _pair(phase, phase)
+    ph, eager = _one(phase)
     coef = phase_plane(ph) if coefficients is None else coefficients
     rows = da.arange(ph.shape[0], chunks=ph.chunks[0], dtype=np.float64)[:, None]
     cols = da.arange(ph.shape[1], chunks=ph.chunks[1], dtype=np.float64)[None, :]
@@ -143,6 +143,6 @@ def remove_phase_plane(phase, coefficients=None):
 
 def remove_phase_mean(phase):
     """``phase`` minus its mean (PtychoPINN's ``--phase-align-method mean``), in float64."""
-    ph, _, eager = _pair(phase, phase)
+    ph, eager = _one(phase)
     ph = ph.astype(np.float64)
     return _finish(ph - ph.mean(), eager)
