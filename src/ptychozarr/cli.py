@@ -12,16 +12,14 @@ import sys
 from pathlib import Path
 
 from ptychozarr import __version__
-from ptychozarr.errors import PtychozarrError
+from ptychozarr.errors import InvalidParameterError, PtychozarrError
 from ptychozarr.io.store import DEFAULT_CHUNK_BYTES
-from ptychozarr.simulate import SPLITS
+from ptychozarr.simulate import SPLITS, simulate
 
 __all__ = ["describe", "main"]
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from ptychozarr.simulate import simulate
-
     path = simulate(
         args.output,
         n_points=args.n_points,
@@ -56,6 +54,267 @@ def _cmd_group(args: argparse.Namespace) -> int:
         f"normaliser f = {groups.attrs['normaliser']:.6g}"
     )
     return 0
+
+
+_CHUNK_FLAGS = (
+    "--pinn-chunk-size",
+    "--baseline-chunk-size",
+    "--pinn-predict-batch-size",
+    "--baseline-predict-batch-size",
+)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="run models on a scan, stitch, align and score them (compare_models, out of core)",
+        description="PtychoPINN's compare_models out of core: infer per block, stitch, align, score, and "
+        "write comparison_metrics.csv, FRC curves, comparison_plot.png, NPZs and run.json.",
+    )
+    p.add_argument("--test-data", required=True, type=Path, help="scan NPZ or ingested .zarr store")
+    p.add_argument("--output-dir", required=True, type=Path)
+    p.add_argument("--pinn-model", type=Path, help="PINN model (.keras with sidecar, or wts.h5.zip)")
+    p.add_argument("--baseline-model", type=Path, help="Baseline model (.keras with sidecar, or wts.h5.zip)")
+    p.add_argument(
+        "--model", action="append", default=[], metavar="LABEL=PATH", help="one more model arm (repeatable)"
+    )
+    p.add_argument("--ptychi-recon", type=Path, help="iterative reconstruction NPZ (pty-chi or tike)")
+    metrics = p.add_argument_group("alignment and metrics (compare_models' flags)")
+    metrics.add_argument("--stitch-crop-size", type=int, default=20, help="M, even, 0 < M <= N")
+    metrics.add_argument("--phase-align-method", choices=("plane", "mean"), default="plane")
+    metrics.add_argument("--register-ptychi-only", action="store_true")
+    metrics.add_argument("--skip-registration", action="store_true")
+    metrics.add_argument("--fixed-canvas", action="store_true")
+    metrics.add_argument(
+        "--alignment",
+        choices=("placement", "coordinates"),
+        default="placement",
+        help="placement: exact, from the canvas frame (default); coordinates: compare_models' centre-crop",
+    )
+    metrics.add_argument(
+        "--max-registration-shift",
+        type=float,
+        default=10.0,
+        help="larger registration shifts (px) count as failed: the arm is scored unregistered",
+    )
+    metrics.add_argument("--ms-ssim-sigma", type=float, default=1.0)
+    metrics.add_argument("--frc-sigma", type=float, default=0.0)
+    metrics.add_argument(
+        "--n-test-groups",
+        "--n-test-subsample",
+        type=int,
+        dest="n_test_groups",
+        help="use a random subsample of this many scan points",
+    )
+    metrics.add_argument("--subsample-seed", type=int)
+    metrics.add_argument("--no-save-npz", action="store_true")
+    metrics.add_argument("--no-save-npz-aligned", action="store_true")
+    for flag in _CHUNK_FLAGS:
+        metrics.add_argument(flag, type=int, help="accepted for compatibility; the engine chunks by itself")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--scheduler", default="threads", help="threads | processes | cuda | tcp://host:port")
+    engine.add_argument("--n-workers", type=int, help="workers of a processes or cuda cluster")
+    engine.add_argument("--block-groups", default="auto", help="model inputs per task, or 'auto'")
+    engine.add_argument("--batch-size", type=int, default=32, help="fixed batch of each model call")
+    engine.add_argument("--memory-budget", help="host budget, e.g. 4GB; over it the run is refused")
+    engine.add_argument("--tile", type=int, default=1024, help="side of the stitched object's tiles")
+    engine.add_argument("--group-seed", type=int, default=0)
+    engine.add_argument("--quiet", action="store_true", help="no progress bars")
+    engine.add_argument("--force", action="store_true", help="redo every stage")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _models(args) -> dict[str, Path]:
+    models = {}
+    if args.pinn_model:
+        models["PtychoPINN"] = args.pinn_model
+    if args.baseline_model:
+        models["Baseline"] = args.baseline_model
+    for item in args.model:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise InvalidParameterError(f"--model {item!r}: give LABEL=PATH")
+        if label in models:
+            raise InvalidParameterError(f"--model {item!r}: the label {label!r} is already used")
+        models[label] = Path(path)
+    return models
+
+
+def _block_groups(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidParameterError(f"--block-groups {value!r}: give a positive integer or 'auto'") from None
+
+
+def _cmd_compare(args) -> int:
+    from ptychozarr.pipeline import compare
+
+    for flag in _CHUNK_FLAGS:
+        if getattr(args, flag.strip("-").replace("-", "_")) is not None:
+            print(
+                f"note: {flag} is accepted for compatibility; the engine chunks by itself "
+                "(see --block-groups and --memory-budget)",
+                file=sys.stderr,
+            )
+    result = compare(
+        args.test_data,
+        _models(args),
+        output_dir=args.output_dir,
+        ptychi_recon=args.ptychi_recon,
+        stitch_crop_size=args.stitch_crop_size,
+        phase_align_method=args.phase_align_method,
+        register_ptychi_only=args.register_ptychi_only,
+        skip_registration=args.skip_registration,
+        fixed_canvas=args.fixed_canvas,
+        alignment=args.alignment,
+        max_registration_shift=args.max_registration_shift,
+        ms_ssim_sigma=args.ms_ssim_sigma,
+        frc_sigma=args.frc_sigma,
+        n_test_groups=args.n_test_groups,
+        subsample_seed=args.subsample_seed,
+        save_npz=not args.no_save_npz,
+        save_npz_aligned=not args.no_save_npz_aligned,
+        scheduler=args.scheduler,
+        n_workers=args.n_workers,
+        block_groups=_block_groups(args.block_groups),
+        batch_size=args.batch_size,
+        memory_budget=args.memory_budget,
+        tile=args.tile,
+        group_seed=args.group_seed,
+        quiet=args.quiet,
+        force=args.force,
+    )
+    _print_result(result)
+    return 1 if result.errors else 0
+
+
+def _print_result(result) -> None:
+    from ptychozarr.outputs import METRIC_ORDER
+
+    print(f"{'model':<12} {'metric':<10} {'amplitude':>12} {'phase':>12}")
+    for arm in result.arms:
+        for name in METRIC_ORDER:
+            amp, phase = (arm.metrics or {}).get(name, (None, None))
+            fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
+            print(f"{arm.label:<12} {name:<10} {fmt(amp):>12} {fmt(phase):>12}")
+    for label, error in result.errors.items():
+        print(f"warning: {label}: {error}", file=sys.stderr)
+    print(f"\nmetrics: {result.output_dir / 'comparison_metrics.csv'}")
+    if "plot" in result.run["outputs"]:
+        print(f"plot:    {result.run['outputs']['plot']}")
+    print(f"store:   {result.store}")
+    print(f"run:     {result.output_dir / 'run.json'}")
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="run a grid of compares from a TOML config",
+        description="Run every [[run]] of a study TOML (see ptychozarr.study) and write "
+        "metrics_summary.json and PINN delta tables (CSV and Markdown).",
+    )
+    p.add_argument("config", type=Path)
+    p.add_argument("--force", action="store_true", help="redo every comparison")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    from ptychozarr.study import study
+
+    summary = study(args.config, force=args.force, quiet=args.quiet)
+    for name, entry in summary.items():
+        print(f"{name}: {entry['status']}")
+    return 0 if all(e["status"] == "ok" for e in summary.values()) else 1
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a reference PINN or Baseline model",
+        description="Train a reference model on a scan (streamed from Zarr) and save .keras + JSON sidecar.",
+    )
+    p.add_argument("--kind", required=True, choices=("pinn", "baseline"))
+    p.add_argument("--data", required=True, type=Path, help="training scan NPZ or .zarr store")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--gridsize", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--filters", type=int, default=16)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--dose", type=float, default=1e3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from ptychozarr.models import train
+
+    path = train(
+        args.kind,
+        args.data,
+        args.out,
+        epochs=args.epochs,
+        gridsize=args.gridsize,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        filters=args.filters,
+        depth=args.depth,
+        dose=args.dose,
+        seed=args.seed,
+        name=args.name,
+    )
+    print(path)
+    return 0
+
+
+DEMO_SCAN = {"n_points": 1000, "patch_size": 64, "object_size": 256, "seed": 2, "split": "test"}
+"""The demo's test split: the held-out half of the object the shipped models were trained on."""
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="simulate a scan and compare the shipped reference models on it",
+        description="The main job on an embedded default: simulate a test split, compare the shipped "
+        "N=64 reference PINN (gridsize 2) and Baseline on it, print the metrics and where the files are.",
+    )
+    p.add_argument("--output-dir", type=Path, default=Path("demo_output"))
+    p.add_argument("--n-points", type=int, default=DEMO_SCAN["n_points"], help="scan positions")
+    p.add_argument("--train", action="store_true", help="train both models here instead (minutes)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of --train")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from ptychozarr.models import demo_weights, train
+    from ptychozarr.pipeline import compare
+
+    out = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    scan = out / "scan_test.npz"
+    if not scan.exists():
+        simulate(scan, **(DEMO_SCAN | {"n_points": args.n_points}))
+    print(f"scan: {scan}")
+    if args.train:
+        train_scan = out / "scan_train.npz"
+        if not train_scan.exists():
+            simulate(train_scan, **(DEMO_SCAN | {"n_points": 3000, "seed": 1, "split": "train"}))
+        models = {
+            "PtychoPINN": train("pinn", train_scan, out / "models", epochs=args.epochs, gridsize=2),
+            "Baseline": train("baseline", train_scan, out / "models", epochs=args.epochs),
+        }
+    else:
+        models = {"PtychoPINN": demo_weights("pinn_gs2_n64"), "Baseline": demo_weights("baseline_n64")}
+    result = compare(scan, models, output_dir=out / "compare", quiet=args.quiet)
+    _print_result(result)
+    return 1 if result.errors else 0
 
 
 def describe(ds) -> str:
@@ -126,6 +385,8 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--k", type=int, default=7, help="nearest neighbours to draw from (default 7)")
     group.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     group.set_defaults(func=_cmd_group)
+    for add in (_add_train, _add_compare, _add_study, _add_demo):
+        add(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ computed in float64 over the grouped stack (a pattern counts as often as it appe
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from pathlib import Path
@@ -97,7 +98,9 @@ def normaliser(diffraction, nn_indices: np.ndarray) -> float:
     return float(np.sqrt((size / 2) ** 2 * nn_indices.size / total))
 
 
-def group(ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0) -> xr.Dataset:
+def group(
+    ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0, points: np.ndarray | None = None
+) -> xr.Dataset:
     """Group a scan and, when ``ds`` comes from a store, write the groups into its ``groups/``.
 
     Groups already in the store with the same ``gridsize``, ``k``, ``seed`` and input are reused.
@@ -109,6 +112,9 @@ def group(ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0) -> xr.Datase
         written).
     gridsize, k, seed
         As :func:`neighbour_groups`.
+    points : array of int, optional
+        Scan points to group (a subsample, e.g. compare's ``--n-test-groups``); neighbours are found
+        among them only, and ``nn_indices`` keep the indices of the whole scan. All points when None.
 
     Returns
     -------
@@ -116,13 +122,14 @@ def group(ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0) -> xr.Datase
         ``nn_indices`` (group, member), ``centres`` (group, xy), ``offsets`` (group, member, xy), with
         the parameters and ``normaliser`` in ``attrs``.
     """
-    params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed)}
+    params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed), "points": _points_key(points)}
     fingerprint = {"source_sha256": ds.attrs.get("source_sha256"), "n_points": int(ds.sizes["pattern"])}
     store = ds.attrs.get("store")
     if store is not None and _existing(store, {**params, "input": fingerprint}):
         return open_groups(store)
     x, y = ds["xcoords"].values, ds["ycoords"].values
-    nn = neighbour_groups(x, y, gridsize, k, seed)
+    chosen = np.arange(len(x)) if points is None else _check_points(points, len(x))
+    nn = chosen[neighbour_groups(x[chosen], y[chosen], gridsize, k, seed)].astype(np.int32)
     start = np.stack([ds["xcoords_start"].values, ds["ycoords_start"].values], axis=-1)[nn]
     arrays = {
         "nn_indices": nn,
@@ -134,6 +141,23 @@ def group(ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0) -> xr.Datase
         return _dataset({name: (_DIMS[name], value) for name, value in arrays.items()}, attrs)
     _write(Path(store), arrays, attrs)
     return open_groups(store)
+
+
+def _points_key(points) -> dict | None:
+    """A short fingerprint of a subsample (count and hash), None for the whole scan."""
+    if points is None:
+        return None
+    chosen = np.ascontiguousarray(points, dtype=np.int64)
+    return {"count": int(chosen.size), "sha256": hashlib.sha256(chosen.tobytes()).hexdigest()}
+
+
+def _check_points(points, n: int) -> np.ndarray:
+    chosen = np.asarray(points)
+    if chosen.ndim != 1 or chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer):
+        raise InvalidParameterError("points: give a non-empty 1-D array of scan point indices")
+    if chosen.min() < 0 or chosen.max() >= n or np.unique(chosen).size != chosen.size:
+        raise InvalidParameterError(f"points: indices must be distinct and in [0, {n}); got others")
+    return chosen
 
 
 def open_groups(store_path: str | Path) -> xr.Dataset:

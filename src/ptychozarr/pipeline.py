@@ -96,6 +96,7 @@ def compare(
     skip_registration: bool = False,
     fixed_canvas: bool = False,
     alignment: str = "placement",
+    max_registration_shift: float = 10.0,
     ms_ssim_sigma: float = 1.0,
     frc_sigma: float = 0.0,
     n_test_groups: int | None = None,
@@ -141,6 +142,10 @@ def compare(
         pixels from the stitcher's canvas frame (exact); ``coordinates`` is compare_models' centre-crop,
         which assumes the canvas centre is the scan box centre (spec §4.1). The iterative arm, which
         has no canvas frame, is always centre-cropped.
+    max_registration_shift : float
+        A registration shift larger than this (pixels, either axis) is taken for a failed registration
+        (e.g. on a reconstruction without fine structure): the arm is scored unregistered, with a warning
+        in ``run.json``, instead of being wrapped around by a bogus Fourier shift.
     ms_ssim_sigma, frc_sigma : float
         Gaussian pre-filter of the amplitude MS-SSIM, smoothing of the FRC curves.
     n_test_groups : int, optional
@@ -228,6 +233,7 @@ def compare(
             skip_registration=skip_registration,
             fixed_canvas=fixed_canvas,
             alignment=alignment,
+            max_registration_shift=max_registration_shift,
             ms_ssim_sigma=ms_ssim_sigma,
             frc_sigma=frc_sigma,
         )
@@ -247,6 +253,7 @@ def compare(
         "model_loads": load_count(),
         "oom_retries": oom_events(),
         "errors": errors,
+        "warnings": run.warnings,
         "outputs": report,
     }
     write_json(output_dir / "run.json", payload)
@@ -260,6 +267,7 @@ _PARAMETER_NAMES = (
     "skip_registration",
     "fixed_canvas",
     "alignment",
+    "max_registration_shift",
     "ms_ssim_sigma",
     "frc_sigma",
     "n_test_groups",
@@ -349,6 +357,7 @@ class _Run:
         self.path, self.quiet, self.force = path, quiet, force
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
+        self.warnings: list[str] = []
         self.task_peaks: dict[str, int] = {}
         kill = os.environ.get(_KILL_ENV)
         self._callbacks = [_KillAfter(int(kill))] if kill else []
@@ -530,8 +539,16 @@ class _Run:
             recon, truth = align.align_by_coordinates(recon, gt, centres, crop)
         offset = None
         if params["registered"]:
-            recon, truth, found = align.register(recon, truth)
-            offset = found.offset
+            found = align.find_offset(recon, truth)
+            if max(map(abs, found.offset)) <= params["max_registration_shift"]:
+                recon, truth = align.shift_and_crop(recon, truth, found.offset)
+                offset = found.offset
+            else:
+                self.warnings.append(
+                    f"{node.basename}: registration found a shift of {found.offset} px, more than "
+                    f"--max-registration-shift {params['max_registration_shift']}; scored unregistered"
+                )
+                log.warning(self.warnings[-1])
         metrics = self.compute(
             "metrics",
             evaluate,
@@ -573,7 +590,7 @@ def _chunks(shape, side):
 
 
 def _groups_key(groups) -> dict:
-    return {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points_sha256")}
+    return {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points")}
 
 
 def _matches(node, params: dict) -> bool:
