@@ -179,3 +179,13 @@ def test_shipped_demo_weights_load(name, kind, gridsize):
     model = load_model(path)
     out = model.predict_batch(np.zeros((1, 64, 64, gridsize**2), np.float32), None)
     assert out.shape == (1, 64, 64) and np.isfinite(out).all()
+
+
+def test_training_refuses_impossible_parameters(small_store, tmp_path):
+    from ptychozarr.errors import InvalidParameterError
+    from ptychozarr.models import train
+
+    with pytest.raises(InvalidParameterError, match="kind='gan'"):
+        train("gan", small_store, tmp_path)
+    with pytest.raises(InvalidParameterError, match="window=8 < batch_size=16"):
+        train("pinn", small_store, tmp_path, window=8, batch_size=16)

@@ -169,6 +169,8 @@ def train(
     for label, value in (("epochs", epochs), ("gridsize", gridsize), ("batch_size", batch_size)):
         if value < 1:
             raise InvalidParameterError(f"{label}={value}: must be at least 1")
+    if window < batch_size:
+        raise InvalidParameterError(f"window={window} < batch_size={batch_size}: a window must hold a batch")
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     data = Path(data)
