@@ -22,12 +22,12 @@ _BUNDLES = os.environ.get("PTYCHOZARR_TEST_BUNDLES")
 
 
 def _fake_bundle(folder: Path) -> Path:
-    """A zip with a bundle's member names (and nothing loadable in them)."""
+    """An uncompressed zip with a bundle's member names, each holding ``AAAA…`` (nothing loadable)."""
     folder.mkdir()
     path = folder / "wts.h5.zip"
     with zipfile.ZipFile(path, "w") as zf:
         for name in ("manifest.dill", "diffraction_to_obj/model.keras", "diffraction_to_obj/params.dill"):
-            zf.writestr(name, b"x")
+            zf.writestr(name, b"A" * 64)
     return path
 
 
@@ -52,6 +52,13 @@ def test_zip_without_bundle_members_is_rejected(tmp_path):
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("manifest.dill", b"x")
     with pytest.raises(ModelMismatchError, match="lacks diffraction_to_obj/model.keras"):
+        load_bundle(path)
+
+
+def test_corrupt_bundle_is_rejected(tmp_path):
+    path = _fake_bundle(tmp_path / "run")
+    path.write_bytes(path.read_bytes().replace(b"A" * 64, b"B" * 64))  # contents no longer match their CRCs
+    with pytest.raises(ModelMismatchError, match="is corrupt"):
         load_bundle(path)
 
 

@@ -66,7 +66,6 @@ def _check_layout(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
-            bad = zf.testzip()
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelMismatchError(
             f"{path} is not a PtychoPINN bundle: it cannot be read as a zip archive ({exc}); pass the "
@@ -78,8 +77,18 @@ def _check_layout(path: Path) -> None:
             f"{path} is not a PtychoPINN bundle: it lacks {', '.join(missing)}; pass the "
             f"`{_BUNDLE_NAME}` written by PtychoPINN's training script"
         )
-    if bad is not None:
-        raise ModelMismatchError(f"PtychoPINN bundle {path} is corrupt: member {bad} fails its CRC check")
+
+
+def _extract_network(path: Path, folder: str) -> Path:
+    """Extract the bundle's ``diffraction_to_obj`` directory into ``folder``; return its path."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.extractall(folder, members=[m for m in zf.namelist() if m.startswith(f"{_MODEL_DIR}/")])
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelMismatchError(
+            f"PtychoPINN bundle {path} is corrupt ({exc}); copy or re-export the `{_BUNDLE_NAME}`"
+        ) from exc
+    return Path(folder) / _MODEL_DIR
 
 
 def _import_ptycho(path: Path) -> tuple[Any, Any, Any]:
@@ -247,13 +256,12 @@ def load_bundle(path: str | Path) -> PtychoPINNBundle:
     """
     path = _bundle_file(path)
     _check_layout(path)
-    params, model, manager = _import_ptycho(path)
     with tempfile.TemporaryDirectory(prefix="ptychozarr-bundle-") as tmp:
-        with zipfile.ZipFile(path) as zf:
-            zf.extractall(tmp, members=[m for m in zf.namelist() if m.startswith(f"{_MODEL_DIR}/")])
+        network_dir = _extract_network(path, tmp)
+        params, model, manager = _import_ptycho(path)
         with _ptycho_globals(params, model, None, None):
             try:
-                network = manager.load_model(str(Path(tmp) / _MODEL_DIR))
+                network = manager.load_model(str(network_dir))
             except Exception as exc:
                 raise ModelMismatchError(
                     f"PtychoPINN could not rebuild the network of bundle {path}: {exc!r}; the bundle may "
