@@ -120,8 +120,14 @@ def test_identical_patches_reproduce_and_overlaps_average():
     same, _ = stitch(np.full((2, m, m), 2 - 1j, np.complex64), [[3.0, 3.0], [3.0, 3.0]])
     np.testing.assert_allclose(same.compute(), 2 - 1j, rtol=1e-7)
     two = np.stack([np.full((m, m), 1.0), np.full((m, m), 3.0)]).astype(np.complex64)
-    avg, _ = stitch(two, [[0.5, -1.0], [0.5, -1.0]])
-    np.testing.assert_allclose(avg.compute()[1:-1, 1:-1], 2.0, rtol=1e-7)
+    got = stitch(two, [[0.0, 0.0], [2.0, 0.0]])[0].compute()
+    # com = (1, 0), pad = 2, P = M + 4: rows 2…M+1 hold the crops, columns 1…M and 3…M+2
+    assert got.shape == (m + 4, m + 4)
+    rows = got[2 : m + 2]
+    np.testing.assert_allclose(rows[:, 1:3], 1.0, rtol=1e-7)
+    np.testing.assert_allclose(rows[:, 3 : m + 1], 2.0, rtol=1e-7)  # the overlap averages
+    np.testing.assert_allclose(rows[:, m + 1 : m + 3], 3.0, rtol=1e-7)
+    assert not got[:2].any() and not got[m + 2 :].any() and not rows[:, 0].any()
 
 
 def test_integer_shift_moves_content_by_plus_t_and_frame_maps_to_object():

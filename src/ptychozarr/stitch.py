@@ -21,12 +21,13 @@ Design, in words:
   tile no patch touches is a plain zero chunk that costs nothing.
 - **Tree reduction.** The partials of one tile are summed by a tree of fan-in four, then one task per
   tile divides lazily. Floating-point addition is commutative but not associative, so the tree is made
-  independent of the order of the blocks: its leaves are sorted by a digest of each block's placements
-  and weights (which does not depend on where the block sits in the input), groups never split a run of
-  equal digests, and a group that holds such a tie sums its partials in the order of their content
-  digests. Every sum thus happens in an order fixed by the data alone, so permuting the blocks of
-  patches gives a bitwise-identical canvas on any scheduler. (Cutting the patches into *different*
-  blocks changes the rounding, at the level of 1e-16 relative.)
+  independent of the order of the blocks: its leaves are sorted by where the block's patches sit in the
+  tile and then by a digest of the block's placements and weights (neither depends on where the block
+  sits in the input; neighbours in space are summed first, which keeps partial boxes small), groups
+  never split a run of equal keys, and a group that holds such a tie sums its partials in the order of
+  their content digests. Every sum thus happens in an order fixed by the data alone, so permuting the
+  blocks of patches gives a bitwise-identical canvas on any scheduler. (Cutting the patches into
+  *different* blocks changes the rounding, at the level of 1e-16 relative.)
 - **One writer per chunk.** :func:`stitch_to_zarr` writes each touched tile as exactly one full Zarr
   chunk, skips untouched tiles (they equal the fill value 0), and sets ``complete`` last.
 
@@ -265,13 +266,15 @@ def _plan(patches, positions, weights, *, tile, canvas, block) -> _Plan:
     token = tokenize(patches, shift, w, tile, frame)
     splat, red, final = (f"stitch-{s}-{token}" for s in ("splat", "sum", "tile"))
     dsk: dict = {}
-    leaves: dict[tuple[int, int], list[tuple[bytes, tuple]]] = {}
+    leaves: dict[tuple[int, int], list[tuple[tuple, tuple]]] = {}
     for b, ty, tx, idx in _route(k, w, m, starts, tile, (rows, cols)):
         key = (splat, b, ty, tx)
         local_k = k[idx] - (ty * tile, tx * tile)
         shape = (chunks[0][ty], chunks[1][tx])
         dsk[key] = (_splat_tile, (patches.name, b, 0, 0), idx - starts[b], local_k, frac[idx], w[idx], shape)
-        leaves.setdefault((ty, tx), []).append((keys[b], key))
+        # order of summation: by where the block's patches sit in the tile, then by the block digest
+        order = (*np.maximum(local_k.min(axis=0), 0).tolist(), keys[b])
+        leaves.setdefault((ty, tx), []).append((order, key))
     for ty, th in enumerate(chunks[0]):
         for tx, tw in enumerate(chunks[1]):
             if (ty, tx) in leaves:
@@ -419,12 +422,12 @@ def _route(k: np.ndarray, w: np.ndarray, m: int, starts: np.ndarray, tile: int, 
             yield int(blk[a]), int(tys[a]), int(txs[a]), pidx[a:b]
 
 
-def _reduce(items: list[tuple[bytes, tuple]], prefix: tuple, dsk: dict):
-    """Add a tree summing the partials ``items`` (digest, key) to ``dsk``; return the root key."""
+def _reduce(items: list[tuple[tuple, tuple]], prefix: tuple, dsk: dict):
+    """Add a tree summing the partials ``items`` (sort key, task key) to ``dsk``; return the root key."""
     items = sorted(items, key=lambda it: it[0])
-    # Runs of equal digests (identical placements) are never split across groups, and a group holding
+    # Runs of equal sort keys (identical placements) are never split across groups, and a group holding
     # such a tie orders its partials by content (in _sum_partials): block order never changes a sum.
-    groups: list[list[tuple[bytes, tuple]]] = []
+    groups: list[list[tuple[tuple, tuple]]] = []
     for _, run in itertools.groupby(items, key=lambda it: it[0]):
         run = list(run)
         if groups and len(groups[-1]) + len(run) <= _FAN_IN:
@@ -433,8 +436,8 @@ def _reduce(items: list[tuple[bytes, tuple]], prefix: tuple, dsk: dict):
             groups.append(run)
     keys = []
     for g, members in enumerate(groups):
-        digests = {d for d, _ in members}
-        keys.append(_sum_task(dsk, (*prefix, 0, g), [k for _, k in members], len(digests) < len(members)))
+        tied = len({order for order, _ in members}) < len(members)
+        keys.append(_sum_task(dsk, (*prefix, 0, g), [k for _, k in members], tied))
     level = 0
     while len(keys) > 1:
         level += 1
