@@ -38,7 +38,9 @@ from ptychozarr.grouping import group
 from ptychozarr.inference import cached_model, infer, load_count, oom_events
 from ptychozarr.io import ingest, is_complete, mark_complete, open_dataset, open_store
 from ptychozarr.io.npz import NpzReader, NpzWriter
+from ptychozarr.io.validate import diffraction_key, diffraction_layout
 from ptychozarr.metrics import evaluate
+from ptychozarr.models import check_compatible
 from ptychozarr.models.keras_model import sidecar_path
 from ptychozarr.outputs import (
     ArmResult,
@@ -54,6 +56,8 @@ __all__ = ["Comparison", "compare"]
 log = logging.getLogger(__name__)
 
 _ARM_KEYS = {"PtychoPINN": "pinn", "Baseline": "baseline", "PtyChi": "ptychi", "Tike": "tike"}
+_STITCH_STAGES = ("stitch-splat", "stitch-sum")  # task kinds of the stitch graph, as memory.plan names them
+_MAX_BLOCK = 2048  # groups per task at most, whatever the budget allows (keeps tasks many enough)
 _PLOT_SIDE = 2048  # largest side of an image in comparison_plot.png (larger ones are strided)
 _KILL_ENV = "PTYCHOZARR_KILL_AFTER_TASKS"  # fault injection for resume tests: SIGKILL after n tasks
 
@@ -195,12 +199,21 @@ def compare(
     params = {k: v for k, v in locals().items() if k in _PARAMETER_NAMES}
 
     with cluster.scheduler(scheduler, n_workers=n_workers) as client, memory.PeakMemory() as peak:
-        ds = run.stage_ingest(test_data)
-        gridsize = max((_model_gridsize(p) for p in models.values() if Path(p).exists()), default=1)
-        groups = run.stage_group(ds, gridsize, neighbours, group_seed, n_test_groups, subsample_seed)
+        n_points, n_pix = _scan_shape(test_data)
         plan = _memory_plan(
-            ds, groups, models, stitch_crop_size, block_groups, batch_size, tile, budget, client
+            min(n_points, n_test_groups or n_points),
+            n_pix,
+            models,
+            stitch_crop_size,
+            block_groups,
+            batch_size,
+            tile,
+            budget,
+            client,
         )
+        ds = run.stage_ingest(test_data)
+        gridsize = max((cached_model(p).spec.gridsize for p in models.values()), default=1)
+        groups = run.stage_group(ds, gridsize, neighbours, group_seed, n_test_groups, subsample_seed)
         arms, errors = [], {}
         for label, path in models.items():
             arm = ArmResult(_arm_key(label), label)
@@ -215,7 +228,7 @@ def compare(
                     batch_size=batch_size,
                     tile=tile,
                 )
-            except (PtychozarrError, FileNotFoundError) as exc:
+            except PtychozarrError as exc:
                 errors[label] = str(exc)
                 log.warning("arm %s: %s", label, exc)
             arms.append(arm)
@@ -238,9 +251,11 @@ def compare(
             frc_sigma=frc_sigma,
         )
         measured = {"peak": peak.peak, **run.task_peaks}
+        loads = {"client": load_count()}
         if client is not None:
             workers = memory.worker_peaks(client)
             measured["process"] = max(w["host"] for w in workers.values())
+            loads |= client.run(load_count)
 
     report = _report(run, arms, ds, save_npz=save_npz, save_npz_aligned=save_npz_aligned)
     payload = {
@@ -250,7 +265,7 @@ def compare(
         "stages": run.timings,
         "reused": run.reused,
         "memory": memory.report(plan, measured),
-        "model_loads": load_count(),
+        "model_loads": loads,
         "oom_retries": oom_events(),
         "errors": errors,
         "warnings": run.warnings,
@@ -305,16 +320,17 @@ def _check_parameters(
             raise InvalidParameterError(f"{flag} {value}: must be at least 1")
     if n_test_groups is not None and n_test_groups < 1:
         raise InvalidParameterError(f"--n-test-groups {n_test_groups}: must be at least 1")
+    for label, path in models.items():
+        if not Path(path).exists():
+            raise InvalidParameterError(
+                f"model {label!r}: {path} does not exist; give an existing model path"
+            )
     if recon is not None and not Path(recon).is_file():
         raise InvalidParameterError(f"--ptychi-recon {recon}: no such file")
 
 
 def _arm_key(label: str) -> str:
     return _ARM_KEYS.get(label) or "".join(c if c.isalnum() else "_" for c in label.lower())
-
-
-def _model_gridsize(path) -> int:
-    return cached_model(path).spec.gridsize
 
 
 def _sha256(path: Path) -> str:
@@ -376,7 +392,7 @@ class _Run:
 
     def compute(self, stage: str, func, *args, **kwargs):
         """Run a dask computation with this run's progress bar, memory and fault callbacks."""
-        callbacks = [memory.TaskMemoryCallback(), *self._callbacks]
+        callbacks = [memory.TaskMemoryCallback(stages=_STITCH_STAGES), *self._callbacks]
         if not self.quiet:
             from tqdm.dask import TqdmCallback
 
@@ -385,8 +401,13 @@ class _Run:
             for cb in callbacks:
                 stack.enter_context(cb)
             result = func(*args, **kwargs)
-        peak = max(callbacks[0].peaks().values(), default=0)
-        self.task_peaks[stage] = max(self.task_peaks.get(stage, 0), peak)
+        peaks = callbacks[0].peaks()
+        if stage == "stitch":
+            peaks = {k: v for k, v in peaks.items() if k in _STITCH_STAGES}
+        else:
+            peaks = {stage: max(peaks.values(), default=0)}
+        for name, value in peaks.items():
+            self.task_peaks[name] = max(self.task_peaks.get(name, 0), value)
         return result
 
     def root(self) -> zarr.Group:
@@ -428,8 +449,6 @@ class _Run:
     def stage_model_arm(
         self, arm: ArmResult, ds, groups, path: Path, *, crop, block_groups, batch_size, tile
     ) -> None:
-        if not path.exists():
-            raise FileNotFoundError(f"model {path} does not exist")
         root = self.root()
         params = {
             "model": _fingerprint(path),
@@ -672,29 +691,60 @@ def _scalar(reader: NpzReader, key: str):
     return reader.read(key).item()
 
 
-def _memory_plan(ds, groups, models, crop, block_groups, batch_size, tile, budget, client):
-    """Project the run's memory, pick ``auto`` blocks, and refuse an over-budget plan before work."""
-    n_pix = int(ds.sizes["det_y"])
+def _scan_shape(test_data: Path) -> tuple[int, int]:
+    """Patterns and pattern side of a scan, from the NPZ header or the store, reading no data."""
+    if test_data.suffix != ".npz":
+        ds = open_dataset(test_data)
+        return int(ds.sizes["pattern"]), int(ds.sizes["det_y"])
+    with NpzReader(test_data) as npz:
+        if "xcoords" not in npz.members:
+            raise InvalidScanError(f"{test_data}: missing required key 'xcoords'")
+        n_points = npz.members["xcoords"].shape[0] if npz.members["xcoords"].shape else 0
+        layout = diffraction_layout(npz.members[diffraction_key(npz.members)], n_points)
+    return layout.n_patterns, layout.size
+
+
+def _memory_plan(n_points, n_pix, models, crop, block_groups, batch_size, tile, budget, client):
+    """Project the run's memory, pick ``auto`` blocks, and refuse an over-budget plan before any work.
+
+    The models' working memory is probed with one batch each (the largest counts); the per-process
+    baseline is this process's RSS now on the threaded scheduler, the default on a cluster.
+    """
     conc = cluster.concurrency(client)
-    sizes = [cached_model(p).spec for p in models.values() if Path(p).exists()]
-    channels = max((s.channels for s in sizes), default=1)
+    loaded = [cached_model(p) for p in models.values()]
+    gridsize = max((m.spec.gridsize for m in loaded), default=1)
+    for m in loaded:
+        check_compatible(m.spec, n_pix, gridsize)
+    channels = max((m.spec.channels for m in loaded), default=1)
+    probe = max((_probe(m, batch_size) for m in loaded), default=0)
     args = dict(
         batch_size=batch_size,
         N=n_pix,
         C=channels,
         M=crop,
+        model_probe=probe,
+        output=loaded[0].spec.output if loaded else "complex",
         tile=tile,
         threads=conc.threads,
         processes=conc.processes,
+        reserved=memory.measure_reserved() if client is None else None,
     )
-    n_groups = int(groups.sizes["group"])
     if block_groups == "auto":
         auto_budget = budget or int(0.5 * psutil.virtual_memory().available)
-        block_groups = min(memory.choose_block_groups(auto_budget, max_groups=n_groups, **args), 2048)
+        block_groups = min(memory.choose_block_groups(auto_budget, max_groups=n_points, **args), _MAX_BLOCK)
     plan = memory.plan(block_groups=block_groups, **args)
     if budget is not None:
         memory.check(plan, budget)
     return plan
+
+
+def _probe(model, batch_size: int) -> int:
+    """Host bytes of one batch through ``model`` (:func:`ptychozarr.memory.probe_model`)."""
+    spec = model.spec
+    shape = (min(batch_size, spec.max_batch or batch_size), spec.N, spec.N, spec.channels)
+    if spec.takes_positions:
+        return memory.probe_model(model.predict_batch, shape, (shape[0], 1, 2, spec.channels))
+    return memory.probe_model(lambda x: model.predict_batch(x, None), shape)
 
 
 def _report(run: _Run, arms, ds, *, save_npz, save_npz_aligned) -> dict:

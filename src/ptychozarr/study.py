@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptychozarr.errors import InvalidParameterError
-from ptychozarr.outputs import METRIC_ORDER, write_json
+from ptychozarr.outputs import METRIC_ORDER, ArmResult, write_json
 
 __all__ = ["deltas", "study"]
 
@@ -101,6 +101,12 @@ def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = 
             for label, key in (("PtychoPINN", "pinn_model"), ("Baseline", "baseline_model"))
             if key in run
         }
+        missing = {label: path for label, path in models.items() if not path.exists()}
+        for label, path in missing.items():
+            log.warning(
+                "study run %s: model %s (%s) does not exist; its rows stay empty", run["name"], label, path
+            )
+            del models[label]
         recon = base / run["ptychi_recon"] if "ptychi_recon" in run else None
         try:
             result = compare(
@@ -124,11 +130,10 @@ def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = 
                     label,
                     result.errors.get(label, "missing"),
                 )
-            entry.update(
-                status="partial" if failed else "ok",
-                errors=result.errors,
-                metrics={a.label: a.metrics_table() for a in result.arms},
-            )
+            errors = result.errors | {label: f"{path} does not exist" for label, path in missing.items()}
+            tables = {a.label: a.metrics_table() for a in result.arms}
+            tables |= {label: ArmResult(label, label).metrics_table() for label in missing}
+            entry.update(status="partial" if failed or missing else "ok", errors=errors, metrics=tables)
         summary[run["name"]] = entry
     write_json(out / "metrics_summary.json", summary)
     table = deltas(summary)
