@@ -1,10 +1,11 @@
 """Benchmark: PtychoPINN's metrics out of core (``ptychozarr.metrics.evaluate``) beside numpy/scikit-image.
 
-For each square size, a synthetic complex ground truth and reconstruction are written to Zarr (1024² chunks,
-complex64). The engine reads them with ``dask.array.from_zarr`` and runs every metric (MAE, MSE, PSNR, SSIM,
-MS-SSIM, FRC curves and cut-offs, amplitude and phase); the in-memory way loads both into numpy and applies
-spec §5 plainly with numpy, scipy and scikit-image, where it fits (``--max-in-memory``). Each variant runs
-in a fresh process (benchmarks/_harness.py), so the peak RSS is its own.
+For each square size, a synthetic complex ground truth and reconstruction are written to Zarr
+(complex64, square chunks of ``--chunk``). The engine reads them with ``dask.array.from_zarr`` and runs
+every metric (MAE, MSE, PSNR, SSIM, MS-SSIM, FRC curves and cut-offs, amplitude and phase). The in-memory
+way loads both into numpy and applies spec §5 plainly with numpy, scipy and scikit-image, where it fits
+(``--max-in-memory``). Each variant runs in a fresh process (benchmarks/_harness.py), so the peak RSS
+is its own.
 
     .venv/bin/python benchmarks/metrics.py --sizes 2048 8192 16384 32768 --json metrics.json
 """
@@ -25,9 +26,6 @@ from benchmarks._harness import measure, ratio, table, write_json  # noqa: E402
 
 __all__ = ["main"]
 
-_CHUNK = 1024
-
-
 def _synthetic_block(shape, kind: str, block_info=None) -> np.ndarray:
     (r0, r1), (c0, c1) = block_info[None]["array-location"]
     rows, cols = np.mgrid[r0:r1, c0:c1].astype(np.float64)
@@ -40,14 +38,14 @@ def _synthetic_block(shape, kind: str, block_info=None) -> np.ndarray:
     return (amp * np.exp(1j * phase)).astype(np.complex64)
 
 
-def _write_inputs(size: int, directory: Path) -> tuple[str, str]:
+def _write_inputs(size: int, chunk: int, directory: Path) -> tuple[str, str]:
     import dask.array as da
 
     paths = []
     for kind in ("gt", "recon"):
         path = str(directory / f"{kind}_{size}.zarr")
         arr = da.map_blocks(_synthetic_block, (size, size), kind,
-                            chunks=da.core.normalize_chunks(_CHUNK, (size, size)), dtype=np.complex64,
+                            chunks=da.core.normalize_chunks(chunk, (size, size)), dtype=np.complex64,
                             meta=np.empty((0, 0), np.complex64))
         arr.to_zarr(path, overwrite=True)
         paths.append(path)
@@ -147,6 +145,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--max-in-memory", type=int, default=8192,
                         help="largest size run in memory (16384 needs about 30 GB)")
+    parser.add_argument("--chunk", type=int, default=512,
+                        help="edge of the stored square chunks; engine memory grows with width × chunk")
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs and FFT spill go")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)
@@ -155,14 +155,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     try:
         for size in args.sizes:
-            recon_path, gt_path = _write_inputs(size, directory)
+            recon_path, gt_path = _write_inputs(size, args.chunk, directory)
             spill = directory / f"spill_{size}"
             spill.mkdir()
             engine = measure(run_engine, recon_path, gt_path, str(spill))
             shutil.rmtree(spill)
             mpix = size * size / 1e6
-            row = {"size": f"{size}²", "engine_s": engine.wall_s, "engine_Mpx/s": mpix / engine.wall_s,
-                   "engine_RSS_MB": engine.peak_rss_mb}
+            row = {"size": f"{size}²", "chunk": args.chunk, "engine_s": engine.wall_s,
+                   "engine_Mpx/s": mpix / engine.wall_s, "engine_RSS_MB": engine.peak_rss_mb}
             if size <= args.max_in_memory:
                 memory = measure(run_in_memory, recon_path, gt_path)
                 row |= {"in_memory_s": memory.wall_s, "in_memory_Mpx/s": mpix / memory.wall_s,

@@ -14,7 +14,7 @@ import numpy as np
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.metrics._common import _checked, _pair, _require_min_side
 from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, frc, frc_cutoff
-from ptychozarr.metrics.multiscale import gaussian_prefilter, ms_ssim
+from ptychozarr.metrics.multiscale import _combine, _lazy_combine, _level_scores, gaussian_prefilter
 from ptychozarr.metrics.pointwise import mae, mse, phase_plane, psnr, remove_phase_plane
 from ptychozarr.metrics.structural import WIN_SIZE, ssim
 
@@ -78,10 +78,11 @@ def evaluate(
     - MS-SSIM on (t, p') with the pre-filter and on the scaled phases without it;
     - FRC curves on (t, p') and on the phases; frc50 and frc1over7 interpolated (:func:`frc_cutoff`).
 
-    Eagerly, the work runs in four passes over the inputs (global statistics, pointwise and SSIM,
-    MS-SSIM, FRC), so that each streams through memory; give inputs backed by storage (e.g.
-    ``dask.array.from_zarr``) rather than expensive graphs. NaN in either input raises
-    :class:`~ptychozarr.errors.InvalidParameterError` (when the graph runs, if ``lazy``).
+    Eagerly, the work runs in several passes over the inputs (global statistics; pointwise; SSIM of
+    amplitude, of phase; each MS-SSIM level; each FRC), so that each streams through memory; give
+    inputs backed by storage (e.g. ``dask.array.from_zarr``) rather than expensive graphs.
+    NaN in either input raises :class:`~ptychozarr.errors.InvalidParameterError` (when the graph runs,
+    if ``lazy``).
     """
     if phase_align not in ("plane", "mean"):
         raise InvalidParameterError(f"phase_align must be 'plane' or 'mean', got {phase_align!r}.")
@@ -110,34 +111,25 @@ def evaluate(
         phi_t, phi_p = (ph - c for ph, c in zip(phases, centring, strict=True))
     s_t, s_p = (phi_t + np.pi) / (2 * np.pi), (phi_p + np.pi) / (2 * np.pi)
 
-    f_t, f_p = gaussian_prefilter(t, ms_ssim_sigma), gaussian_prefilter(p, ms_ssim_sigma)
-    first = _resolve(
-        lazy,
-        mae(t, p),
-        mae(phi_t, phi_p),
-        mse(t, p),
-        mse(phi_t, phi_p),
-        psnr(t, p),
-        psnr(phi_t, phi_p),
-        ssim(t, p, data_range=amp_range),
-        ssim(s_t, s_p, data_range=1.0),
-        da.maximum(_range(f_t), _range(f_p)),
-        da.maximum(_range(s_t), _range(s_p)),
-    )
-    *pointwise, ms_range_amp, ms_range_phase = first
-    multiscale = _resolve(
-        lazy,
-        ms_ssim(t, p, sigma=ms_ssim_sigma, data_range=ms_range_amp),
-        ms_ssim(s_t, s_p, sigma=0.0, data_range=ms_range_phase),
-    )
-    spill = tempfile.TemporaryDirectory() if (workdir is None and not lazy) else nullcontext(workdir)
-    with spill as directory:
-        curves = _resolve(
-            lazy,
-            frc(t, p, sigma=frc_sigma, workdir=directory),
-            frc(phi_t, phi_p, sigma=frc_sigma, workdir=directory),
-        )
-    values = [*pointwise, *multiscale]
+    amplitude, phase = (t, p), (phi_t, phi_p)
+    pointwise = [f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)]
+    ms_pairs = ((t, p, ms_ssim_sigma), (s_t, s_p, 0.0))
+    ms_ranges = [da.maximum(_range(gaussian_prefilter(x, sg)), _range(gaussian_prefilter(y, sg)))
+                 for x, y, sg in ms_pairs]
+    ssims = ssim(t, p, data_range=amp_range), ssim(s_t, s_p, data_range=1.0)
+    if lazy:
+        multiscale = [_lazy_combine(_level_scores(x, y, sg, r))
+                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
+        curves = [frc(*pair, sigma=frc_sigma, workdir=workdir) for pair in (amplitude, phase)]
+    else:  # one pass per image pair and family, so that each streams through memory
+        pointwise = dask.compute(*pointwise)
+        ssims, ms_ranges = zip(*(dask.compute(s, r) for s, r in zip(ssims, ms_ranges, strict=True)),
+                               strict=True)
+        multiscale = [_combine(np.array([level.compute() for level in _level_scores(x, y, sg, r)]))
+                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
+        with tempfile.TemporaryDirectory() if workdir is None else nullcontext(workdir) as directory:
+            curves = [frc(*pair, sigma=frc_sigma, workdir=directory).compute() for pair in (amplitude, phase)]
+    values = [*pointwise, *ssims, *multiscale]
     if not lazy:
         values = [float(v) for v in values]
     cutoffs = [frc_cutoff(c, th) for th in (FRC50, FRC1OVER7) for c in curves]

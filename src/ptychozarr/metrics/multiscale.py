@@ -96,13 +96,26 @@ def ms_ssim(a, b, *, sigma: float = 0.0, data_range=None):
     """
     a, b, eager = _pair(a, b)
     _require_min_side(a.shape, WIN_SIZE, "MS-SSIM (7×7 window at the first level)")
-    fa, fb = gaussian_prefilter(a, sigma), gaussian_prefilter(b, sigma)
     if data_range is None:
+        fa, fb = gaussian_prefilter(a, sigma), gaussian_prefilter(b, sigma)
         data_range = da.maximum(fa.max() - fa.min(), fb.max() - fb.min())
-    scores = []
-    for level in range(_levels(a.shape)):
-        step = 2**level
-        scores.append(ssim(fa[::step, ::step], fb[::step, ::step], data_range=data_range))
-    stacked = da.stack(scores).rechunk(-1)
-    combined = stacked.map_blocks(_combine, drop_axis=0, dtype=np.float64, meta=np.float64(0.0))
-    return _finish(combined, eager)
+        if eager:
+            data_range = float(data_range.compute())
+    scores = _level_scores(a, b, sigma, data_range)
+    if eager:  # one level per pass, so that no pass holds a whole filtered image
+        return float(_combine(np.array([s.compute() for s in scores])))
+    return _lazy_combine(scores)
+
+
+def _lazy_combine(scores: list[da.Array]) -> da.Array:
+    """:func:`_combine` of lazy level scores, as a 0-d dask array."""
+    return da.stack(scores).rechunk(-1).map_blocks(_combine, drop_axis=0, dtype=np.float64,
+                                                   meta=np.float64(0.0))
+
+
+def _level_scores(a: da.Array, b: da.Array, sigma: float, data_range) -> list[da.Array]:
+    """The lazy SSIM mean of every level. Computed one at a time, each level re-reads and re-filters
+    its inputs, so that no pass holds a whole filtered image."""
+    fa, fb = gaussian_prefilter(a, sigma), gaussian_prefilter(b, sigma)
+    return [ssim(fa[:: 2**level, :: 2**level], fb[:: 2**level, :: 2**level], data_range=data_range)
+            for level in range(_levels(a.shape))]
