@@ -476,7 +476,8 @@ def _splat_tile(block, rows, k, frac, w, shape) -> _Partial:
     y0, x0 = np.maximum(k.min(axis=0), 0)
     y1, x1 = np.minimum(k.max(axis=0) + m + 1, shape)
     h, wd = int(y1 - y0), int(x1 - x0)
-    sums = np.zeros((3, h * wd))  # real and imaginary numerator, weight
+    num = np.zeros(h * wd, dtype=np.complex128)
+    den = np.zeros(h * wd)
     ar = np.arange(m + 1)
     step = max(1, _VALUES_PER_BATCH // (m + 1) ** 2)
     for a in range(0, len(rows), step):
@@ -492,10 +493,9 @@ def _splat_tile(block, rows, k, frac, w, shape) -> _Partial:
             # taps beyond this tile belong to a neighbour or fall off the canvas
             ok = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
             flat, weight, parts = flat[ok], weight[ok], [p[ok] for p in parts]
-        for out, values in zip(sums, (*parts, weight), strict=True):
+        for out, values in zip((num.real, num.imag, den), (*parts, weight), strict=True):
             np.add.at(out, flat.ravel(), values.ravel())  # unbuffered, in index order
-    num = (sums[0] + 1j * sums[1]).reshape(h, wd)
-    return _Partial(int(y0), int(x0), num, sums[2].reshape(h, wd))
+    return _Partial(int(y0), int(x0), num.reshape(h, wd), den.reshape(h, wd))
 
 
 def _spread(x: np.ndarray, f: np.ndarray, axis: int, scale) -> np.ndarray:
@@ -545,13 +545,11 @@ def _content_digest(part: _Partial) -> bytes:
 
 
 def _finish_tile(part: _Partial, shape: tuple[int, int]) -> np.ndarray:
-    """``num / (den + 1e-9)`` of one whole tile, complex64."""
-    num = np.zeros(shape, dtype=np.complex128)
-    den = np.zeros(shape)
+    """``num / (den + 1e-9)`` of one whole tile, complex64 (zero outside the partial's box)."""
+    out = np.zeros(shape, dtype=np.complex64)
     box = np.s_[part.y : part.y + part.den.shape[0], part.x : part.x + part.den.shape[1]]
-    num[box] = part.num
-    den[box] = part.den
-    return (num / (den + _EPS)).astype(np.complex64)
+    out[box] = part.num / (part.den + _EPS)
+    return out
 
 
 def _write_tile(target: zarr.Array, value: np.ndarray, region: tuple[slice, slice]) -> None:
