@@ -218,8 +218,8 @@ def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
     results = [run(order) for order in orders]
     assert all(r.tobytes() == results[0].tobytes() for r in results[1:])
     # the test has power: plain float sums of the blocks' numerators in these orders differ
-    m_all = np.concatenate(pos)
-    shifts = spec_shifts(m_all, m)[0] if canvas is None else explicit_shifts(m_all, m, canvas[0])
+    all_pos = np.concatenate(pos)
+    shifts = spec_shifts(all_pos, m)[0] if canvas is None else explicit_shifts(all_pos, m, canvas[0])
     nums = [
         splat_sums(blocks[b], shifts[b * size : (b + 1) * size], results[0].shape, w[b])[0]
         for b in range(count)

@@ -28,6 +28,11 @@ Design, in words:
   their content digests. Every sum thus happens in an order fixed by the data alone, so permuting the
   blocks of patches gives a bitwise-identical canvas on any scheduler. (Cutting the patches into
   *different* blocks changes the rounding, at the level of 1e-16 relative.)
+- **Memory.** A splat task holds one block of patches, a batch of footprints and the sums over its box
+  (24 bytes per pixel); a tile's partials live until its last block is splatted. So the peak is about
+  (threads + tiles in progress) × 24 bytes × tile², plus the blocks in flight. A raster scan keeps
+  about one row of tiles in progress: memory grows with the canvas width, never with its area; pass a
+  smaller ``tile`` for very wide canvases.
 - **One writer per chunk.** :func:`stitch_to_zarr` writes each touched tile as exactly one full Zarr
   chunk, skips untouched tiles (they equal the fill value 0), and sets ``complete`` last.
 
@@ -185,7 +190,8 @@ def stitch_to_zarr(
     """Stitch (as :func:`stitch`) straight into a Zarr v3 array chunked in tiles.
 
     Each tile that a patch touches is computed and written as exactly one whole chunk by one task; the
-    others are never written and read as the fill value 0. The array's attributes carry the canvas frame
+    others are never written and read as the fill value 0. The array is not sharded (chunks are tiles),
+    so no two writers ever share a stored object. The array's attributes carry the canvas frame
     (``canvas``), ``tile``, ``patch_size``, ``n_patches`` and ``attrs``; ``complete`` is set to true only
     after the last chunk is written.
 
