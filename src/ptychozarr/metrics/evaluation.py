@@ -59,7 +59,7 @@ def evaluate(
         Return dask objects to compute in one ``dask.compute`` pass instead of numbers.
     workdir : str or Path, optional
         Directory for the FFT transposition of the FRC (see :func:`~ptychozarr.metrics.frc`). When
-        computing eagerly without one, a temporary directory is used and removed.
+        computing dask inputs eagerly without one, a temporary directory is used and removed.
 
     Returns
     -------
@@ -88,7 +88,7 @@ def evaluate(
         raise InvalidParameterError(f"phase_align must be 'plane' or 'mean', got {phase_align!r}.")
     if trim < 0:
         raise InvalidParameterError(f"trim must be a non-negative pixel count, got {trim}.")
-    rec, gt, _ = _pair(recon, ground_truth)
+    rec, gt, numpy_in = _pair(recon, ground_truth)
     crop = slice(trim, rec.shape[0] - trim), slice(trim, rec.shape[1] - trim)
     _require_min_side(
         (rec.shape[0] - 2 * trim, rec.shape[1] - 2 * trim),
@@ -127,7 +127,8 @@ def evaluate(
                                strict=True)
         multiscale = [_combine(np.array([level.compute() for level in _level_scores(x, y, sg, r)]))
                       for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
-        with tempfile.TemporaryDirectory() if workdir is None else nullcontext(workdir) as directory:
+        spill = tempfile.TemporaryDirectory() if workdir is None and not numpy_in else nullcontext(workdir)
+        with spill as directory:
             curves = [frc(*pair, sigma=frc_sigma, workdir=directory).compute() for pair in (amplitude, phase)]
     values = [*pointwise, *ssims, *multiscale]
     if not lazy:

@@ -84,6 +84,13 @@ def _solve_plane(moments: np.ndarray, centre: tuple[float, float]) -> np.ndarray
     return np.array([a, b, c - a * centre[1] - b * centre[0]])
 
 
+def _subtract_plane(block: np.ndarray, coef: np.ndarray, block_info=None) -> np.ndarray:
+    (r0, r1), (c0, c1) = block_info[0]["array-location"]
+    rows = np.arange(r0, r1, dtype=np.float64)[:, None]
+    cols = np.arange(c0, c1, dtype=np.float64)[None, :]
+    return block.astype(np.float64) - (coef[0] * cols + coef[1] * rows + coef[2])
+
+
 def phase_plane(phase):
     """Least-squares plane ``z = a·col + b·row + c`` through every pixel of a phase image.
 
@@ -135,9 +142,7 @@ def remove_phase_plane(phase, coefficients=None):
     """
     ph, eager = _one(phase)
     coef = phase_plane(ph) if coefficients is None else coefficients
-    rows = da.arange(ph.shape[0], chunks=ph.chunks[0], dtype=np.float64)[:, None]
-    cols = da.arange(ph.shape[1], chunks=ph.chunks[1], dtype=np.float64)[None, :]
-    out = ph.astype(np.float64) - (coef[0] * cols + coef[1] * rows + coef[2])
+    out = ph.map_blocks(_subtract_plane, coef=coef, dtype=np.float64, meta=np.empty((0, 0), np.float64))
     return _finish(out, eager)
 
 
