@@ -138,12 +138,10 @@ def write_comparison_plot(
     path: str | os.PathLike, panels: list[tuple[str, np.ndarray]], p_min: float = 10.0, p_max: float = 90.0
 ) -> Path:
     """Phase over amplitude for each (title, complex image) panel, per-panel percentile limits."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 9), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(panels), 9))
+    axes = fig.subplots(2, len(panels), squeeze=False)
     for col, (title, image) in enumerate(panels):
         for row, (part, cmap) in enumerate(((np.angle, "viridis"), (np.abs, "gray"))):
             values = part(image)
@@ -159,7 +157,6 @@ def write_comparison_plot(
     axes[1, 0].set_ylabel("Amplitude", fontsize=14)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
     return Path(path)
 
 
