@@ -17,9 +17,9 @@ Each variant returns the sum of a 256×256 window of its result, so the table al
 All variants import the same modules before the clock starts; peak RSS includes the interpreter and
 those imports (about 200 MB).
 
-Run from the repository root::
+Run from the repository root (``benchmarks/run_all.py`` calls :func:`main` the same way)::
 
-    python -m benchmarks.stitch --sizes 512 1024 2048 4096 8192 16384 --json stitch.json
+    python benchmarks/stitch.py --sizes 512 1024 2048 4096 8192 16384 --json stitch.json
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ import psutil
 import zarr
 from scipy import ndimage
 
-from benchmarks._harness import measure, ratio, table, write_json
 from ptychozarr.stitch import stitch_to_zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import measure, ratio, table, write_json  # noqa: E402
 
 __all__ = ["main"]
 
@@ -130,7 +133,7 @@ def run_translate(size: int, m: int, count: int) -> complex:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the benchmark; print one markdown table and return its rows."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--patch", type=int, default=32, help="crop size M")
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--translate-pixels", type=float, default=2**28, help="n·S² budget of 'translate'")
@@ -140,15 +143,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for size in args.sizes:
         n = len(_positions(size, args.patch))
-        row = {"canvas": f"{size}²", "patches": n}
+        row = {"canvas side": size, "patches": n}
         eng = measure(run_engine, size, args.patch, args.tile)
-        row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine MB": eng.peak_rss_mb}
+        row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine RSS MB": eng.peak_rss_mb}
         if size * size * 40 < 0.6 * psutil.virtual_memory().available:
             mem = measure(run_in_memory, size, args.patch)
             row |= {
                 "in-mem s": mem.wall_s,
                 "in-mem patch/s": n / mem.wall_s,
-                "in-mem MB": mem.peak_rss_mb,
+                "in-mem RSS MB": mem.peak_rss_mb,
                 "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
                 "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
                 "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row |= {
             "translate patches run": count,
             "translate patch/s": count / tr.wall_s,
-            "translate MB": tr.peak_rss_mb,
+            "translate RSS MB": tr.peak_rss_mb,
             "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
         }
         if count == n:
