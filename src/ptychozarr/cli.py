@@ -8,6 +8,7 @@ code 2 (as argparse's own usage errors), with no traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -393,6 +394,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ptychozarr`` console script; returns the exit code."""
     args = _build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="ptychozarr: %(message)s")
     try:
         return args.func(args)
     except PtychozarrError as exc:
