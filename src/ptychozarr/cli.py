@@ -394,8 +394,11 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ptychozarr`` console script; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="ptychozarr: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
+    logger = logging.getLogger("ptychozarr")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return args.func(args)
     except PtychozarrError as exc:
