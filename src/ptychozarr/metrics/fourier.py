@@ -4,7 +4,8 @@ Picture: the image is cut into row slabs (whole rows, a few MiB each) and each s
 its rows, giving the non-negative column frequencies only (the spectrum of a real image is Hermitian,
 so the other half is the conjugate mirror and has the same ring radii). The result is transposed to
 column slabs (whole columns) — through a Zarr array on disk when ``workdir`` is given, by a dask
-rechunk otherwise — and each slab gets a full FFT along its columns. A column slab then holds the
+rechunk otherwise — and each slab gets a full FFT along its columns (with a spill, one task per column
+slab reads it from disk, transforms and sums it). A column slab then holds the
 final spectrum for its frequencies; it computes its ring index (signed frequencies stand in for
 ``fftshift``) and adds its products to three ``bincount`` ring sums with Hermitian weights 2 (1 for the
 self-conjugate columns 0 and n/2). The per-slab sums are a tree reduction. No task holds more than one
@@ -41,39 +42,63 @@ def _slab(n: int, slab_bytes: int) -> int:
     return max(1, min(n, slab_bytes // (16 * n)))
 
 
-def _column_spectrum(x: da.Array, workdir: str | Path | None, slab_bytes: int) -> da.Array:
-    """The half-plane 2-D FFT of a real square image, chunked in column slabs of whole columns."""
-    n = x.shape[0]
-    rows = _slab(n, slab_bytes)
-    half = da.fft.rfft(x.astype(np.float64).rechunk((rows, -1)), axis=1)
-    cols = _slab(n, slab_bytes)
-    if workdir is None:
-        transposed = half.rechunk((-1, cols))
-    else:
-        target = zarr.create_array(
-            store=str(Path(workdir) / f"{half.name}.zarr"),
-            shape=half.shape,
-            chunks=(rows, cols),
-            dtype=half.dtype,
-            compressors=None,
-            overwrite=True,
-        )
-        written = da.store(half, target, lock=False, compute=False)
-        transposed = bind(da.from_zarr(target, chunks=(n, cols)), written)
-    return da.fft.fft(transposed, axis=0)
+def _row_spectrum(x: da.Array, slab_bytes: int) -> da.Array:
+    """Real FFT along the rows of a square image, in row slabs of whole rows: (n, n//2 + 1) complex."""
+    rows = _slab(x.shape[0], slab_bytes)
+    return da.fft.rfft(x.astype(np.float64).rechunk((rows, -1)), axis=1)
 
 
-def _ring_sums(fa: np.ndarray, fb: np.ndarray, kx: np.ndarray, length: int) -> np.ndarray:
-    """Ring sums of Re(Fa·Fb*), |Fa|², |Fb|² over one column slab (frequencies ``kx``) of the spectrum."""
-    n = fa.shape[0]
+def _ring_index(n: int, kx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ring index (round half to even) and Hermitian weight of columns ``kx`` of the half spectrum."""
     ky = np.fft.fftfreq(n, 1.0 / n)[:, None]
     kx = kx[None, :]
     ring = np.rint(np.sqrt(ky * ky + kx * kx)).astype(np.intp).ravel()
     self_conjugate = (kx == 0) | ((n % 2 == 0) & (kx == n // 2))
-    weight = np.where(self_conjugate, 1.0, 2.0)
+    return ring, np.broadcast_to(np.where(self_conjugate, 1.0, 2.0), (n, kx.shape[1])).ravel()
+
+
+def _ring_sums(fa: np.ndarray, fb: np.ndarray, kx: np.ndarray, length: int) -> np.ndarray:
+    """Ring sums of Re(Fa·Fb*), |Fa|², |Fb|² over one column slab (frequencies ``kx``) of the spectrum."""
+    ring, weight = _ring_index(fa.shape[0], kx)
     terms = ((fa * fb.conj()).real, (fa * fa.conj()).real, (fb * fb.conj()).real)
-    sums = [np.bincount(ring, weights=(t * weight).ravel(), minlength=length) for t in terms]
+    sums = [np.bincount(ring, weights=t.ravel() * weight, minlength=length) for t in terms]
     return np.stack(sums)[None, :, :]
+
+
+def _spilled_ring_sums(kx: np.ndarray, half_a: zarr.Array, half_b: zarr.Array, length: int) -> np.ndarray:
+    """Read one column slab of both row spectra from disk, finish their FFT and sum its rings."""
+    cols = slice(int(kx[0]), int(kx[-1]) + 1)
+    fa, fb = (np.fft.fft(half[:, cols], axis=0) for half in (half_a, half_b))
+    return _ring_sums(fa, fb, kx, length)
+
+
+def _spill(half: da.Array, workdir: str | Path, cols: int):
+    """A Zarr array in ``workdir`` in (row slab × column slab) chunks, and the lazy write of ``half``."""
+    target = zarr.create_array(
+        store=str(Path(workdir) / f"{half.name}.zarr"), shape=half.shape, chunks=(half.chunks[0][0], cols),
+        dtype=half.dtype, compressors=None, overwrite=True,
+    )
+    return target, da.store(half, target, lock=False, compute=False)
+
+
+def _spectrum_ring_sums(a: da.Array, b: da.Array, length: int, workdir, slab_bytes: int) -> da.Array:
+    """(3, L) ring sums of the two images' spectra (see the module docstring)."""
+    n = a.shape[0]
+    cols = _slab(n, slab_bytes)
+    half_a, half_b = _row_spectrum(a, slab_bytes), _row_spectrum(b, slab_bytes)
+    kx = da.arange(half_a.shape[1], chunks=cols, dtype=np.float64)
+    new = {"new_axes": {"r": 3, "l": length}, "adjust_chunks": {"j": 1}, "dtype": np.float64,
+           "meta": np.empty((0, 0, 0), np.float64)}
+    if workdir is None:
+        fa, fb = (da.fft.fft(h.rechunk((-1, cols)), axis=0) for h in (half_a, half_b))
+        sums = da.blockwise(_ring_sums, "jrl", fa, "ij", fb, "ij", kx, "j", length, None,
+                            concatenate=True, **new)
+    else:
+        (za, write_a), (zb, write_b) = _spill(half_a, workdir, cols), _spill(half_b, workdir, cols)
+        # one task per column slab reads, transforms and sums it, so nothing waits in memory
+        sums = da.blockwise(_spilled_ring_sums, "jrl", bind(kx, [write_a, write_b]), "j", za, None,
+                            zb, None, length, None, **new)
+    return sums.sum(axis=0)
 
 
 def _curve(sums: np.ndarray, sigma: float) -> np.ndarray:
@@ -112,26 +137,7 @@ def frc(a, b, *, sigma: float = 0.0, workdir: str | Path | None = None, slab_byt
     r0, c0 = (a.shape[0] - n) // 2, (a.shape[1] - n) // 2
     a, b = a[r0 : r0 + n, c0 : c0 + n], b[r0 : r0 + n, c0 : c0 + n]
     length = frc_length(n)
-    fa = _column_spectrum(a, workdir, slab_bytes)
-    fb = _column_spectrum(b, workdir, slab_bytes).rechunk(fa.chunks)
-    kx = da.arange(fa.shape[1], chunks=fa.chunks[1], dtype=np.float64)
-    sums = da.blockwise(
-        _ring_sums,
-        "jrl",
-        fa,
-        "ij",
-        fb,
-        "ij",
-        kx,
-        "j",
-        length,
-        None,
-        new_axes={"r": 3, "l": length},
-        adjust_chunks={"j": 1},
-        concatenate=True,
-        dtype=np.float64,
-        meta=np.empty((0, 0, 0), np.float64),
-    ).sum(axis=0)
+    sums = _spectrum_ring_sums(a, b, length, workdir, slab_bytes)
     curve = sums.map_blocks(_curve, sigma, drop_axis=0, dtype=np.float64, meta=np.empty((0,), np.float64))
     return _finish(curve, eager)
 
