@@ -23,6 +23,7 @@ from typing import Literal
 
 import dask.array as da
 import numpy as np
+from skimage import filters
 from skimage.registration import phase_cross_correlation
 
 from ptychozarr.errors import InvalidParameterError
@@ -197,13 +198,15 @@ class Registration:
     windowed: bool
 
 
-def _magnitude(x) -> np.ndarray:
-    x = x.compute() if isinstance(x, da.Array) else np.asarray(x)
-    return np.abs(x).astype(np.float32)
+def _magnitude(x, apodize: bool) -> np.ndarray:
+    x = np.abs(x.compute() if isinstance(x, da.Array) else np.asarray(x)).astype(np.float64)
+    if apodize:
+        x = (x - x.mean()) * filters.window("hann", x.shape)
+    return x.astype(np.float32)
 
 
-def find_offset(image, reference, *, upsample_factor: int = 50,
-                max_window: int = _MAX_WINDOW) -> Registration:
+def find_offset(image, reference, *, upsample_factor: int = 50, max_window: int = _MAX_WINDOW,
+                apodize: bool = True) -> Registration:
     """Sub-pixel shift of ``image`` relative to ``reference`` (PtychoPINN's ``find_translation_offset``).
 
     Parameters
@@ -215,6 +218,11 @@ def find_offset(image, reference, *, upsample_factor: int = 50,
         Larger images are registered on their central ``max_window``-sided window, the only part
         brought into memory (PtychoPINN uses the whole image; for one rigid shift the window gives the
         same answer unless it lacks structure).
+    apodize : bool
+        Remove each magnitude's mean and taper it with a Hann window first (default). Without it
+        (PtychoPINN's way) the straight edges of two cropped images correlate at zero shift and, with
+        phase normalisation, that peak often wins over the true one: a 2-px shift of a cropped image
+        is then reported as 0.
 
     Returns
     -------
@@ -223,7 +231,8 @@ def find_offset(image, reference, *, upsample_factor: int = 50,
     Notes
     -----
     ``skimage.registration.phase_cross_correlation(|reference|, |image|, upsample_factor=...)`` on
-    magnitudes cast to float32, with scikit-image's defaults (phase normalisation, real space input).
+    magnitudes cast to float32 (apodized unless ``apodize=False``), with scikit-image's defaults
+    (phase normalisation, real space input).
     """
     if image.shape != reference.shape or len(image.shape) != 2:
         raise InvalidParameterError(
@@ -233,8 +242,8 @@ def find_offset(image, reference, *, upsample_factor: int = 50,
     wh, ww = min(h, max_window), min(w, max_window)
     r0, c0 = (h - wh) // 2, (w - ww) // 2
     window = (slice(r0, r0 + wh), slice(c0, c0 + ww))
-    shift, _, _ = phase_cross_correlation(_magnitude(reference[window]), _magnitude(image[window]),
-                                          upsample_factor=upsample_factor)
+    shift, _, _ = phase_cross_correlation(_magnitude(reference[window], apodize),
+                                          _magnitude(image[window], apodize), upsample_factor=upsample_factor)
     return Registration((float(shift[0]), float(shift[1])), window, (wh, ww) != (h, w))
 
 

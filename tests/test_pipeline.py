@@ -1,0 +1,329 @@
+"""The compare pipeline end to end: outputs, equality with in-memory stages, resume, study, bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from skimage.metrics import structural_similarity
+
+from ptychozarr.errors import InvalidParameterError, MemoryBudgetError, ModelMismatchError
+from ptychozarr.io import open_dataset
+from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
+from ptychozarr.outputs import METRIC_ORDER
+from ptychozarr.pipeline import compare
+from ptychozarr.study import study
+
+M = 8  # stitch crop of the small scan's 32×32 patterns
+FLAGS = {"stitch_crop_size": M, "block_groups": 96, "skip_registration": True, "quiet": True}
+CLI_FLAGS = ["--stitch-crop-size", str(M), "--block-groups", "96", "--skip-registration", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny gridsize-2 PINN and a tiny Baseline for the 32×32 scan (untrained: fixed random weights)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    folder = tmp_path_factory.mktemp("models")
+    pinn = ModelSpec("pinn", 32, 2, False, None, "amp_phase", name="tiny-pinn")
+    base = ModelSpec("baseline", 32, 1, False, None, "amp_phase", name="tiny-baseline")
+    return {
+        "PtychoPINN": save_keras(build_pinn(32, 2, filters=4, depth=2), pinn, folder / "pinn"),
+        "Baseline": save_keras(build_baseline(32, filters=4, depth=2), base, folder / "baseline"),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(small_npz, models, tmp_path_factory):
+    """One uninterrupted run with the flags the CLI tests use."""
+    return compare(small_npz, models, output_dir=tmp_path_factory.mktemp("reference"), **FLAGS)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_metrics_csv_has_compare_models_schema_and_order(reference):
+    rows = _rows(reference.output_dir / "comparison_metrics.csv")
+    assert list(rows[0]) == ["model", "metric", "amplitude", "phase", "value"]
+    expected = [(m, name) for m in ("PtychoPINN", "Baseline") for name in METRIC_ORDER]
+    expected += [("PtychoPINN", "computation_time_s"), ("Baseline", "computation_time_s")]
+    assert [(r["model"], r["metric"]) for r in rows] == expected
+    for r in rows[:14]:
+        assert r["amplitude"] and r["phase"] and r["value"] == ""
+    assert all(float(r["value"]) > 0 for r in rows[14:])
+    for key in ("pinn", "baseline"):
+        frc = _rows(reference.output_dir / f"{key}_frc_curves.csv")
+        assert list(frc[0]) == ["model", "frequency_bin", "amplitude_frc", "phase_frc"]
+    with np.load(reference.output_dir / "reconstructions_aligned.npz") as npz:
+        assert all(npz[k].dtype != object for k in npz.files)
+        assert np.isnan(npz["pinn_offset_dy"])  # registration skipped: NaN, not None
+    run = json.loads((reference.output_dir / "run.json").read_text())
+    assert {"inputs", "parameters", "versions", "stages", "memory", "model_loads"} <= set(run)
+    assert run["inputs"]["test_data"]["sha256"] == reference.run["inputs"]["test_data"]["sha256"]
+
+
+def _splat(crops, positions, weights):
+    """PtychoPINN's reassemble_position written plainly: float32 offsets, square canvas, np.add.at."""
+    m = crops.shape[1]
+    pos = positions.astype(np.float32)
+    com = pos.astype(np.float64).mean(axis=0).astype(np.float32)
+    rel = (pos - com).astype(np.float64)
+    pad = int(np.ceil(np.abs(rel).max()))
+    pad += pad % 2
+    size = m + 2 * pad
+    num, den = np.zeros((size, size), complex), np.zeros((size, size))
+    k = np.floor(rel).astype(int)
+    f = rel - k
+    ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        w = (f[:, 1] if dy else 1 - f[:, 1]) * (f[:, 0] if dx else 1 - f[:, 0]) * weights
+        r = ii[None] + pad + k[:, 1, None, None] + dy
+        c = jj[None] + pad + k[:, 0, None, None] + dx
+        ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+        np.add.at(num, (r[ok], c[ok]), (w[:, None, None] * crops)[ok])
+        np.add.at(den, (r[ok], c[ok]), np.broadcast_to(w[:, None, None], r.shape)[ok])
+    origin = com.astype(np.float64)[::-1] - size / 2
+    return num / (den + 1e-9), origin
+
+
+def _plane_removed(phase):
+    rows, cols = np.indices(phase.shape)
+    design = np.column_stack([cols.ravel(), rows.ravel(), np.ones(phase.size)])
+    coef, *_ = np.linalg.lstsq(design, phase.ravel(), rcond=None)
+    return phase - (design @ coef).reshape(phase.shape)
+
+
+def test_results_equal_the_in_memory_composition_of_the_stages(reference, small_npz, models):
+    """Inference, stitching, placement and pointwise/SSIM scores redone in memory with numpy/skimage."""
+    import keras
+
+    store = zarr.open_group(str(reference.store), mode="r")
+    with np.load(small_npz) as f:
+        d, x, y, gt_full = f["diffraction"], f["xcoords"], f["ycoords"], f["objectGuess"]
+    nn = store["groups/nn_indices"][:]
+    f_norm = np.sqrt(
+        16**2 * nn.size / (np.bincount(nn.ravel(), minlength=len(d)) @ (d.astype(float) ** 2).sum((1, 2)))
+    )
+    network = keras.models.load_model(models["PtychoPINN"], compile=False)
+    amp, phase = (np.asarray(o)[..., 0] for o in network(np.moveaxis(d[nn], 1, -1) * np.float32(f_norm)))
+    lo = 16 - M // 2
+    crops = (amp * np.exp(1j * phase))[:, lo : lo + M, lo : lo + M]
+    centres = np.stack([x, y], axis=1)[nn].mean(axis=1)
+    obj, origin = _splat(crops, centres, np.ones(len(nn)))
+    np.testing.assert_allclose(store["arms/pinn/object"][:], obj, rtol=1e-5, atol=1e-6)
+
+    # placement on the ground-truth grid, limited to the scan box with an M//2 margin
+    y0, x0 = np.rint(origin).astype(int)
+    rows = slice(
+        max(y0, int(centres[:, 1].min()) - M // 2), min(y0 + obj.shape[0], int(centres[:, 1].max()) + M // 2)
+    )
+    cols = slice(
+        max(x0, int(centres[:, 0].min()) - M // 2), min(x0 + obj.shape[1], int(centres[:, 0].max()) + M // 2)
+    )
+    recon = obj[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0][2:-2, 2:-2]
+    truth = gt_full[rows, cols][2:-2, 2:-2]
+    np.testing.assert_allclose(store["arms/pinn/aligned"][:][2:-2, 2:-2], recon, rtol=1e-5, atol=1e-6)
+
+    t, p = np.abs(truth).astype(np.float64), np.abs(recon).astype(np.float64)
+    p = p * t.mean() / p.mean()
+    pt, pp = _plane_removed(np.angle(truth)), _plane_removed(np.angle(recon))
+    got = reference.arms[0].metrics
+    eps = np.finfo(np.float64).eps
+    for (a, b), part in (((t, p), 0), ((pt, pp), 1)):
+        assert got["mae"][part] == pytest.approx(np.mean(np.abs(a - b)), rel=1e-5)
+        assert got["mse"][part] == pytest.approx(np.mean((a - b) ** 2), rel=1e-5)
+        assert got["psnr"][part] == pytest.approx(
+            20 * np.log10(255 / (np.sqrt(np.mean((a - b) ** 2)) + eps)), rel=1e-6
+        )
+    assert got["ssim"][0] == pytest.approx(
+        structural_similarity(t, p, data_range=t.max() - t.min()), rel=1e-5
+    )
+    to_unit = lambda v: (v + np.pi) / (2 * np.pi)  # noqa: E731
+    assert got["ssim"][1] == pytest.approx(
+        structural_similarity(to_unit(pt), to_unit(pp), data_range=1.0), rel=1e-5
+    )
+
+
+def test_baseline_predicts_each_distinct_pattern_once(reference):
+    store = zarr.open_group(str(reference.store), mode="r")
+    weights = store["arms/baseline/patches/weights"][:]
+    nn = store["groups/nn_indices"][:]
+    assert len(weights) == len(np.unique(nn))
+    assert weights.sum() == nn.size
+
+
+def _cli(args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "ptychozarr", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def _compare_args(npz, models, out):
+    return ["compare", "--test-data", npz, "--pinn-model", models["PtychoPINN"],
+            "--baseline-model", models["Baseline"], "--output-dir", out, *CLI_FLAGS]  # fmt: skip
+
+
+@pytest.mark.parametrize("kill_after", [3, 30, 90])
+def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_npz, models, tmp_path):
+    killed = _cli(
+        _compare_args(small_npz, models, tmp_path), env={"PTYCHOZARR_KILL_AFTER_TASKS": str(kill_after)}
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "comparison_metrics.csv").exists()
+    resumed = _cli(_compare_args(small_npz, models, tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert "ingest" in run["reused"]
+    strip = lambda rows: [r for r in rows if r["metric"] != "computation_time_s"]  # noqa: E731
+    assert strip(_rows(tmp_path / "comparison_metrics.csv")) == strip(
+        _rows(reference.output_dir / "comparison_metrics.csv")
+    )
+    ours, theirs = (
+        zarr.open_group(str(p / "store.zarr"), mode="r") for p in (tmp_path, reference.output_dir)
+    )
+    for arm in ("pinn", "baseline"):
+        for name in ("object", "aligned"):
+            np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
+
+
+def test_bad_flags_exit_2_with_one_line(small_npz, models, tmp_path):
+    cases = [
+        (["--stitch-crop-size", "7"], "--stitch-crop-size"),
+        (["--block-groups", "many"], "--block-groups"),
+        (["--memory-budget", "lots"], "--memory-budget"),
+        (["--ptychi-recon", tmp_path / "absent.npz"], "--ptychi-recon"),
+    ]
+    for extra, needle in cases:
+        out = tmp_path / needle.strip("-")
+        done = _cli([*_compare_args(small_npz, models, out), *extra])
+        assert done.returncode == 2, done.stderr
+        message = [line for line in done.stderr.splitlines() if "error" in line]
+        assert len(message) == 1 and needle in message[0], done.stderr
+        assert not (out / "store.zarr" / "arms").exists()
+    missing = _cli(["compare", "--test-data", tmp_path / "none.npz", "--output-dir", tmp_path / "x"])
+    assert missing.returncode == 2 and "--test-data" in missing.stderr
+
+
+def test_model_of_other_patch_size_is_refused_before_any_work(small_npz, tmp_path):
+    spec = ModelSpec("pinn", 64, 2, False, None, "amp_phase", name="n64")
+    wrong = save_keras(build_pinn(64, 2, filters=2, depth=1), spec, tmp_path / "n64")
+    with pytest.raises(ModelMismatchError, match="64×64"):
+        compare(small_npz, {"PtychoPINN": wrong}, output_dir=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out" / "store.zarr").exists()
+    with pytest.raises(InvalidParameterError, match="does not exist"):
+        compare(small_npz, {"PtychoPINN": tmp_path / "nope.keras"}, output_dir=tmp_path / "out", quiet=True)
+
+
+def test_memory_budget_refuses_before_writing_and_a_fitting_one_holds(small_npz, models, reference, tmp_path):
+    with pytest.raises(MemoryBudgetError, match="--memory-budget"):
+        compare(small_npz, models, output_dir=tmp_path / "small", memory_budget="50MB", **FLAGS)
+    assert not (tmp_path / "small" / "store.zarr").exists()
+    projected = reference.run["memory"]["projected"]["peak"]
+    budget = int(projected * 1.1)
+    done = _cli([*_compare_args(small_npz, models, tmp_path / "fits"), "--memory-budget", str(budget)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = json.loads((tmp_path / "fits" / "run.json").read_text())
+    assert run["memory"]["measured"]["peak"] < budget
+
+
+def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, reference, tmp_path):
+    gt = open_dataset(reference.store)["objectGuess"].values
+    recon = np.roll(gt, (1, -2), axis=(0, 1)).astype(np.complex64)
+    path = tmp_path / "ptychi.npz"
+    np.savez(
+        path, reconstructed_object=recon, algorithm=np.array("ePIE"), reconstruction_time=np.float64(12.5)
+    )
+    result = compare(small_npz, models, output_dir=tmp_path / "out", ptychi_recon=path,
+                     **(FLAGS | {"skip_registration": False, "register_ptychi_only": True}))  # fmt: skip
+    labels = [a.label for a in result.arms]
+    assert labels == ["PtychoPINN", "Baseline", "PtyChi"]
+    rows = _rows(tmp_path / "out" / "comparison_metrics.csv")
+    offsets = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("registration")}
+    # compare_models' placement of an iterative object: the truth is cut to the box of the group centres
+    # (margin M//2, int() truncation) and the object is centre-cropped to that shape; the registration
+    # then measures the roll plus the difference between the two crop origins.
+    centres = zarr.open_group(str(result.store), mode="r")["groups/centres"][:]
+    starts = []
+    for axis, coord in ((0, centres[:, 1]), (1, centres[:, 0])):
+        lo, hi = max(0, int(coord.min()) - M // 2), min(gt.shape[axis], int(coord.max()) + M // 2)
+        starts.append((gt.shape[axis] - (hi - lo)) // 2 - lo)
+    expected = {"registration_offset_dy": starts[0] - 1.0, "registration_offset_dx": starts[1] + 2.0}
+    assert offsets == pytest.approx(expected, abs=0.05)
+    assert [r["model"] for r in rows if r["metric"].startswith("registration")] == ["PtyChi", "PtyChi"]
+    times = {r["model"]: r["value"] for r in rows if r["metric"] == "computation_time_s"}
+    assert float(times["PtyChi"]) == 12.5
+    assert (tmp_path / "out" / "ptychi_frc_curves.csv").exists()
+    assert result.arms[2].metrics["ssim"][0] > 0.95  # a shifted copy of the truth, registered back
+
+
+def test_study_keeps_rows_of_a_missing_arm_and_reuses_finished_runs(small_npz, models, tmp_path):
+    config = tmp_path / "study.toml"
+    config.write_text(
+        f"""
+output_dir = "out"
+[compare]
+stitch_crop_size = {M}
+block_groups = 96
+skip_registration = true
+
+[[run]]
+name = "full"
+dose = 1000
+view = "dense"
+split = "test"
+test_data = "{small_npz}"
+pinn_model = "{models["PtychoPINN"]}"
+baseline_model = "{models["Baseline"]}"
+
+[[run]]
+name = "no-baseline"
+dose = 1000
+view = "sparse"
+split = "test"
+test_data = "{small_npz}"
+pinn_model = "{models["PtychoPINN"]}"
+baseline_model = "{tmp_path / "missing.keras"}"
+"""
+    )
+    assert tomllib.loads(config.read_text())["run"][1]["name"] == "no-baseline"
+    summary = study(config, quiet=True)
+    assert summary["full"]["status"] == "ok"
+    assert summary["no-baseline"]["status"] == "partial"
+    assert summary["no-baseline"]["metrics"]["Baseline"]["mae"] == {"amplitude": None, "phase": None}
+    assert summary["no-baseline"]["metrics"]["PtychoPINN"]["mae"]["amplitude"] > 0
+    deltas = _rows(tmp_path / "out" / "metrics_deltas.csv")
+    assert len(deltas) == 2 * len(METRIC_ORDER) * 2
+    full = [r for r in deltas if r["run"] == "full" and r["metric"] == "mae" and r["part"] == "amplitude"][0]
+    pinn, base = (summary["full"]["metrics"][k]["mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
+    assert float(full["pinn_minus_baseline"]) == pytest.approx(pinn - base, abs=1e-6)
+    assert all(r["pinn_minus_baseline"] == "" for r in deltas if r["run"] == "no-baseline")
+    assert (tmp_path / "out" / "metrics_deltas.md").read_text().startswith("| run |")
+    study(config, quiet=True)
+    rerun = json.loads((tmp_path / "out" / "full" / "run.json").read_text())
+    assert {"ingest", "infer:pinn", "stitch:pinn", "score:pinn"} <= set(rerun["reused"])
+
+
+def test_local_cluster_gives_identical_objects_and_loads_each_model_once_per_worker(
+    small_npz, models, reference, tmp_path
+):
+    result = compare(small_npz, models, output_dir=tmp_path, scheduler="processes", n_workers=2, **FLAGS)
+    ours, theirs = (zarr.open_group(str(p), mode="r") for p in (result.store, reference.store))
+    for arm in ("pinn", "baseline"):
+        np.testing.assert_array_equal(ours[f"arms/{arm}/object"][:], theirs[f"arms/{arm}/object"][:])
+    workers = {k: v for k, v in result.run["model_loads"].items() if k != "client"}
+    assert len(workers) == 2
+    assert all(1 <= loads <= len(models) for loads in workers.values())
