@@ -3,7 +3,8 @@
 Each benchmark module exposes ``main(argv)`` and writes its rows as JSON with ``--json``; this runner
 calls them in turn (each variant inside measures itself in a fresh process), then writes the machine,
 the versions and one table per benchmark, plus ``benchmarks/results/<name>.png`` where a size column
-makes a curve. Pass benchmark names to run a subset, and ``--quick`` for small sizes.
+makes a curve. Pass benchmark names to run a subset, ``--quick`` for small sizes, and ``--reuse`` to
+tabulate results already measured.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", default=list(FULL))
     parser.add_argument("--quick", action="store_true", help="small sizes (a minute or two)")
+    parser.add_argument("--reuse", action="store_true", help="tabulate results/<name>.json already there")
     args = parser.parse_args(argv)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
@@ -75,8 +77,9 @@ def main(argv=None) -> None:
     for name in args.names:
         result = out / f"{name}.json"
         extra = (QUICK if args.quick else FULL)[name]
-        print(f"== {name} {' '.join(extra)}", flush=True)
-        importlib.import_module(name).main([*extra, "--json", str(result)])
+        if not (args.reuse and result.exists()):
+            print(f"== {name} {' '.join(extra)}", flush=True)
+            importlib.import_module(name).main([*extra, "--json", str(result)])
         rows = json.loads(result.read_text())["rows"]
         plot = _plot(name, rows, out)
         command = f"python benchmarks/{name}.py {' '.join(extra)}".strip()
