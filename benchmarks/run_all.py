@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from _harness import machine, table  # noqa: E402
+sys.path.insert(0, str(HERE.parent))
+from benchmarks._harness import machine, table  # noqa: E402
 
 FULL = {
     "ingest": [],
     "stitch": [],
-    "metrics": [],
+    "metrics": ["--sizes", "2048", "8192", "16384"],
     "inference": [],
     "compare": ["--scales", "1", "2", "4"],
     "schedulers": [],
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         extra = (QUICK if args.quick else FULL)[name]
         if not (args.reuse and result.exists()):
             print(f"== {name} {' '.join(extra)}", flush=True)
-            importlib.import_module(name).main([*extra, "--json", str(result)])
+            importlib.import_module(f"benchmarks.{name}").main([*extra, "--json", str(result)])
         rows = json.loads(result.read_text())["rows"]
         plot = _plot(name, rows, out)
         command = f"python benchmarks/{name}.py {' '.join(extra)}".strip()
