@@ -391,9 +391,10 @@ class _Run:
         log.info("stage %s: reusing the complete result in %s", name, self.path)
 
     def compute(self, stage: str, func, *args, **kwargs):
-        """Run a dask computation with this run's progress bar, memory and fault callbacks."""
+        """Run a dask computation with this run's memory and fault callbacks, and a progress bar for the
+        stages whose work grows with the scan (metrics make many short passes, logged instead)."""
         callbacks = [memory.TaskMemoryCallback(stages=_STITCH_STAGES), *self._callbacks]
-        if not self.quiet:
+        if not self.quiet and stage in ("infer", "stitch"):
             from tqdm.dask import TqdmCallback
 
             callbacks.append(TqdmCallback(desc=stage, leave=False))
@@ -546,6 +547,7 @@ class _Run:
 
     def _score(self, node, gt, centres, scan, params) -> None:
         """Align one arm's object to the ground truth, register it if asked, score it, store both."""
+        log.info("stage score: aligning and scoring %s", node.basename)
         source = node["object"]
         recon = da.from_zarr(source)
         crop = params["crop"]
