@@ -464,6 +464,7 @@ class _Run:
             if not self.force and _matches(patches, params):
                 self._reuse(f"infer:{arm.key}")
             else:
+                log.info("stage infer: %s with %s", arm.key, path.name)
                 result = infer(
                     ds, groups, str(path), crop=crop, block_groups=block_groups, batch_size=batch_size
                 )
