@@ -13,9 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import measure, ratio, table, write_json  # noqa: E402
-from compare import N, make_models  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._harness import measure, ratio, table, write_json  # noqa: E402
+from benchmarks.compare import N, make_models  # noqa: E402
 
 
 def run(npz: str, models: dict, out: str, scheduler: str) -> dict:

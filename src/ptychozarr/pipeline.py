@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 _ARM_KEYS = {"PtychoPINN": "pinn", "Baseline": "baseline", "PtyChi": "ptychi", "Tike": "tike"}
 _STITCH_STAGES = ("stitch-splat", "stitch-sum")  # task kinds of the stitch graph, as memory.plan names them
-_MAX_BLOCK = 2048  # groups per task at most, whatever the budget allows (keeps tasks many enough)
+_MAX_BLOCK = 256  # groups per task at most: larger blocks add memory and no speed (batches are 32)
 _PLOT_SIDE = 2048  # largest side of an image in comparison_plot.png (larger ones are strided)
 _KILL_ENV = "PTYCHOZARR_KILL_AFTER_TASKS"  # fault injection for resume tests: SIGKILL after n tasks
 
