@@ -57,7 +57,7 @@ def run_engine(npz: str, models: dict, out: str) -> dict:
         "wall": wall,
         "stages": result.run["stages"],
         "errors": result.errors,
-        "block_groups": result.run["parameters"]["block_groups"],
+        "block_groups": result.run["memory"]["projected"]["params"]["block_groups"],
         "projected": result.run["memory"]["projected"]["peak"],
     }
 
