@@ -123,7 +123,8 @@ def compare(
     Parameters
     ----------
     test_data : path
-        The scan: an NPZ (ingested into ``output_dir/store.zarr``) or an ingested Zarr store.
+        The scan: an NPZ (ingested into ``output_dir/store.zarr``) or an ingested Zarr store (whose
+        ``groups/`` the run writes or reuses; the arms always go to ``output_dir/store.zarr``).
     models : mapping of str to path
         Model arms, label → model path (``.keras`` with sidecar, or a PtychoPINN ``wts.h5.zip``), in
         report order, e.g. ``{"PtychoPINN": p, "Baseline": b}``. A path that does not exist gives the
