@@ -1,0 +1,337 @@
+"""``comparison_plot.png``: every arm beside the truth on shared scales, errors, metrics and FRC curves.
+
+Layout (one column per image, the ground truth first)::
+
+    amplitude  | truth | arm 1 | arm 2 | …   one colour scale per row, its bar as tall as the panels
+    phase      | truth | arm 1 | arm 2 | …
+    |Δ ampl.|  |       | arm 1 | arm 2 | …
+    Δ phase    |       | arm 1 | arm 2 | …
+    metrics table (amplitude / phase) | amplitude FRC | phase FRC
+
+Each arm is shown as it was scored: its amplitude scaled to the truth's mean amplitude and its
+constant phase offset to the truth removed (the phase of Σ recon·conj(truth)), so that arms compare
+by colour. The error maps are ``| |recon| − |truth| |`` and the wrapped phase difference. The FRC
+panels draw every arm's curve with the 0.5, 1/7 and half-bit thresholds (the half-bit curve from the
+ring pixel counts, :mod:`ptychozarr.report.resolution`); given a pixel size, resolutions are also
+given in nm and a top axis shows spatial frequency. Images larger than ``max_side`` are strided.
+Built with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ptychozarr.errors import InvalidParameterError
+from ptychozarr.metrics import FRC1OVER7, FRC50, frc_length
+from ptychozarr.report._files import replacing
+from ptychozarr.report.resolution import (
+    frc_side,
+    half_bit_threshold,
+    resolution_m,
+    ring_counts,
+    threshold_crossing,
+)
+from ptychozarr.report.tables import METRIC_ORDER, ArmResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["comparison_figure", "write_comparison_figure"]
+
+_MAX_SIDE = 2048
+_PANEL_IN = 3.0
+_ROWS = (
+    ("amplitude", "gray", "amplitude (transmission)"),
+    ("phase", "viridis", "phase (rad)"),
+    ("amplitude_error", "magma", "|Δ amplitude|"),
+    ("phase_error", "RdBu_r", "Δ phase (rad, wrapped)"),
+)
+_NAMES = {
+    "mae": "MAE",
+    "mse": "MSE",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "ms_ssim": "MS-SSIM",
+    "frc50": "FRC 0.5 (rings)",
+    "frc1over7": "FRC 1/7 (rings)",
+}
+
+
+def _strided(array, max_side: int) -> np.ndarray:
+    step = max(1, -(-max(array.shape) // max_side))
+    return np.asarray(array[::step, ::step]).astype(np.complex128)
+
+
+def _as_scored(recon: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Amplitude scaled to the truth's mean, phase offset removed, and the two error maps."""
+    amp_t, amp_r = np.abs(truth), np.abs(recon)
+    scale = np.nanmean(amp_t) / np.nanmean(amp_r) if np.nanmean(amp_r) > 0 else 1.0
+    rotated = recon * np.exp(-1j * np.angle(np.nansum(recon * truth.conj())))
+    return {
+        "amplitude": amp_r * scale,
+        "phase": np.angle(rotated),
+        "amplitude_error": np.abs(amp_r * scale - amp_t),
+        "phase_error": np.angle(rotated * truth.conj()),
+    }
+
+
+def _limits(quantity: str, images: list[np.ndarray]) -> tuple[float, float]:
+    values = np.concatenate([im[np.isfinite(im)].ravel() for im in images])
+    if values.size == 0:
+        return 0.0, 1.0
+    if quantity == "phase_error":
+        bound = float(np.percentile(np.abs(values), 99)) or 1.0
+        return -bound, bound
+    if quantity == "amplitude_error":
+        return 0.0, float(np.percentile(values, 99)) or 1.0
+    lo, hi = np.percentile(values, [1, 99])
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def _truths(truth, labels: Sequence[str]) -> dict:
+    if isinstance(truth, Mapping):
+        missing = [lb for lb in labels if lb not in truth]
+        if missing:
+            raise InvalidParameterError(
+                f"no ground-truth crop for arms {missing}; give one per arm or one array"
+            )
+        return {lb: truth[lb] for lb in labels}
+    return dict.fromkeys(labels, truth)
+
+
+def comparison_figure(
+    truth,
+    arms: Mapping[str, object],
+    results: Sequence[ArmResult] = (),
+    *,
+    title: str,
+    pixel_size_m: float | None = None,
+    trim: int = 2,
+    max_side: int = _MAX_SIDE,
+) -> Figure:
+    """Build the comparison figure (see the module docstring).
+
+    Parameters
+    ----------
+    truth : 2-D complex array, or mapping of arm label to one
+        The ground truth each arm was aligned to (per arm when the arms' crops differ).
+    arms : mapping of arm label to 2-D complex array
+        Each arm after alignment (and registration), the shape of its truth; numpy, Zarr or dask.
+    results : sequence of ArmResult
+        Scores for the table and FRC curves (``metrics["frc"]``), matched to ``arms`` by label.
+    title : str
+        Figure title (e.g. the test data's name).
+    pixel_size_m : float, optional
+        Object pixel size in metres; adds resolutions in nm and a spatial-frequency axis.
+    trim : int
+        Pixels trimmed per side before scoring (:func:`ptychozarr.metrics.evaluate`), which sets the
+        FRC's image side and so its rings' pixel counts.
+    max_side : int
+        Largest side of a displayed image; larger images are strided.
+    """
+    if not arms:
+        raise InvalidParameterError("the comparison figure needs at least one aligned arm")
+    labels = list(arms)
+    truths = _truths(truth, labels)
+    for label in labels:
+        if tuple(arms[label].shape) != tuple(truths[label].shape):
+            raise InvalidParameterError(
+                f"arm {label}: aligned shape {tuple(arms[label].shape)} differs from its ground truth's "
+                f"{tuple(truths[label].shape)}; give the crop it was scored against"
+            )
+    by_label = {r.label: r for r in results}
+    shown_truth = _strided(truths[labels[0]], max_side)
+    panels = {lb: _as_scored(_strided(arms[lb], max_side), _strided(truths[lb], max_side)) for lb in labels}
+    sides = {lb: frc_side(tuple(arms[lb].shape), trim) for lb in labels}
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = len(labels) + 1
+    fig = Figure(figsize=(_PANEL_IN * ncols + 1.5, 4 * _PANEL_IN + 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title, fontsize=14)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 4.0])
+    step = max(1, -(-max(arms[labels[0]].shape) // max_side))
+    top.suptitle(
+        "arms as scored: amplitude scaled to the truth's mean, constant phase offset removed"
+        + (f"; every {step}th pixel shown" if step > 1 else "")
+        + (f"; pixel {pixel_size_m * 1e9:.3g} nm" if pixel_size_m else ""),
+        fontsize=9,
+    )
+    _draw_images(top, labels, shown_truth, panels, by_label)
+    thresholds: dict = {}
+    half_bits = _half_bits(labels, by_label, sides, thresholds)
+    grid = bottom.add_gridspec(1, 3, width_ratios=[1.5, 1, 1])
+    _draw_table(bottom.add_subplot(grid[0]), labels, by_label, sides, half_bits, pixel_size_m)
+    for part in (0, 1):
+        ax = bottom.add_subplot(grid[part + 1])
+        _draw_frc(ax, part, labels, by_label, sides, half_bits, thresholds, pixel_size_m)
+    return fig
+
+
+def write_comparison_figure(
+    path: str | os.PathLike,
+    truth,
+    arms: Mapping[str, object],
+    results: Sequence[ArmResult] = (),
+    *,
+    title: str,
+    pixel_size_m: float | None = None,
+    trim: int = 2,
+    max_side: int = _MAX_SIDE,
+    dpi: int = 150,
+) -> Path:
+    """Build the comparison figure (:func:`comparison_figure`) and write it as PNG, atomically."""
+    fig = comparison_figure(
+        truth, arms, results, title=title, pixel_size_m=pixel_size_m, trim=trim, max_side=max_side
+    )
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return Path(path)
+
+
+def _draw_images(subfig, labels, truth: np.ndarray, panels: dict, by_label: dict) -> None:
+    grid = subfig.add_gridspec(len(_ROWS), len(labels) + 2, width_ratios=[1] * (len(labels) + 1) + [0.35])
+    truth_parts = {"amplitude": np.abs(truth), "phase": np.angle(truth)}
+    for row, (quantity, cmap, unit) in enumerate(_ROWS):
+        images = [panels[lb][quantity] for lb in labels]
+        first_col = 0 if quantity in truth_parts else 1
+        if first_col == 0:
+            images.insert(0, truth_parts[quantity])
+        vmin, vmax = _limits(quantity, images)
+        titles = ["Ground truth", *(_arm_title(lb, by_label.get(lb)) for lb in labels)][first_col:]
+        for col, (image, name) in enumerate(zip(images, titles, strict=True), start=first_col):
+            ax = subfig.add_subplot(grid[row, col])
+            shown = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=10)
+            if col == first_col:
+                ax.set_ylabel(unit.split(" (")[0], fontsize=11)
+        bar = subfig.colorbar(shown, cax=ax.inset_axes([1.05, 0.0, 0.06, 1.0]))
+        bar.set_label(unit, fontsize=9)
+
+
+def _arm_title(label: str, result: ArmResult | None) -> str:
+    if result is None or not result.registration:
+        return label
+    if result.registration == "registered" and result.offset is not None:
+        return f"{label}\nregistered ({result.offset[0]:+.2f}, {result.offset[1]:+.2f}) px"
+    return f"{label}\n{result.registration.split(':')[0]}"
+
+
+def _curve(result: ArmResult | None, part: int) -> np.ndarray | None:
+    if result is None or not result.metrics or "frc" not in result.metrics:
+        return None
+    return np.asarray(result.metrics["frc"][part], dtype=np.float64)
+
+
+def _half_bits(labels, by_label: dict, sides: dict, thresholds: dict) -> dict:
+    """Half-bit crossing (rings) per arm label and part; curves checked against their image side."""
+    out = {}
+    for label in labels:
+        n, crossings = sides[label], []
+        for part in (0, 1):
+            curve = _curve(by_label.get(label), part)
+            if curve is not None and curve.size != frc_length(n):
+                raise InvalidParameterError(
+                    f"arm {label}: its FRC curve has {curve.size} rings, an image of side {n} gives "
+                    f"{frc_length(n)}; pass the trim the arm was scored with"
+                )
+            if curve is not None and n not in thresholds:
+                thresholds[n] = half_bit_threshold(ring_counts(n))
+            crossings.append(math.nan if curve is None else threshold_crossing(curve, thresholds[n]))
+        out[label] = tuple(crossings)
+    return out
+
+
+def _fmt(value) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _nm(ring: float, n: int, pixel_size_m: float) -> str:
+    return _fmt(resolution_m(ring, n, pixel_size_m) * 1e9)
+
+
+def _table_column(result: ArmResult | None, n: int, half_bit: tuple, pixel_size_m) -> list[str]:
+    """One arm's cells of the metrics table, in the order of :func:`_table_rows`."""
+    metrics = result.metrics if result is not None and result.metrics else None
+    if metrics is None:
+        cells = ["—"] * (len(METRIC_ORDER) + 1 + (3 if pixel_size_m else 0))
+    else:
+        cells = [" / ".join(_fmt(v) for v in metrics[m]) for m in METRIC_ORDER]
+        cells.append(" / ".join(_fmt(v) for v in half_bit))
+        if pixel_size_m:
+            for rings in (metrics["frc50"], metrics["frc1over7"], half_bit):
+                cells.append(" / ".join(_nm(v, n, pixel_size_m) for v in rings))
+    status = (result.registration.split(":")[0] if result is not None else "") or "—"
+    return [*cells, status, _fmt(result.computation_time_s if result is not None else None)]
+
+
+def _table_rows(pixel_size_m) -> list[str]:
+    nm = ["FRC 0.5 (nm)", "FRC 1/7 (nm)", "FRC half-bit (nm)"] if pixel_size_m else []
+    return [*(_NAMES[m] for m in METRIC_ORDER), "FRC half-bit (rings)", *nm, "registration", "time (s)"]
+
+
+def _draw_table(ax, labels, by_label: dict, sides: dict, half_bits: dict, pixel_size_m) -> None:
+    columns = [_table_column(by_label.get(lb), sides[lb], half_bits[lb], pixel_size_m) for lb in labels]
+    ax.axis("off")
+    table = ax.table(
+        cellText=[list(row) for row in zip(*columns, strict=True)],
+        rowLabels=_table_rows(pixel_size_m),
+        colLabels=labels,
+        loc="center",
+        cellLoc="center",
+    )
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1.0, 1.15)
+    ax.set_title("metrics (amplitude / phase)", fontsize=10)
+
+
+def _draw_frc(
+    ax, part: int, labels, by_label: dict, sides: dict, half_bits: dict, thresholds: dict, pixel_size_m
+) -> None:
+    drawn = []
+    for label in labels:
+        result, n = by_label.get(label), sides[label]
+        curve = _curve(result, part)
+        if curve is None:
+            continue
+        r50, rhb = result.metrics["frc50"][part], half_bits[label][part]
+        detail = f"0.5 at {_fmt(r50)}, ½-bit at {_fmt(rhb)} rings"
+        if pixel_size_m:
+            detail += f" ({_nm(r50, n, pixel_size_m)}, {_nm(rhb, n, pixel_size_m)} nm)"
+        ax.plot(np.arange(curve.size), curve, lw=1.3, label=f"{label}: {detail}")
+        if n not in drawn:
+            drawn.append(n)
+    for n in drawn:
+        suffix = f" (n={n})" if len(drawn) > 1 else ""
+        ax.plot(
+            np.arange(thresholds[n].size),
+            thresholds[n],
+            color="0.35",
+            ls="-.",
+            lw=0.9,
+            label=f"half-bit{suffix}",
+        )
+        ax.axvline(n // 2, color="0.6", lw=0.7, ls=(0, (1, 3)))
+    ax.axhline(FRC50, color="k", ls="--", lw=0.8, label="0.5")
+    ax.axhline(FRC1OVER7, color="k", ls=":", lw=0.8, label="1/7")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("spatial frequency (rings; dotted line: Nyquist)")
+    ax.set_ylabel("FRC")
+    ax.set_title(f"{('amplitude', 'phase')[part]} FRC", fontsize=10)
+    ax.legend(fontsize=6.5, loc="upper right")
+    if pixel_size_m and drawn:
+        per_ring = 1.0 / (drawn[0] * pixel_size_m * 1e9)  # cycles per nm of one ring
+        top = ax.secondary_xaxis("top", functions=(lambda r: r * per_ring, lambda f: f / per_ring))
+        top.set_xlabel("spatial frequency (1/nm)", fontsize=8)

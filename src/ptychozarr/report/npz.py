@@ -1,0 +1,173 @@
+"""``reconstructions.npz`` and ``reconstructions_aligned.npz``, streamed in row slabs.
+
+Members follow compare_models (spec §6): ``<prefix>_amplitude`` / ``_phase`` (float32) and
+``_complex`` (complex64) per arm, the PINN arm under the prefix ``ptychopinn``, and numeric members
+only (a missing registration offset is NaN, never an object array). Beyond compare_models:
+
+- every array has ``<prefix>_origin``: float64 (y, x) of its pixel [0, 0] in ground-truth object
+  pixels (NaN when unknown), so canvases of different extents can be overlaid;
+- the aligned file keeps each arm's own ground-truth crop (``ground_truth_<prefix>_*``) when the
+  arms' crops differ, and one ``ground_truth_*`` when they are all the same.
+
+Each file is written under a unique temporary name and renamed into place. Inputs may be numpy,
+Zarr or dask arrays; at most one row slab (about ``slab_bytes``) of one array is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ptychozarr.errors import InvalidParameterError
+from ptychozarr.io.npz import NpzWriter
+from ptychozarr.report._files import replacing
+
+__all__ = ["npz_prefix", "write_aligned_npz", "write_reconstructions_npz"]
+
+_SLAB_BYTES = 2**24
+_PREFIX = {"pinn": "ptychopinn"}
+_NAN_PAIR = (np.nan, np.nan)
+
+
+def npz_prefix(key: str) -> str:
+    """Member prefix of an arm's arrays (compare_models names the PINN arm ``ptychopinn``)."""
+    return _PREFIX.get(key, key)
+
+
+def _rows(array, slab_bytes: int) -> int:
+    return max(1, slab_bytes // max(1, array.shape[1] * 8))
+
+
+def _slabs(array, slab_bytes: int):
+    rows = _rows(array, slab_bytes)
+    for start in range(0, array.shape[0], rows):
+        yield np.asarray(array[start : start + rows])
+
+
+def _stream_parts(npz: NpzWriter, prefix: str, array, slab_bytes: int) -> None:
+    """``<prefix>_amplitude``, ``_phase`` and ``_complex`` of a 2-D complex array, slab by slab."""
+    if len(array.shape) != 2:
+        raise InvalidParameterError(f"{prefix}: expected a 2-D image, got shape {tuple(array.shape)}")
+    for part, func, dtype in (
+        ("amplitude", np.abs, np.float32),
+        ("phase", np.angle, np.float32),
+        ("complex", np.asarray, np.complex64),
+    ):
+        with npz.stream(f"{prefix}_{part}", tuple(array.shape), dtype) as append:
+            for slab in _slabs(array, slab_bytes):
+                append(func(slab).astype(dtype))
+
+
+def _write_origin(npz: NpzWriter, prefix: str, origin) -> None:
+    npz.write(f"{prefix}_origin", np.asarray(_NAN_PAIR if origin is None else origin, dtype=np.float64))
+
+
+def write_reconstructions_npz(
+    path: str | os.PathLike,
+    objects: Mapping[str, object],
+    origins: Mapping[str, tuple[float, float] | None],
+    *,
+    ground_truth=None,
+    slab_bytes: int = _SLAB_BYTES,
+) -> Path:
+    """Write each arm's object (before alignment) with its origin, and the whole ground truth.
+
+    Parameters
+    ----------
+    path : path
+        The NPZ to write (``reconstructions.npz``).
+    objects : mapping of arm key to 2-D complex array
+        Stitched or imported objects, in the order to write them.
+    origins : mapping of arm key to (y, x) or None
+        Position of each object's pixel [0, 0] in ground-truth object pixels (a canvas' origin); a
+        missing key or None is written as NaN.
+    ground_truth : 2-D complex array, optional
+        The whole ``objectGuess``, written as ``ground_truth_*`` with origin (0, 0).
+    slab_bytes : int
+        Approximate size of one row slab read at a time.
+    """
+    with replacing(path) as tmp, NpzWriter(tmp, compress=True) as npz:
+        for key, array in objects.items():
+            _stream_parts(npz, npz_prefix(key), array, slab_bytes)
+            _write_origin(npz, npz_prefix(key), origins.get(key))
+        if ground_truth is not None:
+            _stream_parts(npz, "ground_truth", ground_truth, slab_bytes)
+            _write_origin(npz, "ground_truth", (0.0, 0.0))
+    return Path(path)
+
+
+def write_aligned_npz(
+    path: str | os.PathLike,
+    aligned: Mapping[str, object],
+    ground_truth,
+    *,
+    offsets: Mapping[str, tuple[float, float] | None] | None = None,
+    origins: Mapping[str, tuple[float, float] | None] | None = None,
+    slab_bytes: int = _SLAB_BYTES,
+) -> Path:
+    """Write each arm's aligned crop, its registration offset and the ground truth it was scored on.
+
+    Parameters
+    ----------
+    path : path
+        The NPZ to write (``reconstructions_aligned.npz``).
+    aligned : mapping of arm key to 2-D complex array
+        Each arm after alignment (and registration), in the order to write them.
+    ground_truth : 2-D complex array, or mapping of arm key to one
+        The ground-truth crop each arm was scored against. A single array, or a mapping whose crops
+        are all equal, is written once as ``ground_truth_*``; crops that differ (in shape or
+        content, compared slab by slab) are written per arm as ``ground_truth_<prefix>_*``.
+    offsets : mapping of arm key to (dy, dx) or None, optional
+        Registration offsets, written as ``<key>_offset_dy`` / ``_dx`` (NaN when None or missing).
+    origins : mapping of arm key to (y, x) or None, optional
+        Position of each crop's pixel [0, 0] in ground-truth object pixels (NaN when unknown); the
+        arm's ground-truth crop shares it.
+    slab_bytes : int
+        Approximate size of one row slab read at a time.
+    """
+    offsets, origins = offsets or {}, origins or {}
+    shared, truths = _truths(ground_truth, list(aligned), slab_bytes)
+    with replacing(path) as tmp, NpzWriter(tmp, compress=True) as npz:
+        for key, array in aligned.items():
+            prefix = npz_prefix(key)
+            _stream_parts(npz, prefix, array, slab_bytes)
+            offset = offsets.get(key)
+            for axis, value in zip(("dy", "dx"), _NAN_PAIR if offset is None else offset, strict=True):
+                npz.write(f"{key}_offset_{axis}", np.float64(value))
+            _write_origin(npz, prefix, origins.get(key))
+            if truths is not None:
+                _stream_parts(npz, f"ground_truth_{prefix}", truths[key], slab_bytes)
+        if shared is not None:
+            _stream_parts(npz, "ground_truth", shared, slab_bytes)
+    return Path(path)
+
+
+def _truths(ground_truth, keys: list[str], slab_bytes: int) -> tuple[object, Mapping | None]:
+    """(the one truth serving every arm, None) or (None, the per-arm truths when they differ)."""
+    if not isinstance(ground_truth, Mapping):
+        return ground_truth, None
+    missing = [k for k in keys if k not in ground_truth]
+    if missing:
+        raise InvalidParameterError(
+            f"ground truth crops are missing for arms {missing}; give one crop per aligned arm or one array"
+        )
+    if not keys:
+        return None, None
+    first = ground_truth[keys[0]]
+    if all(_equal(first, ground_truth[k], slab_bytes) for k in keys[1:]):
+        return first, None
+    return None, ground_truth
+
+
+def _equal(a, b, slab_bytes: int) -> bool:
+    if a is b:
+        return True
+    if tuple(a.shape) != tuple(b.shape):
+        return False
+    return all(
+        np.array_equal(x, y, equal_nan=True)
+        for x, y in zip(_slabs(a, slab_bytes), _slabs(b, slab_bytes), strict=True)
+    )

@@ -1,0 +1,377 @@
+"""A study's outputs in PtychoPINN's study-pipeline schema, and the engine's richer summary beside them.
+
+PtychoPINN's dose/overlap study (``studies/fly64_dose_overlap/comparison.py`` and its summariser)
+lays runs out as ``<output_dir>/dose_<dose>/<view>/<split>/`` with compare_models' files, and writes:
+
+- ``comparison_manifest.json``: ``n_jobs``, ``n_executed``, ``n_success``, ``n_failed`` and
+  ``execution_results`` (per job ``dose``, ``view``, ``split``, ``returncode``; ``error`` on failure);
+- ``metrics_summary.json``: ``n_jobs``, ``n_success``, ``n_failed``, ``jobs`` (per successful job
+  ``dose``, ``view``, ``split`` and ``metrics``: the CSV rows as ``{model, metric, amplitude, phase}``
+  or ``{model, metric, value}``, or ``{model, metric}`` when empty) and ``aggregate_metrics`` (per
+  model: ``ms_ssim`` mean and best (max) of amplitude and phase, ``mae`` mean), which its reporters
+  (``report_phase_g_dense_metrics.py``) read; and ``metrics_summary.md``.
+
+Those files keep that schema (extra keys only: a job's ``name``, ``repeat``, ``status``,
+``output_dir`` and ``registration``). Beside them, under names of its own, the engine writes
+``study_deltas.csv`` / ``.md`` (PINN − Baseline and PINN − iterative per run, metric and part, with
+which way is better and whether PINN is better or worse) and ``study_conditions.csv`` / ``.md`` (mean,
+sample standard deviation, min and max over the runs of each condition — repeats, e.g. seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ptychozarr.report._files import replacing
+from ptychozarr.report.runjson import write_json
+from ptychozarr.report.tables import BETTER, METRIC_ORDER, ArmResult, metrics_rows
+
+__all__ = [
+    "StudyRun",
+    "comparison_manifest",
+    "condition_stats",
+    "deltas",
+    "format_study_table",
+    "metrics_summary",
+    "metrics_summary_markdown",
+    "run_dir",
+    "write_study_outputs",
+]
+
+_MODELS = ("PtychoPINN", "Baseline")
+_CONDITION = ["dose", "view", "split"]
+_QUANTITIES = ("PtychoPINN", "Baseline", "iterative", "pinn_minus_baseline", "pinn_minus_iterative")
+
+
+def _dose_name(dose) -> str:
+    if isinstance(dose, float) and dose.is_integer():
+        dose = int(dose)
+    return f"dose_{dose}"
+
+
+def run_dir(output_dir: str | os.PathLike, dose, view: str, split: str, repeat: str | None = None) -> Path:
+    """Folder of one run: ``<output_dir>/dose_<dose>/<view>/<split>/`` (``/<repeat>`` for a repeat).
+
+    A run that repeats a condition (e.g. another seed) goes one level deeper, so that every run keeps
+    its own compare_models files; PtychoPINN's layout has one run per condition.
+    """
+    path = Path(output_dir) / _dose_name(dose) / str(view) / str(split)
+    return path / str(repeat) if repeat is not None else path
+
+
+@dataclass
+class StudyRun:
+    """One comparison of a study, as the study reports it.
+
+    Parameters
+    ----------
+    dose, view, split
+        The condition (e.g. 1000, ``"dense"``, ``"test"``).
+    returncode : int
+        0 when the comparison finished (some arms may still lack scores), non-zero when it failed.
+    arms : list of ArmResult
+        The comparison's scores (empty for a failed run).
+    name : str, optional
+        The run's name in the study config.
+    repeat : str, optional
+        Which repeat of the condition this is (e.g. ``"seed2"``); runs with the same condition and
+        different repeats are summarised together as mean ± spread.
+    error : str, optional
+        Why the run failed, or why arms lack scores.
+    output_dir : path, optional
+        Where the run's files are (written relative to the study folder when inside it).
+    """
+
+    dose: int | float | str
+    view: str
+    split: str
+    returncode: int
+    arms: list[ArmResult] = field(default_factory=list)
+    name: str | None = None
+    repeat: str | None = None
+    error: str | None = None
+    output_dir: str | os.PathLike | None = None
+
+    @property
+    def status(self) -> str:
+        """``failed`` (non-zero return code), ``partial`` (an arm without scores) or ``ok``."""
+        if self.returncode != 0:
+            return "failed"
+        return "partial" if not self.arms or any(a.metrics is None for a in self.arms) else "ok"
+
+    def _extras(self, base: Path | None) -> dict:
+        extras = {"name": self.name, "repeat": self.repeat, "status": self.status}
+        if self.output_dir is not None:
+            path = Path(self.output_dir)
+            extras["output_dir"] = (
+                str(path.relative_to(base)) if base and path.is_relative_to(base) else str(path)
+            )
+        return {k: v for k, v in extras.items() if v is not None}
+
+
+def _condition(run: StudyRun) -> dict:
+    return {"dose": run.dose, "view": run.view, "split": run.split}
+
+
+def comparison_manifest(runs: Sequence[StudyRun], output_dir: str | os.PathLike | None = None) -> dict:
+    """``comparison_manifest.json``'s content (see the module docstring)."""
+    base = Path(output_dir) if output_dir is not None else None
+    results = []
+    for run in runs:
+        entry = _condition(run) | {"returncode": int(run.returncode)} | run._extras(base)
+        if run.error:
+            entry["error"] = run.error
+        results.append(entry)
+    n_success = sum(r.returncode == 0 for r in runs)
+    return {
+        "n_jobs": len(runs),
+        "n_executed": len(runs),
+        "n_success": n_success,
+        "n_failed": len(runs) - n_success,
+        "execution_results": results,
+    }
+
+
+def _summary_row(row: dict) -> dict:
+    """A CSV row as PtychoPINN's summariser reads it back: empty cells dropped."""
+    entry = {"model": row["model"], "metric": row["metric"]}
+    if math.isfinite(row["amplitude"]) and math.isfinite(row["phase"]):
+        entry |= {"amplitude": row["amplitude"], "phase": row["phase"]}
+    elif math.isfinite(row["value"]):
+        entry["value"] = row["value"]
+    return entry
+
+
+def metrics_summary(runs: Sequence[StudyRun], output_dir: str | os.PathLike | None = None) -> dict:
+    """``metrics_summary.json``'s content (see the module docstring); failed runs have no job entry."""
+    base = Path(output_dir) if output_dir is not None else None
+    jobs, collected = [], {}
+    for run in runs:
+        if run.returncode != 0:
+            continue
+        rows = [_summary_row(r) for r in metrics_rows(run.arms)]
+        for row in rows:
+            if row["metric"] in ("ms_ssim", "mae") and "amplitude" in row:
+                parts = collected.setdefault(row["model"], {}).setdefault(row["metric"], ([], []))
+                parts[0].append(row["amplitude"])
+                parts[1].append(row["phase"])
+        registration = {a.label: a.registration for a in run.arms}
+        jobs.append(_condition(run) | run._extras(base) | {"registration": registration, "metrics": rows})
+    aggregate = {}
+    for model in sorted(collected):
+        aggregate[model] = {}
+        for metric in sorted(collected[model]):
+            amp, phase = collected[model][metric]
+            entry = {"mean_amplitude": float(np.mean(amp)), "mean_phase": float(np.mean(phase))}
+            if metric == "ms_ssim":
+                entry |= {"best_amplitude": float(np.max(amp)), "best_phase": float(np.max(phase))}
+            aggregate[model][metric] = entry
+    n_success = sum(r.returncode == 0 for r in runs)
+    return {
+        "n_jobs": len(runs),
+        "n_success": n_success,
+        "n_failed": len(runs) - n_success,
+        "jobs": jobs,
+        "aggregate_metrics": aggregate,
+    }
+
+
+def _cell(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def metrics_summary_markdown(summary: dict) -> str:
+    """``metrics_summary.md``: job counts, aggregate MS-SSIM and MAE per model, then every job's rows."""
+    lines = [
+        "# Metrics Summary",
+        "",
+        f"**Total Jobs:** {summary['n_jobs']}  ",
+        f"**Successful:** {summary['n_success']}  ",
+        f"**Failed:** {summary['n_failed']}",
+        "",
+        "## Aggregate Metrics",
+        "",
+    ]
+    for model, metrics in summary["aggregate_metrics"].items():
+        lines += [f"### {model}", ""]
+        rows = [
+            (
+                f"{metric} {stat}",
+                metrics[metric].get(f"{stat}_amplitude"),
+                metrics[metric].get(f"{stat}_phase"),
+            )
+            for metric in metrics
+            for stat in ("mean", "best")
+            if f"{stat}_amplitude" in metrics[metric]
+        ]
+        lines += _md_table(("Statistic", "Amplitude", "Phase"), rows)
+    for job in summary["jobs"]:
+        repeat = f", {job['repeat']}" if "repeat" in job else ""
+        lines += [f"## Job: {job['view']}/{job['split']} (dose={job['dose']}{repeat})", ""]
+        rows = [
+            (m["model"], m["metric"], m.get("amplitude"), m.get("phase"), m.get("value"))
+            for m in job["metrics"]
+        ]
+        lines += _md_table(("Model", "Metric", "Amplitude", "Phase", "Value"), rows)
+    return "\n".join(lines)
+
+
+def _verdict(delta: float, better: str) -> str:
+    if not math.isfinite(delta):
+        return ""
+    if delta == 0:
+        return "same"
+    return "better" if (delta > 0) == (better == "higher") else "worse"
+
+
+def _value(arm: ArmResult | None, metric: str, part: int) -> float:
+    if arm is None or not arm.metrics or metric not in arm.metrics:
+        return math.nan
+    value = arm.metrics[metric][part]
+    return math.nan if value is None else float(value)
+
+
+def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
+    """PINN − Baseline and PINN − iterative per run, metric and part, with a better/worse verdict.
+
+    Columns: ``run``, ``dose``, ``view``, ``split``, ``repeat``, ``metric``, ``part``, ``better``
+    (``higher`` or ``lower``: which way the metric improves), ``PtychoPINN``, ``Baseline``,
+    ``iterative`` (the PtyChi or Tike arm, named in ``iterative_label``), ``pinn_minus_baseline``,
+    ``vs_baseline`` and ``pinn_minus_iterative``, ``vs_iterative`` (``better``/``worse``/``same`` for
+    PINN; empty when a side is missing). Failed runs keep their rows, with NaN values.
+    """
+    rows = []
+    for run in runs:
+        by_label = {a.label: a for a in run.arms}
+        iterative = next((a for a in run.arms if a.label not in _MODELS), None)
+        for metric in METRIC_ORDER:
+            for part, part_name in enumerate(("amplitude", "phase")):
+                pinn = _value(by_label.get("PtychoPINN"), metric, part)
+                base = _value(by_label.get("Baseline"), metric, part)
+                it = _value(iterative, metric, part)
+                better = BETTER[metric]
+                rows.append(
+                    {"run": run.name, **_condition(run), "repeat": run.repeat, "metric": metric,
+                     "part": part_name, "better": better, "PtychoPINN": pinn, "Baseline": base,
+                     "iterative": it, "iterative_label": iterative.label if iterative else None,
+                     "pinn_minus_baseline": pinn - base, "vs_baseline": _verdict(pinn - base, better),
+                     "pinn_minus_iterative": pinn - it, "vs_iterative": _verdict(pinn - it, better)}
+                )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def condition_stats(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± spread over the runs of each condition (repeats, e.g. seeds), from :func:`deltas`.
+
+    One row per condition, metric, part and quantity (``PtychoPINN``, ``Baseline``, ``iterative``,
+    ``pinn_minus_baseline``, ``pinn_minus_iterative``): ``n`` (finite values), ``mean``, ``std``
+    (sample standard deviation, ddof = 1; NaN for fewer than two), ``min``, ``max``, and ``verdict``
+    of the mean difference.
+    """
+    keys = [*_CONDITION, "metric", "part", "better"]
+    long = table.melt(id_vars=keys, value_vars=list(_QUANTITIES), var_name="quantity")
+    long["value"] = long["value"].astype(float)
+    grouped = long.groupby([*keys, "quantity"], sort=False, dropna=False)["value"]
+    stats = grouped.agg(n="count", mean="mean", std=lambda v: v.std(ddof=1), min="min", max="max")
+    stats = stats.reset_index()
+    is_delta = stats["quantity"].str.startswith("pinn_minus")
+    stats["verdict"] = [
+        _verdict(m, b) if d else "" for m, b, d in zip(stats["mean"], stats["better"], is_delta, strict=True)
+    ]
+    return stats
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return path
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
+    with replacing(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f", na_rep="")
+    return path
+
+
+def write_study_outputs(output_dir: str | os.PathLike, runs: Sequence[StudyRun]) -> dict[str, Path]:
+    """Write the study's summary files into ``output_dir`` (see the module docstring); their paths."""
+    out = Path(output_dir)
+    summary = metrics_summary(runs, out)
+    table = deltas(runs)
+    stats = condition_stats(table)
+    return {
+        "comparison_manifest": write_json(out / "comparison_manifest.json", comparison_manifest(runs, out)),
+        "metrics_summary": write_json(out / "metrics_summary.json", summary),
+        "metrics_summary_md": _write_text(out / "metrics_summary.md", metrics_summary_markdown(summary)),
+        "study_deltas": _write_csv(out / "study_deltas.csv", table),
+        "study_deltas_md": _write_text(
+            out / "study_deltas.md", "\n".join(_md_table(table.columns, table.values))
+        ),
+        "study_conditions": _write_csv(out / "study_conditions.csv", stats),
+        "study_conditions_md": _write_text(
+            out / "study_conditions.md", "\n".join(_md_table(stats.columns, stats.values))
+        ),
+    }
+
+
+_HEADLINE = ("ms_ssim", "ssim", "frc50", "mae")
+
+
+def format_study_table(runs: Sequence[StudyRun], metrics: Sequence[str] = _HEADLINE) -> str:
+    """The study's printed summary: per condition and headline metric, PINN and its differences.
+
+    Cells are ``amplitude / phase``; a difference carries ``better``/``worse`` for PINN. Conditions
+    that repeat show ``mean ± std (n)`` over their runs. Failed runs are listed below the table.
+    """
+    stats = condition_stats(deltas([r for r in runs if r.returncode == 0]))
+    header = ["condition", "metric", "PtychoPINN", "PINN − Baseline", "PINN − iterative"]
+    body = []
+    if not stats.empty:
+        for (dose, view, split, metric), group in stats.groupby([*_CONDITION, "metric"], sort=False):
+            if metric not in metrics:
+                continue
+            cells = [
+                _stat_cell(group, q) for q in ("PtychoPINN", "pinn_minus_baseline", "pinn_minus_iterative")
+            ]
+            body.append([f"{_dose_name(dose)}/{view}/{split}", metric, *cells])
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    status = {s: sum(r.status == s for r in runs) for s in ("ok", "partial", "failed")}
+    lines.append(", ".join(f"{n} {s}" for s, n in status.items()) + f" of {len(runs)} runs")
+    lines += [f"failed: {_dose_name(r.dose)}/{r.view}/{r.split} {r.name or ''}: {r.error}" for r in runs
+              if r.returncode != 0]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _stat_cell(group: pd.DataFrame, quantity: str) -> str:
+    parts = []
+    for part in ("amplitude", "phase"):
+        row = group[(group["quantity"] == quantity) & (group["part"] == part)].iloc[0]
+        if row["n"] == 0:
+            parts.append("—")
+            continue
+        text = f"{row['mean']:+.4g}" if quantity != "PtychoPINN" else f"{row['mean']:.4g}"
+        if row["n"] > 1:
+            text += f" ± {row['std']:.2g} (n={row['n']})"
+        if row["verdict"]:
+            text += f" {row['verdict']}"
+        parts.append(text)
+    return " / ".join(parts)
