@@ -329,26 +329,29 @@ def write_study_outputs(output_dir: str | os.PathLike, runs: Sequence[StudyRun])
     }
 
 
-_HEADLINE = ("ms_ssim", "ssim", "frc50", "mae")
+_HEADLINE = ("ms_ssim", "frc50", "mae")
 
 
 def format_study_table(runs: Sequence[StudyRun], metrics: Sequence[str] = _HEADLINE) -> str:
-    """The study's printed summary: per condition and headline metric, PINN and its differences.
+    """The study's printed summary: per condition, headline metric and part, PINN and its differences.
 
-    Cells are ``amplitude / phase``; a difference carries ``better``/``worse`` for PINN. Conditions
-    that repeat show ``mean ± std (n)`` over their runs. Failed runs are listed below the table.
+    A difference carries ``better``/``worse`` for PINN; a condition run more than once (``runs``)
+    shows ``mean ± std`` over its runs. Run counts by status and failed runs follow the table.
     """
     stats = condition_stats(deltas([r for r in runs if r.returncode == 0]))
-    header = ["condition", "metric", "PtychoPINN", "PINN − Baseline", "PINN − iterative"]
+    header = ["condition", "runs", "metric", "part", "PtychoPINN", "PINN − Baseline", "PINN − iterative"]
     body = []
     if not stats.empty:
-        for (dose, view, split, metric), group in stats.groupby([*_CONDITION, "metric"], sort=False):
-            if metric not in metrics:
-                continue
+        stats = stats[stats["metric"].isin(metrics)]
+        keys = [*_CONDITION, "metric", "part"]
+        for (dose, view, split, metric, part), group in stats.groupby(keys, sort=False):
+            quantity = group.set_index("quantity")
             cells = [
-                _stat_cell(group, q) for q in ("PtychoPINN", "pinn_minus_baseline", "pinn_minus_iterative")
+                _stat_cell(quantity.loc[q])
+                for q in ("PtychoPINN", "pinn_minus_baseline", "pinn_minus_iterative")
             ]
-            body.append([f"{_dose_name(dose)}/{view}/{split}", metric, *cells])
+            runs_here = str(int(quantity.loc["PtychoPINN", "n"]))
+            body.append([f"{_dose_name(dose)}/{view}/{split}", runs_here, metric, part, *cells])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
@@ -361,17 +364,12 @@ def format_study_table(runs: Sequence[StudyRun], metrics: Sequence[str] = _HEADL
     return "\n".join(lines)
 
 
-def _stat_cell(group: pd.DataFrame, quantity: str) -> str:
-    parts = []
-    for part in ("amplitude", "phase"):
-        row = group[(group["quantity"] == quantity) & (group["part"] == part)].iloc[0]
-        if row["n"] == 0:
-            parts.append("—")
-            continue
-        text = f"{row['mean']:+.4g}" if quantity != "PtychoPINN" else f"{row['mean']:.4g}"
-        if row["n"] > 1:
-            text += f" ± {row['std']:.2g} (n={row['n']})"
-        if row["verdict"]:
-            text += f" {row['verdict']}"
-        parts.append(text)
-    return " / ".join(parts)
+def _stat_cell(row: pd.Series) -> str:
+    """``mean [± std] [verdict]`` of one quantity (the row's name) of one condition."""
+    if row["n"] == 0:
+        return "—"
+    signed = str(row.name).startswith("pinn_minus")
+    text = f"{row['mean']:+.4g}" if signed else f"{row['mean']:.4g}"
+    if row["n"] > 1:
+        text += f" ± {row['std']:.2g}"
+    return f"{text} {row['verdict']}".rstrip()
