@@ -10,7 +10,8 @@ only (a missing registration offset is NaN, never an object array). Beyond compa
   arms' crops differ, and one ``ground_truth_*`` when they are all the same.
 
 Each file is written under a unique temporary name and renamed into place. Inputs may be numpy,
-Zarr or dask arrays; at most one row slab (about ``slab_bytes``) of one array is in memory at a time.
+Zarr or dask arrays; at most one row slab of one array is in memory at a time: about ``slab_bytes``,
+in whole row chunks of a chunked array (so a chunk is never decoded twice).
 """
 
 from __future__ import annotations
@@ -38,7 +39,16 @@ def npz_prefix(key: str) -> str:
 
 
 def _rows(array, slab_bytes: int) -> int:
-    return max(1, slab_bytes // max(1, array.shape[1] * 8))
+    """Rows per slab: about ``slab_bytes`` of complex64, in whole row chunks of a chunked array.
+
+    Whole chunks, so that no chunk of a Zarr or dask array is decoded (or computed) twice.
+    """
+    rows = max(1, slab_bytes // max(1, array.shape[1] * 8))
+    chunks = getattr(array, "chunks", None)
+    if not chunks:
+        return rows
+    chunk = chunks[0] if isinstance(chunks[0], int) else max(chunks[0])
+    return max(chunk, rows // chunk * chunk)
 
 
 def _slabs(array, slab_bytes: int):
