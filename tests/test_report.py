@@ -231,6 +231,9 @@ def test_figure_draws_the_metrics_table_and_frc_thresholds(scene, figure):
     n = 64 - 4  # the scored side after evaluate's 2 px trim
     r50 = results[0].metrics["frc50"][0]
     assert cells[(row_of["FRC 0.5 (nm)"], 0)].split(" / ")[0] == f"{n * 10 / r50:.4g}"
+    assert results[1].metrics["frc50"] == (43.0, 43.0)  # PtyChi's curves never fall below 0.5 ...
+    assert cells[(row_of["FRC 0.5 (rings)"], 1)] == "≥43 / ≥43"  # ... which reads as a bound
+    assert cells[(row_of["FRC 0.5 (nm)"], 1)] == f"≤{n * 10 / 43:.4g} / ≤{n * 10 / 43:.4g}"
     for ax, part in ((amp_ax, 0), (phase_ax, 1)):
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert {"0.5", "1/7", "half-bit"} <= set(lines)

@@ -13,7 +13,8 @@ constant phase offset to the truth removed (the phase of Σ recon·conj(truth)),
 by colour. The error maps are ``| |recon| − |truth| |`` and the wrapped phase difference. The FRC
 panels draw every arm's curve with the 0.5, 1/7 and half-bit thresholds (the half-bit curve from the
 ring pixel counts, :mod:`ptychozarr.report.resolution`); given a pixel size, resolutions are also
-given in nm and a top axis shows spatial frequency. Images larger than ``max_side`` are strided.
+given in nm and a top axis shows spatial frequency; a curve that never crosses a threshold reads
+``≥ L`` rings (``≤`` the finest period in nm). Images larger than ``max_side`` are strided.
 Built with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot state.
 """
 
@@ -154,10 +155,10 @@ def comparison_figure(
     from matplotlib.figure import Figure
 
     ncols = len(labels) + 1
-    fig = Figure(figsize=(_PANEL_IN * ncols + 1.5, 4 * _PANEL_IN + 4.5), layout="constrained")
+    fig = Figure(figsize=(_PANEL_IN * ncols + 1.5, 4 * _PANEL_IN + 5.3), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=14)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 4.0])
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 4.8])
     step = max(1, -(-max(arms[labels[0]].shape) // max_side))
     top.suptitle(
         "arms as scored: amplitude scaled to the truth's mean, constant phase offset removed"
@@ -257,8 +258,15 @@ def _fmt(value) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
+def _rings(ring: float, n: int) -> str:
+    """A crossing in rings; ``≥ L`` when the curve (of L rings) never crosses."""
+    return f"≥{frc_length(n)}" if ring >= frc_length(n) else _fmt(ring)
+
+
 def _nm(ring: float, n: int, pixel_size_m: float) -> str:
-    return _fmt(resolution_m(ring, n, pixel_size_m) * 1e9)
+    """A crossing as a period in nm; ``≤`` the finest period when the curve never crosses."""
+    text = _fmt(resolution_m(min(ring, frc_length(n)), n, pixel_size_m) * 1e9)
+    return f"≤{text}" if ring >= frc_length(n) else text
 
 
 def _table_column(result: ArmResult | None, n: int, half_bit: tuple, pixel_size_m) -> list[str]:
@@ -267,8 +275,11 @@ def _table_column(result: ArmResult | None, n: int, half_bit: tuple, pixel_size_
     if metrics is None:
         cells = ["—"] * (len(METRIC_ORDER) + 1 + (3 if pixel_size_m else 0))
     else:
-        cells = [" / ".join(_fmt(v) for v in metrics[m]) for m in METRIC_ORDER]
-        cells.append(" / ".join(_fmt(v) for v in half_bit))
+        cells = [
+            " / ".join(_rings(v, n) if m.startswith("frc") else _fmt(v) for v in metrics[m])
+            for m in METRIC_ORDER
+        ]
+        cells.append(" / ".join(_rings(v, n) for v in half_bit))
         if pixel_size_m:
             for rings in (metrics["frc50"], metrics["frc1over7"], half_bit):
                 cells.append(" / ".join(_nm(v, n, pixel_size_m) for v in rings))
@@ -293,7 +304,7 @@ def _draw_table(ax, labels, by_label: dict, sides: dict, half_bits: dict, pixel_
     )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
-    table.scale(1.0, 1.15)
+    table.scale(1.0, 1.3)
     ax.set_title("metrics (amplitude / phase)", fontsize=10)
 
 
@@ -307,7 +318,7 @@ def _draw_frc(
         if curve is None:
             continue
         r50, rhb = result.metrics["frc50"][part], half_bits[label][part]
-        detail = f"0.5 at {_fmt(r50)}, ½-bit at {_fmt(rhb)} rings"
+        detail = f"0.5 at {_rings(r50, n)}, ½-bit at {_rings(rhb, n)} rings"
         if pixel_size_m:
             detail += f" ({_nm(r50, n, pixel_size_m)}, {_nm(rhb, n, pixel_size_m)} nm)"
         ax.plot(np.arange(curve.size), curve, lw=1.3, label=f"{label}: {detail}")
@@ -330,7 +341,7 @@ def _draw_frc(
     ax.set_xlabel("spatial frequency (rings; dotted line: Nyquist)")
     ax.set_ylabel("FRC")
     ax.set_title(f"{('amplitude', 'phase')[part]} FRC", fontsize=10)
-    ax.legend(fontsize=6.5, loc="upper right")
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)
     if pixel_size_m and drawn:
         per_ring = 1.0 / (drawn[0] * pixel_size_m * 1e9)  # cycles per nm of one ring
         top = ax.secondary_xaxis("top", functions=(lambda r: r * per_ring, lambda f: f / per_ring))
