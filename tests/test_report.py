@@ -480,6 +480,11 @@ def test_study_table_shows_spread_verdicts_and_failures(runs):
     assert ("dose_10000/dense/train", "1", "ms_ssim", "phase") in rows and len(rows) == 2 * 3 * 2
     assert "2 ok, 1 partial, 1 failed of 4 runs" in lines
     assert "failed: dose_1000/sparse/test bad: model missing" in lines
+    only_failed = format_study_table([runs[2]]).splitlines()  # nothing to tabulate: no error
+    assert only_failed[-2:] == [
+        "0 ok, 0 partial, 1 failed of 1 runs",
+        "failed: dose_1000/sparse/test bad: model missing",
+    ]
 
 
 # --- run.json -----------------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ __all__ = [
 _MODELS = ("PtychoPINN", "Baseline")
 _CONDITION = ["dose", "view", "split"]
 _QUANTITIES = ("PtychoPINN", "Baseline", "iterative", "pinn_minus_baseline", "pinn_minus_iterative")
+_DELTA_COLUMNS = [
+    "run", *_CONDITION, "repeat", "metric", "part", "better", "PtychoPINN", "Baseline", "iterative",
+    "iterative_label", "pinn_minus_baseline", "vs_baseline", "pinn_minus_iterative", "vs_iterative",
+]  # fmt: skip
 
 
 def _dose_name(dose) -> str:
@@ -272,7 +276,7 @@ def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
                      "pinn_minus_baseline": pinn - base, "vs_baseline": _verdict(pinn - base, better),
                      "pinn_minus_iterative": pinn - it, "vs_iterative": _verdict(pinn - it, better)}
                 )  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=_DELTA_COLUMNS)
 
 
 def condition_stats(table: pd.DataFrame) -> pd.DataFrame:
@@ -359,8 +363,11 @@ def format_study_table(runs: Sequence[StudyRun], metrics: Sequence[str] = _HEADL
     lines.insert(1, "  ".join("-" * w for w in widths))
     status = {s: sum(r.status == s for r in runs) for s in ("ok", "partial", "failed")}
     lines.append(", ".join(f"{n} {s}" for s, n in status.items()) + f" of {len(runs)} runs")
-    lines += [f"failed: {_dose_name(r.dose)}/{r.view}/{r.split} {r.name or ''}: {r.error}" for r in runs
-              if r.returncode != 0]  # fmt: skip
+    for run in (r for r in runs if r.returncode != 0):
+        name = f" {run.name}" if run.name else ""
+        lines.append(
+            f"failed: {_dose_name(run.dose)}/{run.view}/{run.split}{name}: {run.error or 'no reason given'}"
+        )
     return "\n".join(lines)
 
 
