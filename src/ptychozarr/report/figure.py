@@ -64,8 +64,11 @@ _NAMES = {
 }
 
 
-def _strided(array, max_side: int) -> np.ndarray:
-    step = max(1, -(-max(array.shape) // max_side))
+def _step(shape, max_side: int) -> int:
+    return max(1, -(-max(shape) // max_side))
+
+
+def _strided(array, step: int) -> np.ndarray:
     return np.asarray(array[::step, ::step]).astype(np.complex128)
 
 
@@ -147,8 +150,10 @@ def comparison_figure(
                 f"{tuple(truths[label].shape)}; give the crop it was scored against"
             )
     by_label = {r.label: r for r in results}
-    shown_truth = _strided(truths[labels[0]], max_side)
-    panels = {lb: _as_scored(_strided(arms[lb], max_side), _strided(truths[lb], max_side)) for lb in labels}
+    step = _step(arms[labels[0]].shape, max_side)
+    read = {id(t): _strided(t, step) for t in truths.values()}  # each distinct truth read once
+    shown_truth = read[id(truths[labels[0]])]
+    panels = {lb: _as_scored(_strided(arms[lb], step), read[id(truths[lb])]) for lb in labels}
     sides = {lb: frc_side(tuple(arms[lb].shape), trim) for lb in labels}
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -159,10 +164,9 @@ def comparison_figure(
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=14)
     top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 4.8])
-    step = max(1, -(-max(arms[labels[0]].shape) // max_side))
     top.suptitle(
         "arms as scored: amplitude scaled to the truth's mean, constant phase offset removed"
-        + (f"; every {step}th pixel shown" if step > 1 else "")
+        + (f"; 1 pixel in {step} per axis shown" if step > 1 else "")
         + (f"; pixel {pixel_size_m * 1e9:.3g} nm" if pixel_size_m else ""),
         fontsize=9,
     )
