@@ -76,7 +76,8 @@ def curve_order(x: np.ndarray, y: np.ndarray, *ties: np.ndarray) -> np.ndarray:
     if x.size == 0:
         return np.zeros(0, np.int64)
     span = max(float(np.ptp(x)), float(np.ptp(y)))
-    scale = ((1 << _BITS) - 1) / span if span > 0 else 0.0
-    cells = [np.floor((v - v.min()) * scale).astype(np.uint64) for v in (x, y)]
+    last = (1 << _BITS) - 1
+    scale = last / span if span > 0 else 0.0
+    cells = [np.minimum(np.floor((v - v.min()) * scale), last).astype(np.uint64) for v in (x, y)]
     distance = hilbert_index(*cells, _BITS)
     return np.lexsort((*reversed(ties), y, x, distance)).astype(np.int64)
