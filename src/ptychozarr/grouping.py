@@ -108,7 +108,7 @@ def normaliser(diffraction, nn_indices: np.ndarray, intensity_sum: np.ndarray | 
     """
     size = diffraction.shape[-1]
     if intensity_sum is None:
-        blocks = da.asarray(diffraction)
+        blocks = da.asarray(diffraction).rechunk({1: -1, 2: -1})  # whole patterns per block
         intensity_sum = blocks.map_blocks(
             pattern_intensity, drop_axis=(1, 2), dtype=np.float64, meta=np.empty(0, np.float64)
         ).compute()
