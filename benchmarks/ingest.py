@@ -8,7 +8,7 @@ stored (``np.savez`` layout) and deflated (``np.savez_compressed`` layout).
 Variants, each in a fresh process (``_harness.measure``):
 
 - ``engine``: :func:`ptychozarr.io.ingest`: members streamed block by block, validated (finite, not
-  negative), SHA-256 of the source, zstd chunks of whole patterns (32 MiB target).
+  negative), SHA-256 of the source, zstd chunks of whole patterns (4 MiB target).
 - ``np.load``: the in-memory way: ``np.load`` of every member, then one ``zarr.create_array(data=…)``
   per member with the same chunks and compressor (no validation, no hash).
 
@@ -16,6 +16,17 @@ Peak RSS is each variant's own ``VmHWM``. Throughput is the diffraction data vol
 divided by the wall time. Run from the repository root::
 
     python -m benchmarks.ingest --sizes 1000 5000 20000 --json ingest.json
+
+``--locality`` measures what the store's curve order buys instead, on one simulated scan (``--points``
+positions, random order as ``ptychozarr simulate`` writes them) and a raster-order copy of it:
+
+- ingestion wall and peak RSS for each input order, stored and deflated;
+- the time to gather the patterns of every block of ``--block`` consecutive groups (gridsize 2) from
+  ``data/diffraction`` (each block's distinct patterns in one orthogonal selection, each chunk decoded
+  once per block), in the input's order (a store laid out as the file, groups seeded in file order, as
+  before the curve order) and in the store's curve order, beside one in-order read of the whole array::
+
+    python -m benchmarks.ingest --locality --points 5216 --chunk-mib 32 4
 """
 
 from __future__ import annotations
@@ -70,6 +81,106 @@ def run_numpy(npz: str, store: str) -> int:
     return _peak_rss_bytes()
 
 
+def _gather_blocks(store: str, nn: np.ndarray, block: int) -> tuple[float, int, float]:
+    """Seconds to read every block's distinct patterns, chunks decoded, seconds to read the array once."""
+    import time
+
+    import zarr
+
+    array = zarr.open_array(store, path="data/diffraction", mode="r")
+    per_chunk = array.chunks[0]
+    array[:1]  # opening costs (codec pipeline, first chunk) are not part of either timing
+    t0 = time.perf_counter()
+    decoded = 0
+    for start in range(0, len(nn), block):
+        rows = np.unique(nn[start : start + block])
+        array.oindex[rows]
+        decoded += len(np.unique(rows // per_chunk))
+    gather = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    array[...]
+    return gather, decoded, time.perf_counter() - t0
+
+
+def _store_in_input_order(store: Path, diffraction: np.ndarray, chunk_bytes: int) -> None:
+    """``data/diffraction`` laid out as the file holds it, with the ingested store's chunks and codec."""
+    import zarr
+
+    from ptychozarr.io.store import _COMPRESSOR
+
+    per_chunk = max(1, chunk_bytes // diffraction[0].nbytes)
+    group = zarr.open_group(store, mode="w", zarr_format=3).create_group("data")
+    group.create_array(
+        "diffraction", data=diffraction, chunks=(per_chunk, *diffraction.shape[1:]), compressors=_COMPRESSOR
+    )
+
+
+def locality(args: argparse.Namespace) -> list[dict]:
+    """The ``--locality`` measurements: two tables, ingestion by input order and gathers by layout."""
+    from ptychozarr.grouping import group, neighbour_groups
+    from ptychozarr.io import ingest, open_dataset
+    from ptychozarr.simulate import simulate
+
+    work = args.workdir
+    random_path = simulate(work / "random.npz", n_points=args.points, patch_size=args.patch_size)
+    with np.load(random_path) as z:
+        arrays = {key: z[key] for key in z.files}
+    raster = np.lexsort((arrays["xcoords"], arrays["ycoords"]))
+    per_pattern = {k for k, v in arrays.items() if v.shape[:1] == (args.points,) and k != "objectGuess"}
+    raster_arrays = {k: v[raster] if k in per_pattern else v for k, v in arrays.items()}
+    ingest_rows = []
+    for compress in (False, True):
+        for order, values in (("random", arrays), ("raster", raster_arrays)):
+            npz, store = work / f"{order}-in.npz", work / "out.zarr"
+            (np.savez_compressed if compress else np.savez)(npz, **values)
+            shutil.rmtree(store, ignore_errors=True)
+            m = measure(run_engine, str(npz), str(store))
+            ingest_rows.append(
+                {
+                    "positions": args.points,
+                    "npz": "deflated" if compress else "stored",
+                    "input order": order,
+                    "ingest s": m.wall_s,
+                    "peak RSS MB": m.peak_rss_mb,
+                }
+            )
+            npz.unlink()
+    for row in ingest_rows[1::2]:
+        row["raster/random s"] = ratio(row["ingest s"], ingest_rows[ingest_rows.index(row) - 1]["ingest s"])
+    gather_rows = []
+    for mib in args.chunk_mib:
+        chunk_bytes = int(mib * 2**20)
+        before, after = work / "input-order.zarr", work / "curve-order.zarr"
+        _store_in_input_order(before, arrays["diffraction"], chunk_bytes)
+        ingest(random_path, after, overwrite=True, chunk_bytes=chunk_bytes)
+        layouts = {
+            "input order (before)": (before, neighbour_groups(arrays["xcoords"], arrays["ycoords"], 2)),
+            "curve order (store)": (after, group(open_dataset(after).drop_attrs(), 2).nn_indices.values),
+        }
+        for name, (store, nn) in layouts.items():
+            gather, decoded, whole = _gather_blocks(str(store), nn, args.block)
+            gather_rows.append(
+                {
+                    "chunk MiB": mib,
+                    "layout": name,
+                    "blocks": -(-len(nn) // args.block),
+                    "chunks decoded": decoded,
+                    "gather all blocks s": gather,
+                    "read whole array once s": whole,
+                    "gather / whole read": ratio(gather, whole),
+                }
+            )
+        before_s = gather_rows[-2]["gather all blocks s"]
+        gather_rows[-1]["speed-up"] = ratio(before_s, gather_rows[-1]["gather all blocks s"])
+        shutil.rmtree(before, ignore_errors=True)
+        shutil.rmtree(after, ignore_errors=True)
+    random_path.unlink()
+    print(table(ingest_rows))
+    print()
+    print(table(gather_rows))
+    return ingest_rows + gather_rows
+
+
 def _make_input(path: Path, base: dict, n: int, compress: bool) -> None:
     """Repeat the base scan's patterns up to ``n``, streaming them into a new NPZ."""
     from ptychozarr.io import NpzWriter
@@ -100,9 +211,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--base", type=int, default=1000, help="patterns simulated, then repeated")
     ap.add_argument("--workdir", type=Path, default=Path("benchmarks/_work/ingest"))
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--locality", action="store_true", help="measure the curve order instead (see above)")
+    ap.add_argument("--points", type=int, default=5216, help="--locality: scan positions")
+    ap.add_argument("--block", type=int, default=256, help="--locality: groups per block")
+    ap.add_argument("--chunk-mib", type=float, nargs="+", default=[32], help="--locality: chunk sizes")
     args = ap.parse_args(argv)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.locality:
+        rows = locality(args)
+        if args.json:
+            write_json(args.json, "ingest-locality", rows)
+        return rows
     base_path = simulate(
         args.workdir / "base.npz", n_points=args.base, patch_size=args.patch_size, stored=True
     )

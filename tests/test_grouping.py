@@ -1,21 +1,41 @@
-"""Grouping (spec §1.4) against plain brute-force references written here."""
+"""Grouping (spec §1.4) against plain brute-force references written here, and its locality: groups in
+store (curve) order, the same whatever the input's order, a block of them reading few chunks."""
 
 import shutil
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 from conftest import SMALL
 
-from ptychozarr.errors import InvalidParameterError, StoreError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
 from ptychozarr.grouping import group, neighbour_groups, normaliser, open_groups
-from ptychozarr.io import open_dataset
+from ptychozarr.io import ingest, open_dataset
+
+PER_PATTERN = ("diffraction", "xcoords", "ycoords", "xcoords_start", "ycoords_start", "scan_index")
+CHUNK, BLOCK = 25, 16  # patterns per diffraction chunk, groups per block (as inference blocks them)
 
 
 @pytest.fixture
 def store_copy(small_store, tmp_path):
     """A private copy of the small store, without any groups another test may have written there."""
     return shutil.copytree(small_store, tmp_path / "copy.zarr", ignore=shutil.ignore_patterns("groups"))
+
+
+@pytest.fixture(scope="module")
+def two_orders(small_npz, tmp_path_factory):
+    """The small scan ingested from its random-order file and from a raster-order copy, in small chunks."""
+    directory = tmp_path_factory.mktemp("orders")
+    with np.load(small_npz) as z:
+        arrays = {key: z[key] for key in z.files}
+    raster = np.lexsort((arrays["xcoords"], arrays["ycoords"]))
+    np.savez(directory / "raster.npz", **{k: v[raster] if k in PER_PATTERN else v for k, v in arrays.items()})
+    chunk = CHUNK * arrays["diffraction"][0].nbytes
+    return [
+        ingest(path, directory / f"{path.stem}.zarr", chunk_bytes=chunk)
+        for path in (small_npz, directory / "raster.npz")
+    ]
 
 
 def test_members_are_true_nearest_neighbours(small_store, small_groups):
@@ -70,7 +90,7 @@ def test_centres_offsets_and_normaliser_match_plain_numpy(small_store, small_gro
 
 def test_normaliser_is_streamed_over_blocks(small_store, small_groups):
     ds = open_dataset(small_store)
-    rechunked = ds.diffraction.data.rechunk((37, -1, -1))
+    rechunked = ds.diffraction.data.rechunk((37, 11, -1))  # patterns split across blocks too
     assert rechunked.numblocks[0] > 1
     nn = small_groups.nn_indices.values
     assert normaliser(rechunked, nn) == pytest.approx(small_groups.attrs["normaliser"], rel=1e-12)
@@ -123,3 +143,58 @@ def test_missing_or_incomplete_groups(store_copy):
     zarr.open_group(store_copy / "groups", mode="r+").attrs["complete"] = False
     with pytest.raises(StoreError, match="incomplete"):
         open_groups(store_copy)
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+@pytest.mark.parametrize("subsample", [False, True])
+def test_the_same_scan_in_any_order_gives_the_same_groups(two_orders, gridsize, subsample):
+    points = np.sort(np.random.default_rng(2).choice(SMALL["n_points"], 150, replace=False))
+    one, two = (
+        group(open_dataset(store).drop_attrs(), gridsize, seed=3, points=points if subsample else None)
+        for store in two_orders
+    )
+    for name in ("nn_indices", "centres", "offsets"):
+        np.testing.assert_array_equal(one[name].values, two[name].values, err_msg=name, strict=True)
+    assert one.attrs["normaliser"] == two.attrs["normaliser"]
+
+
+def test_a_block_of_groups_reads_few_chunks(two_orders):
+    """Groups of a random-order scan, blocked in store order, touch few of the chunks; in input order, all."""
+    ds = open_dataset(two_orders[0])  # ingested from the random-order file
+    chunks = ds.diffraction.data.numblocks[0]
+    assert ds.diffraction.data.chunks[0][0] == CHUNK and chunks >= 16
+
+    def touched(nn):  # distinct chunks read by each block of BLOCK consecutive groups
+        return np.array([len(np.unique(nn[s : s + BLOCK] // CHUNK)) for s in range(0, len(nn), BLOCK)])
+
+    stored = touched(group(ds.drop_attrs(), 2).nn_indices.values)
+    assert stored.mean() <= chunks / 3 and stored.max() <= chunks / 2, stored
+    back = np.argsort(ds.input_index.values)  # the input's order: a store laid out as the file was
+    in_input_order = neighbour_groups(ds.xcoords.values[back], ds.ycoords.values[back], 2)
+    assert touched(in_input_order).mean() >= 0.9 * chunks
+
+
+def test_groups_come_in_store_order_whatever_the_order_of_points(small_store):
+    ds = open_dataset(small_store).drop_attrs()
+    points = np.random.default_rng(4).choice(SMALL["n_points"], 120, replace=False)
+    shuffled, ordered = group(ds, 2, points=points), group(ds, 2, points=np.sort(points))
+    np.testing.assert_array_equal(shuffled.nn_indices.values, ordered.nn_indices.values)
+    assert set(np.unique(ordered.nn_indices.values)) <= set(points)
+
+
+def test_grouping_never_reads_the_diffraction(store_copy, small_groups):
+    shutil.rmtree(store_copy / "data" / "diffraction" / "c")  # the chunks: reading now gives zeros
+    ds = open_dataset(store_copy)
+    with pytest.raises(InvalidScanError, match="zero"):
+        normaliser(ds.diffraction.data, small_groups.nn_indices.values)  # what a read would see
+    groups = group(ds, 2, k=7, seed=0)
+    assert groups.attrs["normaliser"] == small_groups.attrs["normaliser"]
+    np.testing.assert_array_equal(groups.nn_indices.values, small_groups.nn_indices.values)
+
+
+def test_store_opens_as_a_datatree_with_named_dimensions(store_copy):
+    group(open_dataset(store_copy), 2)
+    tree = xr.open_datatree(store_copy, engine="zarr", consolidated=False)
+    assert tree["data"].diffraction.dims == ("pattern", "det_y", "det_x")
+    assert "input_index" in tree["data"].coords and "intensity_sum" in tree["data"].data_vars
+    assert tree["groups"].nn_indices.dims == ("group", "member")

@@ -1,7 +1,10 @@
-"""Ingestion: bit-exact round trips of every key and layout, streaming under a memory bound, bad input.
+"""Ingestion: bit-exact round trips of every key and layout, streaming under a memory bound, bad input,
+and the store's curve order (the same store whatever the input's order, mapped back by ``input_index``).
 
 Inputs are written with numpy's own ``np.savez`` / ``np.savez_compressed`` (an independent writer), except
 for the large file of the memory test, written with the streaming writer so that it never sits in memory.
+Stores hold patterns in curve order, so every per-pattern value is compared with the input's value at
+``input_index``.
 """
 
 import hashlib
@@ -18,10 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ptychozarr.errors import InvalidScanError, StoreError
-from ptychozarr.io import NpzReader, NpzWriter, ingest, open_dataset
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.io import NpzReader, NpzWriter, curve_order, ingest, open_dataset
+from ptychozarr.io.order import hilbert_index
 
 N, M = 16, 40
+PER_PATTERN = ("diffraction", "xcoords", "ycoords", "xcoords_start", "ycoords_start", "scan_index")
 
 
 def _scan(rng=None, n=M, size=N) -> dict:
@@ -80,9 +85,14 @@ def test_round_trip_every_key_and_layout(tmp_path, layout, compressed):
     ds = open_dataset(store)
     assert ds.diffraction.dims == ("pattern", "det_y", "det_x")
     assert ds.diffraction.data.chunks[0][:2] == (3, 3)
+    index = ds.input_index.values
+    np.testing.assert_array_equal(np.sort(index), np.arange(M))
     for key, value in arrays.items():
         assert ds[key].dtype == value.dtype, key
-        np.testing.assert_array_equal(ds[key].values, value, err_msg=key, strict=True)
+        expected = value[index] if key in PER_PATTERN else value
+        np.testing.assert_array_equal(ds[key].values, expected, err_msg=key, strict=True)
+    squares = arrays["diffraction"][index].astype(np.float64) ** 2
+    np.testing.assert_allclose(ds.intensity_sum.values, squares.sum(axis=(1, 2)), rtol=1e-12)
     assert ds.objectGuess.dims == ("obj_y", "obj_x")
     assert ds.attrs["complete"] is True and ds.attrs["source"] == "scan.npz"
     assert ds.attrs["source_size"] == path.stat().st_size
@@ -97,7 +107,7 @@ def test_legacy_uint16_counts_become_sqrt_amplitude(tmp_path, compressed):
     counts = np.random.default_rng(1).poisson(3.0, (N, N, M)).astype(np.uint16)
     legacy = {k: v for k, v in arrays.items() if k != "diffraction"} | {"diff3d": counts}
     ds = open_dataset(ingest(_save(tmp_path / "old.npz", legacy, compressed), tmp_path / "old.zarr", 5000))
-    expected = np.sqrt(counts.transpose(2, 0, 1).astype(np.float32))
+    expected = np.sqrt(counts.transpose(2, 0, 1).astype(np.float32))[ds.input_index.values]
     np.testing.assert_array_equal(ds.diffraction.values, expected, strict=True)
     assert ds.attrs["diffraction_key"] == "diff3d" and ds.attrs["diffraction_source_dtype"] == "uint16"
     assert "sqrt" in ds.attrs["diffraction_conversion"]
@@ -110,7 +120,7 @@ def test_defaults_and_skipped_keys_are_never_unpickled(tmp_path):
     arrays["Y"] = np.zeros((1, N, N, 1), np.complex64)
     arrays["_metadata"] = np.array(_Trap(), dtype=object)
     ds = open_dataset(ingest(_save(tmp_path / "s.npz", arrays), tmp_path / "s.zarr"))
-    np.testing.assert_array_equal(ds.xcoords_start.values, arrays["xcoords"])
+    np.testing.assert_array_equal(ds.xcoords_start.values, arrays["xcoords"][ds.input_index.values])
     np.testing.assert_array_equal(ds.scan_index.values, np.zeros(M, np.int64))
     assert "objectGuess" not in ds
     assert ds.attrs["defaults"] == ["scan_index", "xcoords_start", "ycoords_start"]
@@ -150,6 +160,85 @@ def test_reader_reads_any_member_as_numpy_wrote_it(tmp_path_factory, array, fort
     assert all(block.dtype == array.dtype for block in blocks)
     if storage.ndim and storage.shape[0]:
         np.testing.assert_array_equal(np.concatenate(blocks), storage)
+    if storage.ndim and not compressed:
+        rows = np.random.default_rng(storage.shape[0]).permutation(storage.shape[0])
+        with NpzReader(path) as npz:
+            np.testing.assert_array_equal(npz.read_rows("a", rows), storage[rows], strict=True)
+
+
+def test_read_rows_gathers_any_rows_of_a_stored_member(tmp_path):
+    data = np.random.default_rng(3).random((3000, 3, 2)).astype(np.float32)
+    path = _save(tmp_path / "r.npz", {"d": data, "f": np.asfortranarray(data)})
+    shuffled = np.random.default_rng(4).permutation(3000)
+    # one run longer than a preadv call takes, reversed (no run), shuffled, repeated rows, none
+    cases = [np.arange(3000), np.arange(3000)[::-1], shuffled, np.array([7, 7, 0, 8]), np.array([], int)]
+    with NpzReader(path) as npz:
+        for rows in cases:
+            np.testing.assert_array_equal(npz.read_rows("d", rows), data[rows], strict=True)
+        np.testing.assert_array_equal(npz.read_rows("f", [1, 0]), data.T[[1, 0]], strict=True)
+        with pytest.raises(InvalidParameterError, match="row indices"):
+            npz.read_rows("d", [3000])
+    with NpzReader(_save(tmp_path / "z.npz", {"d": data}, compressed=True)) as npz:
+        with pytest.raises(InvalidParameterError, match="deflated"):
+            npz.read_rows("d", [0])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_hilbert_index_is_a_hilbert_walk(bits):
+    side = 2**bits
+    ix, iy = np.divmod(np.arange(side * side), side)
+    distance = hilbert_index(ix, iy, bits)
+    np.testing.assert_array_equal(np.sort(distance), np.arange(side * side))  # every cell once
+    walk = np.argsort(distance)
+    steps = np.abs(np.diff(ix[walk])) + np.abs(np.diff(iy[walk]))
+    assert (steps == 1).all()  # from each cell to an edge-adjacent one
+    for level in range(bits + 1):  # every aligned 2^level square is walked in one stretch
+        square = (ix >> level) * side + (iy >> level)
+        assert len(set(zip(distance >> (2 * level), square, strict=True))) == (side >> level) ** 2
+
+
+def test_curve_order_depends_on_the_positions_only_and_is_local():
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 6, (2, 300)).astype(float)  # many points at equal positions
+    start = rng.normal(size=300)  # tells them apart
+    order = curve_order(x, y, start)
+    shuffle = rng.permutation(300)
+    np.testing.assert_array_equal(shuffle[curve_order(x[shuffle], y[shuffle], start[shuffle])], order)
+    x, y = rng.uniform(0, 100, (2, 4000))
+    spacing = 100 / np.sqrt(4000)  # mean distance between neighbours
+
+    def median_step(walk):
+        return np.median(np.hypot(np.diff(x[walk]), np.diff(y[walk])))
+
+    assert median_step(curve_order(x, y)) < 2 * spacing and median_step(np.arange(4000)) > 10 * spacing
+
+
+def test_the_same_scan_in_any_order_gives_the_same_store(tmp_path, small_npz):
+    """A random-order (deflated) and a raster-order (stored) file of one scan: identical stores."""
+    with np.load(small_npz) as z:
+        arrays = {key: z[key] for key in z.files}
+    raster = np.lexsort((arrays["xcoords"], arrays["ycoords"]))
+    sorted_arrays = {k: v[raster] if k in PER_PATTERN else v for k, v in arrays.items()}
+    chunk = 25 * arrays["diffraction"][0].nbytes
+    stores = [
+        ingest(small_npz, tmp_path / "random.zarr", chunk_bytes=chunk),
+        ingest(_save(tmp_path / "raster.npz", sorted_arrays), tmp_path / "raster.zarr", chunk_bytes=chunk),
+    ]
+    random_ds, raster_ds = (open_dataset(store) for store in stores)
+    for ds, source in ((random_ds, arrays), (raster_ds, sorted_arrays)):  # input_index maps back
+        for key in PER_PATTERN:
+            np.testing.assert_array_equal(ds[key].values, source[key][ds.input_index.values], err_msg=key)
+    np.testing.assert_array_equal(raster[raster_ds.input_index.values], random_ds.input_index.values)
+    one, two = (zarr.open_group(store / "data", mode="r") for store in stores)
+    assert sorted(one.array_keys()) == sorted(two.array_keys())
+    for name in one.array_keys():
+        if name != "input_index":
+            assert one[name].chunks == two[name].chunks, name
+            np.testing.assert_array_equal(one[name][...], two[name][...], err_msg=name, strict=True)
+    provenance = {"source", "source_size", "source_sha256", "store"}
+    assert {k: v for k, v in random_ds.attrs.items() if k not in provenance} == {
+        k: v for k, v in raster_ds.attrs.items() if k not in provenance
+    }
 
 
 def test_overwrite(tmp_path):
@@ -277,9 +366,8 @@ def test_ingest_memory_is_bounded_by_blocks_not_file_size(tmp_path):
         )
         ds = open_dataset(tmp_path / "big.zarr")
         assert ds.diffraction.shape == (n, size, size)
-        np.testing.assert_array_equal(
-            ds.diffraction[n - 3 :].values, block[(n - 3) % rows : (n % rows) or rows]
-        )
+        last = ds.input_index.values[-3:]
+        np.testing.assert_array_equal(ds.diffraction[n - 3 :].values, block[last % rows])
     finally:
         path.unlink()
 

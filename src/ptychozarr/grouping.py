@@ -11,8 +11,16 @@ member position, (x, y)), ``offsets`` (B, C, 2) float64 = −(start position −
 
     f = sqrt((N/2)² / mean_{b,c} Σ_{h,w} d[nn[b,c]]²),
 
-computed in float64 over the grouped stack (a pattern counts as often as it appears in groups) but streamed:
-Σ d² per pattern in one pass over the diffraction blocks, then weighted by multiplicity.
+computed in float64 over the grouped stack (a pattern counts as often as it appears in groups) from Σ d² per
+pattern weighted by multiplicity. Ingestion stores Σ d² (``data/intensity_sum``), so grouping never reads
+the diffraction; for a store without it, the sums are streamed over the diffraction blocks.
+
+Everything runs in store order. A store lays its patterns along a Hilbert curve of the positions
+(:mod:`ptychozarr.io.order`), so group ``b`` is seeded by stored pattern ``b``: consecutive groups are close
+in space and a block of them reads a few contiguous diffraction chunks. The neighbour draws are a function
+of the store's order only, and the store is the same whatever the input's order, so the same scan shuffled
+gives the same groups. Indices (``nn_indices``, ``points``) are store indices; ``input_index`` in the
+store maps them to the input's.
 """
 
 from __future__ import annotations
@@ -29,7 +37,14 @@ import zarr
 from scipy.spatial import cKDTree
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError
-from ptychozarr.io import is_complete, mark_complete, open_store, replace_path, require_complete
+from ptychozarr.io import (
+    is_complete,
+    mark_complete,
+    open_store,
+    pattern_intensity,
+    replace_path,
+    require_complete,
+)
 
 __all__ = ["group", "neighbour_groups", "normaliser", "open_groups"]
 
@@ -79,20 +94,26 @@ def neighbour_groups(x: np.ndarray, y: np.ndarray, gridsize: int, k: int = 7, se
     return np.take_along_axis(nearest[:, 1:], draw, axis=1).astype(np.int32)
 
 
-def normaliser(diffraction, nn_indices: np.ndarray) -> float:
-    """f of spec §1.4 over the grouped stack, computed in float64 and streamed over ``diffraction``'s blocks.
+def normaliser(diffraction, nn_indices: np.ndarray, intensity_sum: np.ndarray | None = None) -> float:
+    """f of spec §1.4 over the grouped stack, computed in float64.
 
     Parameters
     ----------
     diffraction : dask.array.Array or numpy.ndarray
-        (n, N, N) amplitudes.
+        (n, N, N) amplitudes. Read (streamed over its blocks) only when ``intensity_sum`` is not given.
     nn_indices : numpy.ndarray
         (B, C) member indices.
+    intensity_sum : numpy.ndarray, optional
+        (n,) Σ_hw d² of each pattern, as ingestion stores it (``data/intensity_sum``).
     """
     size = diffraction.shape[-1]
-    per_pattern = da.sum(da.square(da.asarray(diffraction).astype(np.float64)), axis=(1, 2)).compute()
-    multiplicity = np.bincount(nn_indices.ravel(), minlength=len(per_pattern))
-    total = float(multiplicity @ per_pattern)
+    if intensity_sum is None:
+        blocks = da.asarray(diffraction).rechunk({1: -1, 2: -1})  # whole patterns per block
+        intensity_sum = blocks.map_blocks(
+            pattern_intensity, drop_axis=(1, 2), dtype=np.float64, meta=np.empty(0, np.float64)
+        ).compute()
+    multiplicity = np.bincount(nn_indices.ravel(), minlength=len(intensity_sum))
+    total = float(multiplicity @ intensity_sum)
     if not total > 0:
         raise InvalidScanError("key 'diffraction': every grouped pattern is zero, so it cannot be normalised")
     return float(np.sqrt((size / 2) ** 2 * nn_indices.size / total))
@@ -113,14 +134,17 @@ def group(
     gridsize, k, seed
         As :func:`neighbour_groups`.
     points : array of int, optional
-        Scan points to group (a subsample, e.g. compare's ``--n-test-groups``); neighbours are found
-        among them only, and ``nn_indices`` keep the indices of the whole scan. All points when None.
+        Scan points to group (a subsample, e.g. compare's ``--n-test-groups``), as store indices (store
+        order, see the module docstring; ``input_index[points]`` are their input indices). Neighbours are
+        found among them only, groups come in store order whatever the order of ``points``, and
+        ``nn_indices`` keep the indices of the whole scan. All points when None.
 
     Returns
     -------
     xarray.Dataset
-        ``nn_indices`` (group, member), ``centres`` (group, xy), ``offsets`` (group, member, xy), with
-        the parameters and ``normaliser`` in ``attrs``.
+        ``nn_indices`` (group, member), ``centres`` (group, xy), ``offsets`` (group, member, xy), group
+        ``b`` seeded by the ``b``-th chosen point in store order, with the parameters and ``normaliser``
+        in ``attrs``.
     """
     params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed), "points": _points_key(points)}
     fingerprint = {"source_sha256": ds.attrs.get("source_sha256"), "n_points": int(ds.sizes["pattern"])}
@@ -128,7 +152,7 @@ def group(
     if store is not None and _existing(store, {**params, "input": fingerprint}):
         return open_groups(store)
     x, y = ds["xcoords"].values, ds["ycoords"].values
-    chosen = np.arange(len(x)) if points is None else _check_points(points, len(x))
+    chosen = np.arange(len(x)) if points is None else np.sort(_check_points(points, len(x)))
     nn = chosen[neighbour_groups(x[chosen], y[chosen], gridsize, k, seed)].astype(np.int32)
     start = np.stack([ds["xcoords_start"].values, ds["ycoords_start"].values], axis=-1)[nn]
     arrays = {
@@ -136,7 +160,8 @@ def group(
         "centres": np.stack([x, y], axis=-1)[nn].mean(axis=1),
         "offsets": -(start - start.mean(axis=1, keepdims=True)),
     }
-    attrs = {**params, "normaliser": normaliser(ds["diffraction"].data, nn), "input": fingerprint}
+    sums = ds["intensity_sum"].values if "intensity_sum" in ds else None
+    attrs = {**params, "normaliser": normaliser(ds["diffraction"].data, nn, sums), "input": fingerprint}
     if store is None:
         return _dataset({name: (_DIMS[name], value) for name, value in arrays.items()}, attrs)
     _write(Path(store), arrays, attrs)

@@ -1,12 +1,14 @@
 """Input and storage: streamed NPZ reading and writing, the scan contract, the Zarr store of a run."""
 
 from ptychozarr.io.npz import NpzReader, NpzWriter
+from ptychozarr.io.order import curve_order
 from ptychozarr.io.store import (
     ingest,
     is_complete,
     mark_complete,
     open_dataset,
     open_store,
+    pattern_intensity,
     replace_path,
     require_complete,
 )
@@ -14,11 +16,13 @@ from ptychozarr.io.store import (
 __all__ = [
     "NpzReader",
     "NpzWriter",
+    "curve_order",
     "ingest",
     "is_complete",
     "mark_complete",
     "open_dataset",
     "open_store",
+    "pattern_intensity",
     "replace_path",
     "require_complete",
 ]

@@ -2,8 +2,17 @@
 
 Layout (DESIGN.md, "Store"): ``data/diffraction`` (n, N, N) float32 amplitude in chunks of whole
 patterns (zstd), ``data/{x,y}coords[_start]`` (n,) float64, ``data/scan_index`` (n,) int64,
-``data/probeGuess`` (N, N) complex64 and, when present, ``data/objectGuess`` (H, W) complex64.
-Every array carries its dimension names; the ``data`` group carries the provenance and ``complete``.
+``data/intensity_sum`` (n,) float64 (Σ d² of each pattern, computed while ingesting),
+``data/input_index`` (n,) int64, ``data/probeGuess`` (N, N) complex64 and, when present,
+``data/objectGuess`` (H, W) complex64. Every array carries its dimension names; the ``data`` group
+carries the provenance and ``complete``.
+
+Patterns are stored in scan-space order, along a Hilbert curve through their positions
+(:mod:`ptychozarr.io.order`), whatever the order of the input: consecutive patterns are close in space,
+so the groups of a region read a few contiguous chunks. ``input_index[i]`` is the index in the input file
+of stored pattern ``i`` (an auxiliary coordinate on ``pattern``); every per-pattern array follows the same
+order. The order depends only on the positions, so the same scan in any order gives the same store, apart
+from ``input_index`` and the provenance attrs.
 
 A stage's output counts only once its group has ``"complete": true`` in its attrs, set after its last
 chunk (:func:`mark_complete`, :func:`require_complete`). Ingestion writes to a hidden temporary store
@@ -17,8 +26,9 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask.array as da
@@ -28,7 +38,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
-from ptychozarr.io.npz import NpzReader
+from ptychozarr.io.npz import NpzReader, NpzWriter
+from ptychozarr.io.order import curve_order
 from ptychozarr.io.validate import (
     COORDINATE_KEYS,
     DiffractionLayout,
@@ -47,21 +58,29 @@ __all__ = [
     "mark_complete",
     "open_dataset",
     "open_store",
+    "pattern_intensity",
     "replace_path",
     "require_complete",
     "scratch_array",
 ]
 
-SCHEMA_VERSION = 1
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+SCHEMA_VERSION = 2
+# 4 MiB (64 patterns of 128²): in curve order a block of 256 groups then decodes about 3× its own patterns
+# (32 MiB chunks: 7×), and gathering every block costs less than one read of the whole array.
+DEFAULT_CHUNK_BYTES = 4 * 2**20
 _COMPRESSOR = ZstdCodec(level=3)
 _DIMS = {
     "diffraction": ("pattern", "det_y", "det_x"),
     "scan_index": ("pattern",),
+    "input_index": ("pattern",),
+    "intensity_sum": ("pattern",),
     "probeGuess": ("det_y", "det_x"),
     "objectGuess": ("obj_y", "obj_x"),
     **{key: ("pattern",) for key in COORDINATE_KEYS},
 }
+_PATTERN_COORDINATES = "input_index"  # CF ``coordinates`` attribute of per-pattern arrays
+_SUM_ROWS = 32  # patterns per float64 temporary in pattern_intensity
+_PATTERN_ORDER = "Hilbert curve of (xcoords, ycoords); input_index holds each pattern's index in the input"
 
 
 def mark_complete(node: zarr.Group | zarr.Array, **attrs) -> None:
@@ -186,7 +205,7 @@ def _sha256(path: Path) -> str:
 
 
 def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch: Path) -> dict:
-    """Validate and write every member (reordering, if needed, in ``scratch``); return the attrs."""
+    """Validate and write every member in curve order (reordering in ``scratch``); return the attrs."""
     keys = set(npz.members)
     key = diffraction_key(keys)
     for required in ("xcoords", "ycoords", "probeGuess"):
@@ -197,13 +216,13 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
         raise InvalidScanError(f"key 'xcoords' has shape {coordinates['xcoords'].shape}; expected (M,)")
     layout = diffraction_layout(npz.member(key), len(coordinates["xcoords"]))
     n, size = layout.n_patterns, layout.size
-    defaults = []
+    defaults, per_pattern = [], {}
     for name in COORDINATE_KEYS:
         source = name if name in keys else name.removesuffix("_start")
         if source != name:
             defaults.append(name)
         values = coordinates[source] if source in coordinates else npz.read(source)
-        _write(data, name, check_coordinates(name, values, n))
+        per_pattern[name] = check_coordinates(name, values, n)
     scan_index = npz.read("scan_index") if "scan_index" in keys else np.zeros(n, np.int64)
     if "scan_index" not in keys:
         defaults.append("scan_index")
@@ -212,22 +231,27 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
             f"key 'scan_index' has shape {scan_index.shape} and dtype {scan_index.dtype}; "
             f"expected ({n},) integers"
         )
-    _write(data, "scan_index", scan_index.astype(np.int64))
+    per_pattern["scan_index"] = scan_index.astype(np.int64)
     probe = _complex("probeGuess", npz.read("probeGuess"))
     check_square("probeGuess", probe.shape, size)
+    obj = _complex("objectGuess", npz.read("objectGuess")) if "objectGuess" in keys else None
+    if obj is not None and obj.ndim != 2:
+        raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
+    order = curve_order(*(per_pattern[name] for name in (*COORDINATE_KEYS, "scan_index")))
+    _write(data, "intensity_sum", _write_diffraction(npz, layout, data, chunk_bytes, scratch, order))
+    _write(data, "input_index", order)
+    for name, values in per_pattern.items():
+        _write(data, name, values[order])
     _write(data, "probeGuess", probe)
-    if "objectGuess" in keys:
-        obj = _complex("objectGuess", npz.read("objectGuess"))
-        if obj.ndim != 2:
-            raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
+    if obj is not None:
         _write(data, "objectGuess", obj)
-    _write_diffraction(npz, layout, data, chunk_bytes, scratch)
     used = {key, *COORDINATE_KEYS, "scan_index", "probeGuess", "objectGuess"}
     return {
         "diffraction_key": key,
         "diffraction_layout": layout.name,
         "diffraction_source_dtype": str(npz.members[key].dtype),
         "diffraction_conversion": "sqrt of integer photon counts" if layout.intensity else "none",
+        "pattern_order": _PATTERN_ORDER,
         "defaults": sorted(defaults),
         "skipped_keys": sorted(keys - used),
     }
@@ -244,14 +268,47 @@ def _complex(key: str, values: np.ndarray) -> np.ndarray:
 
 def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
     group.create_array(
-        name, data=values, chunks=values.shape, compressors=_COMPRESSOR, dimension_names=_DIMS[name]
+        name,
+        data=values,
+        chunks=values.shape,
+        compressors=_COMPRESSOR,
+        dimension_names=_DIMS[name],
+        attributes=_attributes(name),
     )
 
 
+def _attributes(name: str) -> dict:
+    """Per-pattern arrays name ``input_index`` as their coordinate (CF), so xarray's zarr engine sees it."""
+    per_pattern = _DIMS[name][0] == "pattern" and name != _PATTERN_COORDINATES
+    return {"coordinates": _PATTERN_COORDINATES} if per_pattern else {}
+
+
+def pattern_intensity(patterns) -> np.ndarray:
+    """Σ_hw d² of each pattern of a (k, N, N) block, in float64 (the normaliser's input, spec §1.4).
+
+    Each pattern's sum depends on its values only (not on the block around it), so ingestion and a later
+    recomputation over other blocks agree bitwise.
+    """
+    sums = np.empty(len(patterns), np.float64)
+    for start in range(0, len(patterns), _SUM_ROWS):
+        part = np.array(patterns[start : start + _SUM_ROWS], dtype=np.float64, order="C")
+        sums[start : start + len(part)] = np.square(part, out=part).sum(axis=(1, 2))
+    return sums
+
+
 def _write_diffraction(
-    npz: NpzReader, layout: DiffractionLayout, data: zarr.Group, chunk_bytes: int, scratch: Path
-) -> None:
-    """Stream the diffraction member into ``data/diffraction``: float32 amplitude, whole-pattern chunks."""
+    npz: NpzReader,
+    layout: DiffractionLayout,
+    data: zarr.Group,
+    chunk_bytes: int,
+    scratch: Path,
+    order: np.ndarray,
+) -> np.ndarray:
+    """Write ``data/diffraction`` in curve ``order``: float32 amplitude, whole-pattern chunks.
+
+    Each chunk's patterns are gathered from the input by index (:func:`_pattern_reader`), checked,
+    written while the next chunk is read, and summed (Σ d², returned in store order).
+    """
     n, size = layout.n_patterns, layout.size
     per_chunk = max(1, min(n, chunk_bytes // (size * size * 4)))
     target = data.create_array(
@@ -261,24 +318,59 @@ def _write_diffraction(
         chunks=(per_chunk, size, size),
         compressors=_COMPRESSOR,
         dimension_names=_DIMS["diffraction"],
+        attributes=_attributes("diffraction"),
     )
-    first, pending = 0, None
-    with ThreadPoolExecutor(1) as pool:  # one chunk is compressed and written while the next is read
-        for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes, scratch):
-            check_block(layout.key, block, first)
-            values = np.sqrt(block, dtype=np.float32) if layout.intensity else block
+    sums = np.empty(n, np.float64)
+    pending = None
+    with _pattern_reader(npz, layout, per_chunk, chunk_bytes, scratch) as read, ThreadPoolExecutor(1) as pool:
+        for first in range(0, n, per_chunk):  # one chunk is compressed and written while the next is read
+            rows = order[first : first + per_chunk]
+            block = read(rows)
+            check_block(layout.key, block, rows)
+            if layout.intensity:
+                values = np.sqrt(block, dtype=np.float32)
+            else:
+                values = block.astype(np.float32, copy=False)
+            sums[first : first + len(rows)] = pattern_intensity(values)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(target.__setitem__, slice(first, first + len(block)), values)
-            first += len(block)
+            pending = pool.submit(target.__setitem__, slice(first, first + len(rows)), values)
         if pending is not None:
             pending.result()
+    return sums
+
+
+@contextmanager
+def _pattern_reader(
+    npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int, scratch: Path
+) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """A function reading the patterns of given input indices, (k, N, N) in the member's dtype.
+
+    A stored member with patterns first is read in place, pattern by pattern at its byte offset. Any other
+    member (deflated, which only streams from its start, or not pattern-major) is first streamed once, in
+    input order, into an uncompressed NPZ under ``scratch`` that is then read the same way: two sequential
+    passes and scratch disk the size of the uncompressed patterns, but memory of one chunk and one read of
+    every pattern, whatever the order (a gather from compressed chunks would decompress every chunk once
+    per output chunk).
+    """
+    member = npz.member(layout.key)
+    if layout.patterns_first and not member.compressed:
+        yield lambda rows: npz.read_rows(layout.key, rows, layout.stream_shape).transpose(layout.to_patterns)
+        return
+    n, size = layout.n_patterns, layout.size
+    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+        staged_path = Path(tmp) / "patterns.npz"
+        with NpzWriter(staged_path) as staged, staged.stream("d", (n, size, size), member.dtype) as append:
+            for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes, Path(tmp)):
+                append(block)
+        with NpzReader(staged_path) as staged:
+            yield lambda rows: staged.read_rows("d", rows)
 
 
 def _pattern_blocks(
     npz: NpzReader, layout: DiffractionLayout, per_chunk: int, chunk_bytes: int, scratch: Path
 ) -> Iterator:
-    """Blocks of ``per_chunk`` whole patterns (pattern, det_y, det_x), in the member's dtype.
+    """Blocks of ``per_chunk`` whole patterns (pattern, det_y, det_x) in input order, in the member's dtype.
 
     When the member is not stored pattern after pattern (legacy (N, N, M)), bands of rows go to a scratch
     array chunked (rows, N, per_chunk) in a temporary directory under ``scratch``, and the patterns come
@@ -306,9 +398,10 @@ def open_dataset(store_path: str | Path) -> xr.Dataset:
     """The ingested scan as a lazy :class:`xarray.Dataset` backed by dask.
 
     Variables ``diffraction`` (pattern, det_y, det_x), ``xcoords``, ``ycoords``, ``xcoords_start``,
-    ``ycoords_start``, ``scan_index`` (pattern), ``probeGuess`` (det_y, det_x) and, when present,
-    ``objectGuess`` (obj_y, obj_x), each chunked as stored. ``attrs`` are those of ``data`` plus
-    ``store``, the store's path.
+    ``ycoords_start``, ``scan_index``, ``intensity_sum`` (pattern), ``probeGuess`` (det_y, det_x) and,
+    when present, ``objectGuess`` (obj_y, obj_x), each chunked as stored, with the coordinate
+    ``input_index`` (pattern): patterns are in curve order, ``input_index`` maps them to the input's.
+    ``attrs`` are those of ``data`` plus ``store``, the store's path.
 
     Raises
     ------
@@ -319,4 +412,5 @@ def open_dataset(store_path: str | Path) -> xr.Dataset:
     variables = {
         name: (array.metadata.dimension_names, da.from_zarr(array)) for name, array in sorted(data.arrays())
     }
-    return xr.Dataset(variables, attrs={**data.attrs, "store": str(Path(store_path))})
+    ds = xr.Dataset(variables, attrs={**data.attrs, "store": str(Path(store_path))})
+    return ds.set_coords(_PATTERN_COORDINATES) if _PATTERN_COORDINATES in ds else ds

@@ -150,17 +150,20 @@ def check_square(key: str, shape: tuple[int, ...], size: int) -> None:
         )
 
 
-def check_block(key: str, block: np.ndarray, first: int) -> None:
-    """Check one block of diffraction values (patterns ``first`` …): finite and not negative."""
+def check_block(key: str, block: np.ndarray, indices: np.ndarray) -> None:
+    """Check one block of diffraction values: finite and not negative.
+
+    ``indices`` are the input indices of the block's patterns, named in the message.
+    """
     if np.issubdtype(block.dtype, np.floating):
         finite = np.isfinite(block)
         if not finite.all():
-            index = first + np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0]
+            index = indices[np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0]]
             raise InvalidScanError(
                 f"key {key!r}: pattern {index} holds NaN or inf; fix or drop that pattern before ingesting"
             )
     if block.size and block.min() < 0:
-        index = first + np.flatnonzero(block.reshape(len(block), -1).min(axis=1) < 0)[0]
+        index = indices[np.flatnonzero(block.reshape(len(block), -1).min(axis=1) < 0)[0]]
         raise InvalidScanError(
             f"key {key!r}: pattern {index} holds negative values; diffraction must be amplitudes "
             "(sqrt of counts, ≥ 0) or integer counts"
