@@ -109,7 +109,9 @@ def test_results_equal_the_in_memory_composition_of_the_stages(reference, small_
 
     store = zarr.open_group(str(reference.store), mode="r")
     with np.load(small_npz) as f:
-        d, x, y, gt_full = f["diffraction"], f["xcoords"], f["ycoords"], f["objectGuess"]
+        stored = store["data/input_index"][:]  # the store holds the patterns in curve order
+        d, x, y = (f[key][stored] for key in ("diffraction", "xcoords", "ycoords"))
+        gt_full = f["objectGuess"]
     nn = store["groups/nn_indices"][:]
     f_norm = np.sqrt(
         16**2 * nn.size / (np.bincount(nn.ravel(), minlength=len(d)) @ (d.astype(float) ** 2).sum((1, 2)))
