@@ -195,7 +195,7 @@ def align_fixed_canvas(recon, ground_truth, scan_positions_xy, patch_size: int):
 
 
 def register(
-    image, reference, *, upsample_factor: int = 50, border_crop: int = 2, max_window: int = 2048, **options
+    image, reference, *, upsample_factor: int = 50, border_crop: int = 2, max_window: int = 1024, **options
 ):
     """Measure, apply and crop: the fine registration of one arm (spec §4.2).
 

@@ -46,8 +46,7 @@ from typing import Literal
 
 import dask.array as da
 import numpy as np
-from scipy import fft, ndimage, optimize
-from skimage import filters
+from scipy import fft, ndimage, optimize, signal
 from skimage.registration import phase_cross_correlation
 
 from ptychozarr.errors import InvalidParameterError
@@ -65,7 +64,7 @@ __all__ = [
 Component = Literal["amplitude", "complex"]
 MIN_CONFIDENCE = 0.6
 """Smallest accepted :attr:`Registration.confidence`: a second peak under 40 % of the main one."""
-_MAX_WINDOW = 2048
+_MAX_WINDOW = 1024
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
 _MAX_STEPS = 10
 
@@ -107,6 +106,11 @@ def _load(x) -> np.ndarray:
     return np.asarray(x.compute() if isinstance(x, da.Array) else x)
 
 
+def _hann(shape: tuple[int, int]) -> np.ndarray:
+    """A separable 2-D Hann window."""
+    return np.outer(signal.windows.hann(shape[0]), signal.windows.hann(shape[1]))
+
+
 def _taper(x: np.ndarray, window: np.ndarray) -> np.ndarray:
     """``x`` tapered by ``window``, with its window-weighted mean removed."""
     x = x * window
@@ -121,7 +125,7 @@ class _Pair:
         self.part = np.real if real else (np.abs if component == "amplitude" else np.asarray)
         self.image = self.part(image.astype(np.complex128))
         self.reference_spectrum = fft.fft2(reference.astype(np.complex128))
-        self.window = filters.window("hann", image.shape)
+        self.window = _hann(image.shape)
 
     def reference(self, blur: float) -> np.ndarray:
         """The tapered reference component after a Gaussian blur of ``blur`` px, as a spectrum."""
@@ -171,7 +175,7 @@ def _remove_ramp(image: np.ndarray, reference: np.ndarray, offset, blur: float) 
     plane through the remaining phase, weighted by the product's magnitude.
     """
     blurred = fft.ifft2(ndimage.fourier_gaussian(fft.fft2(reference), blur))
-    product = fourier_shift(image, offset) * blurred.conj() * filters.window("hann", image.shape)
+    product = fourier_shift(image, offset) * blurred.conj() * _hann(image.shape)
     slope = np.array(
         [
             np.angle(np.sum(product[1:] * product[:-1].conj())),
@@ -229,7 +233,8 @@ def find_offset(
         Sub-pixel precision 1/upsample_factor.
     max_window : int
         Larger images are registered on their central ``max_window``-sided window, the only part
-        brought into memory.
+        brought into memory (about 13 complex128 copies of it at the peak: 0.2 GiB at 1024,
+        0.8 GiB at 2048). PtychoPINN correlates the whole image.
     component : {"amplitude", "complex"}
         For complex input: the complex fields after removing their relative phase ramp (default) or
         the magnitudes only. Real input is correlated as it is.
@@ -246,8 +251,9 @@ def find_offset(
 
     Notes
     -----
-    See the module notes. On blurred (Gaussian σ 1.5–8 px), noisy, sub-pixel-shifted copies of a
-    structured object the error is below 0.1 px.
+    See the module notes. On a 240×260 crop of a structured object, blurred (Gaussian σ 1.5–6 px),
+    sub-pixel shifted and given complex noise of 0.05 (0.2) per component, the error is at most
+    0.06 (0.21) px.
     """
     if image.shape != reference.shape or len(image.shape) != 2:
         raise InvalidParameterError(
