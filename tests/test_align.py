@@ -115,14 +115,14 @@ def test_registration_errors(obj):
         align.shift_and_crop(obj[:4, :4], obj[:4, :4], (0, 0), border_crop=2)
 
 
-def _blurred_shifted(obj, sigma, shift, noise, seed):
+def _blurred_shifted(obj, sigma, shift, noise, seed, ramp=0.02):
     """``obj`` blurred (complex Gaussian σ), shifted by ``shift`` (content moves by it), noisy, with a
     constant phase and a phase ramp; inner 150×170 region, with the truth over the same region."""
     rng = np.random.default_rng(seed)
     blurred = ndimage.gaussian_filter(obj.real, sigma) + 1j * ndimage.gaussian_filter(obj.imag, sigma)
     moved = np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(blurred), shift))
     rows, cols = np.indices(obj.shape)
-    moved = moved * np.exp(1j * (0.7 + 0.02 * cols - 0.01 * rows))
+    moved = moved * np.exp(1j * (0.7 + ramp * cols - ramp / 2 * rows))
     box = (slice(25, 175), slice(25, 195))
     image = moved[box] + noise * (rng.standard_normal((150, 170)) + 1j * rng.standard_normal((150, 170)))
     return image, obj[box]
@@ -137,6 +137,17 @@ def test_registration_recovers_blurred_noisy_subpixel_shifts(obj, sigma, shift):
     assert error <= 0.25, (found, error)
     assert found.accepted and found.confidence >= align.MIN_CONFIDENCE and found.reason == ""
     assert found.blur == pytest.approx(sigma, abs=1.0)
+
+
+@pytest.mark.parametrize("component", ["channels", "amplitude"])
+def test_registration_ignores_amplitude_offsets_damped_phase_and_ramps(obj, component):
+    """A learned reconstruction's amplitude may be scaled and offset and its phase damped."""
+    image, truth = _blurred_shifted(obj, 4.0, (1.7, -0.8), noise=0.05, seed=1, ramp=0.0)
+    rows, cols = np.indices(image.shape)  # the phase is damped before a ramp is added
+    distorted = (0.3 + 0.5 * np.abs(image)) * np.exp(1j * (0.6 * np.angle(image) - 0.03 * rows))
+    found = align.find_offset(distorted, truth, component=component)
+    assert np.hypot(found.offset[0] + 1.7, found.offset[1] - 0.8) <= 0.25, found
+    assert found.accepted
 
 
 def test_registration_rejects_a_flat_image_and_pure_noise(obj):
