@@ -25,7 +25,11 @@ amplitude and the phase, each standardised, are registered together as the real 
 image: a reconstruction whose amplitude is scaled or offset, or whose phase is damped, as learned
 reconstructions often are, is then registered without bias. ``component="complex"`` registers the complex
 fields instead (linear in the noise, so better on very noisy but otherwise faithful reconstructions, but
-biased by 0.3–1.7 px when the phase is damped); ``component="amplitude"`` stops after the magnitudes.
+biased by 0.3–0.9 px when the phase is damped); ``component="amplitude"`` stops after the magnitudes.
+Before the amplitude and phase are taken, the image is low-passed by the matched blur (and the reference
+by √2 times it), so that noise is averaged out before the non-linear amplitude and angle, which would
+otherwise bias the peak (0.3–0.6 px at σ = 6 px and complex noise of 0.2 per component; 0.24–0.30 with
+the low-pass).
 
 Each measurement carries a **confidence**: ``1 − s/p``, where ``p`` is the peak of the correlation with
 the unblurred reference (the image's window at the measured offset) and ``s`` the highest local maximum
@@ -307,8 +311,9 @@ def find_offset(
         blur = _Pair(moving[centre], fixed[centre], "amplitude").match_blur(offset, max_blur)
     offset, _, _ = pair.follow(pair.reference(blur), offset, upsample_factor)
     if component != "amplitude" and np.iscomplexobj(moving) and np.iscomplexobj(fixed):
-        pair = _Pair(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur), fixed, component)
-        offset, _, _ = pair.follow(pair.reference(blur), offset, upsample_factor)
+        field = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
+        pair = _Pair(fft.ifft2(ndimage.fourier_gaussian(field, blur)), fixed, component)
+        offset, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
     confidence = _confidence(pair.reference(0.0), pair.image_at(offset))
     dy, dx = float(offset[0]), float(offset[1])
     reason = ""
