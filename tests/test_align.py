@@ -150,6 +150,14 @@ def test_registration_ignores_amplitude_offsets_damped_phase_and_ramps(obj, comp
     assert found.accepted
 
 
+def test_registration_of_a_pure_phase_object(obj):
+    phase_only = np.exp(1j * np.angle(obj))
+    image, truth = _blurred_shifted(phase_only, 4.0, (-1.35, 2.6), noise=0.05, seed=2)
+    found = align.find_offset(image, truth)
+    assert np.hypot(found.offset[0] - 1.35, found.offset[1] + 2.6) <= 0.25, found
+    assert found.accepted
+
+
 def test_registration_rejects_a_flat_image_and_pure_noise(obj):
     truth = obj[25:175, 25:195]
     flat = np.full(truth.shape, 0.8 * np.exp(0.3j))

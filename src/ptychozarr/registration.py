@@ -232,7 +232,8 @@ def _confidence(reference: np.ndarray, image: np.ndarray) -> float:
 
 
 def _flat(x: np.ndarray) -> bool:
-    return bool(np.ptp(x) <= 1e-9 * max(float(np.max(np.abs(x))), 1e-30))
+    spread = np.ptp(np.real(x)) + np.ptp(np.imag(x))
+    return bool(spread <= 1e-9 * max(float(np.max(np.abs(x))), 1e-30))
 
 
 def find_offset(
@@ -293,8 +294,7 @@ def find_offset(
     window = (slice(r0, r0 + wh), slice(c0, c0 + ww))
     windowed = (wh, ww) != (h, w)
     moving, fixed = _load(image[window]), _load(reference[window])
-    pair = _Pair(moving, fixed, "amplitude")
-    if _flat(pair.image) or _flat(pair.part(fft.ifft2(pair.reference_spectrum))):
+    if _flat(moving) or _flat(fixed):
         return Registration(
             (0.0, 0.0),
             window,
@@ -303,12 +303,15 @@ def find_offset(
             False,
             "the image or the reference is flat (no structure to register)",
         )
+    # magnitudes first (no phase ramp can disturb them), unless one is flat (a pure-phase object)
+    coarse = "channels" if _flat(np.abs(moving)) or _flat(np.abs(fixed)) else "amplitude"
+    pair = _Pair(moving, fixed, coarse)
     offset, _, _ = pair.follow(pair.reference(0.0), (0.0, 0.0), min(upsample_factor, 10))
     blur = 0.0
     if max_blur > 0:
         sh, sw = min(wh, _SEARCH_WINDOW), min(ww, _SEARCH_WINDOW)
         centre = (slice((wh - sh) // 2, (wh - sh) // 2 + sh), slice((ww - sw) // 2, (ww - sw) // 2 + sw))
-        blur = _Pair(moving[centre], fixed[centre], "amplitude").match_blur(offset, max_blur)
+        blur = _Pair(moving[centre], fixed[centre], coarse).match_blur(offset, max_blur)
     offset, _, _ = pair.follow(pair.reference(blur), offset, upsample_factor)
     if component != "amplitude" and np.iscomplexobj(moving) and np.iscomplexobj(fixed):
         field = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
