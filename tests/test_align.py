@@ -3,10 +3,11 @@
 import dask.array as da
 import numpy as np
 import pytest
+from scipy import ndimage
 from skimage import data
 
 from ptychozarr import align
-from ptychozarr.errors import InvalidParameterError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,129 @@ def test_registration_errors(obj):
         align.find_offset(obj[:50], obj)
     with pytest.raises(InvalidParameterError, match="border_crop"):
         align.shift_and_crop(obj[:4, :4], obj[:4, :4], (0, 0), border_crop=2)
+
+
+def _blurred_shifted(obj, sigma, shift, noise, seed, ramp=0.02):
+    """``obj`` blurred (complex Gaussian σ), shifted by ``shift`` (content moves by it), noisy, with a
+    constant phase and a phase ramp; inner 150×170 region, with the truth over the same region."""
+    rng = np.random.default_rng(seed)
+    blurred = ndimage.gaussian_filter(obj.real, sigma) + 1j * ndimage.gaussian_filter(obj.imag, sigma)
+    moved = np.fft.ifft2(ndimage.fourier_shift(np.fft.fft2(blurred), shift))
+    rows, cols = np.indices(obj.shape)
+    moved = moved * np.exp(1j * (0.7 + ramp * cols - ramp / 2 * rows))
+    box = (slice(25, 175), slice(25, 195))
+    image = moved[box] + noise * (rng.standard_normal((150, 170)) + 1j * rng.standard_normal((150, 170)))
+    return image, obj[box]
+
+
+@pytest.mark.parametrize("sigma", [1.5, 4.0, 6.0])
+@pytest.mark.parametrize("shift", [(2.3, -1.4), (-0.65, 3.35)])
+def test_registration_recovers_blurred_noisy_subpixel_shifts(obj, sigma, shift):
+    image, truth = _blurred_shifted(obj, sigma, shift, noise=0.05, seed=int(10 * sigma))
+    found = align.find_offset(image, truth)
+    error = np.hypot(found.offset[0] + shift[0], found.offset[1] + shift[1])
+    assert error <= 0.25, (found, error)
+    assert found.accepted and found.confidence >= align.MIN_CONFIDENCE and found.reason == ""
+    assert found.blur == pytest.approx(sigma, abs=1.0)
+
+
+@pytest.mark.parametrize("component", ["channels", "amplitude"])
+def test_registration_ignores_amplitude_offsets_damped_phase_and_ramps(obj, component):
+    """A learned reconstruction's amplitude may be scaled and offset and its phase damped."""
+    image, truth = _blurred_shifted(obj, 4.0, (1.7, -0.8), noise=0.05, seed=1, ramp=0.0)
+    rows, cols = np.indices(image.shape)  # the phase is damped before a ramp is added
+    distorted = (0.3 + 0.5 * np.abs(image)) * np.exp(1j * (0.6 * np.angle(image) - 0.03 * rows))
+    found = align.find_offset(distorted, truth, component=component)
+    assert np.hypot(found.offset[0] + 1.7, found.offset[1] - 0.8) <= 0.25, found
+    assert found.accepted
+
+
+def test_registration_of_a_pure_phase_object(obj):
+    phase_only = np.exp(1j * np.angle(obj))
+    image, truth = _blurred_shifted(phase_only, 4.0, (-1.35, 2.6), noise=0.05, seed=2)
+    found = align.find_offset(image, truth)
+    assert np.hypot(found.offset[0] - 1.35, found.offset[1] + 2.6) <= 0.25, found
+    assert found.accepted
+
+
+def test_registration_rejects_a_flat_image_and_pure_noise(obj):
+    truth = obj[25:175, 25:195]
+    flat = np.full(truth.shape, 0.8 * np.exp(0.3j))
+    found = align.find_offset(flat, truth)
+    assert not found.accepted and found.confidence == 0 and "flat" in found.reason
+    rng = np.random.default_rng(3)
+    for noise in (
+        rng.standard_normal(truth.shape) + 1j * rng.standard_normal(truth.shape),
+        ndimage.gaussian_filter(rng.standard_normal(truth.shape), 4) + 0j,
+    ):
+        found = align.find_offset(noise, truth)
+        assert not found.accepted and found.confidence < align.MIN_CONFIDENCE, found
+        assert "ambiguous" in found.reason
+    # rejected measurements leave both images as they were
+    image, ref, found = align.register(flat, truth)
+    assert image is flat and ref is truth and not found.accepted
+
+
+def test_registration_rejects_a_periodic_pattern():
+    rows, cols = np.indices((128, 128))
+    pattern = np.exp(1j * np.sin(2 * np.pi * cols / 12) * np.sin(2 * np.pi * rows / 12))
+    pattern = pattern * (1.5 + np.sin(2 * np.pi * cols / 12))
+    found = align.find_offset(np.roll(pattern, (3, 2), axis=(0, 1)), pattern)
+    assert not found.accepted and "ambiguous" in found.reason
+
+
+def test_max_shift_is_a_second_guard(obj):
+    moved = np.roll(obj, (3, -5), axis=(0, 1))
+    found = align.find_offset(moved, obj, max_shift=4)
+    assert found.offset == pytest.approx((-3, 5), abs=0.05)
+    assert not found.accepted and "max_shift" in found.reason
+    assert align.find_offset(moved, obj, max_shift=6).accepted
+
+
+def test_common_shape_scores_every_arm_on_one_box(obj):
+    truth = obj[:120, :140]
+    shifted = align.shift_and_crop(truth, truth, (1.2, -3.4), border_crop=0)[0]
+    pairs = {
+        "pinn": (shifted, truth),
+        "baseline": (obj[:124, :138], obj[50:174, 60:198]),
+        "ptychi": (obj[:120, :140], truth),
+    }
+    offsets = {"pinn": (1.2, -3.4), "baseline": None, "ptychi": None}
+    cropped = align.crop_to_common(pairs, offsets)
+    shapes = {image.shape for pair in cropped.values() for image in pair}
+    # the smallest aligned shape (120, 138) less 4 px per side (the 3.4 px shift wraps 4 columns)
+    assert shapes == {(112, 130)}
+    np.testing.assert_array_equal(cropped["baseline"][1], obj[56:168, 64:194])
+    np.testing.assert_array_equal(cropped["ptychi"][0], obj[4:116, 5:135])
+    assert align.common_shape([(120, 140), (124, 138)], [None, None]) == (120, 138)
+    assert align.common_shape([(120, 140)], [(0.3, 0.1)]) == (116, 136)  # compare_models' 2 px
+    with pytest.raises(InvalidParameterError, match="one offset per shape"):
+        align.common_shape([(120, 140)], [])
+
+
+def test_iterative_arm_in_the_whole_object_frame_scores_like_the_scan_frame(obj):
+    positions = np.array([[30.0, 30.0], [120.0, 110.0], [70.0, 60.0]])  # (x, y)
+    rows, cols = align.gt_crop_box(positions, 20, obj.shape)  # rows 20:120, cols 20:130, off-centre
+    rng = np.random.default_rng(0)
+    whole = obj * np.exp(0.4j) + 0.02 * rng.standard_normal(obj.shape)  # a reconstruction of the object
+    scan = whole[rows, cols]
+    r_obj, g_obj, frame_obj = align.align_iterative(whole, obj, positions, 20)
+    r_scan, g_scan, frame_scan = align.align_iterative(scan, obj, positions, 20)
+    assert (frame_obj, frame_scan) == ("object", "scan")
+    np.testing.assert_array_equal(r_obj, r_scan)
+    np.testing.assert_array_equal(g_obj, g_scan)
+    np.testing.assert_array_equal(g_obj, obj[rows, cols])
+    # centre-cropping the whole-object reconstruction, as for the scan frame, misplaces it
+    misplaced, _ = align.align_by_coordinates(whole, obj, positions, 20)
+
+    def amplitude_error(image):
+        return np.abs(np.abs(image) - np.abs(g_obj)).mean()
+
+    assert amplitude_error(misplaced) > 5 * amplitude_error(r_obj)
+    # a solver's object padded by 3 px per side is still the whole-object frame
+    padded = np.pad(whole, 3)
+    r_pad, _, frame = align.align_iterative(padded, obj, positions, 20)
+    assert frame == "object"
+    np.testing.assert_array_equal(r_pad, r_obj)
+    with pytest.raises(InvalidScanError, match="neither accepted frame"):
+        align.align_iterative(whole[:150, :90], obj, positions, 20)

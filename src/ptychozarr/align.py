@@ -9,34 +9,48 @@ Three ways to put a reconstruction on the ground truth's grid:
 - :func:`align_fixed_canvas` — ``--fixed-canvas``: the box comes from every scan position and the
   reconstruction is centre-padded with zeros or centre-cropped to it.
 
-Then :func:`register` measures the remaining shift with scikit-image's ``phase_cross_correlation``
-(upsampling 50, on magnitudes as float32), applies it as a Fourier shift and crops 2 px from every side of
-both images. :func:`arms_to_register` decides which arms get registered. Every function accepts numpy or
-dask 2-D arrays and returns the same kind; only the registration window is brought into memory.
+:func:`align_iterative` places an imported iterative reconstruction given either in the scan-box frame
+or in the whole-object frame.
+
+Then :func:`register` measures the remaining shift (:func:`ptychozarr.registration.find_offset`: plain
+cross-correlation with a window that follows the content and a blur-matched reference, plus a confidence),
+applies it as a Fourier shift and crops 2 px from every side of both images; :func:`crop_to_common` cuts
+every arm to one shape. :func:`arms_to_register` decides which arms get registered. Every function accepts
+numpy or dask 2-D arrays and returns the same kind; only the registration window is brought into memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import dask.array as da
 import numpy as np
-from skimage import filters
-from skimage.registration import phase_cross_correlation
 
-from ptychozarr.errors import InvalidParameterError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError
+from ptychozarr.registration import (
+    MIN_CONFIDENCE,
+    Registration,
+    common_shape,
+    crop_to_common,
+    find_offset,
+    fourier_shift,
+    shift_and_crop,
+)
 
 __all__ = [
+    "MIN_CONFIDENCE",
     "Registration",
     "RegistrationMode",
     "align_by_coordinates",
     "align_by_placement",
     "align_fixed_canvas",
+    "align_iterative",
     "arms_to_register",
     "center_crop",
     "center_pad_or_crop",
+    "common_shape",
+    "crop_to_common",
     "find_offset",
     "fourier_shift",
     "gt_crop_box",
@@ -45,7 +59,6 @@ __all__ = [
 ]
 
 RegistrationMode = Literal["all", "ptychi-only", "none"]
-_MAX_WINDOW = 2048
 
 
 def gt_crop_box(positions_xy, patch_size: int, gt_shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -130,8 +143,9 @@ def align_by_coordinates(recon, ground_truth, positions_xy, patch_size: int):
     return center_crop(recon, shape), center_crop(gt, shape)
 
 
-def align_by_placement(recon, ground_truth, origin_yx: tuple[float, float], positions_xy=None,
-                       patch_size: int | None = None):
+def align_by_placement(
+    recon, ground_truth, origin_yx: tuple[float, float], positions_xy=None, patch_size: int | None = None
+):
     """Exact alignment from the stitcher's canvas ↔ object mapping.
 
     Parameters
@@ -162,8 +176,10 @@ def align_by_placement(recon, ground_truth, origin_yx: tuple[float, float], posi
             f"the canvas at object origin {(y0, x0)} with shape {recon.shape} does not overlap the ground "
             f"truth region; check the canvas origin and the positions."
         )
-    return (recon[rows[0] - y0 : rows[1] - y0, cols[0] - x0 : cols[1] - x0],
-            ground_truth[rows[0] : rows[1], cols[0] : cols[1]])
+    return (
+        recon[rows[0] - y0 : rows[1] - y0, cols[0] - x0 : cols[1] - x0],
+        ground_truth[rows[0] : rows[1], cols[0] : cols[1]],
+    )
 
 
 def align_fixed_canvas(recon, ground_truth, scan_positions_xy, patch_size: int):
@@ -178,151 +194,79 @@ def align_fixed_canvas(recon, ground_truth, scan_positions_xy, patch_size: int):
     return center_pad_or_crop(recon, gt.shape), gt
 
 
-@dataclass(frozen=True)
-class Registration:
-    """A measured translation.
+def register(
+    image, reference, *, upsample_factor: int = 50, border_crop: int = 2, max_window: int = 1024, **options
+):
+    """Measure, apply and crop: the fine registration of one arm (spec §4.2).
 
-    Attributes
-    ----------
-    offset : (dy, dx)
-        Shift to apply to the image to align it with the reference (the negative of a roll applied to
-        the reference to make the image).
-    window : (rows, cols) slices
-        Region of both images the shift was measured on.
-    windowed : bool
-        True when that region is a central window smaller than the images.
-    """
-
-    offset: tuple[float, float]
-    window: tuple[slice, slice]
-    windowed: bool
-
-
-def _magnitude(x, apodize: bool) -> np.ndarray:
-    x = np.abs(x.compute() if isinstance(x, da.Array) else np.asarray(x)).astype(np.float64)
-    if apodize:
-        x = (x - x.mean()) * filters.window("hann", x.shape)
-    return x.astype(np.float32)
-
-
-def find_offset(image, reference, *, upsample_factor: int = 50, max_window: int = _MAX_WINDOW,
-                apodize: bool = True) -> Registration:
-    """Sub-pixel shift of ``image`` relative to ``reference`` (PtychoPINN's ``find_translation_offset``).
-
-    Parameters
-    ----------
-    image, reference : (H, W) numpy or dask arrays of equal shape (complex or real).
-    upsample_factor : int
-        Sub-pixel precision 1/upsample_factor.
-    max_window : int
-        Larger images are registered on their central ``max_window``-sided window, the only part
-        brought into memory (PtychoPINN uses the whole image; for one rigid shift the window gives the
-        same answer unless it lacks structure).
-    apodize : bool
-        Remove each magnitude's mean and taper it with a Hann window first (default). Without it
-        (PtychoPINN's way) the straight edges of two cropped images correlate at zero shift and, with
-        phase normalisation, that peak often wins over the true one: a 2-px shift of a cropped image
-        is then reported as 0.
-
-    Returns
-    -------
-    Registration
-
-    Notes
-    -----
-    ``skimage.registration.phase_cross_correlation(|reference|, |image|, upsample_factor=...)`` on
-    magnitudes cast to float32 (apodized unless ``apodize=False``), with scikit-image's defaults
-    (phase normalisation, real space input).
-    """
-    if image.shape != reference.shape or len(image.shape) != 2:
-        raise InvalidParameterError(
-            f"registration needs two 2-D images of equal shape; got {image.shape} and {reference.shape}."
-        )
-    h, w = image.shape
-    wh, ww = min(h, max_window), min(w, max_window)
-    r0, c0 = (h - wh) // 2, (w - ww) // 2
-    window = (slice(r0, r0 + wh), slice(c0, c0 + ww))
-    shift, _, _ = phase_cross_correlation(_magnitude(reference[window], apodize),
-                                          _magnitude(image[window], apodize), upsample_factor=upsample_factor)
-    return Registration((float(shift[0]), float(shift[1])), window, (wh, ww) != (h, w))
-
-
-def _ramp(n: int, shift: float) -> np.ndarray:
-    return np.exp(-2j * np.pi * shift * np.fft.fftfreq(n))
-
-
-def _shift_axis(block: np.ndarray, shift: float, axis: int) -> np.ndarray:
-    ramp = _ramp(block.shape[axis], shift)
-    ramp = ramp[:, None] if axis == 0 else ramp[None, :]
-    return np.fft.ifft(np.fft.fft(block, axis=axis) * ramp, axis=axis)
-
-
-def fourier_shift(image, offset: tuple[float, float]):
-    """``image`` translated by ``offset = (dy, dx)`` pixels through the Fourier domain (periodic).
-
-    Parameters
-    ----------
-    image : (H, W) numpy or dask array, real or complex.
-    offset : (dy, dx); positive moves content down / right.
-
-    Returns
-    -------
-    Array of the same kind; real input gives real output, complex stays complex128.
-
-    Notes
-    -----
-    ``ifft2(fft2(image) · exp(−2πi(dy·ky + dx·kx)))`` with numpy ``fftfreq``. On dask arrays it runs as
-    two 1-D passes (row slabs, then column slabs), which is the same product because the ramp is
-    separable.
-    """
-    dy, dx = offset
-    if isinstance(image, da.Array):
-        meta = np.empty((0, 0), np.complex128)
-        rows = image.rechunk({1: -1}).map_blocks(_shift_axis, dx, 1, dtype=np.complex128, meta=meta)
-        out = rows.rechunk({0: -1, 1: image.chunks[1]}).map_blocks(_shift_axis, dy, 0, dtype=np.complex128,
-                                                                    meta=meta)
-        out = out.rechunk(image.chunks)
-    else:
-        image = np.asarray(image)
-        out = np.fft.ifft2(np.fft.fft2(image) * (_ramp(image.shape[0], dy)[:, None]
-                                                 * _ramp(image.shape[1], dx)[None, :]))
-    return out if np.iscomplexobj(image) else out.real
-
-
-def shift_and_crop(image, reference, offset: tuple[float, float], border_crop: int = 2):
-    """Shift ``image`` by ``offset`` and crop ``border_crop`` px from every side of both images.
-
-    The reference is cropped, never shifted (PtychoPINN's ``apply_shift_and_crop``); the crop removes
-    the wrap-around of the periodic shift.
-    """
-    if border_crop < 0:
-        raise InvalidParameterError(f"border_crop must be non-negative, got {border_crop}.")
-    h, w = image.shape
-    if 2 * border_crop >= min(h, w):
-        raise InvalidParameterError(
-            f"border_crop {border_crop} leaves nothing of an image of shape {(h, w)}; use a smaller one."
-        )
-    crop = (slice(border_crop, h - border_crop), slice(border_crop, w - border_crop))
-    return fourier_shift(image, offset)[crop], reference[crop]
-
-
-def register(image, reference, *, upsample_factor: int = 50, border_crop: int = 2,
-             max_window: int = _MAX_WINDOW):
-    """Measure, apply and crop: PtychoPINN's fine registration of one arm (spec §4.2).
+    ``options`` go to :func:`find_offset` (``component``, ``max_blur``, ``min_confidence``,
+    ``max_shift``).
 
     Returns
     -------
     (image, reference, Registration)
-        The shifted image and the reference, both cropped by ``border_crop`` px per side, and the
-        measurement (whose ``windowed`` says whether a central window was used, see :func:`find_offset`).
+        When the measurement is accepted, the shifted image and the reference, both cropped by
+        ``border_crop`` px per side; otherwise both unchanged (score the arm unregistered; the
+        Registration's ``reason`` says why).
     """
-    found = find_offset(image, reference, upsample_factor=upsample_factor, max_window=max_window)
+    found = find_offset(image, reference, upsample_factor=upsample_factor, max_window=max_window, **options)
+    if not found.accepted:
+        return image, reference, found
     shifted, ref = shift_and_crop(image, reference, found.offset, border_crop)
     return shifted, ref, found
 
 
-def arms_to_register(arms: Sequence[str], mode: RegistrationMode = "all",
-                     iterative_arms: Collection[str] = ("ptychi", "tike")) -> list[str]:
+def align_iterative(recon, ground_truth, positions_xy, patch_size: int):
+    """Place an imported iterative reconstruction on the ground truth, in either of its two frames.
+
+    Parameters
+    ----------
+    recon : (P, Q) array, the iterative reconstruction.
+    ground_truth : (H, W) array, the whole ground-truth object (``objectGuess``).
+    positions_xy : (n, 2) array of group centres ``(x, y)``, as for :func:`align_by_coordinates`.
+    patch_size : int, the stitched crop size M.
+
+    Returns
+    -------
+    (recon, ground_truth, frame)
+        Both cut to the same region, and ``"object"`` or ``"scan"``.
+
+    Raises
+    ------
+    InvalidScanError
+        When the shape fits neither frame.
+
+    Notes
+    -----
+    - Whole-object frame, ``recon.shape == ground_truth.shape``: the same :func:`gt_crop_box` is cut
+      from both (pixel for pixel, no centring assumption).
+    - Scan-box frame (compare_models' expectation), each side within ``patch_size`` px of the
+      :func:`gt_crop_box` side: :func:`align_by_coordinates` (both centre-cropped to the common shape).
+    - Otherwise a reconstruction within ``patch_size`` px of the object's shape per side (e.g. an
+      object padded by the solver) counts as the whole-object frame, centre-padded or centre-cropped to
+      it first. When both frames fit, the one whose shape is closer wins.
+    """
+    rows, cols = gt_crop_box(positions_xy, patch_size, ground_truth.shape)
+    if tuple(recon.shape) == tuple(ground_truth.shape):
+        return recon[rows, cols], ground_truth[rows, cols], "object"
+    box = (rows.stop - rows.start, cols.stop - cols.start)
+    to_box = max(abs(recon.shape[0] - box[0]), abs(recon.shape[1] - box[1]))
+    to_object = max(abs(recon.shape[0] - ground_truth.shape[0]), abs(recon.shape[1] - ground_truth.shape[1]))
+    if min(to_box, to_object) > patch_size:
+        raise InvalidScanError(
+            f"the iterative reconstruction's shape {tuple(recon.shape)} fits neither accepted frame: the "
+            f"whole object {tuple(ground_truth.shape)} (objectGuess) or the scan box {box} "
+            f"(±{patch_size} px); save it in one of them."
+        )
+    if to_box <= to_object:
+        return (*align_by_coordinates(recon, ground_truth, positions_xy, patch_size), "scan")
+    whole = center_pad_or_crop(recon, ground_truth.shape)
+    return whole[rows, cols], ground_truth[rows, cols], "object"
+
+
+def arms_to_register(
+    arms: Sequence[str], mode: RegistrationMode = "all", iterative_arms: Collection[str] = ("ptychi", "tike")
+) -> list[str]:
     """The arms that get fine registration under compare_models' modes.
 
     Parameters
@@ -341,7 +285,8 @@ def arms_to_register(arms: Sequence[str], mode: RegistrationMode = "all",
     -----
     A registered arm is scored against the ground truth cropped by the same border as its image; an
     unregistered arm against the coordinate-aligned ground truth. compare_models keeps an arm
-    unregistered, with a warning, when its registration raises.
+    unregistered, with a warning, when its registration raises; here also when the measurement is not
+    accepted (:attr:`Registration.accepted`). :func:`crop_to_common` then scores every arm on one shape.
     """
     if mode == "all":
         return list(arms)
