@@ -57,10 +57,10 @@ def _positions(size: int, m: int) -> np.ndarray:
     return pos + np.random.default_rng(0).uniform(0, 1, pos.shape)
 
 
-def _patch_block(first: int, count: int, m: int) -> np.ndarray:
-    """Patches ``first … first+count-1``: a fixed pattern scaled per patch (cheap to make)."""
+def _patch_block(ids: np.ndarray, m: int) -> np.ndarray:
+    """Patches number ``ids``: a fixed pattern scaled per patch (cheap to make)."""
     ramp = np.exp(1j * np.linspace(0, np.pi, m * m)).reshape(m, m)
-    scale = 1 + 0.5 * np.sin(np.arange(first, first + count))
+    scale = 1 + 0.5 * np.sin(ids)
     return (scale[:, None, None] * ramp).astype(np.complex64)
 
 
@@ -87,8 +87,36 @@ def run_engine(size: int, m: int, tile: int) -> complex:
     pos = _positions(size, m)
     n = len(pos)
     parts = [
-        da.from_delayed(dask.delayed(_patch_block)(first, count, m), (count, m, m), dtype=np.complex64)
+        da.from_delayed(
+            dask.delayed(_patch_block)(np.arange(first, first + count), m), (count, m, m), dtype=np.complex64
+        )
         for first, count in _blocks(n)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        group = zarr.open_group(Path(tmp) / "s.zarr", mode="w")
+        out = stitch_to_zarr(
+            group, "object", da.concatenate(parts), pos, tile=tile, canvas=((0.0, 0.0), (size, size))
+        )
+        return _window_sum(out)
+
+
+def _scattered(size: int, n: int, m: int, order: str) -> np.ndarray:
+    """``n`` uniform random (x, y) inside the canvas, in raster order (rows of M, then x) or shuffled."""
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(m / 2, size - m / 2 - 1, (n, 2))
+    pos = pos[np.lexsort((pos[:, 0], pos[:, 1] // m))]
+    return pos if order == "raster" else pos[rng.permutation(n)]
+
+
+def run_ordered(size: int, n: int, m: int, tile: int, block: int, order: str) -> complex:
+    """Stitch ``n`` scattered patches given in ``order``; a patch's values follow its position."""
+    pos = _scattered(size, n, m, order)
+    ident = np.lexsort((pos[:, 0], pos[:, 1]))  # the same patch gets the same values in either order
+    rank = np.empty(n, np.int64)
+    rank[ident] = np.arange(n)
+    ids = [rank[a : a + block] for a in range(0, n, block)]
+    parts = [
+        da.from_delayed(dask.delayed(_patch_block)(i, m), (len(i), m, m), dtype=np.complex64) for i in ids
     ]
     with tempfile.TemporaryDirectory() as tmp:
         group = zarr.open_group(Path(tmp) / "s.zarr", mode="w")
@@ -105,7 +133,7 @@ def run_in_memory(size: int, m: int) -> complex:
     den = np.zeros(size * size)
     ii = np.arange(m)
     for first, count in _blocks(len(pos)):
-        z = _patch_block(first, count, m)
+        z = _patch_block(np.arange(first, first + count), m)
         for k, w in _taps(shift[first : first + count]):
             idx = ((k[:, 0, None] + ii) * size)[:, :, None] + (k[:, 1, None] + ii)[:, None, :]
             np.add.at(num, idx.ravel(), (z * w[:, None, None]).ravel())
@@ -121,7 +149,7 @@ def run_translate(size: int, m: int, count: int) -> complex:
     ones[:m, :m] = 1
     canvas = np.zeros((size, size), dtype=np.complex128)
     for first, n in _blocks(count):
-        z = _patch_block(first, n, m)
+        z = _patch_block(np.arange(first, first + n), m)
         for crop, s in zip(z, shift[first : first + n], strict=True):
             canvas[:m, :m] = crop
             move = {"shift": s, "order": 1, "mode": "grid-constant"}

@@ -167,23 +167,41 @@ def test_weights_and_dask_input():
     patches, pos = random_patches(rng, n, m), rng.uniform(0, 40, (n, 2))
     w = rng.integers(0, 4, n).astype(float)
     lazy = da.from_array(patches, chunks=(25, m // 2, m))  # chunked along the crop too
-    obj, _ = stitch(lazy, pos, w, tile=20)
-    shifts, size, _ = spec_shifts(pos, m)
-    assert_close(obj.compute(), scatter_add(patches, shifts, (size, size), w))
-    # integer weights are multiplicities: the same as repeating each patch (on a common canvas)
     reps = np.repeat(np.arange(n), w.astype(int))
+    obj, frame = stitch(lazy, pos, w, tile=20)
+    # integer weights are multiplicities: the canvas, its centre included, of the repeated stack
+    shifts, size, com = spec_shifts(pos[reps], m)
+    assert frame.origin == (float(com[1]) - size / 2, float(com[0]) - size / 2)
+    assert_close(obj.compute(), scatter_add(patches[reps], shifts, (size, size)))
     canvas = ((-10.0, -10.0), (60, 60))
     once, _ = stitch(patches, pos, w, tile=20, canvas=canvas)
     repeated, _ = stitch(patches[reps], pos[reps], tile=20, canvas=canvas)
     assert_close(once.compute(), repeated.compute().astype(np.complex128), rtol=1e-6)
 
 
+def test_distinct_patterns_with_multiplicities_equal_the_full_stack():
+    # a gridsize-1 arm: each distinct pattern once, weighted by how often the B·C stack holds it
+    rng = np.random.default_rng(8)
+    n, m, groups = 90, 8, 200
+    patches, pos = random_patches(rng, n, m), rng.uniform(0, 50, (n, 2))
+    stack = rng.choice(n, (groups, 4))  # nn_indices: some patterns many times, some never
+    distinct, counts = np.unique(stack, return_counts=True)
+    obj, frame = stitch(patches[distinct], pos[distinct], counts.astype(float), tile=16)
+    shifts, size, com = spec_shifts(pos[stack.ravel()], m)
+    want = translate_and_sum(patches[stack.ravel()], pos[stack.ravel()])
+    assert frame.shape == (size, size)
+    assert frame.origin == (float(com[1]) - size / 2, float(com[0]) - size / 2)
+    assert_close(obj.compute(), want.astype(np.complex128), rtol=1e-6)
+    unweighted = spec_shifts(pos[distinct], m)[2]  # the test has power: the plain mean sits elsewhere
+    assert not np.array_equal(unweighted, com)
+
+
 def test_untouched_tiles_are_zero_without_work():
     m = 8
     obj, frame = stitch(np.ones((2, m, m), np.complex64), [[0.0, 0.0], [300.0, 300.0]], tile=32)
     assert frame.shape == (308, 308) and obj.numblocks == (10, 10)
-    splats = [k for k in dict(obj.__dask_graph__()) if isinstance(k, tuple) and "splat" in k[0]]
-    assert len(splats) == 2  # one per touched tile; the other 98 tiles are plain zeros
+    routes = [k for k in dict(obj.__dask_graph__()) if isinstance(k, tuple) and "route" in k[0]]
+    assert len(routes) == 2  # one per touched tile; the other 98 tiles are plain zeros
     got = obj.compute()
     assert np.count_nonzero(got) == 2 * m**2
     np.testing.assert_allclose(got[:m, :m], 1, rtol=1e-7)
