@@ -13,6 +13,12 @@ times):
   (``scipy.ndimage.shift``, order 1; real, imaginary and weight) and summed. Its cost is n·S², so it runs
   on at most ``--translate-pixels`` / S² patches and reports the rate of those.
 
+A second table stitches ``n`` patches scattered uniformly over a canvas (``--order-cases S:n``, crop
+``--order-patch``, blocks of ``--order-block`` patches as the pipeline's inference writes them), once in
+raster order and once in random order, each patch carrying the same values in both: the two walls and
+peaks side by side, and whether the two canvases are bitwise equal (on a window). The last column is
+what the earlier design's tile-sized partial sums per (block, tile) pair would have added up to.
+
 Each variant returns the sum of a 256×256 window of its result, so the table also shows they agree.
 All variants import the same modules before the clock starts; peak RSS includes the interpreter and
 those imports (about 200 MB).
@@ -20,6 +26,7 @@ those imports (about 200 MB).
 Run from the repository root (``benchmarks/run_all.py`` calls :func:`main` the same way)::
 
     python benchmarks/stitch.py --sizes 512 1024 2048 4096 8192 16384 --json stitch.json
+    python benchmarks/stitch.py --sizes --order-cases 4000:20000 12000:100000
 """
 
 from __future__ import annotations
@@ -159,47 +166,90 @@ def run_translate(size: int, m: int, count: int) -> complex:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; print one markdown table and return its rows."""
+    """Run the benchmark; print its markdown tables and return their rows."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--patch", type=int, default=32, help="crop size M")
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--translate-pixels", type=float, default=2**28, help="n·S² budget of 'translate'")
+    ap.add_argument("--order-cases", nargs="*", default=["4000:20000"], help="S:n, raster beside random")
+    ap.add_argument("--order-patch", type=int, default=20, help="crop size M of the order cases")
+    ap.add_argument("--order-block", type=int, default=256, help="patches per block of the order cases")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
 
-    rows = []
-    for size in args.sizes:
-        n = len(_positions(size, args.patch))
-        row = {"canvas side": size, "patches": n}
-        eng = measure(run_engine, size, args.patch, args.tile)
-        row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine RSS MB": eng.peak_rss_mb}
-        if size * size * 40 < 0.6 * psutil.virtual_memory().available:
-            mem = measure(run_in_memory, size, args.patch)
-            row |= {
-                "in-mem s": mem.wall_s,
-                "in-mem patch/s": n / mem.wall_s,
-                "in-mem RSS MB": mem.peak_rss_mb,
-                "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
-                "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
-                "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
-            }
-        count = int(min(n, max(1, args.translate_pixels // size**2)))
-        tr = measure(run_translate, size, args.patch, count)
-        row |= {
-            "translate patches run": count,
-            "translate patch/s": count / tr.wall_s,
-            "translate RSS MB": tr.peak_rss_mb,
-            "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
-        }
-        if count == n:
-            row["translate agrees"] = bool(np.isclose(tr.value, eng.value, rtol=1e-6))
-        rows.append(row)
-        print(f"done {size}²", file=sys.stderr)
-    print(table(rows))
+    rows = [_size_row(size, args) for size in args.sizes]
+    if rows:
+        print(table(rows))
+    order_rows = [_order_row(*map(int, case.split(":")), args) for case in args.order_cases]
+    if order_rows:
+        print(table(order_rows))
     if args.json:
-        write_json(args.json, "stitch", rows)
-    return rows
+        write_json(args.json, "stitch", rows + order_rows)
+    return rows + order_rows
+
+
+def _size_row(size: int, args) -> dict:
+    n = len(_positions(size, args.patch))
+    row = {"canvas side": size, "patches": n}
+    eng = measure(run_engine, size, args.patch, args.tile)
+    row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine RSS MB": eng.peak_rss_mb}
+    if size * size * 40 < 0.6 * psutil.virtual_memory().available:
+        mem = measure(run_in_memory, size, args.patch)
+        row |= {
+            "in-mem s": mem.wall_s,
+            "in-mem patch/s": n / mem.wall_s,
+            "in-mem RSS MB": mem.peak_rss_mb,
+            "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
+            "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
+            "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
+        }
+    count = int(min(n, max(1, args.translate_pixels // size**2)))
+    tr = measure(run_translate, size, args.patch, count)
+    row |= {
+        "translate patches run": count,
+        "translate patch/s": count / tr.wall_s,
+        "translate RSS MB": tr.peak_rss_mb,
+        "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
+    }
+    if count == n:
+        row["translate agrees"] = bool(np.isclose(tr.value, eng.value, rtol=1e-6))
+    print(f"done {size}²", file=sys.stderr)
+    return row
+
+
+def _order_row(size: int, n: int, args) -> dict:
+    m, block, tile = args.order_patch, args.order_block, args.tile
+    got = {o: measure(run_ordered, size, n, m, tile, block, o) for o in ("raster", "random")}
+    raster, rand = got["raster"], got["random"]
+    print(f"done {size}² with {n} patches in both orders", file=sys.stderr)
+    return {
+        "canvas side": size,
+        "patches": n,
+        "M": m,
+        "block": block,
+        "raster s": raster.wall_s,
+        "raster RSS MB": raster.peak_rss_mb,
+        "random s": rand.wall_s,
+        "random RSS MB": rand.peak_rss_mb,
+        "wall random/raster": ratio(rand.wall_s, raster.wall_s),
+        "RSS random/raster": ratio(rand.peak_rss_mb, raster.peak_rss_mb),
+        "bitwise equal": raster.value == rand.value,
+        "tile partials MB (earlier design, random)": _tile_partials(size, n, m, tile, block) / 2**20,
+    }
+
+
+def _tile_partials(size: int, n: int, m: int, tile: int, block: int) -> int:
+    """Bytes of one tile-sized partial sum (24 B per pixel) per (block, tile) pair, in random order."""
+    k = np.floor(_scattered(size, n, m, "random")[:, ::-1] - m / 2).astype(np.int64)
+    blocks = np.arange(n) // block
+    pairs = {
+        (b, ty, tx)
+        for dy in (0, m)
+        for dx in (0, m)
+        for b, ty, tx in zip(blocks, (k[:, 0] + dy) // tile, (k[:, 1] + dx) // tile, strict=True)
+    }
+    return len(pairs) * 24 * tile * tile
 
 
 if __name__ == "__main__":

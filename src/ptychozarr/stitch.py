@@ -72,7 +72,7 @@ _PLACEMENT_BYTES = 5 * 8  # per routed patch: integer corner (2 × int64), fract
 _SUM_BYTES = 3 * 8  # per tile pixel: real, imaginary and weight sums, float64
 _FINISH_BYTES = _SUM_BYTES + 3 * 8  # … and, while dividing, the shifted weight, a quotient, the result
 _BATCH_BYTES = 12 * 8  # per footprint value of a batch: index, weight, taps, spreads, masked copies
-_WRITE_BYTES = 3 * _PATCH_BYTES  # per tile pixel while writing: the tile and two encoded copies
+_WRITE_BYTES = 5 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through zarr's codecs
 
 
 @dataclass(frozen=True)
