@@ -227,7 +227,7 @@ def _order_row(size: int, n: int, args) -> dict:
         "canvas side": size,
         "patches": n,
         "M": m,
-        "block": block,
+        "input block": block,
         "raster s": raster.wall_s,
         "raster RSS MB": raster.peak_rss_mb,
         "random s": rand.wall_s,

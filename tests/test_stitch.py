@@ -233,6 +233,7 @@ def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
             np.concatenate([w[b] for b in order]),
             tile=16,
             canvas=canvas,
+            block=size,
         )
         return obj.compute()
 

@@ -65,7 +65,7 @@ from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreErro
 __all__ = ["CanvasFrame", "stitch", "stitch_to_zarr", "task_memory"]
 
 _EPS = 1e-9  # added to the weight before dividing, as reassemble_position does
-_BLOCK_BYTES = 64 * 2**20  # default block of a numpy input, in bytes of patches
+_BLOCK_BYTES = 32 * 2**20  # default block, in bytes of patches (few route tasks, bounded memory)
 _VALUES_PER_BATCH = 2**19  # footprint pixels scattered at once inside one tile task
 _PATCH_BYTES = 8  # bytes per crop pixel (complex64, the patches the engine writes)
 _PLACEMENT_BYTES = 5 * 8  # per routed patch: integer corner (2 × int64), fraction (2), weight
@@ -161,8 +161,9 @@ def stitch(
         ``pad`` the ceiling of the largest ``|position - com|`` rounded up to even, square side
         ``P = M + 2·pad``.
     block : int, optional
-        Patches per block: splits a numpy input (default about 64 MiB of patches per block) or re-blocks
-        a dask input.
+        Patches per block. By default about 32 MiB of patches: a numpy input is split so, and a dask
+        input's blocks (e.g. Zarr chunks of a block of groups) are merged whole up to that size. One
+        route task holds one block; fewer, larger blocks make fewer route tasks.
 
     Returns
     -------
@@ -375,11 +376,13 @@ def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
         )
     if not (np.issubdtype(patches.dtype, np.complexfloating) or np.issubdtype(patches.dtype, np.floating)):
         raise InvalidParameterError(f"patches have dtype {patches.dtype}; expected complex (or real) floats")
+    default = max(1, _BLOCK_BYTES // (m * m * patches.dtype.itemsize))
     if isinstance(patches, da.Array):
-        blocks = block or patches.chunks[0]
-        return patches.rechunk((blocks, m, m)), m
-    block = block or max(1, _BLOCK_BYTES // (m * m * patches.dtype.itemsize))
-    return da.from_array(patches, chunks=(block, m, m)), m
+        if block is None:  # merge whole input blocks (e.g. Zarr chunks) up to the default size
+            first = patches.chunks[0][0]
+            block = max(1, default // first) * first
+        return patches.rechunk((block, m, m)), m
+    return da.from_array(patches, chunks=(block or default, m, m)), m
 
 
 def _check_count(name: str, value, what: str) -> int:
