@@ -23,8 +23,13 @@ Design: patches are routed to the tiles they touch, and each tile sums its own p
   the bilinear tap, is ``(M+1) × (M+1)`` pixels from ``k``; binning its two corners by ``tile`` gives
   the tiles it meets (up to four when ``tile > M``). This is computed once on the host from the
   positions. A *route* task per (block, tile) pair copies that block's rows for that tile (``M×M``
-  crops, kilobytes each) with their tile-local placements: the same split as ``dask.array.shuffle``,
-  keyed by tile. Each block is read once, whatever the order of the patches.
+  crops, kilobytes each) with their tile-local placements. Each block (about 32 MiB of patches; small
+  Zarr chunks are merged whole) is read once, whatever the order of the patches.
+- **Why this graph.** It is the split-then-merge graph of ``dask.array.shuffle``, keyed by tile. That
+  function is not called: it packs several groups into one output chunk by size (so a tile would not
+  be a chunk, and its task would have to find its rows among its neighbours'), and the tile task needs
+  each row's placement beside it. Tile tasks reading their rows straight from the store instead would,
+  in random order, each decompress every chunk.
 - **One task per tile.** A *tile* task receives the pieces routed to it, orders its patches by their
   placement in the tile (then, for equal placements, by their bytes), spreads each patch's four taps
   over its ``(M+1)²`` footprint and adds them with ``np.add.at`` (unbuffered, in index order) into a
@@ -32,12 +37,12 @@ Design: patches are routed to the tiles they touch, and each tile sums its own p
   of every sum is fixed by the data alone, so any permutation of the patches, and any way of cutting
   them into blocks, gives a bitwise-identical canvas on any scheduler.
 - **Memory.** A route task holds one block and its piece; a tile task holds its patches (about
-  ``coverage · tile² · 8`` bytes, twice) and its sums (24 bytes per tile pixel). No task ever holds a
-  canvas or a tile-sized partial per block (an earlier design did, and a random-order scan then held
-  one per (block, tile) pair: gigabytes). What waits between the two steps are the pieces, i.e. the
-  patches themselves: few when the patches come in scan order (a tile completes once its few blocks are
-  routed), at most all of them, once, when they come in random order. :func:`task_memory` projects
-  each kind of task from the constants below.
+  ``coverage · tile² · 8`` bytes, twice), its sums (24 bytes per tile pixel) and one scatter batch. No
+  task holds a canvas or a tile-sized partial per block (an earlier design did, and a random-order
+  scan then made one per (block, tile) pair: gigabytes). What waits between the two steps are the
+  pieces, i.e. the crops themselves (8 bytes per crop pixel): few when the patches come in scan order
+  (a tile completes once its few blocks are routed), at most all of them, once, in random order (320 MB
+  for 100,000 crops of 20²). :func:`task_memory` projects each kind of task from the constants below.
 - **One writer per chunk.** :func:`stitch_to_zarr` writes each touched tile as exactly one full Zarr
   chunk, skips untouched tiles (they equal the fill value 0), and sets ``complete`` last.
 
