@@ -251,16 +251,22 @@ def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
     assert any(s.tobytes() != sums[0].tobytes() for s in sums[1:])
 
 
-def test_random_order_equals_scatter_add_and_any_shuffle_is_bitwise_identical():
+@pytest.mark.parametrize("canvas", [None, ((-4.0, -4.0), (130, 130))])
+def test_random_order_equals_scatter_add_and_any_shuffle_is_bitwise_identical(canvas):
     rng = np.random.default_rng(12)
     n, m = 700, 8
     patches, pos = random_patches(rng, n, m), rng.uniform(0, 120, (n, 2))  # spread in random order
-    w = rng.uniform(0.5, 2, n)
+    w = rng.integers(1, 4, n).astype(float)
     pos[50:60], w[50:60] = pos[40], w[40]  # equal placements with other values: a tie
-    canvas = ((-4.0, -4.0), (130, 130))
     first, _ = stitch(patches, pos, w, tile=32, block=37, canvas=canvas)
     first = first.compute()
-    assert_close(first, scatter_add(patches, explicit_shifts(pos, m, canvas[0]), canvas[1], w))
+    if canvas is None:  # integer weights: the canvas of the repeated stack
+        reps = np.repeat(np.arange(n), w.astype(int))
+        shifts, size, _ = spec_shifts(pos[reps], m)
+        want = scatter_add(patches[reps], shifts, (size, size))
+    else:
+        want = scatter_add(patches, explicit_shifts(pos, m, canvas[0]), canvas[1], w)
+    assert_close(first, want)
     for seed, block in ((0, 37), (1, 100), (2, 700)):  # other orders, other blocks
         perm = np.random.default_rng(seed).permutation(n)
         again, _ = stitch(patches[perm], pos[perm], w[perm], tile=32, block=block, canvas=canvas)
