@@ -13,6 +13,12 @@ times):
   (``scipy.ndimage.shift``, order 1; real, imaginary and weight) and summed. Its cost is n·S², so it runs
   on at most ``--translate-pixels`` / S² patches and reports the rate of those.
 
+A second table stitches ``n`` patches scattered uniformly over a canvas (``--order-cases S:n``, crop
+``--order-patch``, blocks of ``--order-block`` patches as the pipeline's inference writes them), once in
+raster order and once in random order, each patch carrying the same values in both: the two walls and
+peaks side by side, and whether the two canvases are bitwise equal (on a window). The last column is
+what the earlier design's tile-sized partial sums per (block, tile) pair would have added up to.
+
 Each variant returns the sum of a 256×256 window of its result, so the table also shows they agree.
 All variants import the same modules before the clock starts; peak RSS includes the interpreter and
 those imports (about 200 MB).
@@ -20,6 +26,7 @@ those imports (about 200 MB).
 Run from the repository root (``benchmarks/run_all.py`` calls :func:`main` the same way)::
 
     python benchmarks/stitch.py --sizes 512 1024 2048 4096 8192 16384 --json stitch.json
+    python benchmarks/stitch.py --sizes --order-cases 4000:20000 12000:100000
 """
 
 from __future__ import annotations
@@ -57,10 +64,10 @@ def _positions(size: int, m: int) -> np.ndarray:
     return pos + np.random.default_rng(0).uniform(0, 1, pos.shape)
 
 
-def _patch_block(first: int, count: int, m: int) -> np.ndarray:
-    """Patches ``first … first+count-1``: a fixed pattern scaled per patch (cheap to make)."""
+def _patch_block(ids: np.ndarray, m: int) -> np.ndarray:
+    """Patches number ``ids``: a fixed pattern scaled per patch (cheap to make)."""
     ramp = np.exp(1j * np.linspace(0, np.pi, m * m)).reshape(m, m)
-    scale = 1 + 0.5 * np.sin(np.arange(first, first + count))
+    scale = 1 + 0.5 * np.sin(ids)
     return (scale[:, None, None] * ramp).astype(np.complex64)
 
 
@@ -87,8 +94,36 @@ def run_engine(size: int, m: int, tile: int) -> complex:
     pos = _positions(size, m)
     n = len(pos)
     parts = [
-        da.from_delayed(dask.delayed(_patch_block)(first, count, m), (count, m, m), dtype=np.complex64)
+        da.from_delayed(
+            dask.delayed(_patch_block)(np.arange(first, first + count), m), (count, m, m), dtype=np.complex64
+        )
         for first, count in _blocks(n)
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        group = zarr.open_group(Path(tmp) / "s.zarr", mode="w")
+        out = stitch_to_zarr(
+            group, "object", da.concatenate(parts), pos, tile=tile, canvas=((0.0, 0.0), (size, size))
+        )
+        return _window_sum(out)
+
+
+def _scattered(size: int, n: int, m: int, order: str) -> np.ndarray:
+    """``n`` uniform random (x, y) inside the canvas, in raster order (rows of M, then x) or shuffled."""
+    rng = np.random.default_rng(1)
+    pos = rng.uniform(m / 2, size - m / 2 - 1, (n, 2))
+    pos = pos[np.lexsort((pos[:, 0], pos[:, 1] // m))]
+    return pos if order == "raster" else pos[rng.permutation(n)]
+
+
+def run_ordered(size: int, n: int, m: int, tile: int, block: int, order: str) -> complex:
+    """Stitch ``n`` scattered patches given in ``order``; a patch's values follow its position."""
+    pos = _scattered(size, n, m, order)
+    ident = np.lexsort((pos[:, 0], pos[:, 1]))  # the same patch gets the same values in either order
+    rank = np.empty(n, np.int64)
+    rank[ident] = np.arange(n)
+    ids = [rank[a : a + block] for a in range(0, n, block)]
+    parts = [
+        da.from_delayed(dask.delayed(_patch_block)(i, m), (len(i), m, m), dtype=np.complex64) for i in ids
     ]
     with tempfile.TemporaryDirectory() as tmp:
         group = zarr.open_group(Path(tmp) / "s.zarr", mode="w")
@@ -105,7 +140,7 @@ def run_in_memory(size: int, m: int) -> complex:
     den = np.zeros(size * size)
     ii = np.arange(m)
     for first, count in _blocks(len(pos)):
-        z = _patch_block(first, count, m)
+        z = _patch_block(np.arange(first, first + count), m)
         for k, w in _taps(shift[first : first + count]):
             idx = ((k[:, 0, None] + ii) * size)[:, :, None] + (k[:, 1, None] + ii)[:, None, :]
             np.add.at(num, idx.ravel(), (z * w[:, None, None]).ravel())
@@ -121,7 +156,7 @@ def run_translate(size: int, m: int, count: int) -> complex:
     ones[:m, :m] = 1
     canvas = np.zeros((size, size), dtype=np.complex128)
     for first, n in _blocks(count):
-        z = _patch_block(first, n, m)
+        z = _patch_block(np.arange(first, first + n), m)
         for crop, s in zip(z, shift[first : first + n], strict=True):
             canvas[:m, :m] = crop
             move = {"shift": s, "order": 1, "mode": "grid-constant"}
@@ -131,47 +166,90 @@ def run_translate(size: int, m: int, count: int) -> complex:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; print one markdown table and return its rows."""
+    """Run the benchmark; print its markdown tables and return their rows."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--patch", type=int, default=32, help="crop size M")
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument("--translate-pixels", type=float, default=2**28, help="n·S² budget of 'translate'")
+    ap.add_argument("--order-cases", nargs="*", default=["4000:20000"], help="S:n, raster beside random")
+    ap.add_argument("--order-patch", type=int, default=20, help="crop size M of the order cases")
+    ap.add_argument("--order-block", type=int, default=256, help="patches per block of the order cases")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
 
-    rows = []
-    for size in args.sizes:
-        n = len(_positions(size, args.patch))
-        row = {"canvas side": size, "patches": n}
-        eng = measure(run_engine, size, args.patch, args.tile)
-        row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine RSS MB": eng.peak_rss_mb}
-        if size * size * 40 < 0.6 * psutil.virtual_memory().available:
-            mem = measure(run_in_memory, size, args.patch)
-            row |= {
-                "in-mem s": mem.wall_s,
-                "in-mem patch/s": n / mem.wall_s,
-                "in-mem RSS MB": mem.peak_rss_mb,
-                "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
-                "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
-                "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
-            }
-        count = int(min(n, max(1, args.translate_pixels // size**2)))
-        tr = measure(run_translate, size, args.patch, count)
-        row |= {
-            "translate patches run": count,
-            "translate patch/s": count / tr.wall_s,
-            "translate RSS MB": tr.peak_rss_mb,
-            "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
-        }
-        if count == n:
-            row["translate agrees"] = bool(np.isclose(tr.value, eng.value, rtol=1e-6))
-        rows.append(row)
-        print(f"done {size}²", file=sys.stderr)
-    print(table(rows))
+    rows = [_size_row(size, args) for size in args.sizes]
+    if rows:
+        print(table(rows))
+    order_rows = [_order_row(*map(int, case.split(":")), args) for case in args.order_cases]
+    if order_rows:
+        print(table(order_rows))
     if args.json:
-        write_json(args.json, "stitch", rows)
-    return rows
+        write_json(args.json, "stitch", rows + order_rows)
+    return rows + order_rows
+
+
+def _size_row(size: int, args) -> dict:
+    n = len(_positions(size, args.patch))
+    row = {"canvas side": size, "patches": n}
+    eng = measure(run_engine, size, args.patch, args.tile)
+    row |= {"engine s": eng.wall_s, "engine patch/s": n / eng.wall_s, "engine RSS MB": eng.peak_rss_mb}
+    if size * size * 40 < 0.6 * psutil.virtual_memory().available:
+        mem = measure(run_in_memory, size, args.patch)
+        row |= {
+            "in-mem s": mem.wall_s,
+            "in-mem patch/s": n / mem.wall_s,
+            "in-mem RSS MB": mem.peak_rss_mb,
+            "speed engine/in-mem": ratio(mem.wall_s, eng.wall_s),
+            "RSS in-mem/engine": ratio(mem.peak_rss_mb, eng.peak_rss_mb),
+            "agree": bool(np.isclose(mem.value, eng.value, rtol=1e-6)),
+        }
+    count = int(min(n, max(1, args.translate_pixels // size**2)))
+    tr = measure(run_translate, size, args.patch, count)
+    row |= {
+        "translate patches run": count,
+        "translate patch/s": count / tr.wall_s,
+        "translate RSS MB": tr.peak_rss_mb,
+        "speed engine/translate": ratio(n / eng.wall_s, count / tr.wall_s),
+    }
+    if count == n:
+        row["translate agrees"] = bool(np.isclose(tr.value, eng.value, rtol=1e-6))
+    print(f"done {size}²", file=sys.stderr)
+    return row
+
+
+def _order_row(size: int, n: int, args) -> dict:
+    m, block, tile = args.order_patch, args.order_block, args.tile
+    got = {o: measure(run_ordered, size, n, m, tile, block, o) for o in ("raster", "random")}
+    raster, rand = got["raster"], got["random"]
+    print(f"done {size}² with {n} patches in both orders", file=sys.stderr)
+    return {
+        "canvas side": size,
+        "patches": n,
+        "M": m,
+        "input block": block,
+        "raster s": raster.wall_s,
+        "raster RSS MB": raster.peak_rss_mb,
+        "random s": rand.wall_s,
+        "random RSS MB": rand.peak_rss_mb,
+        "wall random/raster": ratio(rand.wall_s, raster.wall_s),
+        "RSS random/raster": ratio(rand.peak_rss_mb, raster.peak_rss_mb),
+        "bitwise equal": raster.value == rand.value,
+        "tile partials MB (earlier design, random)": _tile_partials(size, n, m, tile, block) / 2**20,
+    }
+
+
+def _tile_partials(size: int, n: int, m: int, tile: int, block: int) -> int:
+    """Bytes of one tile-sized partial sum (24 B per pixel) per (block, tile) pair, in random order."""
+    k = np.floor(_scattered(size, n, m, "random")[:, ::-1] - m / 2).astype(np.int64)
+    blocks = np.arange(n) // block
+    pairs = {
+        (b, ty, tx)
+        for dy in (0, m)
+        for dx in (0, m)
+        for b, ty, tx in zip(blocks, (k[:, 0] + dy) // tile, (k[:, 1] + dx) // tile, strict=True)
+    }
+    return len(pairs) * 24 * tile * tile
 
 
 if __name__ == "__main__":

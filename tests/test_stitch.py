@@ -3,15 +3,20 @@
 import json
 import subprocess
 import sys
+import tracemalloc
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
+from dask.callbacks import Callback
+from dask.utils import key_split
 from scipy import ndimage
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
-from ptychozarr.stitch import CanvasFrame, stitch, stitch_to_zarr
+from ptychozarr.stitch import CanvasFrame, stitch, stitch_to_zarr, task_memory
 
 # --------------------------------------------------------------------------- references
 
@@ -167,23 +172,40 @@ def test_weights_and_dask_input():
     patches, pos = random_patches(rng, n, m), rng.uniform(0, 40, (n, 2))
     w = rng.integers(0, 4, n).astype(float)
     lazy = da.from_array(patches, chunks=(25, m // 2, m))  # chunked along the crop too
-    obj, _ = stitch(lazy, pos, w, tile=20)
-    shifts, size, _ = spec_shifts(pos, m)
-    assert_close(obj.compute(), scatter_add(patches, shifts, (size, size), w))
-    # integer weights are multiplicities: the same as repeating each patch (on a common canvas)
     reps = np.repeat(np.arange(n), w.astype(int))
+    obj, frame = stitch(lazy, pos, w, tile=20)
+    # integer weights are multiplicities: the canvas, its centre included, of the repeated stack
+    shifts, size, com = spec_shifts(pos[reps], m)
+    assert frame.origin == (float(com[1]) - size / 2, float(com[0]) - size / 2)
+    assert_close(obj.compute(), scatter_add(patches[reps], shifts, (size, size)))
     canvas = ((-10.0, -10.0), (60, 60))
     once, _ = stitch(patches, pos, w, tile=20, canvas=canvas)
     repeated, _ = stitch(patches[reps], pos[reps], tile=20, canvas=canvas)
     assert_close(once.compute(), repeated.compute().astype(np.complex128), rtol=1e-6)
 
 
+def test_distinct_patterns_with_multiplicities_equal_the_full_stack():
+    # a gridsize-1 arm: each distinct pattern once, weighted by how often the B·C stack holds it
+    rng = np.random.default_rng(8)
+    n, m, groups = 90, 8, 200
+    patches, pos = random_patches(rng, n, m), rng.uniform(0, 50, (n, 2))
+    stack = rng.choice(n, (groups, 4))  # nn_indices: some patterns many times, some never
+    distinct, counts = np.unique(stack, return_counts=True)
+    obj, frame = stitch(patches[distinct], pos[distinct], counts.astype(float), tile=16)
+    shifts, size, com = spec_shifts(pos[stack.ravel()], m)
+    assert frame.shape == (size, size)
+    assert frame.origin == (float(com[1]) - size / 2, float(com[0]) - size / 2)
+    assert_close(obj.compute(), scatter_add(patches[stack.ravel()], shifts, (size, size)))
+    unweighted = spec_shifts(pos[distinct], m)[2]  # the test has power: the plain mean sits elsewhere
+    assert not np.array_equal(unweighted, com)
+
+
 def test_untouched_tiles_are_zero_without_work():
     m = 8
     obj, frame = stitch(np.ones((2, m, m), np.complex64), [[0.0, 0.0], [300.0, 300.0]], tile=32)
     assert frame.shape == (308, 308) and obj.numblocks == (10, 10)
-    splats = [k for k in dict(obj.__dask_graph__()) if isinstance(k, tuple) and "splat" in k[0]]
-    assert len(splats) == 2  # one per touched tile; the other 98 tiles are plain zeros
+    routes = [k for k in dict(obj.__dask_graph__()) if isinstance(k, tuple) and "route" in k[0]]
+    assert len(routes) == 2  # one per touched tile; the other 98 tiles are plain zeros
     got = obj.compute()
     assert np.count_nonzero(got) == 2 * m**2
     np.testing.assert_allclose(got[:m, :m], 1, rtol=1e-7)
@@ -211,6 +233,7 @@ def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
             np.concatenate([w[b] for b in order]),
             tile=16,
             canvas=canvas,
+            block=size,
         )
         return obj.compute()
 
@@ -226,6 +249,104 @@ def test_shuffled_blocks_give_a_bitwise_identical_canvas(canvas):
     ]
     sums = [sum((nums[b] for b in order), np.zeros(results[0].shape, complex)) for order in orders]
     assert any(s.tobytes() != sums[0].tobytes() for s in sums[1:])
+
+
+@pytest.mark.parametrize("canvas", [None, ((-4.0, -4.0), (130, 130))])
+def test_random_order_equals_scatter_add_and_any_shuffle_is_bitwise_identical(canvas):
+    rng = np.random.default_rng(12)
+    n, m = 700, 8
+    patches, pos = random_patches(rng, n, m), rng.uniform(0, 120, (n, 2))  # spread in random order
+    w = rng.integers(1, 4, n).astype(float)
+    pos[50:60], w[50:60] = pos[40], w[40]  # equal placements with other values: a tie
+    first, _ = stitch(patches, pos, w, tile=32, block=37, canvas=canvas)
+    first = first.compute()
+    if canvas is None:  # integer weights: the canvas of the repeated stack
+        reps = np.repeat(np.arange(n), w.astype(int))
+        shifts, size, _ = spec_shifts(pos[reps], m)
+        want = scatter_add(patches[reps], shifts, (size, size))
+    else:
+        want = scatter_add(patches, explicit_shifts(pos, m, canvas[0]), canvas[1], w)
+    assert_close(first, want)
+    for seed, block in ((0, 37), (1, 100), (2, 700)):  # other orders, other blocks
+        perm = np.random.default_rng(seed).permutation(n)
+        again, _ = stitch(patches[perm], pos[perm], w[perm], tile=32, block=block, canvas=canvas)
+        assert again.compute().tobytes() == first.tobytes()
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class _TracedTasks(Callback):
+    """On the synchronous scheduler, per task kind: the most memory one task held (its inputs plus the
+    peak it allocated, as tracemalloc sees it); the most that task results held at once; the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.task: dict[str, int] = {}
+        self.results = self.peak = 0
+
+    def _pretask(self, key, dsk, state):
+        self._inputs = sum(_nbytes(state["cache"][d]) for d in state["dependencies"][key])
+        tracemalloc.reset_peak()
+        self._start = tracemalloc.get_traced_memory()[0]
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        held = self._inputs + tracemalloc.get_traced_memory()[1] - self._start
+        self.task[key_split(key)] = max(self.task.get(key_split(key), 0), held)
+        self.results = max(self.results, sum(_nbytes(v) for v in state["cache"].values()))
+        self.peak = max(self.peak, tracemalloc.get_traced_memory()[1])
+
+
+def _traced_stitch(tmp_path, patches, pos, **kwargs) -> _TracedTasks:
+    group = zarr.open_group(tmp_path / "traced.zarr", mode="w")
+    tracemalloc.start()
+    try:
+        with dask.config.set(scheduler="sync"), _TracedTasks() as traced:
+            stitch_to_zarr(group, "object", patches, pos, **kwargs)
+    finally:
+        tracemalloc.stop()
+    return traced
+
+
+def test_random_order_memory_stays_far_below_tile_partials(tmp_path):
+    rng = np.random.default_rng(6)
+    n, m, tile, block, side = 3000, 16, 128, 150, 512
+    patches, pos = random_patches(rng, n, m), rng.uniform(m, side - m, (n, 2))
+    traced = _traced_stitch(tmp_path, patches, pos, tile=tile, block=block, canvas=((0.0, 0.0), (side, side)))
+    # every block meets every one of the 16 tiles: one tile-sized partial per pair adds up to 20 × 16 × 393 kB
+    k = np.floor(pos[:, ::-1] - m / 2).astype(int)
+    pairs = {
+        (i // block, *c) for d in ((0, 0), (0, m), (m, 0), (m, m)) for i, c in enumerate((k + d) // tile)
+    }
+    partials = len(pairs) * 24 * tile**2
+    assert len(pairs) == (n // block) * (side // tile) ** 2
+    # what waits between tasks is the routed patches (a patch near a tile edge goes to two or four tiles)
+    assert traced.results <= 1.5 * n * (patches[0].nbytes + 40) < partials / 10
+    assert traced.peak < partials / 5
+
+
+@pytest.mark.parametrize(("m", "tile", "block"), [(16, 128, 150), (20, 64, 400)])
+def test_task_memory_bounds_what_each_task_holds(tmp_path, m, tile, block):
+    rng = np.random.default_rng(10)
+    n, side = 3000, 400
+    patches, pos = random_patches(rng, n, m), rng.uniform(m, side - m, (n, 2))
+    traced = _traced_stitch(tmp_path, patches, pos, tile=tile, block=block, canvas=((0.0, 0.0), (side, side)))
+    projected = task_memory(patch_size=m, tile=tile, block_patches=block, coverage=n * m * m / side**2)
+    assert set(projected) <= set(traced.task)
+    for kind, bytes_ in projected.items():  # an upper bound, and not a loose one
+        assert traced.task[kind] <= bytes_ <= 2.5 * traced.task[kind], (kind, traced.task[kind], bytes_)
+
+
+def test_task_memory_refuses_bad_sizes():
+    with pytest.raises(InvalidParameterError, match="tile"):
+        task_memory(patch_size=20, tile=0, block_patches=256)
+    with pytest.raises(InvalidParameterError, match="coverage"):
+        task_memory(patch_size=20, tile=1024, block_patches=256, coverage=-1.0)
 
 
 # --------------------------------------------------------------------------- Zarr writer
@@ -252,6 +373,18 @@ def test_stitch_to_zarr_writes_each_touched_tile_once_then_marks_complete(tmp_pa
         stitch_to_zarr(group, "object", patches, pos)
     again = stitch_to_zarr(group, "object", patches[:30], pos[:30], tile=16, overwrite=True)
     assert again.chunks == (16, 16) and again.attrs["n_patches"] == 30
+
+
+def test_stitch_to_zarr_names_dimensions_for_xarray(tmp_path):
+    rng = np.random.default_rng(13)
+    patches, pos = random_patches(rng, 20, 8), rng.uniform(0, 30, (20, 2))
+    group = zarr.open_group(tmp_path / "named.zarr", mode="w")
+    stitch_to_zarr(group, "object", patches, pos, tile=16, dimension_names=("y", "x"))
+    opened = xr.open_zarr(tmp_path / "named.zarr", consolidated=False)
+    assert opened["object"].dims == ("y", "x")
+    np.testing.assert_array_equal(opened["object"].values, stitch(patches, pos, tile=16)[0].compute())
+    with pytest.raises(InvalidParameterError, match="dimension_names"):
+        stitch_to_zarr(group, "other", patches, pos, dimension_names=("y",))
 
 
 _BIG = """

@@ -6,33 +6,43 @@ its value with bilinear weights ``(1-f_y)(1-f_x), (1-f_y)f_x, f_y(1-f_x), f_y f_
 ``(i + k_y + {0, 1}, j + k_x + {0, 1})``; taps outside the canvas are dropped; the same taps of a unit
 patch make the weight, and the result is ``num / (den + 1e-9)`` as complex64.
 
-Design, in words:
+Design: patches are routed to the tiles they touch, and each tile sums its own patches. In words::
 
-- **Tile routing.** The canvas is cut into ``tile × tile`` pieces, which are the chunks of the returned
-  dask array (and of the Zarr array :func:`stitch_to_zarr` writes). A patch's footprint, with the extra
-  row and column of the bilinear tap, is ``(M+1) × (M+1)`` pixels starting at ``k``; binning the two
-  corners of that footprint by ``tile`` gives the tiles it touches (up to four when ``tile > M``). The
-  routing is computed once on the host from the positions, which are small.
-- **Partial sums.** For every pair (block of patches, tile) with at least one routed patch, one task
-  splats the routed patches of that block onto that tile only: the four taps are first combined inside
-  each patch (a separable linear spread onto its ``(M+1)²`` footprint), then the footprints are summed
-  with ``np.add.at`` into a complex128 numerator and a float64 weight covering just the bounding box
-  of those patches inside the tile. Work is proportional to ``n·M²``, never to the canvas area, and a
-  tile no patch touches is a plain zero chunk that costs nothing.
-- **Tree reduction.** The partials of one tile are summed by a tree of fan-in four, then one task per
-  tile divides lazily. Floating-point addition is commutative but not associative, so the tree is made
-  independent of the order of the blocks: its leaves are sorted by where the block's patches sit in the
-  tile and then by a digest of the block's placements and weights (neither depends on where the block
-  sits in the input; neighbours in space are summed first, which keeps partial boxes small), groups
-  never split a run of equal keys, and a group that holds such a tie sums its partials in the order of
-  their content digests. Every sum thus happens in an order fixed by the data alone, so permuting the
-  blocks of patches gives a bitwise-identical canvas on any scheduler. (Cutting the patches into
-  *different* blocks changes the rounding, at the level of 1e-16 relative.)
-- **Memory.** A splat task holds one block of patches, a batch of footprints and the sums over its box
-  (24 bytes per pixel); a tile's partials live until its last block is splatted. So the peak is about
-  (threads + tiles in progress) × 24 bytes × tile², plus the blocks in flight. A raster scan keeps
-  about one row of tiles in progress: memory grows with the canvas width, never with its area; pass a
-  smaller ``tile`` for very wide canvases.
+    positions (host, small) ── which tiles does each patch's (M+1)² footprint meet?
+          │                    → for every (block, tile) pair: the rows of that block, in patch order
+          ▼
+    patches, blocks along n    block 0 ──route──▶ piece (0, tile a)   piece (0, tile b)   …
+    (Zarr chunks, or any       block 1 ──route──▶ piece (1, tile a)   piece (1, tile c)   …
+     dask array)                   …                    │                   │
+                                                        ▼                   ▼
+                               tile a ◀── every piece routed to it ──▶ one task: sort, splat, divide
+                               tile d ◀── no piece: a plain zero chunk, never computed or written
+
+- **Routing.** The canvas is cut into ``tile × tile`` pieces, the chunks of the returned dask array (and
+  of the Zarr array :func:`stitch_to_zarr` writes). A patch's footprint, with the extra row and column of
+  the bilinear tap, is ``(M+1) × (M+1)`` pixels from ``k``; binning its two corners by ``tile`` gives
+  the tiles it meets (up to four when ``tile > M``). This is computed once on the host from the
+  positions. A *route* task per (block, tile) pair copies that block's rows for that tile (``M×M``
+  crops, kilobytes each) with their tile-local placements. Each block (about 32 MiB of patches; small
+  Zarr chunks are merged whole) is read once, whatever the order of the patches.
+- **Why this graph.** It is the split-then-merge graph of ``dask.array.shuffle``, keyed by tile. That
+  function is not called: it packs several groups into one output chunk by size (so a tile would not
+  be a chunk, and its task would have to find its rows among its neighbours'), and the tile task needs
+  each row's placement beside it. Tile tasks reading their rows straight from the store instead would,
+  in random order, each decompress every chunk.
+- **One task per tile.** A *tile* task receives the pieces routed to it, orders its patches by their
+  placement in the tile (then, for equal placements, by their bytes), spreads each patch's four taps
+  over its ``(M+1)²`` footprint and adds them with ``np.add.at`` (unbuffered, in index order) into a
+  float64 real, imaginary and weight sum over the bounding box of its patches, then divides. The order
+  of every sum is fixed by the data alone, so any permutation of the patches, and any way of cutting
+  them into blocks, gives a bitwise-identical canvas on any scheduler.
+- **Memory.** A route task holds one block and its piece; a tile task holds its patches (about
+  ``coverage · tile² · 8`` bytes, twice), its sums (24 bytes per tile pixel) and one scatter batch. No
+  task holds a canvas or a tile-sized partial per block (an earlier design did, and a random-order
+  scan then made one per (block, tile) pair: gigabytes). What waits between the two steps are the
+  pieces, i.e. the crops themselves (8 bytes per crop pixel): few when the patches come in scan order
+  (a tile completes once its few blocks are routed), at most all of them, once, in random order (320 MB
+  for 100,000 crops of 20²). :func:`task_memory` projects each kind of task from the constants below.
 - **One writer per chunk.** :func:`stitch_to_zarr` writes each touched tile as exactly one full Zarr
   chunk, skips untouched tiles (they equal the fill value 0), and sets ``complete`` last.
 
@@ -43,8 +53,6 @@ to that object grid.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,12 +67,17 @@ from dask.highlevelgraph import HighLevelGraph
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
 
-__all__ = ["CanvasFrame", "stitch", "stitch_to_zarr"]
+__all__ = ["CanvasFrame", "stitch", "stitch_to_zarr", "task_memory"]
 
 _EPS = 1e-9  # added to the weight before dividing, as reassemble_position does
-_FAN_IN = 4  # partial tiles summed per reduction task
-_BLOCK_BYTES = 64 * 2**20  # default block of a numpy input, in bytes of patches
-_VALUES_PER_BATCH = 2**19  # footprint pixels scattered at once inside one task
+_BLOCK_BYTES = 32 * 2**20  # default block, in bytes of patches (few route tasks, bounded memory)
+_VALUES_PER_BATCH = 2**19  # footprint pixels scattered at once inside one tile task
+_PATCH_BYTES = 8  # bytes per crop pixel (complex64, the patches the engine writes)
+_PLACEMENT_BYTES = 5 * 8  # per routed patch: integer corner (2 × int64), fraction (2), weight
+_SUM_BYTES = 3 * 8  # per tile pixel: real, imaginary and weight sums, float64
+_FINISH_BYTES = _SUM_BYTES + 3 * 8  # … and, while dividing, the shifted weight, a quotient, the result
+_BATCH_BYTES = 12 * 8  # per footprint value of a batch: index, weight, taps, spreads, masked copies
+_WRITE_BYTES = 5 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through zarr's codecs
 
 
 @dataclass(frozen=True)
@@ -102,13 +115,13 @@ class CanvasFrame:
         return cls((float(y0), float(x0)), (int(rows), int(cols)))
 
 
-class _Partial(NamedTuple):
-    """Sums of one tile over a bounding box whose top-left is tile pixel ``(y, x)``."""
+class _Piece(NamedTuple):
+    """Patches of one block routed to one tile, with their tile-local placements."""
 
-    y: int
-    x: int
-    num: np.ndarray  # complex128
-    den: np.ndarray  # float64
+    z: np.ndarray  # (b, M, M) crops
+    k: np.ndarray  # (b, 2) int64 tile-local (row, col) of each footprint's top-left
+    frac: np.ndarray  # (b, 2) fractional part of each shift
+    w: np.ndarray  # (b,) weights
 
 
 @dataclass(frozen=True)
@@ -141,18 +154,21 @@ def stitch(
     positions : array_like
         ``(n, 2)`` scan positions in object pixels, ``(x, y)`` order.
     weights : array_like, optional
-        ``(n,)`` non-negative multiplicities; each patch counts this many times in both the numerator and
-        the weight. Ones (the default) give exactly spec §3.2. Patches of weight 0 are left out.
+        ``(n,)`` non-negative multiplicities; each patch counts this many times, in the numerator, the
+        weight and the canvas centre. Ones (the default) give exactly spec §3.2. Patches of weight 0
+        are left out.
     tile : int
         Side of the square canvas tiles, which are the chunks of the result.
     canvas : CanvasFrame or ((y0, x0), (rows, cols)), optional
         An explicit canvas on the object grid: crop pixel ``(i, j)`` of a patch at ``(x, y)`` lands at
         canvas ``(y + i - M/2 - y0, x + j - M/2 - x0)``. When omitted, the canvas is PtychoPINN's:
-        positions cast to float32, centred on their float32 mean ``com``, ``pad`` the ceiling of the
-        largest ``|position - com|`` rounded up to even, square side ``P = M + 2·pad``.
+        positions cast to float32, centred on their float32 mean ``com`` (weighted by ``weights``),
+        ``pad`` the ceiling of the largest ``|position - com|`` rounded up to even, square side
+        ``P = M + 2·pad``.
     block : int, optional
-        Patches per block: splits a numpy input (default about 64 MiB of patches per block) or re-blocks
-        a dask input.
+        Patches per block. By default about 32 MiB of patches: a numpy input is split so, and a dask
+        input's blocks (e.g. Zarr chunks of a block of groups) are merged whole up to that size. One
+        route task holds one block; fewer, larger blocks make fewer route tasks.
 
     Returns
     -------
@@ -163,12 +179,14 @@ def stitch(
 
     Notes
     -----
-    Numerators accumulate in complex128 and weights in float64, so results agree with PtychoPINN's
-    float32 TensorFlow implementation to float32 precision. The centre of mass is the exactly summed
-    mean of the float32 positions, rounded to float32, so that it does not depend on the order of the
-    patches; ``tf.reduce_mean`` sums in float32 in input order and may differ in its last bit (a
-    placement difference of about 1e-5 px). The result is bitwise independent of the order of the
-    blocks (module docstring).
+    Numerators accumulate in float64, so results agree with PtychoPINN's float32 TensorFlow
+    implementation to float32 precision. The centre of mass is the exactly summed (weighted) mean of
+    the float32 positions, rounded to float32, so that it does not depend on the order of the patches;
+    ``tf.reduce_mean`` sums in float32 in input order and may differ in its last bit (a placement
+    difference of about 1e-5 px). Integer weights thus give the canvas of the stack in which each patch
+    is repeated that many times (a gridsize-1 arm's distinct patterns stand for the full ``B·C`` stack).
+    The result is bitwise independent of the order of the patches and of their blocks (module
+    docstring).
     """
     plan = _plan(patches, positions, weights, tile=tile, canvas=canvas, block=block)
     return plan.array, plan.frame
@@ -186,6 +204,7 @@ def stitch_to_zarr(
     block: int | None = None,
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    dimension_names: tuple[str, str] | None = None,
 ) -> zarr.Array:
     """Stitch (as :func:`stitch`) straight into a Zarr v3 array chunked in tiles.
 
@@ -207,6 +226,9 @@ def stitch_to_zarr(
         More attributes to record (stage parameters, input fingerprint).
     overwrite : bool
         Replace an existing array of that name.
+    dimension_names : (str, str), optional
+        Names of the row and column dimensions (e.g. ``("y", "x")``), stored in the Zarr metadata so
+        that xarray opens the array with named dimensions.
 
     Returns
     -------
@@ -217,6 +239,12 @@ def stitch_to_zarr(
         raise StoreError(
             f"{name!r} already exists in Zarr group {group.path or '/'!r}; pass overwrite=True to replace it"
         )
+    if dimension_names is not None and (
+        len(dimension_names) != 2 or not all(isinstance(d, str) for d in dimension_names)
+    ):
+        raise InvalidParameterError(
+            f"dimension_names={dimension_names!r}: expected two strings, e.g. ('y', 'x')"
+        )
     plan = _plan(patches, positions, weights, tile=tile, canvas=canvas, block=block)
     out = group.create_array(
         name,
@@ -225,6 +253,7 @@ def stitch_to_zarr(
         dtype=np.complex64,
         fill_value=0,
         overwrite=overwrite,
+        dimension_names=dimension_names,
         attributes={
             **dict(attrs or {}),
             "canvas": plan.frame.to_attrs(),
@@ -249,6 +278,46 @@ def stitch_to_zarr(
     return out
 
 
+def task_memory(*, patch_size: int, tile: int, block_patches: int, coverage: float = 4.0) -> dict[str, int]:
+    """Projected peak host memory of one task of each kind in the stitch graph, in bytes.
+
+    Parameters
+    ----------
+    patch_size : int
+        Crop side ``M`` (complex64 crops, as the engine writes them).
+    tile : int
+        Canvas tile side.
+    block_patches : int
+        Patches per block of the input.
+    coverage : float
+        Mean number of patches over a canvas pixel where the scan lies (``n·M²`` over the scanned area;
+        a raster at a step of ``M/2`` gives 4). A tile task holds the patches that meet its tile.
+
+    Returns
+    -------
+    dict of str to int
+        ``stitch-route``: one block and the piece it routes to one tile (at most the whole block) with
+        the pieces' placements. ``stitch-tile``: its patches (the routed pieces and one gathered copy),
+        the sums over the tile, and the larger of one scatter batch and the division.
+        ``stitch-write``: the tile and its encoded copies. Inputs a task receives are included.
+    """
+    _check_count("patch_size", patch_size, "the crop side M")
+    _check_count("tile", tile, "the tile side")
+    _check_count("block_patches", block_patches, "patches per block")
+    if not (isinstance(coverage, (int, float)) and math.isfinite(coverage) and coverage > 0):
+        raise InvalidParameterError(f"coverage={coverage!r}: must be a positive number of patches per pixel")
+    crop = patch_size * patch_size * _PATCH_BYTES
+    area = tile * tile
+    near = coverage * (tile + patch_size + 1) ** 2 / patch_size**2  # patches whose footprint meets a tile
+    batch = min(_VALUES_PER_BATCH, math.ceil(near) * (patch_size + 1) ** 2)
+    return {
+        "stitch-route": block_patches * (2 * crop + _PLACEMENT_BYTES),
+        "stitch-tile": math.ceil(2 * near * (crop + _PLACEMENT_BYTES))
+        + max(_SUM_BYTES * area + _BATCH_BYTES * batch, _FINISH_BYTES * area),
+        "stitch-write": _WRITE_BYTES * area,
+    }
+
+
 # --------------------------------------------------------------------------- planning (host, small)
 
 
@@ -258,38 +327,34 @@ def _plan(patches, positions, weights, *, tile, canvas, block) -> _Plan:
     pos = _as_positions(positions, n)
     w = _as_weights(weights, n)
     tile = _check_count("tile", tile, "the tile side (e.g. 1024)")
-    shift, frame = _shifts(pos, m, canvas)
+    shift, frame = _shifts(pos, w, m, canvas)
     # The footprint of a patch is (M+1)² pixels from the integer part of its shift (the +1 is the
     # second bilinear tap); the fraction gives the tap weights.
     k = np.floor(shift)
     frac = shift - k
     k = k.astype(np.int64)
     starts = np.cumsum((0, *patches.chunks[0]))
-    keys = _block_digests(shift, w, starts)
     rows, cols = frame.shape
     chunks = (_tile_chunks(rows, tile), _tile_chunks(cols, tile))
 
     token = tokenize(patches, shift, w, tile, frame)
-    splat, red, final = (f"stitch-{s}-{token}" for s in ("splat", "sum", "tile"))
+    route, final = f"stitch-route-{token}", f"stitch-tile-{token}"
     dsk: dict = {}
-    leaves: dict[tuple[int, int], list[tuple[tuple, tuple]]] = {}
+    pieces: dict[tuple[int, int], list[tuple]] = {}
     for b, ty, tx, idx in _route(k, w, m, starts, tile, (rows, cols)):
-        key = (splat, b, ty, tx)
         local_k = k[idx] - (ty * tile, tx * tile)
-        shape = (chunks[0][ty], chunks[1][tx])
-        dsk[key] = (_splat_tile, (patches.name, b, 0, 0), idx - starts[b], local_k, frac[idx], w[idx], shape)
-        # order of summation: by where the block's patches sit in the tile, then by the block digest
-        order = (*np.maximum(local_k.min(axis=0), 0).tolist(), keys[b])
-        leaves.setdefault((ty, tx), []).append((order, key))
+        key = (route, b, ty, tx)
+        dsk[key] = (_take, (patches.name, b, 0, 0), idx - starts[b], local_k, frac[idx], w[idx])
+        pieces.setdefault((ty, tx), []).append(key)
     for ty, th in enumerate(chunks[0]):
         for tx, tw in enumerate(chunks[1]):
-            if (ty, tx) in leaves:
-                dsk[(final, ty, tx)] = (_finish_tile, _reduce(leaves[ty, tx], (red, ty, tx), dsk), (th, tw))
+            if (ty, tx) in pieces:
+                dsk[(final, ty, tx)] = (_sum_tile, pieces[ty, tx], (th, tw))
             else:
                 dsk[(final, ty, tx)] = (np.zeros, (th, tw), np.complex64)
     graph = HighLevelGraph.from_collections(final, dsk, dependencies=[patches])
     array = da.Array(graph, final, chunks, meta=np.empty((0, 0), dtype=np.complex64))
-    return _Plan(array, frame, tile, m, n, tuple(sorted(leaves)))
+    return _Plan(array, frame, tile, m, n, tuple(sorted(pieces)))
 
 
 def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
@@ -316,11 +381,13 @@ def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
         )
     if not (np.issubdtype(patches.dtype, np.complexfloating) or np.issubdtype(patches.dtype, np.floating)):
         raise InvalidParameterError(f"patches have dtype {patches.dtype}; expected complex (or real) floats")
+    default = max(1, _BLOCK_BYTES // (m * m * patches.dtype.itemsize))
     if isinstance(patches, da.Array):
-        blocks = block or patches.chunks[0]
-        return patches.rechunk((blocks, m, m)), m
-    block = block or max(1, _BLOCK_BYTES // (m * m * patches.dtype.itemsize))
-    return da.from_array(patches, chunks=(block, m, m)), m
+        if block is None:  # merge whole input blocks (e.g. Zarr chunks) up to the default size
+            first = patches.chunks[0][0]
+            block = max(1, default // first) * first
+        return patches.rechunk((block, m, m)), m
+    return da.from_array(patches, chunks=(block or default, m, m)), m
 
 
 def _check_count(name: str, value, what: str) -> int:
@@ -355,13 +422,19 @@ def _as_weights(weights, n: int) -> np.ndarray:
     return w
 
 
-def _shifts(pos: np.ndarray, m: int, canvas) -> tuple[np.ndarray, CanvasFrame]:
+def _shifts(pos: np.ndarray, w: np.ndarray, m: int, canvas) -> tuple[np.ndarray, CanvasFrame]:
     """Canvas ``(row, col)`` of each patch's top-left crop pixel, float64, and the canvas frame."""
     if canvas is None:
+        used = w > 0
+        if not used.any():
+            raise InvalidParameterError("every weight is 0: nothing to stitch (give some patch a weight > 0)")
         o = pos.astype(np.float32)  # reassemble_position casts the offsets to float32 ...
-        com = np.array([math.fsum(c) / len(c) for c in o.T.astype(np.float64)], dtype=np.float32)
+        wu = w[used]
+        com = np.array(
+            [math.fsum(c * wu) / math.fsum(wu) for c in o[used].T.astype(np.float64)], dtype=np.float32
+        )
         a = o - com  # ... and centres them in float32
-        pad = int(np.ceil(np.abs(a).max()))
+        pad = int(np.ceil(np.abs(a[used]).max()))
         pad += pad % 2
         size = m + 2 * pad
         shift = pad + a[:, ::-1].astype(np.float64)  # (x, y) → (row, col); exact in float64
@@ -394,14 +467,6 @@ def _as_frame(canvas) -> CanvasFrame:
     return CanvasFrame(origin, shape)
 
 
-def _block_digests(shift: np.ndarray, w: np.ndarray, starts: np.ndarray) -> list[bytes]:
-    """A digest per block of what places its patches (shifts and weights), not of where it sits."""
-    return [
-        hashlib.blake2b(shift[a:b].tobytes() + w[a:b].tobytes(), digest_size=16).digest()
-        for a, b in zip(starts[:-1], starts[1:], strict=True)
-    ]
-
-
 def _route(k: np.ndarray, w: np.ndarray, m: int, starts: np.ndarray, tile: int, shape):
     """Yield ``(block, tile_row, tile_col, patch_indices)`` for every pair with routed patches."""
     rows, cols = shape
@@ -428,40 +493,6 @@ def _route(k: np.ndarray, w: np.ndarray, m: int, starts: np.ndarray, tile: int, 
             yield int(blk[a]), int(tys[a]), int(txs[a]), pidx[a:b]
 
 
-def _reduce(items: list[tuple[tuple, tuple]], prefix: tuple, dsk: dict):
-    """Add a tree summing the partials ``items`` (sort key, task key) to ``dsk``; return the root key."""
-    items = sorted(items, key=lambda it: it[0])
-    # Runs of equal sort keys (identical placements) are never split across groups, and a group holding
-    # such a tie orders its partials by content (in _sum_partials): block order never changes a sum.
-    groups: list[list[tuple[tuple, tuple]]] = []
-    for _, run in itertools.groupby(items, key=lambda it: it[0]):
-        run = list(run)
-        if groups and len(groups[-1]) + len(run) <= _FAN_IN:
-            groups[-1].extend(run)
-        else:
-            groups.append(run)
-    keys = []
-    for g, members in enumerate(groups):
-        tied = len({order for order, _ in members}) < len(members)
-        keys.append(_sum_task(dsk, (*prefix, 0, g), [k for _, k in members], tied))
-    level = 0
-    while len(keys) > 1:
-        level += 1
-        keys = [
-            _sum_task(dsk, (*prefix, level, g), keys[i : i + _FAN_IN], False)
-            for g, i in enumerate(range(0, len(keys), _FAN_IN))
-        ]
-    return keys[0]
-
-
-def _sum_task(dsk: dict, key: tuple, parts: list, tied: bool):
-    """Key of the sum of ``parts``: a new task in ``dsk``, or the only part itself."""
-    if len(parts) == 1:
-        return parts[0]
-    dsk[key] = (_sum_partials, parts, tied)
-    return key
-
-
 def _tile_chunks(size: int, tile: int) -> tuple[int, ...]:
     return (tile,) * (size // tile) + ((size % tile,) if size % tile else ())
 
@@ -469,39 +500,74 @@ def _tile_chunks(size: int, tile: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- tasks (workers)
 
 
-def _splat_tile(block, rows, k, frac, w, shape) -> _Partial:
-    """Bilinear splat of ``block[rows]`` onto one tile.
+def _take(block, rows, k, frac, w) -> _Piece:
+    """Route ``block[rows]`` (with their tile-local placements) to one tile."""
+    return _Piece(np.asarray(block[rows]), k, frac, w)
 
-    ``k`` are the tile-local integer top-left corners, ``frac`` the fractional parts of the shifts
-    ``(row, col)`` and ``w`` the weights of those patches; ``shape`` is the tile's. Only the bounding
-    box of the footprints inside the tile is allocated. The four taps are first combined inside each
-    patch (a separable spread onto its ``(M+1)²`` footprint), so each patch scatters ``(M+1)²`` values
-    rather than ``4·M²``.
+
+def _sum_tile(pieces: list[_Piece], shape: tuple[int, int]) -> np.ndarray:
+    """``num / (den + 1e-9)`` of one tile from the pieces routed to it, complex64.
+
+    The patches are splatted in :func:`_canonical_order`, in batches of about ``_VALUES_PER_BATCH``
+    footprint pixels, into sums over the bounding box of their footprints inside the tile.
     """
-    m = block.shape[1]
+    z, k, frac, w = (np.concatenate(parts) for parts in zip(*pieces, strict=True))
+    order = _canonical_order(z, k, frac, w)
+    m = z.shape[1]
     y0, x0 = np.maximum(k.min(axis=0), 0)
     y1, x1 = np.minimum(k.max(axis=0) + m + 1, shape)
-    h, wd = int(y1 - y0), int(x1 - x0)
-    num = np.zeros(h * wd, dtype=np.complex128)
-    den = np.zeros(h * wd)
-    ar = np.arange(m + 1)
+    box = (int(y1 - y0), int(x1 - x0))
+    sums = [np.zeros(box[0] * box[1]) for _ in range(3)]  # real, imaginary, weight
     step = max(1, _VALUES_PER_BATCH // (m + 1) ** 2)
-    for a in range(0, len(rows), step):
-        z = np.asarray(block[rows[a : a + step]])
-        fy, fx = frac[a : a + step, 0], frac[a : a + step, 1]
-        wb = w[a : a + step]
-        r = k[a : a + step, 0, None] + ar - y0  # (b, M+1) footprint rows in the box
-        c = k[a : a + step, 1, None] + ar - x0
-        flat = r[:, :, None] * wd + c[:, None, :]
-        weight = _edges(fy, m)[:, :, None] * (_edges(fx, m) * wb[:, None])[:, None, :]
-        parts = [_spread(_spread(part, fx, 2, wb), fy, 1, 1.0) for part in (z.real, z.imag)]
-        if r[:, 0].min() < 0 or r[:, -1].max() >= h or c[:, 0].min() < 0 or c[:, -1].max() >= wd:
-            # taps beyond this tile belong to a neighbour or fall off the canvas
-            ok = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
-            flat, weight, parts = flat[ok], weight[ok], [p[ok] for p in parts]
-        for out, values in zip((num.real, num.imag, den), (*parts, weight), strict=True):
-            np.add.at(out, flat.ravel(), values.ravel())  # unbuffered, in index order
-    return _Partial(int(y0), int(x0), num.reshape(h, wd), den.reshape(h, wd))
+    for a in range(0, len(order), step):
+        take = order[a : a + step]
+        _splat(z[take], k[take] - (y0, x0), frac[take], w[take], box, sums)
+    out = np.zeros(shape, dtype=np.complex64)
+    den = sums[2].reshape(box) + _EPS
+    inside = out[y0:y1, x0:x1]
+    inside.real = sums[0].reshape(box) / den
+    inside.imag = sums[1].reshape(box) / den
+    return out
+
+
+def _canonical_order(z: np.ndarray, k: np.ndarray, frac: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Order of the patches by placement (corner, fraction, weight), equal placements by their bytes.
+
+    It depends on the patches alone, never on the order they came in, so every sum of a tile adds the
+    same numbers in the same order. Patches that tie on placement and bytes are interchangeable.
+    """
+    order = np.lexsort((w, frac[:, 1], frac[:, 0], k[:, 1], k[:, 0]))
+    key = np.column_stack([k, frac, w])[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (key[1:] != key[:-1]).any(axis=1)
+    first = np.flatnonzero(new)
+    for a, b in zip(first, (*first[1:], len(order)), strict=True):
+        if b - a > 1:
+            order[a:b] = sorted(order[a:b], key=lambda i: z[i].tobytes())
+    return order
+
+
+def _splat(z: np.ndarray, k: np.ndarray, frac: np.ndarray, w: np.ndarray, box, sums) -> None:
+    """Add the bilinear taps of patches ``z`` (corners ``k`` in the box) to the flat ``sums``.
+
+    The four taps are first combined inside each patch (a separable spread onto its ``(M+1)²``
+    footprint), so each patch scatters ``(M+1)²`` values rather than ``4·M²``; taps beyond the box
+    belong to a neighbouring tile or fall off the canvas and are dropped.
+    """
+    m = z.shape[1]
+    h, wd = box
+    ar = np.arange(m + 1)
+    fy, fx = frac[:, 0], frac[:, 1]
+    r = k[:, 0, None] + ar  # (b, M+1) footprint rows in the box
+    c = k[:, 1, None] + ar
+    flat = r[:, :, None] * wd + c[:, None, :]
+    weight = _edges(fy, m)[:, :, None] * (_edges(fx, m) * w[:, None])[:, None, :]
+    parts = [_spread(_spread(part, fx, 2, w), fy, 1, 1.0) for part in (z.real, z.imag)]
+    if r[:, 0].min() < 0 or r[:, -1].max() >= h or c[:, 0].min() < 0 or c[:, -1].max() >= wd:
+        ok = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < wd))[:, None, :]
+        flat, weight, parts = flat[ok], weight[ok], [p[ok] for p in parts]
+    for out, values in zip(sums, (*parts, weight), strict=True):
+        np.add.at(out, flat.ravel(), values.ravel())  # unbuffered, in index order
 
 
 def _spread(x: np.ndarray, f: np.ndarray, axis: int, scale) -> np.ndarray:
@@ -524,38 +590,6 @@ def _spread(x: np.ndarray, f: np.ndarray, axis: int, scale) -> np.ndarray:
 def _edges(f: np.ndarray, m: int) -> np.ndarray:
     """Summed tap weights of a unit patch along one axis: ``(1-f, 1, …, 1, f)``, shape ``(b, M+1)``."""
     return np.concatenate([1 - f[:, None], np.ones((len(f), m - 1)), f[:, None]], axis=1)
-
-
-def _sum_partials(parts: list[_Partial], tied: bool) -> _Partial:
-    """Sum partial tiles in the given order, or in content order when some share a digest."""
-    if tied:
-        parts = sorted(parts, key=_content_digest)
-    y0 = min(p.y for p in parts)
-    x0 = min(p.x for p in parts)
-    y1 = max(p.y + p.den.shape[0] for p in parts)
-    x1 = max(p.x + p.den.shape[1] for p in parts)
-    num = np.zeros((y1 - y0, x1 - x0), dtype=np.complex128)
-    den = np.zeros((y1 - y0, x1 - x0))
-    for p in parts:
-        box = np.s_[p.y - y0 : p.y - y0 + p.den.shape[0], p.x - x0 : p.x - x0 + p.den.shape[1]]
-        num[box] += p.num
-        den[box] += p.den
-    return _Partial(y0, x0, num, den)
-
-
-def _content_digest(part: _Partial) -> bytes:
-    h = hashlib.blake2b(np.array([part.y, part.x, *part.den.shape]).tobytes(), digest_size=16)
-    h.update(part.num.tobytes())
-    h.update(part.den.tobytes())
-    return h.digest()
-
-
-def _finish_tile(part: _Partial, shape: tuple[int, int]) -> np.ndarray:
-    """``num / (den + 1e-9)`` of one whole tile, complex64 (zero outside the partial's box)."""
-    out = np.zeros(shape, dtype=np.complex64)
-    box = np.s_[part.y : part.y + part.den.shape[0], part.x : part.x + part.den.shape[1]]
-    out[box] = part.num / (part.den + _EPS)
-    return out
 
 
 def _write_tile(target: zarr.Array, value: np.ndarray, region: tuple[slice, slice]) -> None:
