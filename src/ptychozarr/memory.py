@@ -62,7 +62,8 @@ resident (TF 2.21, reference/environment.md §3); dask, distributed, zarr, xarra
 it to about 800 MiB."""
 
 _F32, _F64, _C64, _C128 = 4, 8, 8, 16
-_FLAGS = {"block_groups": "--block-groups", "tile": "--tile", "chunk": "--metric-chunk"}
+# the flag that sets each knob: metric tasks work on the stitched object's tiles, so --tile sets both
+_FLAGS = {"block_groups": "--block-groups", "tile": "--tile", "chunk": "--tile"}
 _SMALLEST = {"tile": 64, "chunk": 64}
 
 
@@ -215,7 +216,8 @@ def project_metrics(
         Overlap added on every side (``map_overlap`` depth), in pixels.
     temporaries : int
         Full-block temporaries the metric makes; 16 covers scikit-image's SSIM (five filtered moments,
-        their products and the map) with room to spare.
+        their products and the map) with room to spare: ``evaluate`` on one 512² chunk peaks at about
+        15.5 block-sized float64 buffers, inputs included (tests/test_memory.py).
     itemsize : int
         Bytes per element of the temporaries (8 for float64).
 
@@ -744,9 +746,16 @@ def _shrink(value: int | tuple[int, int], floor: int) -> Iterator[int | tuple[in
         yield value
 
 
+def _changes(p: Plan, knob: str, value: Any) -> dict[str, Any]:
+    """The plan arguments a knob's value sets: tile and metric chunk together when they are one."""
+    if knob in ("tile", "chunk") and p.params.get("tile") == p.params.get("chunk"):
+        return {"tile": value, "chunk": value}
+    return {knob: value}
+
+
 def _largest_fitting(p: Plan, knob: str, candidates: Sequence, budget: int) -> Any:
     """The first of ``candidates`` (largest first) for ``knob`` whose plan fits, or None."""
-    return next((c for c in candidates if p.with_params(**{knob: c}).peak <= budget), None)
+    return next((c for c in candidates if p.with_params(**_changes(p, knob, c)).peak <= budget), None)
 
 
 def _suggest(p: Plan, budget: int) -> str:
@@ -766,4 +775,4 @@ def _suggest(p: Plan, budget: int) -> str:
             f"(now {p.processes} × {p.threads}), or raise --memory-budget"
         )
     shown = value if isinstance(value, int) else "x".join(map(str, value))
-    return f"{flag} {shown} fits (projected {format_bytes(p.with_params(**{knob: value}).peak)})"
+    return f"{flag} {shown} fits (projected {format_bytes(p.with_params(**_changes(p, knob, value)).peak)})"
