@@ -142,3 +142,12 @@ def test_import_is_light():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == ["[]", "ptychozarr.pipeline"]
+
+
+def test_every_flag_has_help():
+    from ptychozarr.cli import _COMMANDS, _build_parser
+
+    _build_parser()
+    for name, command in _COMMANDS.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"

@@ -403,7 +403,7 @@ def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
     assert not (tmp_path / ".ptychozarr.lock").exists()
 
 
-def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(small_npz, models, tmp_path):
+def test_ctrl_c_is_one_line_and_exit_130_with_the_lock_released(small_npz, models, tmp_path):
     import time
 
     args = ["compare", "--test-data", small_npz, "--pinn-model", models["PtychoPINN"],

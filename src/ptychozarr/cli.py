@@ -181,18 +181,18 @@ def _add_train(sub) -> None:
         help="train a reference PINN or Baseline model",
         description="Train a reference model on a scan (streamed from Zarr) and save .keras + JSON sidecar.",
     )
-    p.add_argument("--kind", required=True, choices=("pinn", "baseline"))
+    p.add_argument("--kind", required=True, choices=("pinn", "baseline"), help="which reference model")
     p.add_argument("--data", required=True, type=Path, help="training scan NPZ or .zarr store")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--gridsize", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--filters", type=int, default=16)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--dose", type=float, default=1e3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--gridsize", type=int, default=2, help="group side of a PINN; C = gridsize² (default 2)")
+    p.add_argument("--batch-size", type=int, default=16, help="groups per training step (default 16)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--filters", type=int, default=16, help="filters of the first layer (default 16)")
+    p.add_argument("--depth", type=int, default=3, help="encoder levels (default 3)")
+    p.add_argument("--dose", type=float, default=1e3, help="photons per pattern of the data (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default 0)")
+    p.add_argument("--name", help="model name (default: pinn_gs<G>_n<N> or baseline_n<N>)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -228,11 +228,16 @@ def _add_demo(sub) -> None:
         description="The main job on an embedded default: simulate a test split, compare the shipped "
         "N=64 reference PINN (gridsize 2) and Baseline on it, print the metrics and where the files are.",
     )
-    p.add_argument("--output-dir", type=Path, default=Path("demo_output"))
-    p.add_argument("--n-points", type=int, default=DEMO_SCAN["n_points"], help="scan positions")
+    p.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="(default demo_output)")
+    p.add_argument(
+        "--n-points",
+        type=int,
+        default=DEMO_SCAN["n_points"],
+        help=f"scan positions (default {DEMO_SCAN['n_points']})",
+    )
     p.add_argument("--train", action="store_true", help="train both models here instead (minutes)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of --train")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of --train (default 3)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
     p.set_defaults(func=_cmd_demo)
 
 
