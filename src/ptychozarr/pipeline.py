@@ -218,8 +218,7 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
     """Project the run's memory, pick ``auto`` blocks, and refuse an over-budget plan before any work.
 
     The models' working memory is probed with one batch each (the largest counts); the per-process
-    baseline is this process's RSS now on the threaded scheduler, the default on a cluster. Metric
-    tasks work on the object's tiles.
+    baseline is this process's RSS now on the threaded scheduler, the default on a cluster.
     """
     infer, budget = config.infer, config.run.memory_budget
     n_points = min(header.patterns, config.scan.n_test_groups or header.patterns)
@@ -228,13 +227,11 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
     args = dict(
         batch_size=infer.batch_size,
         N=header.N,
-        C=max((m.spec.channels for m in loaded), default=1),
-        M=infer.stitch_crop_size,
+        channels=max((m.spec.channels for m in loaded), default=1),
+        crop=infer.stitch_crop_size,
         model_probe=max((_probe(m, infer.batch_size) for m in loaded), default=0),
         output=loaded[0].spec.output if loaded else "complex",
         tile=config.stitch.tile,
-        chunk=config.stitch.tile,
-        halo=stages.score.HALO,
         threads=conc.threads,
         processes=conc.processes,
         reserved=memory.measure_reserved() if client is None else None,
@@ -242,11 +239,35 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
     block_groups = infer.block_groups
     if block_groups == "auto":
         auto_budget = budget or int(0.5 * psutil.virtual_memory().available)
-        block_groups = min(memory.choose_block_groups(auto_budget, max_groups=n_points, **args), _MAX_BLOCK)
-    plan = memory.plan(block_groups=block_groups, **args)
+        block_groups = memory.choose_block_groups(auto_budget, max_groups=n_points, factory=_project, **args)
+        block_groups = min(block_groups, _MAX_BLOCK)
+    plan = _project(block_groups=block_groups, **args)
     if budget is not None:
         memory.check(plan, budget)
     return plan
+
+
+def _project(
+    *, block_groups, batch_size, N, channels, crop, model_probe, output, tile, threads, processes, reserved
+) -> memory.Plan:
+    """The run's plan from each stage's own projection: inference, stitching, metrics on the tiles."""
+    params = dict(locals())
+    tasks = (
+        stages.infer.project_memory(
+            block_groups=block_groups, batch_size=batch_size, N=N, channels=channels, crop=crop,
+            model_probe=model_probe, output=output,
+        ),
+        *stages.stitch.project_memory(patch_size=crop, tile=tile, block_patches=block_groups),
+        stages.score.project_memory(chunk=tile),
+    )  # fmt: skip
+    return memory.Plan(
+        tasks,
+        memory.DEFAULT_RESERVED if reserved is None else int(reserved),
+        threads,
+        processes,
+        params=params,
+        factory=_project,
+    )
 
 
 def _probe(model, batch_size: int) -> int:

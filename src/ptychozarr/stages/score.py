@@ -7,6 +7,7 @@ is read from the arm's stored patches (the iterative arm, which has none, uses t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import dask.array as da
@@ -31,8 +32,9 @@ HALO = 5
 
 
 def project_memory(*, chunk: int) -> memory.TaskMemory:
-    """Projected host memory of one metric task on ``chunk``² blocks (the object's tiles)."""
-    return memory.project_metrics(chunk, HALO)
+    """Projected host memory of one metric task on ``chunk``² blocks: the object's tiles, so the knob
+    that sizes it is the tile."""
+    return dataclasses.replace(memory.project_metrics(chunk, HALO), knob="tile")
 
 
 def run(
