@@ -48,7 +48,7 @@ from ptychozarr.outputs import (
 )
 from ptychozarr.preflight import ScanHeader, validate
 from ptychozarr.runtime import Runtime, output_lock
-from ptychozarr.stages._common import arm_key, fingerprint, open_run_store
+from ptychozarr.stages._common import arm_key, fingerprint, open_run_store, unconsolidate
 
 __all__ = ["Comparison", "compare", "run_compare"]
 
@@ -132,6 +132,7 @@ def run_compare(config: CompareConfig) -> Comparison:
         with scheduler as client, memory.PeakMemory() as peak:
             with rt.timed("plan"):
                 plan = _memory_plan(config, header, client)
+            unconsolidate(store)
             ds = stages.ingest.run(rt, config.test_data, store)
             groups = stages.group.run(rt, ds, header.gridsize, config.group, config.scan)
             root = open_run_store(store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import zarr
@@ -11,7 +12,7 @@ from ptychozarr.config import sha256, to_json
 from ptychozarr.io import is_complete
 from ptychozarr.models.keras_model import sidecar_path
 
-__all__ = ["arm_key", "fingerprint", "matches", "open_run_store"]
+__all__ = ["arm_key", "fingerprint", "matches", "open_run_store", "unconsolidate"]
 
 _ARM_KEYS = {"PtychoPINN": "pinn", "Baseline": "baseline", "PtyChi": "ptychi", "Tike": "tike"}
 
@@ -43,3 +44,13 @@ def open_run_store(path: Path) -> zarr.Group:
     (which a previous run may have left behind and this one is about to change)."""
     store = zarr.storage.LocalStore(path)
     return zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
+
+
+def unconsolidate(path: Path) -> None:
+    """Drop the consolidated metadata a previous run left in the store's root, so that every reader of
+    this run sees the metadata as it is written (the run consolidates again at its end)."""
+    root = path / "zarr.json"
+    if root.is_file():
+        meta = json.loads(root.read_text())
+        if meta.pop("consolidated_metadata", None) is not None:
+            root.write_text(json.dumps(meta, indent=2))
