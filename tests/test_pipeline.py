@@ -392,6 +392,7 @@ def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
     blocks = run["blocks"]["infer:pinn"]
     assert blocks == {"computed": len(done) - done.sum(), "reused": done.sum()}
     assert run["blocks"]["infer:baseline"]["reused"] == 0
+    assert {"ingest", "group"} <= set(run["reused"])
     stages = run["stages"]
     assert sum(v for k, v in stages.items() if k != "total") == pytest.approx(stages["total"], abs=0.01)
     ours, theirs = (
