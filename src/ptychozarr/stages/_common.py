@@ -12,7 +12,7 @@ from ptychozarr.config import sha256, to_json
 from ptychozarr.io import is_complete
 from ptychozarr.models.keras_model import sidecar_path
 
-__all__ = ["arm_key", "fingerprint", "matches", "open_run_store", "unconsolidate"]
+__all__ = ["arm_key", "fingerprint", "groups_key", "matches", "open_run_store", "unconsolidate"]
 
 _ARM_KEYS = {"PtychoPINN": "pinn", "Baseline": "baseline", "PtyChi": "ptychi", "Tike": "tike"}
 
@@ -32,6 +32,11 @@ def fingerprint(path: Path) -> dict:
     for f in files:
         digest.update(sha256(f).encode())
     return {"name": path.name, "size": sum(f.stat().st_size for f in files), "sha256": digest.hexdigest()}
+
+
+def groups_key(groups) -> dict:
+    """What identifies a grouping, for the parameters of the stages that read it."""
+    return {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points")}
 
 
 def matches(node, params: dict) -> bool:

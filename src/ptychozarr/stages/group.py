@@ -11,7 +11,7 @@ from ptychozarr.config import GroupOptions, ScanOptions
 from ptychozarr.grouping import group
 from ptychozarr.runtime import Runtime
 
-__all__ = ["key", "run"]
+__all__ = ["run"]
 
 
 def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan: ScanOptions) -> xr.Dataset:
@@ -28,6 +28,15 @@ def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan:
         if before is not None and before == _stamp(marker):  # the grouping kept what it found
             rt.reuse("group", marker.parent)
         return groups
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Inode and modification time of a file (the grouping replaces its ``groups`` when it regroups)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

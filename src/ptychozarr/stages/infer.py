@@ -20,8 +20,7 @@ from ptychozarr.config import InferOptions, to_json
 from ptychozarr.inference import infer
 from ptychozarr.io import mark_complete
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages import group as group_stage
-from ptychozarr.stages._common import fingerprint, matches
+from ptychozarr.stages._common import fingerprint, groups_key, matches
 
 __all__ = ["project_memory", "run"]
 
@@ -57,7 +56,7 @@ def run(
         "crop": options.stitch_crop_size,
         "block_groups": block_groups,
         "batch_size": options.batch_size,
-        "groups": group_stage.key(groups),
+        "groups": groups_key(groups),
     }
     with rt.timed(name):
         out = node.get("patches")
