@@ -62,7 +62,7 @@ def run(
         out = node.get("patches")
         if not rt.force and matches(out, params):
             rt.reuse(name, model.name)
-            rt.blocks[name] = {"computed": 0, "reused": int(out["done"].shape[0])}
+            rt.blocks[name] = {"computed": 0, "reused": int(out["patches"].cdata_shape[0])}
             return out
         log.info("stage infer: %s with %s", node.basename, model.name)
         result = infer(
