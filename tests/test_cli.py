@@ -79,3 +79,75 @@ def test_bad_scan_through_the_console_script_leaves_no_store(tmp_path):
         done.stderr.strip().count("\n") == 0 and "'ycoords'" in done.stderr and "Traceback" not in done.stderr
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def test_compare_flags_and_study_keys_come_from_one_definition(tmp_path, capsys):
+    import dataclasses
+
+    from ptychozarr.cli import _build_parser
+    from ptychozarr.config import CompareConfig, given_options, option_names
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in option_names():
+        assert "--" + name.replace("_", "-") in help_text
+    assert help_text.count("(default:") >= len(option_names())
+    argv = ["compare", "--test-data", "s.npz", "--output-dir", "o", "--stitch-crop-size", "12",
+            "--block-groups", "64", "--skip-registration", "--no-save-npz",
+            "--memory-budget", "2GB"]  # fmt: skip
+    args = _build_parser().parse_args(argv)
+    from_flags = CompareConfig.from_options("s.npz", {}, "o", options=given_options(args))
+    from_toml = CompareConfig.from_options(
+        "s.npz", {}, "o",
+        options={"stitch_crop_size": 12, "block_groups": 64, "skip_registration": True, "save_npz": False,
+                 "memory_budget": "2GB"},
+    )  # fmt: skip
+    assert from_flags == from_toml
+    assert from_toml.infer.stitch_crop_size == 12 and from_toml.run.memory_budget == 2 * 10**9
+    assert dataclasses.replace(from_toml.infer, stitch_crop_size=20) == CompareConfig.from_options(
+        "s.npz", {}, "o", options={"block_groups": 64}
+    ).infer
+
+
+def test_unknown_keys_and_bad_values_name_the_nearest_valid_one():
+    from ptychozarr.config import CompareConfig
+    from ptychozarr.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="'block_group'.*did you mean 'block_groups'"):
+        CompareConfig.from_options("s.npz", {}, "o", options={"block_group": 8})
+    with pytest.raises(InvalidParameterError, match="--phase-align-method 'plan'.*did you mean 'plane'"):
+        CompareConfig.from_options("s.npz", {}, "o", options={"phase_align_method": "plan"})
+    for key, value in (("batch_size", 0), ("tile", True), ("stitch_crop_size", 7), ("quiet", "yes")):
+        with pytest.raises(InvalidParameterError, match="--" + key.replace("_", "-")):
+            CompareConfig.from_options("s.npz", {}, "o", options={key: value})
+
+
+def test_study_help_shows_an_example_toml(capsys):
+    import tomllib
+
+    from ptychozarr.study import EXAMPLE
+
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    assert EXAMPLE in capsys.readouterr().out
+    assert tomllib.loads(EXAMPLE)["compare"]["stitch_crop_size"] == 20
+
+
+def test_import_is_light():
+    """``import ptychozarr`` loads none of the heavy libraries (dask, zarr, xarray, pandas, TensorFlow)."""
+    code = (
+        "import sys, ptychozarr; heavy = {'dask', 'zarr', 'xarray', 'pandas', 'tensorflow'}; "
+        "print(sorted(heavy & set(sys.modules))); print(ptychozarr.compare.__module__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["[]", "ptychozarr.pipeline"]
+
+
+def test_every_flag_has_help():
+    from ptychozarr.cli import _COMMANDS, _build_parser
+
+    _build_parser()
+    for name, command in _COMMANDS.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"

@@ -329,3 +329,152 @@ def test_local_cluster_gives_identical_objects_and_loads_each_model_once_per_wor
     workers = {k: v for k, v in result.run["model_loads"].items() if k != "client"}
     assert len(workers) == 2
     assert all(1 <= loads <= len(models) for loads in workers.values())
+
+
+# -- one configuration, early refusals, the lock, per-block resume, Ctrl-C --------------------------
+
+
+def _one_error_line(capsys, argv, needle) -> str:
+    from ptychozarr.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ptychozarr")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_early_refusals_exit_2_before_any_work(small_npz, models, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = _compare_args(small_npz, models, out)
+    _one_error_line(capsys, [*base, "--stitch-crop-size", "40"], "--stitch-crop-size 40")  # M > N = 32
+    no_key, real = tmp_path / "no_key.npz", tmp_path / "real.npz"
+    np.savez(no_key, object=np.ones((4, 4), np.complex64))
+    np.savez(real, reconstructed_object=np.ones((4, 4), np.float32))
+    _one_error_line(capsys, [*base, "--ptychi-recon", no_key], "no 'reconstructed_object'")
+    _one_error_line(capsys, [*base, "--ptychi-recon", real], "2-D complex")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "wts.h5.zip").write_bytes(b"PK\x05\x06" + bytes(18))
+    line = _one_error_line(capsys, [*base, "--model", f"Other={bundle}"], "--trust-bundle")
+    assert "unpickled" in line
+    hint = _one_error_line(capsys, [*base, "--stich-crop-size", "8"], "--stich-crop-size")
+    assert "'--stitch-crop-size'" in hint
+    assert not (out / "store.zarr").exists()
+
+    out.mkdir()
+    (out / ".ptychozarr.lock").write_text(
+        json.dumps({"pid": os.getpid(), "started": "2999-01-01T00:00:00+00:00"})
+    )
+    _one_error_line(capsys, base, f"in use by process {os.getpid()}")
+    assert not (out / "store.zarr").exists()
+
+    config = tmp_path / "study.toml"
+    config.write_text(
+        f'[compare]\nstich_crop_size = {M}\n[[run]]\nname = "a"\ntest_data = "{small_npz}"\n'
+        f'pinn_model = "{models["PtychoPINN"]}"\n'
+    )
+    line = _one_error_line(capsys, ["study", config], "'stich_crop_size'")
+    assert "did you mean 'stitch_crop_size'" in line
+    assert not (tmp_path / "study_out").exists()
+
+
+def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
+    reference, small_npz, models, tmp_path
+):
+    args = _compare_args(small_npz, models, tmp_path)
+    killed = _cli(args, env={"PTYCHOZARR_KILL_AFTER_BLOCKS": "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    done = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")["arms/pinn/patches/done"][:]
+    assert 2 <= done.sum() < len(done)
+    resumed = _cli(args)  # the dead run's lock is stale and taken over
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not [line for line in resumed.stderr.splitlines() if line.startswith("ptychozarr")]  # --quiet
+    run = json.loads((tmp_path / "run.json").read_text())
+    blocks = run["blocks"]["infer:pinn"]
+    assert blocks == {"computed": len(done) - done.sum(), "reused": done.sum()}
+    assert run["blocks"]["infer:baseline"]["reused"] == 0
+    assert {"ingest", "group"} <= set(run["reused"])
+    stages = run["stages"]
+    assert sum(v for k, v in stages.items() if k != "total") == pytest.approx(stages["total"], abs=0.01)
+    ours, theirs = (
+        zarr.open_group(str(p / "store.zarr"), mode="r") for p in (tmp_path, reference.output_dir)
+    )
+    for arm in ("pinn", "baseline"):
+        for name in ("patches/patches", "object", "aligned"):
+            np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
+    assert not (tmp_path / ".ptychozarr.lock").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130_with_the_lock_released(small_npz, models, tmp_path):
+    import time
+
+    args = ["compare", "--test-data", small_npz, "--pinn-model", models["PtychoPINN"],
+            "--output-dir", tmp_path, *CLI_FLAGS]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptychozarr", *map(str, args)], stderr=subprocess.PIPE, text=True
+    )
+    started = tmp_path / "store.zarr" / "arms" / "pinn" / "patches"
+    deadline = time.monotonic() + 120
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("ptychozarr")]
+    assert lines == ["ptychozarr compare: interrupted; run the same command to resume"], err[-2000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / ".ptychozarr.lock").exists()
+    assert "comparison_metrics.csv" not in os.listdir(tmp_path)
+
+
+def test_an_ingested_store_gives_the_csv_of_its_npz(reference, small_store, models, tmp_path):
+    import shutil
+
+    store = shutil.copytree(small_store, tmp_path / "scan.zarr")
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (out / ".ptychozarr.lock").write_text(
+        json.dumps({"pid": int(dead.stdout), "started": "2000-01-01T00:00:00+00:00"})
+    )  # a stale lock, taken over
+    result = compare(store, models, output_dir=out, **FLAGS)
+    strip = lambda rows: [r for r in rows if r["metric"] != "computation_time_s"]  # noqa: E731
+    assert strip(_rows(out / "comparison_metrics.csv")) == strip(
+        _rows(reference.output_dir / "comparison_metrics.csv")
+    )
+    assert result.store == out / "store.zarr"
+
+
+def test_without_ground_truth_a_run_writes_reconstructions_and_plot_but_no_csv(
+    small_npz, models, tmp_path, caplog
+):
+    with np.load(small_npz) as f:
+        members = {k: f[k] for k in f.files if k != "objectGuess"}
+    scan = tmp_path / "no_truth.npz"
+    np.savez(scan, **members)
+    with caplog.at_level("WARNING", logger="ptychozarr"):
+        result = compare(scan, models, output_dir=tmp_path / "out", **FLAGS)
+    names = set(os.listdir(tmp_path / "out"))
+    assert "comparison_metrics.csv" not in names and "reconstructions_aligned.npz" not in names
+    assert {"comparison_plot.png", "reconstructions.npz", "run.json"} <= names
+    assert [r for r in caplog.records if "no objectGuess" in r.getMessage()]
+    assert set(result.objects) == {"PtychoPINN", "Baseline"}
+
+
+def test_the_store_has_named_dimensions_and_consolidated_metadata(reference):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = zarr.open_consolidated(str(reference.store), mode="r")
+    for arm in ("pinn", "baseline"):
+        for name, dims in (
+            ("patches/patches", ("patch", "crop_y", "crop_x")),
+            ("patches/done", ("block",)),
+            ("aligned", ("aligned_y", "aligned_x")),
+            ("aligned_gt", ("aligned_y", "aligned_x")),
+        ):
+            assert root[f"arms/{arm}/{name}"].metadata.dimension_names == dims

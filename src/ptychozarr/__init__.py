@@ -1,10 +1,17 @@
 """ptychozarr: out-of-core comparison of ptychography reconstruction models.
 
-The public API is re-exported here and imported lazily, so that ``import ptychozarr`` stays light
-(TensorFlow is imported only when a model is loaded).
+The public API is listed in ``__all__``. Names are imported on first use (module ``__getattr__``), so
+that ``import ptychozarr`` stays light: dask, zarr, xarray and pandas load when an API that needs them
+is first touched, TensorFlow only when a model is loaded. Type checkers and IDEs see every name through
+the ``TYPE_CHECKING`` imports below.
 """
 
+from __future__ import annotations
+
 import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 from ptychozarr.errors import (
     InvalidParameterError,
@@ -15,43 +22,70 @@ from ptychozarr.errors import (
     StoreError,
 )
 
-# Functions named like their module are bound here, at import, so that a later ``import
-# ptychozarr.stitch`` (which sets the package attribute to the module) cannot shadow them.
-from ptychozarr.simulate import simulate  # noqa: E402
-from ptychozarr.stitch import stitch  # noqa: E402
-from ptychozarr.study import study  # noqa: E402
+if TYPE_CHECKING:
+    from ptychozarr import align, cluster, io, memory, metrics, models
+    from ptychozarr.config import CompareConfig
+    from ptychozarr.grouping import group, open_groups
+    from ptychozarr.inference import infer
+    from ptychozarr.io import ingest, open_dataset
+    from ptychozarr.metrics import evaluate
+    from ptychozarr.models import load_model, train
+    from ptychozarr.pipeline import Comparison, compare, run_compare
+    from ptychozarr.simulate import simulate
+    from ptychozarr.stitch import stitch
+    from ptychozarr.study import study
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ingest": "ptychozarr.io",
-    "open_dataset": "ptychozarr.io",
-    "group": "ptychozarr.grouping",
-    "open_groups": "ptychozarr.grouping",
-    "load_model": "ptychozarr.models",
-    "train": "ptychozarr.models",
-    "infer": "ptychozarr.inference",
-    "evaluate": "ptychozarr.metrics",
+    "CompareConfig": "ptychozarr.config",
+    "Comparison": "ptychozarr.pipeline",
     "compare": "ptychozarr.pipeline",
+    "evaluate": "ptychozarr.metrics",
+    "group": "ptychozarr.grouping",
+    "infer": "ptychozarr.inference",
+    "ingest": "ptychozarr.io",
+    "load_model": "ptychozarr.models",
+    "open_dataset": "ptychozarr.io",
+    "open_groups": "ptychozarr.grouping",
+    "run_compare": "ptychozarr.pipeline",
+    "simulate": "ptychozarr.simulate",
+    "stitch": "ptychozarr.stitch",
+    "study": "ptychozarr.study",
+    "train": "ptychozarr.models",
 }
-_SUBMODULES = {"align", "cluster", "memory", "metrics", "models", "io"}
+_SUBMODULES = ("align", "cluster", "io", "memory", "metrics", "models")
 
-__all__ = sorted(
-    [
-        "InvalidParameterError",
-        "InvalidScanError",
-        "MemoryBudgetError",
-        "ModelMismatchError",
-        "PtychozarrError",
-        "StoreError",
-        "__version__",
-        "simulate",
-        "stitch",
-        "study",
-        *_LAZY,
-        *_SUBMODULES,
-    ]
-)
+__all__ = [
+    "CompareConfig",
+    "Comparison",
+    "InvalidParameterError",
+    "InvalidScanError",
+    "MemoryBudgetError",
+    "ModelMismatchError",
+    "PtychozarrError",
+    "StoreError",
+    "__version__",
+    "align",
+    "cluster",
+    "compare",
+    "evaluate",
+    "group",
+    "infer",
+    "ingest",
+    "io",
+    "load_model",
+    "memory",
+    "metrics",
+    "models",
+    "open_dataset",
+    "open_groups",
+    "run_compare",
+    "simulate",
+    "stitch",
+    "study",
+    "train",
+]
 
 
 def __getattr__(name: str):
@@ -67,3 +101,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return __all__
+
+
+class _Package(types.ModuleType):
+    """The package module: importing a submodule named like its function (``ptychozarr.stitch``,
+    ``ptychozarr.study``, ``ptychozarr.simulate``) binds the function, not the submodule, as the
+    package attribute, so that ``ptychozarr.stitch`` is always the function."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" and name in _LAZY:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -66,62 +66,29 @@ _CHUNK_FLAGS = (
 
 
 def _add_compare(sub) -> None:
+    from ptychozarr.config import add_arguments
+
     p = sub.add_parser(
         "compare",
         help="run models on a scan, stitch, align and score them (compare_models, out of core)",
         description="PtychoPINN's compare_models out of core: infer per block, stitch, align, score, and "
-        "write comparison_metrics.csv, FRC curves, comparison_plot.png, NPZs and run.json.",
+        "write comparison_metrics.csv, FRC curves, comparison_plot.png, NPZs and run.json. The options are "
+        "those of a study's [compare] table, with dashes for underscores.",
     )
-    p.add_argument("--test-data", required=True, type=Path, help="scan NPZ or ingested .zarr store")
-    p.add_argument("--output-dir", required=True, type=Path)
-    p.add_argument("--pinn-model", type=Path, help="PINN model (.keras with sidecar, or wts.h5.zip)")
-    p.add_argument("--baseline-model", type=Path, help="Baseline model (.keras with sidecar, or wts.h5.zip)")
-    p.add_argument(
+    inputs = p.add_argument_group("inputs")
+    inputs.add_argument("--test-data", required=True, type=Path, help="scan NPZ or ingested .zarr store")
+    inputs.add_argument("--output-dir", required=True, type=Path, help="where the store and files go")
+    inputs.add_argument("--pinn-model", type=Path, help="PINN model (.keras with sidecar, or wts.h5.zip)")
+    inputs.add_argument(
+        "--baseline-model", type=Path, help="Baseline model (.keras with sidecar, or wts.h5.zip)"
+    )
+    inputs.add_argument(
         "--model", action="append", default=[], metavar="LABEL=PATH", help="one more model arm (repeatable)"
     )
-    p.add_argument("--ptychi-recon", type=Path, help="iterative reconstruction NPZ (pty-chi or tike)")
-    metrics = p.add_argument_group("alignment and metrics (compare_models' flags)")
-    metrics.add_argument("--stitch-crop-size", type=int, default=20, help="M, even, 0 < M <= N")
-    metrics.add_argument("--phase-align-method", choices=("plane", "mean"), default="plane")
-    metrics.add_argument("--register-ptychi-only", action="store_true")
-    metrics.add_argument("--skip-registration", action="store_true")
-    metrics.add_argument("--fixed-canvas", action="store_true")
-    metrics.add_argument(
-        "--alignment",
-        choices=("placement", "coordinates"),
-        default="placement",
-        help="placement: exact, from the canvas frame (default); coordinates: compare_models' centre-crop",
-    )
-    metrics.add_argument(
-        "--max-registration-shift",
-        type=float,
-        default=10.0,
-        help="larger registration shifts (px) count as failed: the arm is scored unregistered",
-    )
-    metrics.add_argument("--ms-ssim-sigma", type=float, default=1.0)
-    metrics.add_argument("--frc-sigma", type=float, default=0.0)
-    metrics.add_argument(
-        "--n-test-groups",
-        "--n-test-subsample",
-        type=int,
-        dest="n_test_groups",
-        help="use a random subsample of this many scan points",
-    )
-    metrics.add_argument("--subsample-seed", type=int)
-    metrics.add_argument("--no-save-npz", action="store_true")
-    metrics.add_argument("--no-save-npz-aligned", action="store_true")
+    inputs.add_argument("--ptychi-recon", type=Path, help="iterative reconstruction NPZ (pty-chi or tike)")
     for flag in _CHUNK_FLAGS:
-        metrics.add_argument(flag, type=int, help="accepted for compatibility; the engine chunks by itself")
-    engine = p.add_argument_group("engine")
-    engine.add_argument("--scheduler", default="threads", help="threads | processes | cuda | tcp://host:port")
-    engine.add_argument("--n-workers", type=int, help="workers of a processes or cuda cluster")
-    engine.add_argument("--block-groups", default="auto", help="model inputs per task, or 'auto'")
-    engine.add_argument("--batch-size", type=int, default=32, help="fixed batch of each model call")
-    engine.add_argument("--memory-budget", help="host budget, e.g. 4GB; over it the run is refused")
-    engine.add_argument("--tile", type=int, default=1024, help="side of the stitched object's tiles")
-    engine.add_argument("--group-seed", type=int, default=0)
-    engine.add_argument("--quiet", action="store_true", help="no progress bars")
-    engine.add_argument("--force", action="store_true", help="redo every stage")
+        inputs.add_argument(flag, type=int, help="accepted for compatibility; the engine chunks by itself")
+    add_arguments(p)
     p.set_defaults(func=_cmd_compare)
 
 
@@ -141,53 +108,21 @@ def _models(args) -> dict[str, Path]:
     return models
 
 
-def _block_groups(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidParameterError(f"--block-groups {value!r}: give a positive integer or 'auto'") from None
-
-
 def _cmd_compare(args) -> int:
-    from ptychozarr.pipeline import compare
+    from ptychozarr.config import CompareConfig, given_options
+    from ptychozarr.pipeline import run_compare
 
     for flag in _CHUNK_FLAGS:
         if getattr(args, flag.strip("-").replace("-", "_")) is not None:
-            print(
-                f"note: {flag} is accepted for compatibility; the engine chunks by itself "
+            logging.getLogger("ptychozarr").warning(
+                "%s is accepted for compatibility; the engine chunks by itself "
                 "(see --block-groups and --memory-budget)",
-                file=sys.stderr,
+                flag,
             )
-    result = compare(
-        args.test_data,
-        _models(args),
-        output_dir=args.output_dir,
-        ptychi_recon=args.ptychi_recon,
-        stitch_crop_size=args.stitch_crop_size,
-        phase_align_method=args.phase_align_method,
-        register_ptychi_only=args.register_ptychi_only,
-        skip_registration=args.skip_registration,
-        fixed_canvas=args.fixed_canvas,
-        alignment=args.alignment,
-        max_registration_shift=args.max_registration_shift,
-        ms_ssim_sigma=args.ms_ssim_sigma,
-        frc_sigma=args.frc_sigma,
-        n_test_groups=args.n_test_groups,
-        subsample_seed=args.subsample_seed,
-        save_npz=not args.no_save_npz,
-        save_npz_aligned=not args.no_save_npz_aligned,
-        scheduler=args.scheduler,
-        n_workers=args.n_workers,
-        block_groups=_block_groups(args.block_groups),
-        batch_size=args.batch_size,
-        memory_budget=args.memory_budget,
-        tile=args.tile,
-        group_seed=args.group_seed,
-        quiet=args.quiet,
-        force=args.force,
+    config = CompareConfig.from_options(
+        args.test_data, _models(args), args.output_dir, args.ptychi_recon, given_options(args), where="flag"
     )
+    result = run_compare(config)
     _print_result(result)
     return 1 if result.errors else 0
 
@@ -203,7 +138,8 @@ def _print_result(result) -> None:
             print(f"{arm.label:<12} {name:<10} {fmt(amp):>12} {fmt(phase):>12}")
     for label, error in result.errors.items():
         print(f"warning: {label}: {error}", file=sys.stderr)
-    print(f"\nmetrics: {result.output_dir / 'comparison_metrics.csv'}")
+    if "metrics_csv" in result.run["outputs"]:
+        print(f"\nmetrics: {result.run['outputs']['metrics_csv']}")
     if "plot" in result.run["outputs"]:
         print(f"plot:    {result.run['outputs']['plot']}")
     print(f"store:   {result.store}")
@@ -211,15 +147,22 @@ def _print_result(result) -> None:
 
 
 def _add_study(sub) -> None:
+    from ptychozarr.study import EXAMPLE
+
     p = sub.add_parser(
         "study",
         help="run a grid of compares from a TOML config",
-        description="Run every [[run]] of a study TOML (see ptychozarr.study) and write "
-        "metrics_summary.json and PINN delta tables (CSV and Markdown).",
+        description="Run every [[run]] of a study TOML and write metrics_summary.json and PINN delta tables "
+        "(CSV and Markdown). The [compare] table takes the options of `ptychozarr compare` (underscores "
+        "for dashes); an unknown key is refused before any run.",
+        epilog="example study.toml:\n\n" + EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("config", type=Path)
-    p.add_argument("--force", action="store_true", help="redo every comparison")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("config", type=Path, help="the study TOML")
+    p.add_argument(
+        "--force", action="store_true", help="redo every comparison (default: reuse finished ones)"
+    )
+    p.add_argument("--quiet", action="store_true", help="print only errors (default: progress lines)")
     p.set_defaults(func=_cmd_study)
 
 
@@ -238,18 +181,18 @@ def _add_train(sub) -> None:
         help="train a reference PINN or Baseline model",
         description="Train a reference model on a scan (streamed from Zarr) and save .keras + JSON sidecar.",
     )
-    p.add_argument("--kind", required=True, choices=("pinn", "baseline"))
+    p.add_argument("--kind", required=True, choices=("pinn", "baseline"), help="which reference model")
     p.add_argument("--data", required=True, type=Path, help="training scan NPZ or .zarr store")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--gridsize", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--filters", type=int, default=16)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--dose", type=float, default=1e3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
+    p.add_argument("--gridsize", type=int, default=2, help="group side of a PINN; C = gridsize² (default 2)")
+    p.add_argument("--batch-size", type=int, default=16, help="groups per training step (default 16)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument("--filters", type=int, default=16, help="filters of the first layer (default 16)")
+    p.add_argument("--depth", type=int, default=3, help="encoder levels (default 3)")
+    p.add_argument("--dose", type=float, default=1e3, help="photons per pattern of the data (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and batches (default 0)")
+    p.add_argument("--name", help="model name (default: pinn_gs<G>_n<N> or baseline_n<N>)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -285,11 +228,16 @@ def _add_demo(sub) -> None:
         description="The main job on an embedded default: simulate a test split, compare the shipped "
         "N=64 reference PINN (gridsize 2) and Baseline on it, print the metrics and where the files are.",
     )
-    p.add_argument("--output-dir", type=Path, default=Path("demo_output"))
-    p.add_argument("--n-points", type=int, default=DEMO_SCAN["n_points"], help="scan positions")
+    p.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="(default demo_output)")
+    p.add_argument(
+        "--n-points",
+        type=int,
+        default=DEMO_SCAN["n_points"],
+        help=f"scan positions (default {DEMO_SCAN['n_points']})",
+    )
     p.add_argument("--train", action="store_true", help="train both models here instead (minutes)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of --train")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of --train (default 3)")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -388,20 +336,47 @@ def _build_parser() -> argparse.ArgumentParser:
     group.set_defaults(func=_cmd_group)
     for add in (_add_train, _add_compare, _add_study, _add_demo):
         add(commands)
+    _COMMANDS.update(commands.choices)
     return parser
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> str:
+    """One line for arguments the command does not take, with the nearest flag of that command."""
+    from ptychozarr.config import suggest
+
+    command = _COMMANDS.get(getattr(args, "command", None), parser)
+    known = [s for action in command._actions for s in action.option_strings]
+    first = next((a for a in extra if a.startswith("-")), extra[0])
+    hint = suggest(first.split("=")[0], known) if first.startswith("-") else ""
+    return f"{command.prog}: error: unrecognized arguments: {' '.join(extra)}{hint}"
+
+
+_COMMANDS: dict[str, argparse.ArgumentParser] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ptychozarr`` console script; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    """Entry point of the ``ptychozarr`` console script; returns the exit code.
+
+    Errors the engine raises on purpose (:class:`~ptychozarr.errors.PtychozarrError`) and unknown flags
+    are one line on stderr and exit code 2; Ctrl-C is one line and exit code 130 (the run resumes when
+    the same command is given again).
+    """
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(_unknown_flags(parser, args, extra), file=sys.stderr)
+        return 2
     logger = logging.getLogger("ptychozarr")
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    logger.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
     try:
         return args.func(args)
     except PtychozarrError as exc:
         print(f"ptychozarr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ptychozarr {args.command}: interrupted; run the same command to resume", file=sys.stderr)
+        return 130

@@ -62,7 +62,8 @@ resident (TF 2.21, reference/environment.md §3); dask, distributed, zarr, xarra
 it to about 800 MiB."""
 
 _F32, _F64, _C64, _C128 = 4, 8, 8, 16
-_FLAGS = {"block_groups": "--block-groups", "tile": "--tile", "chunk": "--metric-chunk"}
+# the flag that sets each knob: metric tasks work on the stitched object's tiles, so --tile sets both
+_FLAGS = {"block_groups": "--block-groups", "tile": "--tile", "chunk": "--tile"}
 _SMALLEST = {"tile": 64, "chunk": 64}
 
 
@@ -215,7 +216,8 @@ def project_metrics(
         Overlap added on every side (``map_overlap`` depth), in pixels.
     temporaries : int
         Full-block temporaries the metric makes; 16 covers scikit-image's SSIM (five filtered moments,
-        their products and the map) with room to spare.
+        their products and the map) with room to spare: ``evaluate`` on one 512² chunk peaks at about
+        15.5 block-sized float64 buffers, inputs included (tests/test_memory.py).
     itemsize : int
         Bytes per element of the temporaries (8 for float64).
 
@@ -252,7 +254,12 @@ class Plan:
     device : int or None
         Projected device bytes per GPU worker (the model probe on the GPU), or None on the CPU.
     params : dict
-        The arguments :func:`plan` was called with, to project the same run at another block size.
+        The arguments :func:`plan` (or ``factory``) was called with, to project the same run at another
+        block size.
+    factory : callable, optional
+        What made the plan from ``params`` (default :func:`plan`): a pipeline whose stages project their
+        own tasks passes its own, and :meth:`with_params`, :func:`choose_block_groups` and the advice of
+        :func:`check` re-project through it.
     """
 
     tasks: tuple[TaskMemory, ...]
@@ -261,6 +268,7 @@ class Plan:
     processes: int = 1
     device: int | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    factory: Callable[..., Plan] | None = field(default=None, compare=False, repr=False)
 
     def stage(self, name: str) -> TaskMemory:
         """The projected task of stage ``name``."""
@@ -285,8 +293,8 @@ class Plan:
         return self.processes * self.per_process()
 
     def with_params(self, **changes: Any) -> Plan:
-        """The same run projected with some :func:`plan` arguments changed."""
-        return plan(**{**self.params, **changes})
+        """The same run projected with some of its arguments changed."""
+        return (self.factory or plan)(**{**self.params, **changes})
 
     def to_dict(self) -> dict:
         """The plan as JSON-able values (bytes as ints)."""
@@ -419,7 +427,9 @@ def check(plan: Plan, budget: int | str, device_budget: int | str | None = None)
     return plan
 
 
-def choose_block_groups(budget: int | str, *, max_groups: int, **plan_args: Any) -> int:
+def choose_block_groups(
+    budget: int | str, *, max_groups: int, factory: Callable[..., Plan] | None = None, **plan_args: Any
+) -> int:
     """The largest block of groups whose plan fits the budget.
 
     Candidates are ``max_groups`` (one block for the whole scan) and the batch size times a power of two
@@ -431,6 +441,8 @@ def choose_block_groups(budget: int | str, *, max_groups: int, **plan_args: Any)
         Host budget of the whole run.
     max_groups : int
         Groups in the scan; no block is larger.
+    factory : callable, optional
+        What projects a plan from its arguments (default :func:`plan`).
     **plan_args
         Every other argument of :func:`plan` (``batch_size``, ``N``, ``C``, ``M`` …).
 
@@ -447,10 +459,10 @@ def choose_block_groups(budget: int | str, *, max_groups: int, **plan_args: Any)
     _positive(max_groups=max_groups)
     candidates = _block_candidates(plan_args["batch_size"], max_groups)
     fitting = _largest_fitting(
-        plan(block_groups=candidates[0], **plan_args), "block_groups", candidates, budget
+        (factory or plan)(block_groups=candidates[0], **plan_args), "block_groups", candidates, budget
     )
     if fitting is None:
-        smallest = plan(block_groups=candidates[-1], **plan_args)
+        smallest = (factory or plan)(block_groups=candidates[-1], **plan_args)
         raise MemoryBudgetError(
             f"even --block-groups {candidates[-1]} projects {format_bytes(smallest.peak)}, over "
             f"--memory-budget {format_bytes(budget)}; lower --batch-size, use fewer workers or threads "
@@ -744,9 +756,16 @@ def _shrink(value: int | tuple[int, int], floor: int) -> Iterator[int | tuple[in
         yield value
 
 
+def _changes(p: Plan, knob: str, value: Any) -> dict[str, Any]:
+    """The plan arguments a knob's value sets: tile and metric chunk together when they are one."""
+    if knob in ("tile", "chunk") and p.params.get("tile") == p.params.get("chunk"):
+        return {"tile": value, "chunk": value}
+    return {knob: value}
+
+
 def _largest_fitting(p: Plan, knob: str, candidates: Sequence, budget: int) -> Any:
     """The first of ``candidates`` (largest first) for ``knob`` whose plan fits, or None."""
-    return next((c for c in candidates if p.with_params(**{knob: c}).peak <= budget), None)
+    return next((c for c in candidates if p.with_params(**_changes(p, knob, c)).peak <= budget), None)
 
 
 def _suggest(p: Plan, budget: int) -> str:
@@ -766,4 +785,4 @@ def _suggest(p: Plan, budget: int) -> str:
             f"(now {p.processes} × {p.threads}), or raise --memory-budget"
         )
     shown = value if isinstance(value, int) else "x".join(map(str, value))
-    return f"{flag} {shown} fits (projected {format_bytes(p.with_params(**{knob: value}).peak)})"
+    return f"{flag} {shown} fits (projected {format_bytes(p.with_params(**_changes(p, knob, value)).peak)})"

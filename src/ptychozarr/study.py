@@ -1,22 +1,8 @@
 """A grid of comparisons (doses × views × splits) from one TOML file, summarised as PINN deltas.
 
-Example ``study.toml``::
-
-    output_dir = "study_out"          # relative to this file
-
-    [compare]                         # keyword arguments of ptychozarr.compare for every run
-    stitch_crop_size = 20
-    register_ptychi_only = true
-
-    [[run]]
-    name = "dose1000-dense-test"
-    dose = 1000
-    view = "dense"
-    split = "test"
-    test_data = "data/dose_1000/dense_test.npz"
-    pinn_model = "models/pinn_gs2.keras"
-    baseline_model = "models/baseline.keras"
-    ptychi_recon = "recon/dose_1000_dense.npz"   # optional
+The ``[compare]`` table takes every option of :class:`ptychozarr.config.CompareConfig` (the flags of
+``ptychozarr compare`` with underscores), from the same field definitions; an unknown key anywhere in
+the file is refused, with the nearest valid one, before any run. See :data:`EXAMPLE`.
 
 Each run writes its own compare output in ``<output_dir>/<name>/``; a finished run is reused on re-run
 (its stages are complete in its store). A run whose arm is missing or fails keeps explicit empty rows and
@@ -33,39 +19,86 @@ from pathlib import Path
 
 import pandas as pd
 
-from ptychozarr.errors import InvalidParameterError
+from ptychozarr.config import CompareConfig, suggest
+from ptychozarr.errors import InvalidParameterError, PtychozarrError
 from ptychozarr.outputs import METRIC_ORDER, ArmResult, write_json
 
-__all__ = ["deltas", "study"]
+__all__ = ["EXAMPLE", "deltas", "study"]
 
 log = logging.getLogger(__name__)
 
+EXAMPLE = """\
+output_dir = "study_out"          # relative to this file
+
+[compare]                         # options of `ptychozarr compare`, for every run
+stitch_crop_size = 20
+register_ptychi_only = true
+memory_budget = "8GB"
+trust_bundle = false              # true loads PtychoPINN wts.h5.zip bundles (unpickled: only your own)
+
+[[run]]
+name = "dose1000-dense-test"
+dose = 1000
+view = "dense"
+split = "test"
+test_data = "data/dose_1000/dense_test.npz"    # or an ingested .zarr store
+pinn_model = "models/pinn_gs2.keras"
+baseline_model = "models/baseline.keras"
+ptychi_recon = "recon/dose_1000_dense.npz"     # optional
+"""
+"""An example study TOML (shown by ``ptychozarr study --help``)."""
+
+_TOP_KEYS = {"output_dir", "compare", "run"}
 _RUN_KEYS = {"name", "dose", "view", "split", "test_data", "pinn_model", "baseline_model", "ptychi_recon"}
 
 
+def _unknown(path: Path, where: str, keys, valid) -> None:
+    for key in keys:
+        if key not in valid:
+            raise InvalidParameterError(f"study config {path}: unknown {where} {key!r}" + suggest(key, valid))
+
+
 def _load_config(path: Path) -> dict:
+    """The study TOML, with every key checked (before any run)."""
     try:
         config = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidParameterError(f"study config {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidParameterError(f"study config {path} is not valid TOML: {exc}") from None
+    _unknown(path, "key", config, _TOP_KEYS)
     runs = config.get("run")
     if not runs:
         raise InvalidParameterError(f"study config {path} has no [[run]] tables: add at least one")
     names = [r.get("name") for r in runs]
     for i, run in enumerate(runs):
+        _unknown(path, f"key of run #{i + 1}", run, _RUN_KEYS)
         missing = {"name", "test_data"} - run.keys()
-        unknown = run.keys() - _RUN_KEYS
-        if missing or unknown:
-            raise InvalidParameterError(
-                f"study config {path}: run #{i + 1} "
-                + (f"lacks {sorted(missing)}" if missing else f"has unknown keys {sorted(unknown)}")
-                + f"; each run takes {sorted(_RUN_KEYS)}"
-            )
+        if missing:
+            raise InvalidParameterError(f"study config {path}: run #{i + 1} lacks {sorted(missing)}")
     if len(set(names)) != len(names):
         raise InvalidParameterError(f"study config {path}: run names must be unique, got {names}")
     return config
+
+
+def _configs(config: dict, base: Path, out: Path, *, force: bool, quiet: bool) -> dict[str, tuple]:
+    """Per run: its CompareConfig (built from ``[compare]``; checked before any run) and missing models."""
+    options = dict(config.get("compare", {})) | {"force": force, "quiet": quiet}
+    built = {}
+    for run in config["run"]:
+        models = {
+            label: base / run[key]
+            for label, key in (("PtychoPINN", "pinn_model"), ("Baseline", "baseline_model"))
+            if key in run
+        }
+        missing = {label: path for label, path in models.items() if not path.exists()}
+        present = {label: path for label, path in models.items() if label not in missing}
+        recon = base / run["ptychi_recon"] if "ptychi_recon" in run else None
+        cfg = CompareConfig.from_options(
+            base / run["test_data"], present, out / run["name"], recon, options, where="[compare] key"
+        )
+        built[run["name"]] = (cfg, missing)
+    return built
 
 
 def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = False) -> dict:
@@ -74,59 +107,43 @@ def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = 
     Parameters
     ----------
     config_path : path
-        The study TOML (see the module docstring).
+        The study TOML (see :data:`EXAMPLE`).
     force : bool
         Redo every comparison instead of reusing finished stages.
     quiet : bool
-        No progress bars.
+        Print only errors.
 
     Returns
     -------
     dict
         The content of ``metrics_summary.json``: per run its labels, status and metrics per model.
     """
-    from ptychozarr.pipeline import compare
+    from ptychozarr.pipeline import run_compare
 
     config_path = Path(config_path)
     config = _load_config(config_path)
     base = config_path.parent
     out = base / config.get("output_dir", "study_out")
+    runs = _configs(config, base, out, force=force, quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
-    defaults = dict(config.get("compare", {}))
     summary = {}
     for run in config["run"]:
+        name = run["name"]
+        cfg, missing = runs[name]
         entry = {k: run.get(k) for k in ("dose", "view", "split")}
-        models = {
-            label: base / run[key]
-            for label, key in (("PtychoPINN", "pinn_model"), ("Baseline", "baseline_model"))
-            if key in run
-        }
-        missing = {label: path for label, path in models.items() if not path.exists()}
         for label, path in missing.items():
-            log.warning(
-                "study run %s: model %s (%s) does not exist; its rows stay empty", run["name"], label, path
-            )
-            del models[label]
-        recon = base / run["ptychi_recon"] if "ptychi_recon" in run else None
+            log.warning("study run %s: model %s (%s) does not exist; its rows stay empty", name, label, path)
         try:
-            result = compare(
-                base / run["test_data"],
-                models,
-                output_dir=out / run["name"],
-                ptychi_recon=recon,
-                force=force,
-                quiet=quiet,
-                **defaults,
-            )
-        except Exception as exc:  # one failed run must not lose the study
-            log.warning("study run %s failed: %s", run["name"], exc)
+            result = run_compare(cfg)
+        except PtychozarrError as exc:  # one failed run must not lose the study
+            log.warning("study run %s failed: %s", name, exc)
             entry.update(status="failed", error=str(exc), metrics={})
         else:
             failed = [a.label for a in result.arms if a.metrics is None]
             for label in failed:
                 log.warning(
                     "study run %s: arm %s has no metrics (%s)",
-                    run["name"],
+                    name,
                     label,
                     result.errors.get(label, "missing"),
                 )
@@ -134,7 +151,7 @@ def study(config_path: str | os.PathLike, *, force: bool = False, quiet: bool = 
             tables = {a.label: a.metrics_table() for a in result.arms}
             tables |= {label: ArmResult(label, label).metrics_table() for label in missing}
             entry.update(status="partial" if failed or missing else "ok", errors=errors, metrics=tables)
-        summary[run["name"]] = entry
+        summary[name] = entry
     write_json(out / "metrics_summary.json", summary)
     table = deltas(summary)
     table.to_csv(out / "metrics_deltas.csv", index=False, float_format="%.6f", na_rep="")

@@ -1,0 +1,284 @@
+"""How a run executes: the lock on its output directory, dask callbacks, progress, timings, reuse
+records, per-block completion and fault hooks. The stages know nothing of this module's machinery:
+they hand it lazy graphs (:meth:`Runtime.compute`, :meth:`Runtime.store_blocks`) and it runs them.
+
+Per-block completion::
+
+    arms/<arm>/patches/patches   (B', M, M) c64, one Zarr chunk per block
+    arms/<arm>/patches/done      (blocks,) bool, one chunk per block: set after the block's chunk
+
+A run killed in the middle of a stage finds the blocks already done and computes only the others, so
+at most the blocks in flight are redone. ``run.json`` records ``blocks`` (computed and reused per
+stage) and ``stages`` with an ``other`` entry, so that the stages and ``other`` add up to ``total``.
+
+Fault hooks for the resume tests: ``PTYCHOZARR_KILL_AFTER_TASKS=n`` sends SIGKILL to this process
+after n dask tasks, ``PTYCHOZARR_KILL_AFTER_BLOCKS=n`` after n blocks recorded done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import psutil
+import zarr
+from dask.callbacks import Callback
+
+from ptychozarr import memory
+from ptychozarr.errors import StoreError
+
+__all__ = ["LOCK_NAME", "Runtime", "output_lock"]
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".ptychozarr.lock"
+"""File in the output directory naming the process that runs there."""
+
+_KILL_TASKS = "PTYCHOZARR_KILL_AFTER_TASKS"
+_KILL_BLOCKS = "PTYCHOZARR_KILL_AFTER_BLOCKS"
+_LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
+_BLOCKS_DONE = [0]  # blocks recorded done in this process (for the fault hook)
+
+
+# -- the lock --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[Path]:
+    """Own ``output_dir`` for the duration of a run.
+
+    The lock is a file created exclusively (``O_EXCL``) holding this process's id and start time. A lock
+    whose holder is no longer running (a killed run) is stale and taken over.
+
+    Raises
+    ------
+    StoreError
+        When another live process holds the directory (one line naming it).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "started": datetime.now(UTC).isoformat(timespec="seconds")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is not None and _alive(holder):
+                raise StoreError(
+                    f"{output_dir} is in use by process {holder['pid']} (started {holder['started']}); "
+                    "wait for it to finish or give another --output-dir"
+                ) from None
+            log.info(
+                "taking over the stale lock of %s (process %s is gone)", output_dir, (holder or {}).get("pid")
+            )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:
+        raise StoreError(f"{path}: could not take the lock; remove the file if no run uses {output_dir}")
+    try:
+        yield path
+    finally:
+        if _holder(path) == me:
+            path.unlink()
+
+
+def _holder(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the process that wrote the lock still runs (its id may have been reused since)."""
+    try:
+        proc = psutil.Process(holder["pid"])
+        started = datetime.fromisoformat(holder["started"]).timestamp()
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= started + 1
+    except (psutil.NoSuchProcess, ValueError, KeyError):
+        return False
+
+
+# -- callbacks -------------------------------------------------------------------------------------
+
+
+class _KillAfterTasks(Callback):
+    """Fault injection: SIGKILL this process after ``n`` tasks."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.left = n
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.left -= 1
+        if self.left <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _LogProgress(Callback):
+    """A log line every ``_LOG_EVERY`` seconds with the tasks done (for a stderr that is not a terminal)."""
+
+    def __init__(self, stage: str):
+        super().__init__()
+        self.stage, self.done, self.total, self.last = stage, 0, 0, time.monotonic()
+        self._lock = threading.Lock()
+
+    def _start_state(self, dsk, state):
+        self.total = sum(len(state[k]) for k in ("ready", "waiting", "running")) + len(state["finished"])
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        with self._lock:
+            self.done += 1
+            if time.monotonic() - self.last >= _LOG_EVERY:
+                self.last = time.monotonic()
+                log.info("%s: %d/%d tasks", self.stage, self.done, self.total)
+
+
+def _progress(stage: str) -> Callback:
+    if sys.stderr.isatty():
+        from tqdm.dask import TqdmCallback
+
+        return TqdmCallback(desc=stage, leave=False)
+    return _LogProgress(stage)
+
+
+def _block_done() -> None:
+    """Count a block recorded done; the kill hook fires here."""
+    _BLOCKS_DONE[0] += 1
+    limit = os.environ.get(_KILL_BLOCKS)
+    if limit and _BLOCKS_DONE[0] >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _BlockWriter:
+    """A ``da.store`` target that writes a block's rows, then records the block done."""
+
+    def __init__(self, target: zarr.Array, done: zarr.Array, starts: Sequence[int]):
+        self.target, self.done, self.starts = target, done, list(starts)
+
+    def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
+        self.target[region] = value
+        self.done[self.starts.index(region[0].start)] = True
+        _block_done()
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+
+
+class Runtime:
+    """One run's execution record: timings, reuse, blocks, warnings and measured task peaks.
+
+    Parameters
+    ----------
+    quiet : bool
+        No progress bars or progress lines.
+    force : bool
+        Redo every stage (reuse nothing).
+    """
+
+    def __init__(self, *, quiet: bool = False, force: bool = False):
+        self.quiet, self.force = quiet, force
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.blocks: dict[str, dict[str, int]] = {}
+        self.warnings: list[str] = []
+        self.task_peaks: dict[str, int] = {}
+        kill = os.environ.get(_KILL_TASKS)
+        self._faults = [_KillAfterTasks(int(kill))] if kill else []
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block to stage ``name``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    def reuse(self, name: str, where: Any = "") -> None:
+        """Record that stage ``name`` reused a complete result."""
+        self.reused.append(name)
+        log.info("stage %s: reusing the complete result %s", name, where)
+
+    def warn(self, message: str) -> None:
+        """A warning kept for ``run.json`` and logged."""
+        self.warnings.append(message)
+        log.warning(message)
+
+    def compute(
+        self,
+        stage: str,
+        func: Callable,
+        *args: Any,
+        task_kinds: Sequence[str] = (),
+        progress: bool = True,
+        **kwargs,
+    ) -> Any:
+        """Run ``func(*args, **kwargs)`` (a dask computation) with this run's callbacks.
+
+        ``task_kinds`` are the layer names whose memory is recorded apart (else the whole stage);
+        ``progress`` shows a bar (a terminal) or periodic log lines (otherwise) unless quiet.
+        """
+        watch = memory.TaskMemoryCallback(stages=task_kinds)
+        callbacks = [watch, *self._faults]
+        if progress and not self.quiet:
+            callbacks.append(_progress(stage))
+        with contextlib.ExitStack() as stack:
+            for cb in callbacks:
+                stack.enter_context(cb)
+            result = func(*args, **kwargs)
+        peaks = watch.peaks()
+        peaks = (
+            {k: v for k, v in peaks.items() if k in task_kinds}
+            if task_kinds
+            else {stage: max(peaks.values(), default=0)}
+        )
+        for name, value in peaks.items():
+            self.task_peaks[name] = max(self.task_peaks.get(name, 0), value)
+        return result
+
+    def store_blocks(self, stage: str, source: da.Array, target: zarr.Array, done: zarr.Array) -> None:
+        """Store ``source`` into ``target`` block by block along axis 0, skipping blocks already done.
+
+        ``done`` holds one bool per block of ``source`` (one chunk each); block ``i`` is set after its
+        rows are written. The counts go to :attr:`blocks` under ``stage``.
+        """
+        starts = np.cumsum((0, *source.chunks[0])).tolist()
+        finished = np.asarray(done[:], bool)
+        todo = [i for i in range(len(source.chunks[0])) if not finished[i]]
+        self.blocks[stage] = {"computed": len(todo), "reused": len(finished) - len(todo)}
+        if not todo:
+            return
+        writer = _BlockWriter(target, done, starts)
+        self.compute(
+            stage,
+            da.store,
+            [source.blocks[i] for i in todo],
+            [writer] * len(todo),
+            regions=[(slice(starts[i], starts[i + 1]),) for i in todo],
+            lock=False,
+        )
+
+    def stage_record(self) -> dict[str, float]:
+        """Seconds per stage, with ``other`` (the rest of the wall time) and ``total``."""
+        total = round(time.perf_counter() - self.started, 3)
+        staged = sum(self.timings.values())
+        return {**self.timings, "other": round(max(0.0, total - staged), 3), "total": total}

@@ -1,0 +1,104 @@
+"""Infer stage: a model over the groups, blockwise; only the cropped M×M centres are stored.
+
+Writes ``arms/<arm>/patches`` with ``patches`` (B', M, M) complex64 (one chunk per block),
+``positions``, ``weights`` and ``done`` (one bool per block, set once the block's chunk is stored), so
+that a run killed in the middle redoes only the blocks that were not done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from ptychozarr import memory
+from ptychozarr.config import InferOptions, to_json
+from ptychozarr.inference import infer
+from ptychozarr.io import mark_complete
+from ptychozarr.runtime import Runtime
+from ptychozarr.stages._common import fingerprint, groups_key, matches
+
+__all__ = ["project_memory", "run"]
+
+log = logging.getLogger(__name__)
+
+DIMS = {"patches": ("patch", "crop_y", "crop_x"), "positions": ("patch", "xy"), "weights": ("patch",)}
+
+
+def project_memory(
+    *, block_groups: int, batch_size: int, N: int, channels: int, crop: int, model_probe: int, output: str
+) -> memory.TaskMemory:
+    """Projected host memory of one inference task (:func:`ptychozarr.memory.project_inference`)."""
+    return memory.project_inference(block_groups, batch_size, N, channels, crop, model_probe, output=output)
+
+
+def run(
+    rt: Runtime,
+    node: zarr.Group,
+    ds: xr.Dataset,
+    groups: xr.Dataset,
+    model: Path,
+    options: InferOptions,
+    block_groups: int,
+) -> zarr.Group:
+    """Predict one arm's patches into ``node/patches``; returns the complete group.
+
+    A complete group made with the same model, crop, blocks and groups is reused; an incomplete one
+    made with them keeps the blocks it has done.
+    """
+    name = f"infer:{node.basename}"
+    params = {
+        "model": fingerprint(model),
+        "crop": options.stitch_crop_size,
+        "block_groups": block_groups,
+        "batch_size": options.batch_size,
+        "groups": groups_key(groups),
+    }
+    with rt.timed(name):
+        out = node.get("patches")
+        if not rt.force and matches(out, params):
+            rt.reuse(name, model.name)
+            rt.blocks[name] = {"computed": 0, "reused": int(out["patches"].cdata_shape[0])}
+            return out
+        log.info("stage infer: %s with %s", node.basename, model.name)
+        result = infer(
+            ds, groups, str(model), crop=options.stitch_crop_size, block_groups=block_groups,
+            batch_size=options.batch_size,
+        )  # fmt: skip
+        out = _prepare(node, result, to_json(params), keep=not rt.force)
+        t0 = time.perf_counter()
+        rt.store_blocks(name, result["patches"].data, out["patches"], out["done"])
+        seconds = float(out.attrs.get("seconds", 0.0)) + time.perf_counter() - t0
+        mark_complete(
+            out, seconds=round(seconds, 3), mode=result.attrs["mode"], model_spec=result.attrs["model"]
+        )
+    return out
+
+
+def _prepare(node: zarr.Group, result: xr.Dataset, params: dict, *, keep: bool) -> zarr.Group:
+    """The patches group to write into: an unfinished one with these parameters, or a new one."""
+    patches = result["patches"].data
+    old = node.get("patches")
+    if keep and old is not None and old.attrs.get("params") == params and "done" in old:
+        if old["patches"].shape == patches.shape and old["done"].shape == (patches.numblocks[0],):
+            log.info("stage infer: %s resumes, %d of %d blocks done", node.basename,
+                     int(np.sum(old["done"][:])), patches.numblocks[0])  # fmt: skip
+            return old
+    if old is not None:
+        del node["patches"]
+    out = node.create_group("patches", attributes={"complete": False, "params": params})
+    out.create_array(
+        "patches", shape=patches.shape, dtype=np.complex64, chunks=(patches.chunks[0][0], *patches.shape[1:]),
+        dimension_names=DIMS["patches"],
+    )  # fmt: skip
+    for name in ("positions", "weights"):
+        out.create_array(name, data=result[name].values, dimension_names=DIMS[name])
+    out.create_array(
+        "done", shape=(patches.numblocks[0],), dtype=bool, chunks=(1,), fill_value=False,
+        dimension_names=("block",),
+    )  # fmt: skip
+    return out
