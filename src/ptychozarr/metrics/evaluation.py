@@ -12,11 +12,12 @@ import dask.array as da
 import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
+from ptychozarr.metrics._blocks import Window, halo_map
 from ptychozarr.metrics._common import _checked, _pair, _require_min_side
 from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, frc, frc_cutoff
-from ptychozarr.metrics.multiscale import _combine, _lazy_combine, _level_scores, gaussian_prefilter
+from ptychozarr.metrics.multiscale import _ms_ssim_of, _radius, _range_block, _range_of
 from ptychozarr.metrics.pointwise import mae, mse, phase_plane, psnr, remove_phase_plane
-from ptychozarr.metrics.structural import WIN_SIZE, ssim
+from ptychozarr.metrics.structural import _PAD, WIN_SIZE, _ssim_count, _ssim_sum
 
 __all__ = ["evaluate"]
 
@@ -28,6 +29,17 @@ def _resolve(lazy: bool, *values):
 
 def _range(x: da.Array) -> da.Array:
     return x.max() - x.min()
+
+
+def _ssim_and_range_block(a: np.ndarray, b: np.ndarray, window: Window, data_range, sigma: float):
+    """SSIM map sum of the plain images and extrema of the pre-filtered ones, over one block."""
+    return [_ssim_sum(a, b, window, data_range), *_range_block(a, b, window, sigma)]
+
+
+def _ssim_and_range(a: da.Array, b: da.Array, data_range, sigma: float) -> tuple[da.Array, da.Array]:
+    """Lazy SSIM of (a, b) and the MS-SSIM data range of their pre-filtered images, in one pass."""
+    blocks = halo_map(_ssim_and_range_block, [a, b], max(_PAD, _radius(sigma)), 5, data_range, sigma)
+    return blocks[..., 0].sum() / _ssim_count(a.shape), _range_of(blocks[..., 1:])
 
 
 def evaluate(
@@ -112,24 +124,17 @@ def evaluate(
     s_t, s_p = (phi_t + np.pi) / (2 * np.pi), (phi_p + np.pi) / (2 * np.pi)
 
     amplitude, phase = (t, p), (phi_t, phi_p)
-    pointwise = [f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)]
-    ms_pairs = ((t, p, ms_ssim_sigma), (s_t, s_p, 0.0))
-    ms_ranges = [da.maximum(_range(gaussian_prefilter(x, sg)), _range(gaussian_prefilter(y, sg)))
-                 for x, y, sg in ms_pairs]
-    ssims = ssim(t, p, data_range=amp_range), ssim(s_t, s_p, data_range=1.0)
-    if lazy:
-        multiscale = [_lazy_combine(_level_scores(x, y, sg, r))
-                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
-        curves = [frc(*pair, sigma=frc_sigma, workdir=workdir) for pair in (amplitude, phase)]
-    else:  # one pass per image pair and family, so that each streams through memory
-        pointwise = dask.compute(*pointwise)
-        ssims, ms_ranges = zip(*(dask.compute(s, r) for s, r in zip(ssims, ms_ranges, strict=True)),
-                               strict=True)
-        multiscale = [_combine(np.array([level.compute() for level in _level_scores(x, y, sg, r)]))
-                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
-        spill = tempfile.TemporaryDirectory() if workdir is None and not numpy_in else nullcontext(workdir)
-        with spill as directory:
-            curves = [frc(*pair, sigma=frc_sigma, workdir=directory).compute() for pair in (amplitude, phase)]
+    pointwise = _resolve(lazy, *(f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)))
+    # each pass below takes one image pair, so that it streams through memory
+    ms_pairs = ((t, p, ms_ssim_sigma, amp_range), (s_t, s_p, 0.0, 1.0))
+    ssims, ms_ranges = zip(*(_resolve(lazy, *_ssim_and_range(x, y, r, sg)) for x, y, sg, r in ms_pairs),
+                           strict=True)
+    multiscale = [_resolve(lazy, _ms_ssim_of(x, y, sg, r))[0]
+                  for (x, y, sg, _), r in zip(ms_pairs, ms_ranges, strict=True)]
+    temporary = workdir is None and not (lazy or numpy_in)
+    with tempfile.TemporaryDirectory() if temporary else nullcontext(workdir) as directory:
+        curves = [_resolve(lazy, frc(*pair, sigma=frc_sigma, workdir=directory))[0]
+                  for pair in (amplitude, phase)]
     values = [*pointwise, *ssims, *multiscale]
     if not lazy:
         values = [float(v) for v in values]
