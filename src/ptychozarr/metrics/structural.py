@@ -22,9 +22,12 @@ __all__ = ["ssim", "WIN_SIZE"]
 #: scikit-image's default SSIM window (uniform, 7×7).
 WIN_SIZE = 7
 _PAD = (WIN_SIZE - 1) // 2
-#: Block-sized float64 arrays scikit-image's SSIM holds at once (two inputs, five filtered moments,
+#: Strip-sized float64 arrays scikit-image's SSIM holds at once (two inputs, five filtered moments,
 #: their combinations and the map; measured with tracemalloc, rounded up).
-SSIM_TEMPORARIES = 24
+_SSIM_TEMPORARIES = 24
+#: Target bytes of one float64 strip that scikit-image scores at a time (a block is scored in strips of
+#: whole block rows, so that its temporaries stay small whatever the block size).
+_STRIP_BYTES = 2**19
 
 
 def _scored(span: Span, step: int) -> slice | None:
@@ -43,8 +46,19 @@ def _ssim_sum(a: np.ndarray, b: np.ndarray, window: Window, data_range, step: in
     rows, cols = _scored(window[0], step), _scored(window[1], step)
     if rows is None or cols is None:
         return 0.0
-    _, smap = structural_similarity(a[rows, cols], b[rows, cols], data_range=float(data_range), full=True)
-    return float(smap[_PAD:-_PAD, _PAD:-_PAD].sum(dtype=np.float64))
+    a, b = a[rows, cols], b[rows, cols]
+    scored, strip = a.shape[0] - 2 * _PAD, _strip_rows(a.shape[1])
+    total = 0.0
+    for k in range(0, scored, strip):
+        part = slice(k, min(k + strip, scored) + 2 * _PAD)
+        _, smap = structural_similarity(a[part], b[part], data_range=float(data_range), full=True)
+        total += float(smap[_PAD:-_PAD, _PAD:-_PAD].sum(dtype=np.float64))
+    return total
+
+
+def _strip_rows(cols: int) -> int:
+    """Scored rows per scikit-image call for blocks ``cols`` wide (see ``_STRIP_BYTES``)."""
+    return max(1, _STRIP_BYTES // (8 * cols))
 
 
 def _ssim_count(shape: tuple[int, ...], step: int = 1) -> int:
