@@ -46,6 +46,26 @@ def _slab(n: int, slab_bytes: int) -> int:
     return max(1, min(n, slab_bytes // (16 * n)))
 
 
+#: Ring-sum temporaries of one column sub-block (ring index, weight, three products and their weighted
+#: copies, the index arithmetic), in units of one float64 sub-block.
+_RING_TEMPORARIES = 10
+
+
+def _task_bytes(n: int, input_bytes: int, slab_bytes: int = _SLAB_BYTES) -> dict[str, int]:
+    """Projected peak bytes of one row-pass and one column-pass task for an n×n pair (spilled path).
+
+    A row task holds a row slab of both inputs (``input_bytes`` per pixel), of both images (float64) and
+    their half spectra (complex128); a column
+    task holds a column slab of both half spectra (transformed in place) and the ring temporaries of
+    one column sub-block.
+    """
+    half = n // 2 + 1
+    rows, cols = _slab(n, slab_bytes), min(_slab(n, slab_bytes), half)
+    ring = _RING_TEMPORARIES * 8 * n * min(_ring_columns(n), cols)
+    return {"frc_rows": 2 * rows * ((input_bytes + 8) * n + 16 * half),
+            "frc_columns": 2 * 16 * n * cols + ring}
+
+
 def _row_spectrum(x: da.Array, slab_bytes: int) -> da.Array:
     """Real FFT along the rows of a square image, in row slabs of whole rows: (n, n//2 + 1) complex."""
     rows = _slab(x.shape[0], slab_bytes)

@@ -61,6 +61,11 @@ def _strip_rows(cols: int) -> int:
     return max(1, _STRIP_BYTES // (8 * cols))
 
 
+def _scoring_bytes(rows: int, cols: int) -> int:
+    """Projected bytes of scikit-image's temporaries while scoring an extended block of rows × cols."""
+    return _SSIM_TEMPORARIES * 8 * min(rows, _strip_rows(cols) + 2 * _PAD) * cols
+
+
 def _ssim_count(shape: tuple[int, ...], step: int = 1) -> int:
     """How many map pixels the global mean of the images decimated by ``step`` averages."""
     rows, cols = (-(-n // step) - 2 * _PAD for n in shape)
