@@ -5,8 +5,8 @@ For each square size, a synthetic complex ground truth and reconstruction are wr
 every metric (MAE, MSE, PSNR, SSIM, MS-SSIM, FRC curves and cut-offs, amplitude and phase). The in-memory
 way loads both into numpy and applies spec §5 plainly with numpy, scipy and scikit-image, where it fits
 (``--max-in-memory``: about 2.5 kB per pixel, so 12,000² would need ~20 GB). Each variant runs in a
-fresh process (benchmarks/_harness.py), so the peak RSS is its own; the engine's peak should not grow
-with the width (issue 11: ≤ 1.5 GB at 12,000², ≤ 1 GB at 16,000²).
+fresh process (benchmarks/_harness.py), so the peak RSS is its own; the engine's peak should stay near
+one task per thread plus a row of chunks (targets: ≤ 1.5 GB at 12,000², ≤ 1 GB at 16,000²).
 
     .venv/bin/python benchmarks/metrics.py --sizes 12000 16000 8192 --json metrics.json
 """
