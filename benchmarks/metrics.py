@@ -4,7 +4,7 @@ For each square size, a synthetic complex ground truth and reconstruction are wr
 (complex64, square chunks of ``--chunk``). The engine reads them with ``dask.array.from_zarr`` and runs
 every metric (MAE, MSE, PSNR, SSIM, MS-SSIM, FRC curves and cut-offs, amplitude and phase). The in-memory
 way loads both into numpy and applies spec §5 plainly with numpy, scipy and scikit-image, where it fits
-(``--max-in-memory``: about 2.5 kB per pixel, so 12,000² would need ~20 GB). Each variant runs in a
+(``--max-in-memory``: about 170 bytes per pixel, 11 GB at 8192², so ~24 GB at 12,000²). Each variant runs in a
 fresh process (benchmarks/_harness.py), so the peak RSS is its own; the engine's peak should stay near
 one task per thread plus a row of chunks (targets: ≤ 1.5 GB at 12,000², ≤ 1 GB at 16,000²).
 
@@ -145,7 +145,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[12000, 16000, 8192])
     parser.add_argument("--max-in-memory", type=int, default=8192,
-                        help="largest size run in memory (about 2.5 kB per pixel)")
+                        help="largest size run in memory (about 170 bytes per pixel)")
     parser.add_argument("--chunk", type=int, default=512,
                         help="edge of the stored square chunks")
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs and FFT spill go")
