@@ -4,10 +4,11 @@ For each square size, a synthetic complex ground truth and reconstruction are wr
 (complex64, square chunks of ``--chunk``). The engine reads them with ``dask.array.from_zarr`` and runs
 every metric (MAE, MSE, PSNR, SSIM, MS-SSIM, FRC curves and cut-offs, amplitude and phase). The in-memory
 way loads both into numpy and applies spec §5 plainly with numpy, scipy and scikit-image, where it fits
-(``--max-in-memory``). Each variant runs in a fresh process (benchmarks/_harness.py), so the peak RSS
-is its own.
+(``--max-in-memory``: about 170 bytes per pixel, 11 GB at 8192², so ~24 GB at 12,000²). Each variant runs in a
+fresh process (benchmarks/_harness.py), so the peak RSS is its own; the engine's peak should stay near
+one task per thread plus a row of chunks (targets: ≤ 1.5 GB at 12,000², ≤ 1 GB at 16,000²).
 
-    .venv/bin/python benchmarks/metrics.py --sizes 2048 8192 16384 32768 --json metrics.json
+    .venv/bin/python benchmarks/metrics.py --sizes 12000 16000 8192 --json metrics.json
 """
 
 from __future__ import annotations
@@ -142,11 +143,11 @@ def _max_rel_diff(a: dict, b: dict) -> float:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[12000, 16000, 8192])
     parser.add_argument("--max-in-memory", type=int, default=8192,
-                        help="largest size run in memory (16384 needs about 30 GB)")
+                        help="largest size run in memory (about 170 bytes per pixel)")
     parser.add_argument("--chunk", type=int, default=512,
-                        help="edge of the stored square chunks; engine memory grows with width × chunk")
+                        help="edge of the stored square chunks")
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs and FFT spill go")
     parser.add_argument("--json", type=str, default=None)
     args = parser.parse_args(argv)

@@ -1,9 +1,12 @@
 """Out-of-core metrics against scikit-image / numpy computed in memory (spec §5 written plainly)."""
 
+import tracemalloc
+
 import dask
 import dask.array as da
 import numpy as np
 import pytest
+from dask.callbacks import Callback
 from scipy.ndimage import gaussian_filter
 from skimage import data
 from skimage.metrics import structural_similarity
@@ -11,6 +14,7 @@ from skimage.metrics import structural_similarity
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.metrics import (
     evaluate,
+    fourier,
     frc,
     frc_cutoff,
     frc_length,
@@ -22,6 +26,8 @@ from ptychozarr.metrics import (
     psnr,
     remove_phase_plane,
     ssim,
+    structural,
+    task_memory,
 )
 
 RTOL = 1e-6
@@ -260,6 +266,74 @@ def test_evaluate_lazy_is_one_graph_with_the_same_values():
     phi, phi_t = np.angle(recon)[2:-2, 2:-2], np.angle(gt)[2:-2, 2:-2]
     expected_mae = np.mean(np.abs((phi_t - phi_t.mean()) - (phi - phi.mean())))
     assert eager["mae"][1] == pytest.approx(expected_mae, rel=RTOL)
+
+
+@pytest.fixture
+def small_work_units(monkeypatch):
+    """Force the paths that large images take: SSIM scored a few rows at a time, several FFT row and
+    column slabs, ring sums one column at a time."""
+    monkeypatch.setattr(structural, "_STRIP_BYTES", 2**13)
+    monkeypatch.setattr(fourier, "_SLAB_BYTES", 2**14)
+    monkeypatch.setattr(fourier, "_RING_BYTES", 2**6)
+
+
+@pytest.mark.parametrize("chunks", [(41, 150), (5, 90)])
+def test_evaluate_in_small_work_units_equals_in_memory_reference(small_work_units, chunks, tmp_path):
+    recon, gt = _complex_pair()
+    expected = ref_evaluate(recon, gt)
+    got = evaluate(_dask(recon, chunks), _dask(gt, chunks), workdir=tmp_path)
+    for key in expected:
+        flat = [np.concatenate([np.ravel(v) for v in d[key]]) for d in (got, expected)]
+        np.testing.assert_allclose(*flat, rtol=RTOL, err_msg=key)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_ms_ssim_in_strips_with_chunks_narrower_than_the_halo(small_work_units, sigma):
+    a, b = PAIRS["random"]  # 5 levels: a halo of 3·16 + 4 px, far wider than chunks of 3 × 40
+    got = ms_ssim(_dask(a, (3, 40)), _dask(b, (3, 40)), sigma=sigma).compute()
+    assert got == pytest.approx(ref_ms_ssim(a, b, sigma), rel=RTOL)
+
+
+class _PeakPerPass(Callback):
+    """tracemalloc's peak above the start of each ``compute`` (one pass of ``evaluate``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peaks = []
+
+    def _start(self, dsk):
+        tracemalloc.reset_peak()
+        self.base = tracemalloc.get_traced_memory()[0]
+
+    def _finish(self, dsk, state, errored):
+        self.peaks.append(tracemalloc.get_traced_memory()[1] - self.base)
+
+
+def test_task_memory_bounds_each_measured_pass(tmp_path):
+    # one chunk per image, one thread: each pass of evaluate is one task of each kind
+    n = 256
+    rng = np.random.default_rng(6)
+    gt = (1 + rng.random((n, n))) * np.exp(1j * rng.random((n, n)))
+    recon = gt * (1 + 0.1 * rng.random((n, n)))
+    projected = task_memory((n, n), chunk=n)
+    projected["frc"] = max(projected.pop("frc_rows"), projected.pop("frc_columns"))
+    tracemalloc.start()
+    try:
+        with dask.config.set(scheduler="sync"), _PeakPerPass() as passes:
+            evaluate(_dask(recon, n), _dask(gt, n), workdir=tmp_path)
+    finally:
+        tracemalloc.stop()
+    kinds = ["stats", "pointwise", "ssim", "ssim", "ms_ssim", "ms_ssim", "frc", "frc"]
+    assert len(passes.peaks) == len(kinds)
+    for kind, measured in zip(kinds, passes.peaks, strict=True):
+        assert measured <= projected[kind] <= 3 * measured, kind
+
+
+def test_task_memory_does_not_grow_with_the_width():
+    narrow, wide = task_memory((8192, 8192), chunk=512), task_memory((8192, 65536), chunk=512)
+    assert set(narrow) == {"stats", "pointwise", "ssim", "ms_ssim", "frc_rows", "frc_columns"}
+    for kind in ("stats", "pointwise", "ssim", "ms_ssim"):
+        assert wide[kind] == narrow[kind], kind
 
 
 # ---------------------------------------------------------------- errors

@@ -2,8 +2,9 @@
 
 One function per metric (:func:`mae`, :func:`mse`, :func:`psnr`, :func:`ssim`, :func:`ms_ssim`,
 :func:`frc` and :func:`frc_cutoff`), phase-plane removal, and :func:`evaluate`, which composes them like
-PtychoPINN's ``eval_reconstruction``. Each takes numpy or dask 2-D arrays; dask in gives dask out.
-Submodules are imported on first use.
+PtychoPINN's ``eval_reconstruction``; :func:`task_memory` projects the host memory of one of its
+tasks. Each metric takes numpy or dask 2-D arrays; dask in gives dask out. Submodules are imported on
+first use.
 """
 
 import importlib
@@ -25,6 +26,7 @@ __all__ = [
     "remove_phase_mean",
     "remove_phase_plane",
     "ssim",
+    "task_memory",
 ]
 
 _HOME = {
@@ -44,6 +46,7 @@ _HOME = {
     "remove_phase_mean": "pointwise",
     "remove_phase_plane": "pointwise",
     "ssim": "structural",
+    "task_memory": "evaluation",
 }
 
 

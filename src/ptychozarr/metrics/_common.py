@@ -53,6 +53,12 @@ def _require_min_side(shape: tuple[int, ...], minimum: int, what: str) -> None:
         )
 
 
+def _centre_crop(x: da.Array, shape: tuple[int, int]) -> da.Array:
+    """The central ``shape`` region of ``x`` (start ``(h − t) // 2`` per axis, as ``ptychozarr.align``)."""
+    r0, c0 = ((n - t) // 2 for n, t in zip(x.shape, shape, strict=True))
+    return x[r0 : r0 + shape[0], c0 : c0 + shape[1]]
+
+
 def _finish(value, eager: bool):
     """Compute ``value`` to a float (0-d) or a numpy array when the inputs were numpy."""
     if not eager:

@@ -12,13 +12,22 @@ import dask.array as da
 import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
-from ptychozarr.metrics._common import _checked, _pair, _require_min_side
-from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, frc, frc_cutoff
-from ptychozarr.metrics.multiscale import _combine, _lazy_combine, _level_scores, gaussian_prefilter
+from ptychozarr.metrics._blocks import Window, halo_map
+from ptychozarr.metrics._common import _NUMPY_CHUNK, _checked, _pair, _require_min_side
+from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, _task_bytes, frc, frc_cutoff
+from ptychozarr.metrics.multiscale import _levels, _ms_halo, _ms_ssim_of, _radius, _range_block, _range_of
 from ptychozarr.metrics.pointwise import mae, mse, phase_plane, psnr, remove_phase_plane
-from ptychozarr.metrics.structural import WIN_SIZE, ssim
+from ptychozarr.metrics.structural import _PAD, WIN_SIZE, _scoring_bytes, _ssim_count, _ssim_sum
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "task_memory"]
+
+#: Bytes per pixel of one input (complex128; complex64 inputs take half).
+_INPUT_BYTES = 16
+#: float64 arrays per chunk pixel besides the inputs: the statistics pass (moduli, phases and the nine
+#: plane-moment terms) and the pointwise pass (the four images and a difference).
+_STATS_FLOATS, _POINTWISE_FLOATS = 12, 5
+#: Extended float64 blocks per image that an SSIM task holds: the overlapped copy and the pre-filtered one.
+_BLOCK_COPIES = 2
 
 
 def _resolve(lazy: bool, *values):
@@ -28,6 +37,57 @@ def _resolve(lazy: bool, *values):
 
 def _range(x: da.Array) -> da.Array:
     return x.max() - x.min()
+
+
+def _ssim_and_range_block(a: np.ndarray, b: np.ndarray, window: Window, data_range, sigma: float):
+    """SSIM map sum of the plain images and extrema of the pre-filtered ones, over one block."""
+    return [_ssim_sum(a, b, window, data_range), *_range_block(a, b, window, sigma)]
+
+
+def _ssim_and_range(a: da.Array, b: da.Array, data_range, sigma: float) -> tuple[da.Array, da.Array]:
+    """Lazy SSIM of (a, b) and the MS-SSIM data range of their pre-filtered images, in one pass."""
+    blocks = halo_map(_ssim_and_range_block, [a, b], max(_PAD, _radius(sigma)), 5, data_range, sigma)
+    return blocks[..., 0].sum() / _ssim_count(a.shape), _range_of(blocks[..., 1:])
+
+
+def task_memory(shape: tuple[int, int], *, chunk: int | None = None) -> dict[str, int]:
+    """Projected peak host memory of one task of each pass of :func:`evaluate`, in bytes.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Shape of the reconstruction and ground truth (before the trim).
+    chunk : int, optional
+        Edge of the inputs' square chunks; default the chunk numpy inputs get (2048).
+
+    Returns
+    -------
+    dict
+        ``stats`` (means, ranges, phase planes), ``pointwise`` (MAE, MSE, PSNR), ``ssim`` (SSIM and the
+        pre-filtered range, halo 3), ``ms_ssim`` (every level, halo ``3·2**(levels−1)`` + pre-filter
+        radius), ``frc_rows`` and ``frc_columns`` (the two FFT passes): bytes of one task.
+
+    Notes
+    -----
+    Built from the constants the metric modules use (chunk, halos, scikit-image strip size, FFT slab and
+    ring sub-block sizes), for complex128 inputs and the default ``ms_ssim_sigma`` of 1. The peak of a
+    pass is about this times the tasks running at once, plus the chunks that wait for their neighbours'
+    halos (one row of the inputs' chunks per image).
+    """
+    rows, cols = (min(chunk or _NUMPY_CHUNK, n) for n in shape)
+    inputs = 2 * _INPUT_BYTES * rows * cols
+
+    def windowed(halo: int) -> int:
+        ext_rows, ext_cols = (min(c + 2 * halo, n) for c, n in zip((rows, cols), shape, strict=True))
+        return inputs + 2 * _BLOCK_COPIES * 8 * ext_rows * ext_cols + _scoring_bytes(ext_rows, ext_cols)
+
+    return {
+        "stats": inputs + _STATS_FLOATS * 8 * rows * cols,
+        "pointwise": inputs + _POINTWISE_FLOATS * 8 * rows * cols,
+        "ssim": windowed(max(_PAD, _radius(1.0))),
+        "ms_ssim": windowed(_ms_halo(1.0, _levels(shape))),
+        **_task_bytes(min(shape), _INPUT_BYTES),
+    }
 
 
 def evaluate(
@@ -78,9 +138,11 @@ def evaluate(
     - MS-SSIM on (t, p') with the pre-filter and on the scaled phases without it;
     - FRC curves on (t, p') and on the phases; frc50 and frc1over7 interpolated (:func:`frc_cutoff`).
 
-    Eagerly, the work runs in several passes over the inputs (global statistics; pointwise; SSIM of
-    amplitude, of phase; each MS-SSIM level; each FRC), so that each streams through memory; give
-    inputs backed by storage (e.g. ``dask.array.from_zarr``) rather than expensive graphs.
+    Eagerly, the work runs in eight passes over the inputs, each over one image pair so that it streams
+    through memory: global statistics; pointwise; SSIM with the pre-filtered range (amplitude, phase);
+    every MS-SSIM level at once (amplitude, phase); FRC (amplitude, phase). :func:`task_memory`
+    projects one task of each. Give inputs backed by storage (e.g. ``dask.array.from_zarr``) rather
+    than expensive graphs: every pass re-reads them.
     NaN in either input raises :class:`~ptychozarr.errors.InvalidParameterError` (when the graph runs,
     if ``lazy``).
     """
@@ -112,24 +174,17 @@ def evaluate(
     s_t, s_p = (phi_t + np.pi) / (2 * np.pi), (phi_p + np.pi) / (2 * np.pi)
 
     amplitude, phase = (t, p), (phi_t, phi_p)
-    pointwise = [f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)]
-    ms_pairs = ((t, p, ms_ssim_sigma), (s_t, s_p, 0.0))
-    ms_ranges = [da.maximum(_range(gaussian_prefilter(x, sg)), _range(gaussian_prefilter(y, sg)))
-                 for x, y, sg in ms_pairs]
-    ssims = ssim(t, p, data_range=amp_range), ssim(s_t, s_p, data_range=1.0)
-    if lazy:
-        multiscale = [_lazy_combine(_level_scores(x, y, sg, r))
-                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
-        curves = [frc(*pair, sigma=frc_sigma, workdir=workdir) for pair in (amplitude, phase)]
-    else:  # one pass per image pair and family, so that each streams through memory
-        pointwise = dask.compute(*pointwise)
-        ssims, ms_ranges = zip(*(dask.compute(s, r) for s, r in zip(ssims, ms_ranges, strict=True)),
-                               strict=True)
-        multiscale = [_combine(np.array([level.compute() for level in _level_scores(x, y, sg, r)]))
-                      for (x, y, sg), r in zip(ms_pairs, ms_ranges, strict=True)]
-        spill = tempfile.TemporaryDirectory() if workdir is None and not numpy_in else nullcontext(workdir)
-        with spill as directory:
-            curves = [frc(*pair, sigma=frc_sigma, workdir=directory).compute() for pair in (amplitude, phase)]
+    pointwise = _resolve(lazy, *(f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)))
+    # each pass below takes one image pair, so that it streams through memory
+    ms_pairs = ((t, p, ms_ssim_sigma, amp_range), (s_t, s_p, 0.0, 1.0))
+    ssims, ms_ranges = zip(*(_resolve(lazy, *_ssim_and_range(x, y, r, sg)) for x, y, sg, r in ms_pairs),
+                           strict=True)
+    multiscale = [_resolve(lazy, _ms_ssim_of(x, y, sg, r))[0]
+                  for (x, y, sg, _), r in zip(ms_pairs, ms_ranges, strict=True)]
+    temporary = workdir is None and not (lazy or numpy_in)
+    with tempfile.TemporaryDirectory() if temporary else nullcontext(workdir) as directory:
+        curves = [_resolve(lazy, frc(*pair, sigma=frc_sigma, workdir=directory))[0]
+                  for pair in (amplitude, phase)]
     values = [*pointwise, *ssims, *multiscale]
     if not lazy:
         values = [float(v) for v in values]

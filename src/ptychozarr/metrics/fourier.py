@@ -18,18 +18,22 @@ from pathlib import Path
 
 import dask.array as da
 import numpy as np
+import scipy.fft
 import zarr
 from dask.graph_manipulation import bind
 from scipy.ndimage import gaussian_filter
 
-from ptychozarr.metrics._common import _finish, _pair
+from ptychozarr.metrics._common import _centre_crop, _finish, _pair
 
 __all__ = ["frc", "frc_cutoff", "frc_length", "FRC50", "FRC1OVER7"]
 
 #: The two thresholds PtychoPINN reports.
 FRC50 = 0.5
 FRC1OVER7 = 1.0 / 7.0
+#: Target bytes of one row or column slab of a complex spectrum (whole rows or whole columns).
 _SLAB_BYTES = 2**24
+#: Target bytes of one ring-index temporary (a few column-slab columns at a time).
+_RING_BYTES = 2**21
 
 
 def frc_length(n: int) -> int:
@@ -40,6 +44,26 @@ def frc_length(n: int) -> int:
 
 def _slab(n: int, slab_bytes: int) -> int:
     return max(1, min(n, slab_bytes // (16 * n)))
+
+
+#: Ring-sum temporaries of one column sub-block (ring index, weight, three products and their weighted
+#: copies, the index arithmetic), in units of one float64 sub-block.
+_RING_TEMPORARIES = 10
+
+
+def _task_bytes(n: int, input_bytes: int, slab_bytes: int = _SLAB_BYTES) -> dict[str, int]:
+    """Projected peak bytes of one row-pass and one column-pass task for an n×n pair (spilled path).
+
+    A row task holds a row slab of both inputs (``input_bytes`` per pixel), of both images (float64) and
+    their half spectra (complex128); a column
+    task holds a column slab of both half spectra (transformed in place) and the ring temporaries of
+    one column sub-block.
+    """
+    half = n // 2 + 1
+    rows, cols = _slab(n, slab_bytes), min(_slab(n, slab_bytes), half)
+    ring = _RING_TEMPORARIES * 8 * n * min(_ring_columns(n), cols)
+    return {"frc_rows": 2 * rows * ((input_bytes + 8) * n + 16 * half),
+            "frc_columns": 2 * 16 * n * cols + ring}
 
 
 def _row_spectrum(x: da.Array, slab_bytes: int) -> da.Array:
@@ -57,18 +81,28 @@ def _ring_index(n: int, kx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ring, np.broadcast_to(np.where(self_conjugate, 1.0, 2.0), (n, kx.shape[1])).ravel()
 
 
+def _ring_columns(n: int) -> int:
+    """Columns of a spectrum slab summed at once, so that the ring temporaries stay near ``_RING_BYTES``."""
+    return max(1, _RING_BYTES // (8 * n))
+
+
 def _ring_sums(fa: np.ndarray, fb: np.ndarray, kx: np.ndarray, length: int) -> np.ndarray:
     """Ring sums of Re(Fa·Fb*), |Fa|², |Fb|² over one column slab (frequencies ``kx``) of the spectrum."""
-    ring, weight = _ring_index(fa.shape[0], kx)
-    terms = ((fa * fb.conj()).real, (fa * fa.conj()).real, (fb * fb.conj()).real)
-    sums = [np.bincount(ring, weights=t.ravel() * weight, minlength=length) for t in terms]
-    return np.stack(sums)[None, :, :]
+    sums = np.zeros((3, length))
+    step = _ring_columns(fa.shape[0])
+    for c0 in range(0, fa.shape[1], step):
+        a, b, cols = fa[:, c0 : c0 + step], fb[:, c0 : c0 + step], kx[c0 : c0 + step]
+        ring, weight = _ring_index(fa.shape[0], cols)
+        terms = (a * b.conj()).real, (a * a.conj()).real, (b * b.conj()).real
+        for row, term in zip(sums, terms, strict=True):
+            row += np.bincount(ring, weights=term.ravel() * weight, minlength=length)
+    return sums[None, :, :]
 
 
 def _spilled_ring_sums(kx: np.ndarray, half_a: zarr.Array, half_b: zarr.Array, length: int) -> np.ndarray:
-    """Read one column slab of both row spectra from disk, finish their FFT and sum its rings."""
+    """Read one column slab of both row spectra from disk, finish their FFT (in place) and sum its rings."""
     cols = slice(int(kx[0]), int(kx[-1]) + 1)
-    fa, fb = (np.fft.fft(half[:, cols], axis=0) for half in (half_a, half_b))
+    fa, fb = (scipy.fft.fft(half[:, cols], axis=0, overwrite_x=True) for half in (half_a, half_b))
     return _ring_sums(fa, fb, kx, length)
 
 
@@ -134,8 +168,7 @@ def frc(a, b, *, sigma: float = 0.0, workdir: str | Path | None = None, slab_byt
     """
     a, b, eager = _pair(a, b)
     n = min(a.shape)
-    r0, c0 = (a.shape[0] - n) // 2, (a.shape[1] - n) // 2
-    a, b = a[r0 : r0 + n, c0 : c0 + n], b[r0 : r0 + n, c0 : c0 + n]
+    a, b = _centre_crop(a, (n, n)), _centre_crop(b, (n, n))
     length = frc_length(n)
     sums = _spectrum_ring_sums(a, b, length, workdir, slab_bytes)
     curve = sums.map_blocks(_curve, sigma, drop_axis=0, dtype=np.float64, meta=np.empty((0,), np.float64))
