@@ -9,10 +9,9 @@ are skipped.
 import os
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
-
-import types
 
 import numpy as np
 import pytest
@@ -78,7 +77,9 @@ def test_importing_the_adapter_imports_neither_ptycho_nor_tensorflow():
     assert out.stdout.strip() == "[]"
 
 
-def test_untrusted_bundle_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch, small_store, small_groups):
+def test_untrusted_bundle_is_refused_before_anything_is_unpickled(
+    tmp_path, monkeypatch, small_store, small_groups
+):
     """Every way in refuses a bundle without the opt-in, with one line saying why and how to opt in."""
     from ptychozarr.inference import cached_model, infer
     from ptychozarr.io import open_dataset
