@@ -250,9 +250,10 @@ def test_reader_reads_any_sorted_rows_and_hands_on_its_error():
     array[:] = data
     rng = np.random.default_rng(2)
     for needed in (np.arange(100), np.arange(30, 40), np.array([99]), np.sort(rng.choice(100, 37, False))):
-        with inference._Reader(array, needed) as reader:
-            reader.wait(len(needed))
-            np.testing.assert_array_equal(reader.patterns, data[needed])
+        for key in (None, "reader-test"):  # straight into the buffer; through the chunk cache
+            with inference._Reader(array, needed, key) as reader:
+                reader.wait(len(needed))
+                np.testing.assert_array_equal(reader.patterns, data[needed])
 
     class Failing:
         shape, chunks, dtype = data.shape, (16, 3, 3), data.dtype
@@ -264,9 +265,34 @@ def test_reader_reads_any_sorted_rows_and_hands_on_its_error():
         reader.wait(1)
 
 
+@pytest.mark.parametrize("capacity_chunks", [100, 2])
+def test_blocks_share_decoded_chunks(chunked, baseline, monkeypatch, capacity_chunks):
+    """Blocks smaller than a chunk share it through the cache: with room for every chunk each is decoded
+    exactly once (not once per block); the cache never holds more than its capacity."""
+    ds, groups = chunked
+    chunk_bytes = 23 * ds.sizes["det_y"] ** 2 * 4
+    cache = inference._ChunkCache(capacity_chunks * chunk_bytes)
+    monkeypatch.setattr(inference, "_CHUNKS", cache)
+    out = infer(ds, groups, baseline[0], crop=M, block_groups=10, batch_size=4)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        got = out.patches.values
+    distinct = np.unique(groups["nn_indices"].values)
+    chunks, reads = (
+        len(np.unique(distinct // 23)),
+        sum(len(np.unique(b // 23)) for b in np.array_split(distinct, range(10, len(distinct), 10))),
+    )
+    assert chunks < reads
+    if capacity_chunks >= chunks:
+        assert cache.decoded == chunks
+    assert sum(c.nbytes for c in cache._items.values()) <= capacity_chunks * chunk_bytes
+    want = _in_memory(baseline[1], ds, groups, distinct[:, None], np.zeros((len(distinct), 1, 2, 1)), 1.0)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_task_memory_bounds_a_measured_task(chunked, pinn):
     """Projected ≥ traced peak of one task (numpy and zarr buffers, model loaded and traced first), and
-    within 3× of it. The network's own buffers are the measured probe's part (0 here)."""
+    within 3× of it. The network's own buffers are the measured probe's part (0 here); the task reads
+    without the chunk cache (no ``store_key``), whose bytes are projected per process."""
     import tracemalloc
 
     ds, groups = chunked

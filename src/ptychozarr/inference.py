@@ -2,8 +2,10 @@
 
 One task per block, in three steps that overlap:
 
-1. **read**: the sorted union of the block's members, each chunk that holds some of them read once, in
-   order, straight into one buffer, by a reader thread (:class:`_Reader`);
+1. **read**: the sorted union of the block's members, each chunk that holds some of them visited once,
+   in order, by a reader thread (:class:`_Reader`) that copies the rows into one buffer; decoded chunks
+   are kept in a small per-process cache (:data:`CHUNK_CACHE_BYTES`), so that consecutive blocks of a
+   store laid out in scan order decode each chunk about once;
 2. **gather**: each batch is gathered from that buffer, channels last, and multiplied by the one scale
    (the grouping's normaliser ``f`` times the model's ``intensity_scale``) in a single pass into a
    batch buffer the task reuses; a batch starts as soon as its rows are read;
@@ -27,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
 from zarr.core.buffer import default_buffer_prototype
 
 from ptychozarr import _tf
@@ -152,20 +156,73 @@ class _ModelRef:
         return ("ptychozarr-model", self.path if self.path is not None else id(self.model))
 
 
+CHUNK_CACHE_BYTES = 128 * 2**20
+"""Decoded diffraction chunks each process keeps, in bytes (at least one chunk). A block of a few hundred
+groups reads part of each chunk it touches; in a store laid out in scan order, consecutive blocks read
+the same chunks, so keeping the last few decoded lets a chunk be decoded about once per run instead of
+once per block that reads from it."""
+
+
+class _ChunkCache:
+    """Decoded chunks by key, least recently used dropped past a capacity in bytes; thread-safe.
+
+    A chunk is decoded once however many threads ask for it at the same time: the others wait for it.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.decoded = 0
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._loading: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def _cached(self, key: Hashable) -> np.ndarray | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The chunk under ``key``, loaded with ``load()`` when absent."""
+        value = self._cached(key)
+        if value is not None:
+            return value
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            value = self._cached(key)
+            if value is not None:
+                return value
+            value = load()
+            with self._lock:
+                self.decoded += 1
+                self._items[key] = value
+                self._loading.pop(key, None)
+                while len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.capacity:
+                    self._items.popitem(last=False)
+        return value
+
+
+_CHUNKS = _ChunkCache(CHUNK_CACHE_BYTES)
+
+
 class _Reader:
     """Read rows ``needed`` (sorted, distinct) of a Zarr array into one buffer, in a background thread.
 
-    Each chunk holding needed rows is read once, in order, straight into :attr:`patterns` (a slice read
-    where the rows are contiguous, an orthogonal selection otherwise); at most one decoded chunk is held
-    at a time. :meth:`wait` lets the model start on a batch as soon as its rows are in, so reading the
-    rest of the block overlaps with running the model. Use it as a context manager: leaving stops the
-    thread after the chunk it is reading.
+    The chunks holding needed rows are visited once each, in order. With a ``key`` (naming the array's
+    content), each decoded chunk comes from this process's chunk cache (decoded on a miss) and the rows
+    are copied out of it; without one, the rows are read straight into :attr:`patterns` (a slice read
+    where they are contiguous, an orthogonal selection otherwise). :meth:`wait` lets the model start on
+    a batch as soon as its rows are in, so reading the rest of the block overlaps with running the model.
+    Use it as a context manager: leaving stops the thread after the chunk it is reading.
     """
 
-    def __init__(self, array: zarr.Array, needed: np.ndarray):
-        self.array, self.needed = array, needed
+    def __init__(self, array: zarr.Array, needed: np.ndarray, key: Hashable | None = None):
+        self.array, self.needed, self.key = array, needed, key
         self.patterns = np.empty((len(needed), *array.shape[1:]), array.dtype)
-        edges = np.searchsorted(needed, np.arange(0, array.shape[0], array.chunks[0])[1:])
+        step = array.chunks[0]
+        edges = np.searchsorted(needed, np.arange(0, array.shape[0], step)[1:])
         cuts = np.unique(np.concatenate([[0], edges, [len(needed)]]))
         self._runs = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
         self._filled = 0
@@ -183,18 +240,11 @@ class _Reader:
         self._thread.join()
 
     def _read(self) -> None:
-        prototype = default_buffer_prototype()
         try:
             for lo, hi in self._runs:
                 if self._stop:
                     return
-                rows = self.needed[lo:hi]
-                first, last = int(rows[0]), int(rows[-1])
-                out = prototype.nd_buffer.from_numpy_array(self.patterns[lo:hi])
-                if last - first == hi - lo - 1:
-                    self.array.get_basic_selection(slice(first, last + 1), out=out)
-                else:
-                    self.array.get_orthogonal_selection(rows, out=out)
+                self._fill(lo, hi)
                 with self._cond:
                     self._filled = hi
                     self._cond.notify_all()
@@ -202,6 +252,23 @@ class _Reader:
             with self._cond:
                 self._error = exc
                 self._cond.notify_all()
+
+    def _fill(self, lo: int, hi: int) -> None:
+        """Fill ``patterns[lo:hi]`` with rows ``needed[lo:hi]``, which lie in one chunk."""
+        rows = self.needed[lo:hi]
+        first, last = int(rows[0]), int(rows[-1])
+        dest = self.patterns[lo:hi]
+        if self.key is not None:
+            step = self.array.chunks[0]
+            start = first // step * step
+            chunk = _CHUNKS.get((self.key, start), lambda: self.array[start : start + step])
+            np.take(chunk, rows - start, axis=0, out=dest, mode="clip")
+            return
+        out = default_buffer_prototype().nd_buffer.from_numpy_array(dest)
+        if last - first == hi - lo - 1:
+            self.array.get_basic_selection(slice(first, last + 1), out=out)
+        else:
+            self.array.get_orthogonal_selection(rows, out=out)
 
     def wait(self, rows: int) -> None:
         """Return once rows ``< rows`` of :attr:`patterns` are read; raise the reader's error if any."""
@@ -222,9 +289,9 @@ def task_memory(
     model_probe: int,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, int]:
-    """Projected peak host memory of one inference task, in bytes, by task kind.
+    """Projected peak host memory of inference, in bytes: per task, and once per process.
 
-    The buffers are those :func:`_infer_block` holds at once: the block's distinct patterns (at most
+    A task's buffers are those :func:`_infer_block` holds at once: the block's distinct patterns (at most
     ``block_groups · channels``, float32), one decoded chunk and its encoded bytes while reading, the
     batch buffer and, for ``channels > 1``, the gathered batch it is transposed from, the network's
     output for one batch (``N²`` complex64 or two float32 planes per row), what the model adds per batch,
@@ -251,7 +318,8 @@ def task_memory(
     Returns
     -------
     dict
-        ``{"infer": bytes}``.
+        ``{"infer": bytes of one task, "chunk_cache": bytes once per process}`` (the decoded chunks
+        kept across tasks: :data:`CHUNK_CACHE_BYTES`, and never less than one chunk).
     """
     for name, value in (
         ("block_groups", block_groups),
@@ -274,7 +342,7 @@ def task_memory(
         inputs * _I64 * 3 + inputs * 2 * (_F64 + _F32),  # members, sorted, inverse; offsets
         block_groups * crop * crop * _C64,  # the task's output
     )
-    return {"infer": sum(parts)}
+    return {"infer": sum(parts), "chunk_cache": max(CHUNK_CACHE_BYTES, chunk_bytes)}
 
 
 def predict_patches(
@@ -374,14 +442,17 @@ def _gather(patterns, rows, scale, x, taken, contiguous) -> None:
     np.multiply(taken[: k * channels].reshape(k, channels, n, n).transpose(0, 2, 3, 1), scale, out=x[:k])
 
 
-def _infer_block(members, offsets, *, store, model, scale, crop, batch_size):
-    """Task body: read a block's patterns from Zarr, predict, return crops ``(b, M, M)``."""
+def _infer_block(members, offsets, *, store, model, scale, crop, batch_size, store_key=None):
+    """Task body: read a block's patterns from Zarr, predict, return crops ``(b, M, M)``.
+
+    ``store_key`` names the store's content for the chunk cache (None: no caching).
+    """
     if members.shape[0] == 0:
         return np.empty((0, crop, crop), np.complex64)
     m = model.get()
     needed, rows = np.unique(members, return_inverse=True)
     diffraction = zarr.open_array(store, path="data/diffraction", mode="r")
-    with _Reader(diffraction, needed) as reader:
+    with _Reader(diffraction, needed, None if store_key is None else (store, store_key)) as reader:
         return predict_patches(
             m,
             reader.patterns,
@@ -478,6 +549,7 @@ def infer(
         dtype=np.complex64,
         meta=np.empty((0, 0, 0), np.complex64),
         store=str(ds.attrs["store"]),
+        store_key=tokenize(dict(ds.attrs)) if "source_sha256" in ds.attrs else None,
         model=ref,
         scale=f,
         crop=crop,
