@@ -211,11 +211,12 @@ class _Reader:
     """Read rows ``needed`` (sorted, distinct) of a Zarr array into one buffer, in a background thread.
 
     The chunks holding needed rows are visited once each, in order. With a ``key`` (naming the array's
-    content), each decoded chunk comes from this process's chunk cache (decoded on a miss) and the rows
-    are copied out of it; without one, the rows are read straight into :attr:`patterns` (a slice read
-    where they are contiguous, an orthogonal selection otherwise). :meth:`wait` lets the model start on
-    a batch as soon as its rows are in, so reading the rest of the block overlaps with running the model.
-    Use it as a context manager: leaving stops the thread after the chunk it is reading.
+    content) and when the chunks fit in this process's chunk cache, each decoded chunk comes from the
+    cache (decoded on a miss) and the rows are copied out of it; otherwise the rows are read straight
+    into :attr:`patterns` (a slice read where they are contiguous, an orthogonal selection otherwise).
+    :meth:`wait` lets the model start on a batch as soon as its rows are in, so reading the rest of the
+    block overlaps with running the model. Use it as a context manager: leaving stops the thread after
+    the chunk it is reading.
     """
 
     def __init__(self, array: zarr.Array, needed: np.ndarray, key: Hashable | None = None):
@@ -225,6 +226,9 @@ class _Reader:
         edges = np.searchsorted(needed, np.arange(0, array.shape[0], step)[1:])
         cuts = np.unique(np.concatenate([[0], edges, [len(needed)]]))
         self._runs = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+        chunk_bytes = step * int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        if len(self._runs) * chunk_bytes > _CHUNKS.capacity:  # would evict its own chunks: read directly
+            self.key = None
         self._filled = 0
         self._error: BaseException | None = None
         self._stop = False
