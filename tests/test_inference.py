@@ -1,5 +1,9 @@
 """Blockwise inference against plain in-memory model calls on the same inputs."""
 
+import os
+import subprocess
+import sys
+
 import dask
 import numpy as np
 import pytest
@@ -204,3 +208,146 @@ def test_empty_block_gives_no_patches(pinn):
         batch_size=4,
     )
     assert out.shape == (0, M, M) and out.dtype == np.complex64
+
+
+# --- the lean block path: chunked reads, memory, loading and quiet TensorFlow ----------------------------
+
+
+@pytest.fixture(scope="module")
+def chunked(small_npz, tmp_path_factory):
+    """The small scan ingested in chunks of 23 patterns (so blocks read many chunks), grouped."""
+    from ptychozarr.grouping import group
+    from ptychozarr.io import ingest
+
+    with np.load(small_npz) as f:
+        n = f["diffraction"].shape[-1]
+    store = ingest(small_npz, tmp_path_factory.mktemp("chunked") / "s.zarr", chunk_bytes=23 * n * n * 4)
+    ds = open_dataset(store)
+    assert ds["diffraction"].data.chunks[0][0] == 23
+    return ds, group(ds, gridsize=2, k=7, seed=0)
+
+
+@pytest.mark.parametrize("arm", ["pinn", "baseline"])
+def test_blocks_spanning_many_chunks_equal_in_memory(chunked, pinn, baseline, arm):
+    ds, groups = chunked
+    path, network = pinn if arm == "pinn" else baseline
+    nn = groups["nn_indices"].values
+    out = infer(ds, groups, path, crop=M, block_groups=57, batch_size=16)
+    if arm == "pinn":
+        want = _in_memory(network, ds, groups, nn, np.swapaxes(groups["offsets"].values, 1, 2)[:, None], 0.5)
+    else:
+        distinct = np.unique(nn)[:, None]
+        want = _in_memory(network, ds, groups, distinct, np.zeros((len(distinct), 1, 2, 1)), 1.0)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        np.testing.assert_allclose(out.patches.values, want, atol=1e-5, rtol=0)
+
+
+def test_reader_reads_any_sorted_rows_and_hands_on_its_error():
+    import zarr
+
+    data = np.random.default_rng(1).random((100, 3, 3), dtype=np.float32)
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(16, 3, 3), dtype="f4")
+    array[:] = data
+    rng = np.random.default_rng(2)
+    for needed in (np.arange(100), np.arange(30, 40), np.array([99]), np.sort(rng.choice(100, 37, False))):
+        for key in (None, "reader-test"):  # straight into the buffer; through the chunk cache
+            with inference._Reader(array, needed, key) as reader:
+                reader.wait(len(needed))
+                np.testing.assert_array_equal(reader.patterns, data[needed])
+
+    class Failing:
+        shape, chunks, dtype = data.shape, (16, 3, 3), data.dtype
+
+        def get_orthogonal_selection(self, *args, **kwargs):
+            raise OSError("chunk unreadable")
+
+    with inference._Reader(Failing(), np.array([1, 5])) as reader, pytest.raises(OSError, match="unreadable"):
+        reader.wait(1)
+
+
+@pytest.mark.parametrize("capacity_chunks", [100, 2])
+def test_blocks_share_decoded_chunks(chunked, baseline, monkeypatch, capacity_chunks):
+    """Blocks smaller than a chunk share it through the cache: with room for every chunk each is decoded
+    exactly once (not once per block); the cache never holds more than its capacity."""
+    ds, groups = chunked
+    chunk_bytes = 23 * ds.sizes["det_y"] ** 2 * 4
+    cache = inference._ChunkCache(capacity_chunks * chunk_bytes)
+    monkeypatch.setattr(inference, "_CHUNKS", cache)
+    out = infer(ds, groups, baseline[0], crop=M, block_groups=10, batch_size=4)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        got = out.patches.values
+    distinct = np.unique(groups["nn_indices"].values)
+    chunks, reads = (
+        len(np.unique(distinct // 23)),
+        sum(len(np.unique(b // 23)) for b in np.array_split(distinct, range(10, len(distinct), 10))),
+    )
+    assert chunks < reads
+    if capacity_chunks >= chunks:
+        assert cache.decoded == chunks
+    assert sum(c.nbytes for c in cache._items.values()) <= capacity_chunks * chunk_bytes
+    want = _in_memory(baseline[1], ds, groups, distinct[:, None], np.zeros((len(distinct), 1, 2, 1)), 1.0)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_task_memory_bounds_a_measured_task(chunked, pinn):
+    """Projected ≥ traced peak of one task (numpy and zarr buffers, model loaded and traced first), and
+    within 3× of it. The network's own buffers are the measured probe's part (0 here); the task reads
+    without the chunk cache (no ``store_key``), whose bytes are projected per process."""
+    import tracemalloc
+
+    ds, groups = chunked
+    model = load_model(pinn[0])
+    block, batch, n = 150, 16, ds.sizes["det_y"]
+    members = groups["nn_indices"].values[:block]
+    offsets = groups["offsets"].values[:block]
+    kwargs = dict(store=ds.attrs["store"], model=inference._ModelRef(model=model), scale=1.0, crop=M)
+    inference._infer_block(members, offsets, batch_size=batch, **kwargs)  # trace the network first
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        inference._infer_block(members, offsets, batch_size=batch, **kwargs)
+        measured = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    projected = inference.task_memory(
+        block_groups=block,
+        batch_size=batch,
+        N=n,
+        channels=4,
+        crop=M,
+        model_probe=0,
+        chunk_bytes=23 * n * n * 4,
+    )["infer"]
+    assert measured <= projected <= 3 * measured
+
+
+def test_keras_files_load_in_safe_mode(tmp_path, data):
+    """A .keras file with a Python lambda (code in the file) is refused, not run."""
+    n = data[0].sizes["det_y"]
+    x = keras.Input((n, n, 1))
+    network = keras.Model(x, [keras.layers.Lambda(lambda t: t * 2.0)(x), keras.layers.Conv2D(1, 1)(x)])
+    path = save_keras(network, ModelSpec("baseline", n, 1, False, None, "amp_phase"), tmp_path / "lam")
+    with pytest.raises(ModelMismatchError, match="safe_mode"):
+        load_model(path)
+
+
+def test_loading_and_predicting_prints_nothing(pinn):
+    """TensorFlow's C++ start-up lines (cuInit, oneDNN, absl) and Python logs stay off stderr."""
+    code = (
+        "import numpy as np; from ptychozarr.inference import cached_model; "
+        f"m = cached_model({str(pinn[0])!r}); n = m.spec.N; "
+        "m.predict_batch(np.ones((2, n, n, 4), np.float32), np.zeros((2, 1, 2, 4), np.float32), crop=4)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_importing_inference_does_not_import_tensorflow():
+    code = (
+        "import sys, ptychozarr, ptychozarr.inference, ptychozarr.models; "
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,14 +9,15 @@ are skipped.
 import os
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ptychozarr.errors import ModelMismatchError
-from ptychozarr.models.ptychopinn import load_bundle
+from ptychozarr.errors import InvalidParameterError, ModelMismatchError
+from ptychozarr.models.ptychopinn import PtychoPINNBundle, load_bundle
 
 _BUNDLES = os.environ.get("PTYCHOZARR_TEST_BUNDLES")
 
@@ -37,7 +38,7 @@ def test_missing_ptycho_names_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(
         ModelMismatchError, match=r"`ptycho` package is not importable.*pip install --no-deps -e"
     ):
-        load_bundle(tmp_path / "run")
+        load_bundle(tmp_path / "run", trust_bundle=True)
 
 
 def test_not_a_zip_is_rejected(tmp_path):
@@ -59,7 +60,7 @@ def test_corrupt_bundle_is_rejected(tmp_path):
     path = _fake_bundle(tmp_path / "run")
     path.write_bytes(path.read_bytes().replace(b"A" * 64, b"B" * 64))  # contents no longer match their CRCs
     with pytest.raises(ModelMismatchError, match="is corrupt"):
-        load_bundle(path)
+        load_bundle(path, trust_bundle=True)
 
 
 def test_missing_path_is_rejected(tmp_path):
@@ -74,6 +75,80 @@ def test_importing_the_adapter_imports_neither_ptycho_nor_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_untrusted_bundle_is_refused_before_anything_is_unpickled(
+    tmp_path, monkeypatch, small_store, small_groups
+):
+    """Every way in refuses a bundle without the opt-in, with one line saying why and how to opt in."""
+    from ptychozarr.inference import cached_model, infer
+    from ptychozarr.io import open_dataset
+    from ptychozarr.models import load_model
+
+    path = _fake_bundle(tmp_path / "run")
+    for name in ("ptycho", "dill", "pickle"):  # importing any of them now fails: nothing is unpickled
+        monkeypatch.setitem(sys.modules, name, None)
+    calls = (
+        lambda: load_bundle(path),
+        lambda: load_bundle(path.parent),
+        lambda: load_model(path),
+        lambda: cached_model(path),
+        lambda: infer(open_dataset(small_store), small_groups, path),
+    )
+    for call in calls:
+        with pytest.raises(InvalidParameterError) as info:
+            call()
+        message = str(info.value)
+        assert "\n" not in message
+        assert "runs code from the file" in message and "--trust-bundle" in message
+        assert "trust_bundle" in message.replace("--trust-bundle", "")
+
+
+class _FakeNetwork:
+    """Stands for a bundle's network: records each call's batch; patch = (1 + 1j)·first channel + offset."""
+
+    def __init__(self):
+        self.batches = []
+
+    def predict_on_batch(self, inputs):
+        x, offsets = inputs
+        self.batches.append(len(x))
+        return (x[..., :1] * (1 + 1j) + offsets[:, :, :1, :1]).astype(np.complex64)
+
+
+def _fake_loaded_bundle(tmp_path, gridsize: int, n: int = 16) -> PtychoPINNBundle:
+    """A bundle object around :class:`_FakeNetwork` and stand-ins for PtychoPINN's globals."""
+    log_scale = types.SimpleNamespace(value=0.0, assign=lambda v: None, numpy=lambda: 0.0)
+    params = types.SimpleNamespace(cfg={})
+    model = types.SimpleNamespace(_lazy_cache={"log_scale": log_scale}, _get_log_scale=lambda: log_scale)
+    cfg = {"gridsize": gridsize, "N": n, "intensity_scale": 2.0}
+    return PtychoPINNBundle(tmp_path / "wts.h5.zip", _FakeNetwork(), cfg, (params, model))
+
+
+@pytest.mark.parametrize("batch_size, calls", [(32, [32] * 4), (100, [63, 63]), (63, [63, 63])])
+def test_engine_batches_are_not_padded_to_max_batch(tmp_path, batch_size, calls):
+    """max_batch (63 for gridsize 1) caps a batch; the engine's batches of 32 reach the network as 32."""
+    from ptychozarr.inference import predict_patches
+
+    bundle = _fake_loaded_bundle(tmp_path, gridsize=1)
+    assert bundle.spec.max_batch == 63
+    rng = np.random.default_rng(0)
+    patterns = rng.random((110, 16, 16), dtype=np.float32)
+    members = np.arange(110)[:, None]
+    got = predict_patches(bundle, patterns, members, None, 0.5, 8, batch_size)
+    assert bundle._network.batches == calls
+    want = (patterns * np.float32(0.5))[:, 4:12, 4:12] * (1 + 1j)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_direct_calls_pad_only_when_split(tmp_path):
+    bundle = _fake_loaded_bundle(tmp_path, gridsize=2)
+    assert bundle.spec.max_batch == 15
+    x = np.ones((22, 16, 16, 4), np.float32)
+    offsets = np.zeros((22, 1, 2, 4), np.float32)
+    assert bundle.predict_batch(x[:7], offsets[:7]).shape == (7, 16, 16)
+    assert bundle.predict_batch(x, offsets, crop=6).shape == (22, 6, 6)
+    assert bundle._network.batches == [7, 15, 15]
 
 
 # --- against real bundles --------------------------------------------------------------------------------
@@ -96,7 +171,7 @@ def ptycho():
 @pytest.fixture(scope="module")
 def bundles(ptycho):
     """Both bundles loaded through the adapter into this one process."""
-    return {g: load_bundle(_bundle_dir(g) / "wts.h5.zip") for g in (2, 1)}
+    return {g: load_bundle(_bundle_dir(g) / "wts.h5.zip", trust_bundle=True) for g in (2, 1)}
 
 
 def _inputs(model, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,10 +1,19 @@
 """Blockwise inference: one Dask task per block of model inputs, only cropped patches leave a task.
 
-Each task reads the diffraction patterns its block needs straight from the Zarr array (an orthogonal
-selection: only the chunks holding them are read), normalises them (``f`` of the grouping, then the
-model's ``intensity_scale``), runs the model in fixed-shape batches (the last one padded, the padding
-dropped) and keeps only the central ``M×M`` of each output. Models are loaded once per process through
-the cache of this module.
+One task per block, in three steps that overlap:
+
+1. **read**: the sorted union of the block's members, each chunk that holds some of them visited once,
+   in order, by a reader thread (:class:`_Reader`) that copies the rows into one buffer; decoded chunks
+   are kept in a small per-process cache (:data:`CHUNK_CACHE_BYTES`), so that consecutive blocks of a
+   store laid out in scan order decode each chunk about once;
+2. **gather**: each batch is gathered from that buffer, channels last, and multiplied by the one scale
+   (the grouping's normaliser ``f`` times the model's ``intensity_scale``) in a single pass into a
+   batch buffer the task reuses; a batch starts as soon as its rows are read;
+3. **predict**: the model is called with fixed-shape batches (only the last one of a block padded, the
+   padding dropped) and crops its output to the central ``M×M`` before anything else happens to it.
+
+Only the ``(b, M, M)`` crops leave the task. :func:`task_memory` projects a task's peak host memory from
+the same buffers. Models are loaded once per process through the cache of this module.
 
 Two arms:
 
@@ -20,7 +29,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +38,14 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.base import tokenize
+from zarr.core.buffer import default_buffer_prototype
 
+from ptychozarr import _tf
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
+from ptychozarr.io.store import DEFAULT_CHUNK_BYTES
 from ptychozarr.models import Model, ModelSpec, check_compatible, load_model, model_file, read_spec
+from ptychozarr.models.ptychopinn import require_trust
 
 __all__ = [
     "cached_model",
@@ -39,9 +54,12 @@ __all__ = [
     "oom_events",
     "predict_patches",
     "set_fault_hook",
+    "task_memory",
 ]
 
 _log = logging.getLogger(__name__)
+
+_F32, _F64, _C64, _I64 = 4, 8, 8, 8
 
 _MODELS: dict[str, Model] = {}
 _LOCK = threading.Lock()
@@ -54,8 +72,7 @@ def _configure_tf(threads: int | None) -> None:
     """Set TF thread pools and GPU memory growth once per process, before TF initialises."""
     if _STATE["tf_configured"]:
         return
-    import tensorflow as tf
-
+    tf = _tf.tensorflow()
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -70,7 +87,7 @@ def _configure_tf(threads: int | None) -> None:
     _STATE["tf_configured"] = True
 
 
-def cached_model(path: str | Path, tf_threads: int | None = None) -> Model:
+def cached_model(path: str | Path, tf_threads: int | None = None, *, trust_bundle: bool = False) -> Model:
     """The model at ``path``, loaded at most once per process.
 
     Parameters
@@ -78,15 +95,20 @@ def cached_model(path: str | Path, tf_threads: int | None = None) -> Model:
     path : str or Path
     tf_threads : int, optional
         TensorFlow intra- and inter-op threads for this process (applied before the first load only).
+    trust_bundle : bool
+        Allow a PtychoPINN bundle, whose loading runs code from the file (see
+        :func:`ptychozarr.models.load_model`); checked on every call, cached or not.
     """
-    key = str(model_file(path).resolve())
+    file = model_file(path)
+    require_trust(file, trust_bundle)
+    key = str(file.resolve())
     model = _MODELS.get(key)
     if model is None:
         with _LOCK:
             model = _MODELS.get(key)
             if model is None:
                 _configure_tf(tf_threads)
-                model = load_model(key)
+                model = load_model(key, trust_bundle=trust_bundle)
                 _MODELS[key] = model
                 _STATE["loads"] += 1
     return model
@@ -117,9 +139,12 @@ class _ModelRef:
     path: str | None = None
     model: Model | None = None
     tf_threads: int | None = None
+    trust_bundle: bool = False
 
     def get(self) -> Model:
-        return self.model if self.model is not None else cached_model(self.path, self.tf_threads)
+        if self.model is not None:
+            return self.model
+        return cached_model(self.path, self.tf_threads, trust_bundle=self.trust_bundle)
 
     def spec(self) -> ModelSpec:
         """The model's spec, read from a ``.keras`` sidecar without loading the network when possible."""
@@ -131,6 +156,199 @@ class _ModelRef:
         return ("ptychozarr-model", self.path if self.path is not None else id(self.model))
 
 
+CHUNK_CACHE_BYTES = 128 * 2**20
+"""Decoded diffraction chunks each process keeps, in bytes (at least one chunk). A block of a few hundred
+groups reads part of each chunk it touches; in a store laid out in scan order, consecutive blocks read
+the same chunks, so keeping the last few decoded lets a chunk be decoded about once per run instead of
+once per block that reads from it."""
+
+
+class _ChunkCache:
+    """Decoded chunks by key, least recently used dropped past a capacity in bytes; thread-safe.
+
+    A chunk is decoded once however many threads ask for it at the same time: the others wait for it.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.decoded = 0
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._loading: dict[Hashable, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def _cached(self, key: Hashable) -> np.ndarray | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The chunk under ``key``, loaded with ``load()`` when absent."""
+        value = self._cached(key)
+        if value is not None:
+            return value
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            value = self._cached(key)
+            if value is not None:
+                return value
+            value = load()
+            with self._lock:
+                self.decoded += 1
+                self._items[key] = value
+                self._loading.pop(key, None)
+                while len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.capacity:
+                    self._items.popitem(last=False)
+        return value
+
+
+_CHUNKS = _ChunkCache(CHUNK_CACHE_BYTES)
+
+
+class _Reader:
+    """Read rows ``needed`` (sorted, distinct) of a Zarr array into one buffer, in a background thread.
+
+    The chunks holding needed rows are visited once each, in order. With a ``key`` (naming the array's
+    content) and when the chunks fit in this process's chunk cache, each decoded chunk comes from the
+    cache (decoded on a miss) and the rows are copied out of it; otherwise the rows are read straight
+    into :attr:`patterns` (a slice read where they are contiguous, an orthogonal selection otherwise).
+    :meth:`wait` lets the model start on a batch as soon as its rows are in, so reading the rest of the
+    block overlaps with running the model. Use it as a context manager: leaving stops the thread after
+    the chunk it is reading.
+    """
+
+    def __init__(self, array: zarr.Array, needed: np.ndarray, key: Hashable | None = None):
+        self.array, self.needed, self.key = array, needed, key
+        self.patterns = np.empty((len(needed), *array.shape[1:]), array.dtype)
+        step = array.chunks[0]
+        edges = np.searchsorted(needed, np.arange(0, array.shape[0], step)[1:])
+        cuts = np.unique(np.concatenate([[0], edges, [len(needed)]]))
+        self._runs = list(zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True))
+        chunk_bytes = step * int(np.prod(array.shape[1:])) * array.dtype.itemsize
+        if len(self._runs) * chunk_bytes > _CHUNKS.capacity:  # would evict its own chunks: read directly
+            self.key = None
+        self._filled = 0
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, name="ptychozarr-read", daemon=True)
+
+    def __enter__(self) -> _Reader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+    def _read(self) -> None:
+        try:
+            for lo, hi in self._runs:
+                if self._stop:
+                    return
+                self._fill(lo, hi)
+                with self._cond:
+                    self._filled = hi
+                    self._cond.notify_all()
+        except BaseException as exc:  # handed to the task's thread by wait()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _fill(self, lo: int, hi: int) -> None:
+        """Fill ``patterns[lo:hi]`` with rows ``needed[lo:hi]``, which lie in one chunk."""
+        rows = self.needed[lo:hi]
+        first, last = int(rows[0]), int(rows[-1])
+        dest = self.patterns[lo:hi]
+        if self.key is not None:
+            step = self.array.chunks[0]
+            start = first // step * step
+            chunk = _CHUNKS.get((self.key, start), lambda: self.array[start : start + step])
+            np.take(chunk, rows - start, axis=0, out=dest, mode="clip")
+            return
+        out = default_buffer_prototype().nd_buffer.from_numpy_array(dest)
+        if last - first == hi - lo - 1:
+            self.array.get_basic_selection(slice(first, last + 1), out=out)
+        else:
+            self.array.get_orthogonal_selection(rows, out=out)
+
+    def wait(self, rows: int) -> None:
+        """Return once rows ``< rows`` of :attr:`patterns` are read; raise the reader's error if any."""
+        with self._cond:
+            while self._filled < rows and self._error is None:
+                self._cond.wait()
+            if self._filled < rows:
+                raise self._error
+
+
+def task_memory(
+    *,
+    block_groups: int,
+    batch_size: int,
+    N: int,
+    channels: int,
+    crop: int,
+    model_probe: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, int]:
+    """Projected peak host memory of inference, in bytes: per task, and once per process.
+
+    A task's buffers are those :func:`_infer_block` holds at once: the block's distinct patterns (at most
+    ``block_groups · channels``, float32), one decoded chunk and its encoded bytes while reading, the
+    batch buffer and, for ``channels > 1``, the gathered batch it is transposed from, the network's
+    output for one batch (``N²`` complex64 or two float32 planes per row), what the model adds per batch,
+    the member indices (the block's, ``np.unique``'s sorted copy and inverse) and offsets, and the crops.
+
+    Parameters
+    ----------
+    block_groups : int
+        Model inputs per block (groups, or distinct patterns for a gridsize-1 model).
+    batch_size : int
+        Rows per model call.
+    N : int
+        Pattern side.
+    channels : int
+        Patterns per model input (gridsize²; 1 for a gridsize-1 model).
+    crop : int
+        Side M of the kept crops.
+    model_probe : int
+        Host bytes one batch adds inside the model (``ptychozarr.memory.probe_model``).
+    chunk_bytes : int
+        Decoded size of one chunk of the store's diffraction (``ptychozarr.io.store.DEFAULT_CHUNK_BYTES``
+        as ingested).
+
+    Returns
+    -------
+    dict
+        ``{"infer": bytes of one task, "chunk_cache": bytes once per process}`` (the decoded chunks
+        kept across tasks: :data:`CHUNK_CACHE_BYTES`, and never less than one chunk).
+    """
+    for name, value in (
+        ("block_groups", block_groups),
+        ("batch_size", batch_size),
+        ("N", N),
+        ("channels", channels),
+        ("crop", crop),
+        ("chunk_bytes", chunk_bytes),
+    ):
+        if value < 1:
+            raise InvalidParameterError(f"{name}={value}: must be at least 1")
+    pattern = N * N * _F32
+    inputs = block_groups * channels
+    parts = (
+        inputs * pattern,  # the block's distinct patterns
+        2 * max(chunk_bytes, pattern),  # one chunk, decoded and encoded
+        batch_size * channels * pattern * (2 if channels > 1 else 1),  # batch buffer (+ gathered)
+        batch_size * N * N * _C64,  # the network's output for one batch
+        int(model_probe),
+        inputs * _I64 * 3 + inputs * 2 * (_F64 + _F32),  # members, sorted, inverse; offsets
+        block_groups * crop * crop * _C64,  # the task's output
+    )
+    return {"infer": sum(parts), "chunk_cache": max(CHUNK_CACHE_BYTES, chunk_bytes)}
+
+
 def predict_patches(
     model: Model,
     patterns: np.ndarray,
@@ -139,8 +357,12 @@ def predict_patches(
     scale: float,
     crop: int,
     batch_size: int,
+    ready: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Run ``model`` over groups of ``patterns`` in fixed-shape batches and keep the centre crops.
+
+    Each batch is gathered and scaled in one pass into a buffer the task reuses; the model crops its
+    output before anything else is done with it. The last batch is zero-padded to the batch size.
 
     Parameters
     ----------
@@ -156,35 +378,44 @@ def predict_patches(
     crop : int
         Side M of the kept centre.
     batch_size : int
-        Batch the model is called with; halved on ``ResourceExhaustedError`` down to 1.
+        Batch the model is called with (capped by ``model.spec.max_batch``); halved on
+        ``ResourceExhaustedError`` down to 1.
+    ready : callable, optional
+        Called with ``r`` before a batch that needs rows ``< r`` of ``patterns``; returns once they are
+        filled (see :class:`_Reader`).
 
     Returns
     -------
     ndarray, (b, M, M) complex64
     """
-    import tensorflow as tf
-
+    errors = _tf.tensorflow().errors
     spec = model.spec
     n, channels = members.shape
-    lo = spec.N // 2 - crop // 2
+    batch_size = min(batch_size, spec.max_batch or batch_size)
     out = np.empty((n, crop, crop), np.complex64)
-    if spec.max_batch:
-        batch_size = min(batch_size, spec.max_batch)
+    x = np.zeros((batch_size, spec.N, spec.N, channels), np.float32)
+    taken = np.empty((batch_size * channels, spec.N, spec.N), np.float32) if channels > 1 else None
+    pos = np.zeros((batch_size, 1, 2, channels), np.float32) if spec.takes_positions else None
+    first = int(members[0, 0]) if n else 0
+    contiguous = channels == 1 and np.array_equal(members[:, 0], np.arange(first, first + n))
     start = 0
     while start < n:
         stop = min(start + batch_size, n)
-        x = np.zeros((batch_size, spec.N, spec.N, channels), np.float32)
-        x[: stop - start] = np.moveaxis(patterns[members[start:stop]], 1, -1) * np.float32(scale)
-        pos = None
-        if spec.takes_positions:
-            pos = np.zeros((batch_size, 1, 2, channels), np.float32)
+        k = stop - start
+        rows = members[start:stop]
+        if ready is not None:
+            ready(int(rows.max()) + 1)
+        _gather(patterns, rows, np.float32(scale), x[:batch_size], taken, contiguous)
+        x[k:batch_size] = 0
+        if pos is not None:
+            pos[k:batch_size] = 0
             if offsets is not None:
-                pos[: stop - start, 0] = np.swapaxes(offsets[start:stop], 1, 2)
+                pos[:k, 0] = np.swapaxes(offsets[start:stop], 1, 2)
         try:
             if _FAULT_HOOK[0] is not None:
                 _FAULT_HOOK[0](batch_size)
-            pred = model.predict_batch(x, pos)
-        except tf.errors.ResourceExhaustedError as exc:
+            pred = model.predict_batch(x[:batch_size], None if pos is None else pos[:batch_size], crop=crop)
+        except errors.ResourceExhaustedError as exc:
             if batch_size == 1:
                 raise MemoryBudgetError(
                     f"model {spec.name!r} runs out of device memory on a batch of 1 ({spec.N}×{spec.N}×"
@@ -194,23 +425,48 @@ def predict_patches(
             _log.warning("out of memory at batch %d; retrying with %d", batch_size, batch_size // 2)
             batch_size //= 2
             continue
-        out[start:stop] = pred[: stop - start, lo : lo + crop, lo : lo + crop]
+        out[start:stop] = pred[:k]
         start = stop
     return out
 
 
-def _infer_block(members, offsets, *, store, model, scale, crop, batch_size):
-    """Task body: read a block's patterns from Zarr, predict, return crops ``(b, M, M)``."""
+def _gather(patterns, rows, scale, x, taken, contiguous) -> None:
+    """Fill ``x[:k]`` (``k = len(rows)``) with ``patterns[rows]`` channels-last, times ``scale``."""
+    k, channels = rows.shape
+    if channels == 1:
+        dest = x[:k, ..., 0]
+        if contiguous:
+            np.multiply(patterns[rows[0, 0] : rows[0, 0] + k], scale, out=dest)
+        else:
+            np.take(patterns, rows[:, 0], axis=0, out=dest, mode="clip")
+            dest *= scale
+        return
+    np.take(patterns, rows.ravel(), axis=0, out=taken[: k * channels], mode="clip")
+    n = patterns.shape[-1]
+    np.multiply(taken[: k * channels].reshape(k, channels, n, n).transpose(0, 2, 3, 1), scale, out=x[:k])
+
+
+def _infer_block(members, offsets, *, store, model, scale, crop, batch_size, store_key=None):
+    """Task body: read a block's patterns from Zarr, predict, return crops ``(b, M, M)``.
+
+    ``store_key`` names the store's content for the chunk cache (None: no caching).
+    """
     if members.shape[0] == 0:
         return np.empty((0, crop, crop), np.complex64)
     m = model.get()
     needed, rows = np.unique(members, return_inverse=True)
     diffraction = zarr.open_array(store, path="data/diffraction", mode="r")
-    patterns = diffraction.get_orthogonal_selection((needed, slice(None), slice(None)))
-    rows = rows.reshape(members.shape)
-    return predict_patches(
-        m, patterns, rows, offsets, scale * (m.spec.intensity_scale or 1.0), crop, batch_size
-    )
+    with _Reader(diffraction, needed, None if store_key is None else (store, store_key)) as reader:
+        return predict_patches(
+            m,
+            reader.patterns,
+            rows.reshape(members.shape),
+            offsets,
+            scale * (m.spec.intensity_scale or 1.0),
+            crop,
+            batch_size,
+            ready=reader.wait,
+        )
 
 
 def infer(
@@ -221,6 +477,8 @@ def infer(
     block_groups: int = 256,
     batch_size: int = 32,
     tf_threads: int | None = None,
+    *,
+    trust_bundle: bool = False,
 ) -> xr.Dataset:
     """Lazy blockwise prediction of cropped object patches.
 
@@ -237,9 +495,13 @@ def infer(
     block_groups : int
         Model inputs per task: groups for a gridsize > 1 model, distinct patterns for a gridsize 1 model.
     batch_size : int
-        Fixed batch the model is called with (capped by ``spec.max_batch``).
+        Fixed batch the model is called with (capped by ``spec.max_batch``; only the last batch of a
+        block is padded).
     tf_threads : int, optional
         TensorFlow threads per process.
+    trust_bundle : bool
+        Allow a PtychoPINN bundle, whose loading runs code from the file (see
+        :func:`ptychozarr.models.load_model`).
 
     Returns
     -------
@@ -251,7 +513,7 @@ def infer(
     ref = (
         _ModelRef(model=model)
         if isinstance(model, Model)
-        else _ModelRef(path=str(model), tf_threads=tf_threads)
+        else _ModelRef(path=str(model), tf_threads=tf_threads, trust_bundle=trust_bundle)
     )
     if "store" not in ds.attrs:
         raise InvalidParameterError("ds has no attrs['store']; open the scan with ptychozarr.open_dataset")
@@ -291,6 +553,7 @@ def infer(
         dtype=np.complex64,
         meta=np.empty((0, 0, 0), np.complex64),
         store=str(ds.attrs["store"]),
+        store_key=tokenize(dict(ds.attrs)) if "source_sha256" in ds.attrs else None,
         model=ref,
         scale=f,
         crop=crop,

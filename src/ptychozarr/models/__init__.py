@@ -2,18 +2,22 @@
 
 ``load_model(path)`` gives a :class:`~ptychozarr.models.base.Model` for a Keras 3 ``.keras`` file with a
 JSON sidecar (:mod:`ptychozarr.models.keras_model`) or a PtychoPINN ``wts.h5.zip`` bundle
-(:mod:`ptychozarr.models.ptychopinn`). TensorFlow is imported only when a model is loaded or built.
+(:mod:`ptychozarr.models.ptychopinn`). TensorFlow is imported only when a model is loaded or built,
+and quietly: importing this package sets up TensorFlow's logging first (:mod:`ptychozarr._tf`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ptychozarr import _tf
 from ptychozarr.errors import ModelMismatchError
 from ptychozarr.models.base import Model, ModelSpec
 from ptychozarr.models.keras_model import KerasModel, load_keras, read_spec, save_keras
 from ptychozarr.models.reference import build_baseline, build_pinn
 from ptychozarr.models.train import train  # binds the name over the submodule of the same name
+
+_tf.quiet()  # before any TensorFlow import made by the modules below, in any process
 
 __all__ = [
     "KerasModel",
@@ -49,7 +53,7 @@ def model_file(path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path) -> Model:
+def load_model(path: str | Path, *, trust_bundle: bool = False) -> Model:
     """Load a model from a file.
 
     Parameters
@@ -57,6 +61,10 @@ def load_model(path: str | Path) -> Model:
     path : str or Path
         A ``.keras`` file with its ``.json`` sidecar (or a directory holding one), or a PtychoPINN
         ``wts.h5.zip`` bundle.
+    trust_bundle : bool
+        Allow a PtychoPINN bundle. Loading one unpickles files from it, which runs code from the file,
+        so it is refused (:class:`~ptychozarr.errors.InvalidParameterError`) unless this is true.
+        ``.keras`` files are always loaded in Keras's safe mode.
 
     Returns
     -------
@@ -66,7 +74,7 @@ def load_model(path: str | Path) -> Model:
     if path.suffix == ".zip":
         from ptychozarr.models.ptychopinn import load_bundle
 
-        return load_bundle(path)
+        return load_bundle(path, trust_bundle=trust_bundle)
     if path.suffix == ".keras":
         return load_keras(path)
     raise ModelMismatchError(

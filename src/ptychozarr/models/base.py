@@ -12,7 +12,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Model", "ModelSpec"]
+__all__ = ["Model", "ModelSpec", "centre_crop"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ class Model(Protocol):
 
     spec: ModelSpec
 
-    def predict_batch(self, diffraction: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    def predict_batch(
+        self, diffraction: np.ndarray, positions: np.ndarray | None, *, crop: int | None = None
+    ) -> np.ndarray:
         """Predict one batch.
 
         Parameters
@@ -75,9 +77,23 @@ class Model(Protocol):
             Normalised (and, per the spec, scaled) diffraction amplitudes.
         positions : ndarray, (b, 1, 2, C) float32, or None
             Member offsets, when ``spec.takes_positions``.
+        crop : int, optional
+            Keep only the central ``crop × crop`` of each patch (taken from the network's output before
+            any further work on it).
 
         Returns
         -------
-        ndarray, (b, N, N) complex64
+        ndarray, (b, N, N) complex64, or (b, crop, crop) with ``crop``
         """
         ...
+
+
+def centre_crop(patches: np.ndarray, crop: int | None) -> np.ndarray:
+    """The central ``crop × crop`` of ``(b, N, N)`` patches (a view); all of them when ``crop`` is None.
+
+    The crop starts at ``N // 2 − crop // 2`` on both axes, as stitching expects.
+    """
+    if crop is None:
+        return patches
+    lo = patches.shape[1] // 2 - crop // 2
+    return patches[:, lo : lo + crop, lo : lo + crop]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ptychozarr import _tf
 from ptychozarr.errors import ModelMismatchError
-from ptychozarr.models.base import ModelSpec
+from ptychozarr.models.base import ModelSpec, centre_crop
 
 __all__ = ["KerasModel", "load_keras", "read_spec", "save_keras", "sidecar_path"]
 
@@ -115,8 +116,13 @@ class KerasModel:
         self.__dict__.update(state)
         self._first_call = threading.Lock()
 
-    def predict_batch(self, diffraction: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
-        """Predict one fixed-shape batch; see :class:`~ptychozarr.models.base.Model`."""
+    def predict_batch(
+        self, diffraction: np.ndarray, positions: np.ndarray | None, *, crop: int | None = None
+    ) -> np.ndarray:
+        """Predict one fixed-shape batch; see :class:`~ptychozarr.models.base.Model`.
+
+        With ``crop``, the network's outputs are cropped before they are combined into complex values.
+        """
         inputs = [diffraction, positions] if self.spec.takes_positions else diffraction
         if not self._traced:  # the first call builds the predict function: one thread does it
             with self._first_call:
@@ -125,9 +131,9 @@ class KerasModel:
         else:
             out = self.network.predict_on_batch(inputs)
         if self.spec.output == "amp_phase":
-            amp, phase = (np.asarray(o)[..., 0] for o in out)
+            amp, phase = (centre_crop(np.asarray(o)[..., 0], crop) for o in out)
             return (amp * np.exp(1j * phase)).astype(np.complex64)
-        return np.asarray(out)[..., 0].astype(np.complex64)
+        return centre_crop(np.asarray(out)[..., 0], crop).astype(np.complex64)
 
 
 def _check_network(network, spec: ModelSpec, path) -> None:
@@ -150,7 +156,10 @@ def _check_network(network, spec: ModelSpec, path) -> None:
 
 
 def load_keras(path: str | Path) -> KerasModel:
-    """Load a ``.keras`` file and its sidecar.
+    """Load a ``.keras`` file and its sidecar, in Keras's safe mode.
+
+    Safe mode refuses what would run code from the file (e.g. the bytecode of ``Lambda`` layers); such a
+    file is reported as a :class:`~ptychozarr.errors.ModelMismatchError`.
 
     Parameters
     ----------
@@ -161,12 +170,11 @@ def load_keras(path: str | Path) -> KerasModel:
     -------
     KerasModel
     """
-    import keras
-
+    keras = _tf.keras()
     path = Path(path)
     spec, provenance = read_spec(path)
     try:
-        network = keras.saving.load_model(path, compile=False)
+        network = keras.saving.load_model(path, compile=False, safe_mode=True)
     except (OSError, ValueError) as exc:
         raise ModelMismatchError(f"{path}: cannot load the Keras model ({exc})") from exc
     probe_file = path.with_suffix(".probe.npy")

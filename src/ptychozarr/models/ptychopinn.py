@@ -4,10 +4,16 @@ A bundle holds PtychoPINN's inference network ``diffraction_to_obj`` with the wh
 trained under. It is loaded through PtychoPINN's own ``ModelManager``, so the ``ptycho`` package must be
 importable; this module imports it (and TensorFlow) only inside :func:`load_bundle`.
 
+**Loading a bundle runs code from it**: ``ModelManager`` unpickles ``manifest.dill`` and ``params.dill``.
+As Keras's ``safe_mode`` and PyTorch's ``weights_only``, loading is refused unless the caller opts in
+with ``trust_bundle=True`` (CLI ``--trust-bundle``, configuration field ``trust_bundle``); the refusal
+comes before anything in the file is read beyond its zip directory.
+
 Choices that differ from PtychoPINN's ``compare_models``, on purpose:
 
 - Calls never exceed :attr:`ModelSpec.max_batch` groups (``groups · C < 64``): above that,
-  ``ReassemblePatchesLayer`` sums every group of a call into one canvas (spec §0.3).
+  ``ReassemblePatchesLayer`` sums every group of a call into one canvas (spec §0.3). ``max_batch`` is a
+  ceiling, not a size to pad to: a call of up to ``max_batch`` groups runs as it is.
 - A gridsize-1 bundle (the study's "Baseline" arm, spec §0.5) gets ``kind="baseline"`` and
   ``takes_positions=False``: it sees one pattern, whose offset from its own centre is zero, which is what
   it was trained with. The adapter feeds that zero offset itself; compare_models instead feeds it
@@ -28,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from ptychozarr.errors import ModelMismatchError
-from ptychozarr.models.base import ModelSpec
+from ptychozarr.errors import InvalidParameterError, ModelMismatchError
+from ptychozarr.models.base import ModelSpec, centre_crop
 
-__all__ = ["INSTALL_HINT", "PtychoPINNBundle", "load_bundle"]
+__all__ = ["INSTALL_HINT", "PtychoPINNBundle", "is_bundle", "load_bundle", "require_trust"]
 
 INSTALL_HINT = (
     "install PtychoPINN into this environment: `pip install --no-deps -e <PtychoPINN checkout>` "
@@ -59,6 +65,28 @@ def _bundle_file(path: str | Path) -> Path:
             "output directory that holds it"
         )
     return path
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether ``path`` names a PtychoPINN bundle (a ``.zip`` file, or a directory holding a bundle)."""
+    path = Path(path)
+    return path.suffix == ".zip" or (path.is_dir() and (path / _BUNDLE_NAME).is_file())
+
+
+def require_trust(path: str | Path, trust_bundle: bool) -> None:
+    """Refuse a PtychoPINN bundle unless ``trust_bundle``: loading one runs code from the file.
+
+    Raises
+    ------
+    InvalidParameterError
+        If ``path`` is a bundle and ``trust_bundle`` is false.
+    """
+    if is_bundle(path) and not trust_bundle:
+        raise InvalidParameterError(
+            f"{path}: refusing to load a PtychoPINN bundle, because loading one unpickles its "
+            "manifest.dill and params.dill, which runs code from the file; if you trust it, pass "
+            "--trust-bundle (configuration: trust_bundle = true; Python: trust_bundle=True)"
+        )
 
 
 def _check_layout(path: Path) -> None:
@@ -166,11 +194,14 @@ class PtychoPINNBundle:
     def __repr__(self) -> str:
         return f"PtychoPINNBundle({str(self.path)!r}, gridsize={self.spec.gridsize}, N={self.spec.N})"
 
-    def predict_batch(self, diffraction: np.ndarray, positions: np.ndarray | None) -> np.ndarray:
+    def predict_batch(
+        self, diffraction: np.ndarray, positions: np.ndarray | None, *, crop: int | None = None
+    ) -> np.ndarray:
         """Predict one object patch per group.
 
-        Calls the network in chunks of exactly ``spec.max_batch`` groups (the last one zero-padded, the
-        padding dropped), so any batch size works and the network is traced once.
+        A call of up to ``spec.max_batch`` groups runs as one network call of that size. A larger one
+        runs in calls of exactly ``spec.max_batch`` groups, the last one zero-padded (the padding
+        dropped), so that the network sees one shape.
 
         Parameters
         ----------
@@ -180,9 +211,12 @@ class PtychoPINNBundle:
             Member offsets −(position − group centre); required when ``spec.takes_positions``. A
             gridsize-1 bundle takes None (or all-zero offsets).
 
+        crop : int, optional
+            Keep only the central ``crop × crop`` of each patch.
+
         Returns
         -------
-        ndarray, (b, N, N) complex64
+        ndarray, (b, N, N) complex64, or (b, crop, crop)
         """
         spec = self.spec
         x = np.ascontiguousarray(diffraction, dtype=np.float32)
@@ -194,10 +228,11 @@ class PtychoPINNBundle:
             )
         offsets = self._offsets(positions, len(x))
         step = spec.max_batch
-        out = np.empty((len(x), spec.N, spec.N), np.complex64)
+        side = spec.N if crop is None else crop
+        out = np.empty((len(x), side, side), np.complex64)
         for start in range(0, len(x), step):
             stop = min(start + step, len(x))
-            out[start:stop] = self._call(x[start:stop], offsets[start:stop])
+            out[start:stop] = self._call(x[start:stop], offsets[start:stop], crop, pad=len(x) > step)
         return out
 
     def _offsets(self, positions: np.ndarray | None, b: int) -> np.ndarray:
@@ -223,9 +258,9 @@ class PtychoPINNBundle:
             )
         return offsets
 
-    def _call(self, x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """One network call on exactly ``max_batch`` groups; returns the first ``len(x)`` patches."""
-        b, pad = len(x), self.spec.max_batch - len(x)
+    def _call(self, x: np.ndarray, offsets: np.ndarray, crop: int | None, pad: bool) -> np.ndarray:
+        """One network call on ``x`` (padded to ``max_batch`` groups when ``pad``); ``len(x)`` patches."""
+        b, pad = len(x), (self.spec.max_batch - len(x)) if pad else 0
         if pad:
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             offsets = np.concatenate([offsets, np.zeros((pad, *offsets.shape[1:]), offsets.dtype)])
@@ -233,16 +268,19 @@ class PtychoPINNBundle:
         log_scale = float(np.log(self.spec.intensity_scale))
         with _ptycho_globals(params, model, self._cfg, log_scale):
             y = self._network.predict_on_batch([x, offsets])
-        return np.asarray(y)[:b, :, :, 0].astype(np.complex64, copy=False)
+        return centre_crop(np.asarray(y)[:b, :, :, 0], crop).astype(np.complex64, copy=False)
 
 
-def load_bundle(path: str | Path) -> PtychoPINNBundle:
+def load_bundle(path: str | Path, *, trust_bundle: bool = False) -> PtychoPINNBundle:
     """Load a PtychoPINN bundle's inference network.
 
     Parameters
     ----------
     path : str or Path
         A ``wts.h5.zip`` written by PtychoPINN's training script, or the output directory holding it.
+    trust_bundle : bool
+        Load it although loading unpickles files of the bundle (which runs code from them); refused
+        otherwise.
 
     Returns
     -------
@@ -250,12 +288,15 @@ def load_bundle(path: str | Path) -> PtychoPINNBundle:
 
     Raises
     ------
+    InvalidParameterError
+        Without ``trust_bundle``.
     ModelMismatchError
         If the path is not a readable bundle, the ``ptycho`` package is not importable (the message says
         what to install), or PtychoPINN fails to rebuild the network.
     """
     path = _bundle_file(path)
     _check_layout(path)
+    require_trust(path, trust_bundle)
     with tempfile.TemporaryDirectory(prefix="ptychozarr-bundle-") as tmp:
         network_dir = _extract_network(path, tmp)
         params, model, manager = _import_ptycho(path)

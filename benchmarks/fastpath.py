@@ -1,0 +1,229 @@
+"""The engine beside a near-zero-cost model: what a GPU user waits for.
+
+Two models of one 1×1 convolution per output (``.keras`` + sidecar, amplitude and phase): a gridsize-2
+PINN-like arm taking positions and a gridsize-1 Baseline-like arm. The seed's size (5216 positions,
+N=128), in random order (as ``ptychozarr simulate`` writes it) and in raster order (the same scan sorted
+by position). Each variant runs in a fresh process:
+
+- **infer**: per arm, the engine's inference stage as the pipeline runs it (:func:`ptychozarr.infer`
+  stored into a Zarr array on the threaded scheduler) and, in the same process, the **bare**
+  ``predict_on_batch`` of the network over the same inputs (held in memory, already normalised) at the
+  same batch size, the last batch padded: the speed limit. The model is loaded and traced first; the two
+  alternate ``--repeat`` times and the fastest of each is kept (robust to other load on the machine).
+- **compare**: the whole :func:`ptychozarr.compare` on the NPZ; the stages from ``run.json`` and the wall
+  time outside them, against the bare passes of both arms.
+
+Targets (issue 11): each arm's inference ≤ 1.25× bare; all stages ≤ 3× the bare passes of both arms;
+outside the stages ≤ 4 s. Usage::
+
+    python -m benchmarks.fastpath --json benchmarks/results/fastpath.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._harness import measure, ratio, table, write_json
+
+__all__ = ["main", "make_models"]
+
+SEED_POINTS, N, GRIDSIZE, CROP, BLOCK, BATCH = 5216, 128, 2, 20, 256, 32
+
+
+def make_models(folder: Path, n: int = N, gridsize: int = GRIDSIZE) -> dict[str, str]:
+    """The two near-zero-cost models, saved as ``.keras`` + sidecar; label → path."""
+    import keras
+
+    from ptychozarr.models import ModelSpec, save_keras
+
+    def network(channels: int, positions: bool):
+        x = keras.Input((n, n, channels))
+        inputs = [x, keras.Input((1, 2, channels))] if positions else x
+        amp, phase = keras.layers.Conv2D(1, 1)(x), keras.layers.Conv2D(1, 1)(x)
+        return keras.Model(inputs, [amp, phase])
+
+    pinn = ModelSpec("pinn", n, gridsize, True, None, "amp_phase", name="pinn-1x1")
+    base = ModelSpec("baseline", n, 1, False, None, "amp_phase", name="baseline-1x1")
+    return {
+        "PtychoPINN": str(save_keras(network(gridsize**2, True), pinn, folder / "pinn")),
+        "Baseline": str(save_keras(network(1, False), base, folder / "baseline")),
+    }
+
+
+def prepare(folder: Path, points: int) -> dict[str, str]:
+    """A simulated scan in random order and the same scan in raster order; order → NPZ."""
+    from ptychozarr.simulate import simulate
+
+    random = simulate(folder / "random.npz", n_points=points, patch_size=N, split="test", seed=1)
+    with np.load(random) as f:
+        members = {k: f[k] for k in f.files}
+    raster = np.lexsort((members["xcoords"], np.round(members["ycoords"] / 8)))  # rows of 8 px, then x
+    n = len(members["xcoords"])
+    for k, v in members.items():
+        if v.ndim and v.shape[0] == n and k not in ("objectGuess", "probeGuess"):
+            members[k] = v[raster]
+    np.savez(folder / "raster.npz", **members)
+    return {"random": str(random), "raster": str(folder / "raster.npz")}
+
+
+def _bare(model, x: np.ndarray, pos: np.ndarray | None, batch: int) -> float:
+    """Seconds of ``predict_on_batch`` over ``x`` in fixed batches (the last padded), inputs in memory."""
+    network = model.network
+    spent = 0.0
+    for start in range(0, len(x), batch):
+        xb = np.zeros((batch, *x.shape[1:]), np.float32)
+        xb[: len(x[start : start + batch])] = x[start : start + batch]
+        inputs = xb
+        if pos is not None:
+            pb = np.zeros((batch, *pos.shape[1:]), np.float32)
+            pb[: len(pos[start : start + batch])] = pos[start : start + batch]
+            inputs = [xb, pb]
+        t0 = time.perf_counter()
+        network.predict_on_batch(inputs)
+        spent += time.perf_counter() - t0
+    return spent
+
+
+def run_infer(
+    npz: str, models: dict[str, str], work: str, block_groups: int, batch: int, repeat: int
+) -> dict:
+    """Per arm: the engine's inference stage stored to Zarr and the bare passes over the same inputs,
+    alternated ``repeat`` times; the fastest of each (the least disturbed by other load)."""
+    import dask
+
+    from ptychozarr.grouping import group
+    from ptychozarr.inference import cached_model
+    from ptychozarr.io import ingest, open_dataset
+
+    store = ingest(npz, Path(work) / "scan.zarr", overwrite=True)
+    ds = open_dataset(store)
+    groups = group(ds, GRIDSIZE, seed=0)
+    diffraction = ds["diffraction"].values
+    nn = groups["nn_indices"].values
+    f = np.float32(groups.attrs["normaliser"])
+    out = {}
+    for label, path in models.items():
+        model = cached_model(path)
+        spec = model.spec
+        shape = (batch, N, N, spec.channels)
+        model.predict_batch(np.zeros(shape, np.float32), np.zeros((batch, 1, 2, spec.channels), np.float32))
+        if spec.gridsize == 1:
+            x, pos = diffraction[np.unique(nn), ..., None] * f, None
+        else:
+            x = np.moveaxis(diffraction[nn], 1, -1) * f
+            pos = np.swapaxes(groups["offsets"].values, 1, 2)[:, None].astype(np.float32)
+        engine, bare = [], []
+        for _ in range(repeat):
+            with dask.config.set(scheduler="threads"):
+                seconds, inputs = _engine(ds, groups, path, block_groups, batch)
+            engine.append(seconds)
+            bare.append(_bare(model, x, pos, batch))
+        del x, pos
+        out[label] = {"inputs": inputs, "engine": min(engine), "bare": min(bare)}
+    return out
+
+
+def _engine(ds, groups, path: str, block_groups: int, batch: int) -> tuple[float, int]:
+    """Seconds of the inference stage as the pipeline runs it: plan, compute, store to Zarr."""
+    import dask.array as da
+    import zarr
+
+    from ptychozarr.inference import infer
+
+    t0 = time.perf_counter()
+    result = infer(ds, groups, path, crop=CROP, block_groups=block_groups, batch_size=batch)
+    patches = result["patches"].data
+    target = zarr.create_array(
+        zarr.storage.MemoryStore(),
+        shape=patches.shape,
+        dtype=patches.dtype,
+        chunks=(patches.chunks[0][0], CROP, CROP),
+    )
+    da.store(patches, target, lock=False)
+    return time.perf_counter() - t0, int(result.sizes["patch"])
+
+
+def run_compare(npz: str, models: dict[str, str], output: str) -> dict:
+    """The whole comparison; wall, stages and the time outside them."""
+    t0 = time.perf_counter()
+    from ptychozarr.pipeline import compare
+
+    compare(npz, models, output_dir=output, quiet=True, save_npz=False, save_npz_aligned=False)
+    wall = time.perf_counter() - t0
+    stages = json.loads((Path(output) / "run.json").read_text())["stages"]
+    return {"wall": wall, "stages": stages}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--points", type=int, default=SEED_POINTS)
+    parser.add_argument("--orders", nargs="+", default=["random", "raster"], choices=["random", "raster"])
+    parser.add_argument("--block-groups", type=int, default=BLOCK)
+    parser.add_argument("--batch-size", type=int, default=BATCH)
+    parser.add_argument("--repeat", type=int, default=3, help="engine and bare alternated; fastest kept")
+    parser.add_argument("--skip-compare", action="store_true", help="measure the inference stage only")
+    parser.add_argument("--json")
+    parser.add_argument("--workdir", help="where to keep data (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    rows, stage_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="ptychozarr-fastpath-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        models = measure(make_models, work).value
+        scans = prepare(work, args.points)
+        for order in args.orders:
+            arms = measure(
+                run_infer,
+                scans[order],
+                models,
+                str(work / f"infer-{order}"),
+                args.block_groups,
+                args.batch_size,
+                args.repeat,
+            ).value
+            bare_total = sum(a["bare"] for a in arms.values())
+            for label, a in arms.items():
+                rows.append(
+                    {
+                        "order": order,
+                        "arm": label,
+                        "inputs": a["inputs"],
+                        "engine infer s": a["engine"],
+                        "bare s": a["bare"],
+                        "infer / bare": ratio(a["engine"], a["bare"]),
+                        "target": "≤ 1.25×",
+                    }
+                )
+            if args.skip_compare:
+                continue
+            run = measure(run_compare, scans[order], models, str(work / f"compare-{order}")).value
+            stages = run["stages"]
+            inside = sum(stages.values())
+            stage_rows.append(
+                {
+                    "order": order,
+                    **{k: float(v) for k, v in stages.items()},
+                    "stages s": inside,
+                    "bare both arms s": bare_total,
+                    "stages / bare": ratio(inside, bare_total),
+                    "outside stages s": run["wall"] - inside,
+                    "wall s": run["wall"],
+                }
+            )
+    print(table(rows))
+    if stage_rows:
+        print()
+        print(table(stage_rows))
+        print("\ntargets: stages / bare ≤ 3×, outside stages ≤ 4 s")
+    if args.json:
+        write_json(args.json, "fastpath", rows + stage_rows)
+    return rows + stage_rows
+
+
+if __name__ == "__main__":
+    main()
