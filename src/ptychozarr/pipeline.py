@@ -224,7 +224,7 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
     infer, budget = config.infer, config.run.memory_budget
     n_points = min(header.patterns, config.scan.n_test_groups or header.patterns)
     conc = cluster.concurrency(client)
-    loaded = [cached_model(p) for _, p in config.models]
+    loaded = [cached_model(p, trust_bundle=infer.trust_bundle) for _, p in config.models]
     args = dict(
         batch_size=infer.batch_size,
         N=header.N,

@@ -17,9 +17,7 @@ from ptychozarr.config import CompareConfig, check_crop
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, ModelMismatchError, PtychozarrError
 from ptychozarr.models.base import ModelSpec
 
-__all__ = ["BUNDLE_NAME", "ScanHeader", "is_bundle", "model_spec", "validate"]
-
-BUNDLE_NAME = "wts.h5.zip"
+__all__ = ["ScanHeader", "model_spec", "validate"]
 """File name of a PtychoPINN model bundle."""
 
 
@@ -48,26 +46,17 @@ class ScanHeader:
     gridsize: int
 
 
-def is_bundle(path: str | Path) -> bool:
-    """Whether ``path`` is a PtychoPINN bundle (``*.h5.zip``, or a directory holding ``wts.h5.zip``)."""
-    path = Path(path)
-    return path.name.endswith(".h5.zip") or (path.is_dir() and (path / BUNDLE_NAME).exists())
-
-
 def model_spec(path: Path, *, trust_bundle: bool) -> ModelSpec:
     """A model's spec: from a ``.keras`` sidecar (no TensorFlow), or from a trusted bundle once loaded."""
     from ptychozarr.models import model_file
     from ptychozarr.models.keras_model import read_spec
+    from ptychozarr.models.ptychopinn import is_bundle, require_trust
 
     if is_bundle(path):
-        if not trust_bundle:
-            raise ModelMismatchError(
-                f"{path}: a PtychoPINN bundle is unpickled when loaded, which runs code from the file; "
-                "load only bundles you trust, with --trust-bundle (trust_bundle = true in a study)"
-            )
+        require_trust(path, trust_bundle)
         from ptychozarr.inference import cached_model
 
-        return cached_model(path).spec
+        return cached_model(path, trust_bundle=True).spec
     file = model_file(path)
     if file.suffix != ".keras":
         raise ModelMismatchError(

@@ -67,7 +67,7 @@ def run(
         log.info("stage infer: %s with %s", node.basename, model.name)
         result = infer(
             ds, groups, str(model), crop=options.stitch_crop_size, block_groups=block_groups,
-            batch_size=options.batch_size,
+            batch_size=options.batch_size, trust_bundle=options.trust_bundle,
         )  # fmt: skip
         out = _prepare(node, result, to_json(params), keep=not rt.force)
         t0 = time.perf_counter()
