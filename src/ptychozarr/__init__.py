@@ -24,15 +24,14 @@ from ptychozarr.errors import (
 
 if TYPE_CHECKING:
     from ptychozarr import align, cluster, io, memory, metrics, models
+    from ptychozarr.api import infer, stitch
     from ptychozarr.config import CompareConfig
     from ptychozarr.grouping import group, open_groups
-    from ptychozarr.inference import infer
     from ptychozarr.io import ingest, open_dataset
     from ptychozarr.metrics import evaluate
     from ptychozarr.models import load_model, train
     from ptychozarr.pipeline import Comparison, compare, run_compare
     from ptychozarr.simulate import simulate
-    from ptychozarr.stitch import stitch
     from ptychozarr.study import study
 
 __version__ = "0.1.0"
@@ -43,14 +42,14 @@ _LAZY = {
     "compare": "ptychozarr.pipeline",
     "evaluate": "ptychozarr.metrics",
     "group": "ptychozarr.grouping",
-    "infer": "ptychozarr.inference",
+    "infer": "ptychozarr.api",
     "ingest": "ptychozarr.io",
     "load_model": "ptychozarr.models",
     "open_dataset": "ptychozarr.io",
     "open_groups": "ptychozarr.grouping",
     "run_compare": "ptychozarr.pipeline",
     "simulate": "ptychozarr.simulate",
-    "stitch": "ptychozarr.stitch",
+    "stitch": "ptychozarr.api",
     "study": "ptychozarr.study",
     "train": "ptychozarr.models",
 }
@@ -104,13 +103,13 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """The package module: importing a submodule named like its function (``ptychozarr.stitch``,
-    ``ptychozarr.study``, ``ptychozarr.simulate``) binds the function, not the submodule, as the
-    package attribute, so that ``ptychozarr.stitch`` is always the function."""
+    """The package module: importing a submodule named like a public function (``ptychozarr.stitch``,
+    ``ptychozarr.study``, ``ptychozarr.simulate``) does not bind the submodule as the package attribute,
+    so that ``ptychozarr.stitch`` is always the public function (bound on first use, from ``_LAZY``)."""
 
     def __setattr__(self, name: str, value: object) -> None:
         if isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}" and name in _LAZY:
-            value = getattr(value, name)
+            return
         super().__setattr__(name, value)
 
 

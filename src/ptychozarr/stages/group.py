@@ -37,17 +37,3 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return stat.st_ino, stat.st_mtime_ns
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    """Inode and modification time of a file (the grouping replaces its ``groups`` when it regroups)."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns
-
-
-def key(groups: xr.Dataset) -> dict:
-    """What identifies a grouping, for the parameters of the stages that read it."""
-    return {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points")}

@@ -1,16 +1,25 @@
-"""Stitch stage: an arm's stored patches into its object, in tiles (``ptychozarr.stitch``)."""
+"""Stitch stage: an arm's stored patches into its object, in tiles (``ptychozarr.stitch``).
+
+Writes ``arms/<arm>/object`` (named dimensions ``object_y``, ``object_x``) beside its coordinates
+``object_y`` and ``object_x``: the object-grid position of every canvas row and column, in object
+pixels (the canvas frame's origin plus the index), so that xarray opens the object on the object grid.
+"""
 
 from __future__ import annotations
 
 import dask.array as da
+import numpy as np
 import zarr
 
 from ptychozarr import memory
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
-from ptychozarr.stitch import stitch_to_zarr
+from ptychozarr.stitch import CanvasFrame, stitch_to_zarr
 
-__all__ = ["TASK_KINDS", "project_memory", "run"]
+__all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "write_object"]
+
+DIMS = ("object_y", "object_x")
+"""Dimension names of a stitched object (and the names of its coordinate arrays)."""
 
 TASK_KINDS = ("stitch-splat", "stitch-sum")
 """Layer names of the stitch graph (``ptychozarr.stitch``), whose task memory is projected apart."""
@@ -25,16 +34,17 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
     """Stitch ``node/patches`` into ``node/object`` (the patch size M is the stored patches' side)."""
     name = f"stitch:{node.basename}"
     patches = node["patches"]
-    params = {"patches": dict(patches.attrs["params"]), "tile": tile}
+    params = {"patches": dict(patches.attrs["params"]), "tile": tile, "dims": DIMS}
     with rt.timed(name):
         if not rt.force and matches(node.get("object"), params):
             rt.reuse(name)
+            if not all(dim in node for dim in DIMS):  # a run stopped between the object and its coordinates
+                write_coordinates(node, node["object"])
             return node["object"]
         return rt.compute(
             "stitch",
-            stitch_to_zarr,
+            write_object,
             node,
-            "object",
             da.from_zarr(patches["patches"]),
             patches["positions"][:],
             patches["weights"][:],
@@ -43,3 +53,52 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
             overwrite=True,
             task_kinds=TASK_KINDS,
         )
+
+
+def write_object(
+    node: zarr.Group,
+    patches,
+    positions,
+    weights=None,
+    *,
+    tile: int = 1024,
+    canvas: CanvasFrame | tuple | None = None,
+    block: int | None = None,
+    attrs: dict | None = None,
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Stitch into ``node/object`` (:func:`ptychozarr.stitch.stitch_to_zarr`) and write its coordinates.
+
+    Parameters
+    ----------
+    node : zarr.Group
+        The arm's group.
+    patches, positions, weights, tile, canvas, block, attrs, overwrite
+        As for :func:`ptychozarr.stitch.stitch_to_zarr`.
+
+    Returns
+    -------
+    zarr.Array
+        ``node/object``, complete, with dimensions :data:`DIMS`.
+    """
+    out = stitch_to_zarr(
+        node, "object", patches, positions, weights, tile=tile, canvas=canvas, block=block, attrs=attrs,
+        overwrite=overwrite, dimension_names=DIMS,
+    )  # fmt: skip
+    write_coordinates(node, out)
+    return out
+
+
+def write_coordinates(node: zarr.Group, obj: zarr.Array) -> None:
+    """Write ``node/object_y`` and ``node/object_x``: origin + index of each row and column of ``obj``.
+
+    The origin is the canvas frame recorded in ``obj``'s attrs; positions are object pixels, as the scan
+    coordinates and ``objectGuess``'s indices.
+    """
+    frame = CanvasFrame.from_attrs(obj.attrs["canvas"])
+    positions = frame.to_object(np.arange(frame.shape[0]), np.arange(frame.shape[1]))
+    for dim, values in zip(DIMS, positions, strict=True):
+        node.create_array(
+            dim, data=values.astype(np.float64), dimension_names=(dim,), overwrite=True,
+            attributes={"units": "object pixels", "long_name": f"object {dim[-1]} of the pixel"},
+        )  # fmt: skip
