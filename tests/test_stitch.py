@@ -477,8 +477,3 @@ def test_patches_of_unknown_length_are_refused():
     with pytest.raises(InvalidParameterError, match="compute_chunk_sizes"):
         stitch(lazy[lazy[:, 0, 0].real >= 0], _XY)
 
-
-def test_package_exports_stitch_even_after_the_submodule_is_imported():
-    import ptychozarr
-
-    assert ptychozarr.stitch is stitch  # the module ptychozarr.stitch is already imported here
