@@ -14,7 +14,7 @@ import pytest
 import zarr
 from skimage.metrics import structural_similarity
 
-from ptychozarr.errors import InvalidParameterError, MemoryBudgetError, ModelMismatchError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
 from ptychozarr.outputs import METRIC_ORDER
@@ -254,22 +254,50 @@ def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, refer
     labels = [a.label for a in result.arms]
     assert labels == ["PtychoPINN", "Baseline", "PtyChi"]
     rows = _rows(tmp_path / "out" / "comparison_metrics.csv")
-    offsets = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("registration")}
-    # compare_models' placement of an iterative object: the truth is cut to the box of the group centres
-    # (margin M//2, int() truncation) and the object is centre-cropped to that shape; the registration
-    # then measures the roll plus the difference between the two crop origins.
-    centres = zarr.open_group(str(result.store), mode="r")["groups/centres"][:]
-    starts = []
-    for axis, coord in ((0, centres[:, 1]), (1, centres[:, 0])):
-        lo, hi = max(0, int(coord.min()) - M // 2), min(gt.shape[axis], int(coord.max()) + M // 2)
-        starts.append((gt.shape[axis] - (hi - lo)) // 2 - lo)
-    expected = {"registration_offset_dy": starts[0] - 1.0, "registration_offset_dx": starts[1] + 2.0}
-    assert offsets == pytest.approx(expected, abs=0.05)
-    assert [r["model"] for r in rows if r["metric"].startswith("registration")] == ["PtyChi", "PtyChi"]
+    offsets = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("registration_")}
+    # an object of objectGuess's shape is in the whole-object frame: placed pixel for pixel, so the
+    # registration measures the roll alone (the offset that undoes it)
+    assert offsets == pytest.approx({"registration_offset_dy": -1.0, "registration_offset_dx": 2.0}, abs=0.05)
+    assert [a.registration for a in result.arms] == ["unregistered", "unregistered", "registered"]
+    assert [r["model"] for r in rows if r["metric"].startswith("registration_")] == ["PtyChi", "PtyChi"]
     times = {r["model"]: r["value"] for r in rows if r["metric"] == "computation_time_s"}
     assert float(times["PtyChi"]) == 12.5
     assert (tmp_path / "out" / "ptychi_frc_curves.csv").exists()
     assert result.arms[2].metrics["ssim"][0] > 0.95  # a shifted copy of the truth, registered back
+
+
+def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_frame(small_npz, tmp_path):
+    from ptychozarr.align import gt_crop_box
+
+    with np.load(small_npz) as f:
+        gt = f["objectGuess"]
+    rng = np.random.default_rng(3)
+    noisy = (gt + 0.05 * (rng.standard_normal(gt.shape) + 1j * rng.standard_normal(gt.shape))).astype(
+        np.complex64
+    )
+    flags = FLAGS | {"save_npz": False, "save_npz_aligned": False}
+    np.savez(tmp_path / "whole.npz", reconstructed_object=noisy)
+    whole = compare(
+        small_npz, {}, output_dir=tmp_path / "whole", ptychi_recon=tmp_path / "whole.npz", **flags
+    )
+    centres = zarr.open_group(str(whole.store), mode="r")["groups/centres"][:]
+    rows, cols = gt_crop_box(centres, M, gt.shape)
+    np.savez(tmp_path / "scan.npz", reconstructed_object=noisy[rows, cols])
+    scan = compare(small_npz, {}, output_dir=tmp_path / "scan", ptychi_recon=tmp_path / "scan.npz", **flags)
+    got, want = whole.arms[0].metrics, scan.arms[0].metrics
+    for name in METRIC_ORDER:
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
+    assert 0.1 < got["ssim"][0] < 0.99  # scored on the truth's own pixels, not a trivial copy
+    stores = [zarr.open_group(str(r.store), mode="r")["arms/ptychi/aligned"] for r in (whole, scan)]
+    assert [s.attrs["frame"] for s in stores] == ["object", "scan"]
+    np.testing.assert_array_equal(stores[0][:], stores[1][:])
+
+    np.savez(tmp_path / "neither.npz", reconstructed_object=noisy[: gt.shape[0] // 3, : gt.shape[1] // 3])
+    with pytest.raises(InvalidScanError, match="fits neither"):
+        compare(
+            small_npz, {}, output_dir=tmp_path / "neither", ptychi_recon=tmp_path / "neither.npz", **flags
+        )
+    assert not (tmp_path / "neither" / "store.zarr").exists()  # refused before any work
 
 
 def test_study_keeps_rows_of_a_missing_arm_and_reuses_finished_runs(small_npz, models, tmp_path):

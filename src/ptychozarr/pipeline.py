@@ -40,13 +40,13 @@ from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
 from ptychozarr.io.npz import NpzWriter
 from ptychozarr.outputs import (
-    ArmResult,
     write_comparison_plot,
     write_frc_curves,
     write_json,
     write_metrics_csv,
 )
 from ptychozarr.preflight import ScanHeader, validate
+from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
 from ptychozarr.stages._common import arm_key, fingerprint, open_run_store, unconsolidate
 
@@ -126,6 +126,11 @@ def run_compare(config: CompareConfig) -> Comparison:
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
     with rt.timed("validate"):
         header = validate(config)
+        if config.ptychi_recon is not None and header.has_truth:
+            frame = stages.iterative.check_frame(
+                config.ptychi_recon, config.test_data, config.infer.stitch_crop_size
+            )
+            log.info("iterative reconstruction %s: %s frame", config.ptychi_recon.name, frame)
     with output_lock(config.output_dir):
         store = config.output_dir / "store.zarr"
         scheduler = cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers)
@@ -190,29 +195,49 @@ def _model_arms(rt, root, ds, groups, config, block_groups) -> tuple[list[ArmRes
 
 
 def _score_arms(rt, root, ds, groups, arms, errors, config) -> None:
-    """Score every arm that has an object; the registration mode picks which arms are registered."""
+    """Align (and register) every arm that has an object, then score them all on one common box.
+
+    The registration mode picks which arms are registered; each arm is marked registered,
+    unregistered, or rejected (registration asked but its measurement not accepted, with the reason).
+    """
     score = config.score
     mode = "none" if score.skip_registration else "ptychi-only" if score.register_ptychi_only else "all"
     registered = align.arms_to_register([a.label for a in arms], mode, iterative_arms=_ITERATIVE)
     gt = ds["objectGuess"].data
     centres = np.asarray(groups["centres"].values)
     scan = np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=1)
+    aligned = {}
     for arm in arms:
         node = root.get(f"arms/{arm.key}")
         if node is None or "object" not in node or not node["object"].attrs.get("complete"):
             errors.setdefault(arm.label, "no reconstruction")
             continue
         try:
-            aligned = stages.score.run(
+            aligned[arm.label] = stages.score.align_arm(
                 rt, node, gt, centres, scan, score, registered=arm.label in registered,
                 crop=config.infer.stitch_crop_size,
             )  # fmt: skip
         except PtychozarrError as exc:
             errors[arm.label] = str(exc)
             log.warning("arm %s: scoring failed: %s", arm.label, exc)
-            continue
-        arm.metrics = aligned.attrs["metrics"]
-        arm.offset = tuple(aligned.attrs["offset"]) if aligned.attrs["offset"] is not None else None
+    scored = stages.score.score_arms(rt, list(aligned.values()))
+    by_label = {a.label: a for a in arms}
+    for label, done in zip(aligned, scored, strict=True):
+        arm, registration = by_label[label], aligned[label].registration
+        arm.metrics = _nan_for_none(done.attrs["metrics"])
+        arm.offset = aligned[label].offset
+        arm.registered = arm.offset is not None
+        if registration is not None and not registration["accepted"]:
+            arm.registration_note = registration["reason"]
+
+
+def _nan_for_none(value):
+    """Metrics read back from JSON attrs, with NaN where JSON holds null."""
+    if isinstance(value, dict):
+        return {k: _nan_for_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return float("nan") if value is None else value
 
 
 def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Plan:
