@@ -17,8 +17,8 @@ from skimage.metrics import structural_similarity
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
-from ptychozarr.outputs import METRIC_ORDER
 from ptychozarr.pipeline import compare
+from ptychozarr.report import METRIC_ORDER
 from ptychozarr.study import study
 
 M = 8  # stitch crop of the small scan's 32×32 patterns
@@ -54,7 +54,8 @@ def _rows(path: Path) -> list[dict]:
 
 def test_metrics_csv_has_compare_models_schema_and_order(reference):
     rows = _rows(reference.output_dir / "comparison_metrics.csv")
-    assert list(rows[0]) == ["model", "metric", "amplitude", "phase", "value"]
+    assert list(rows[0]) == ["model", "metric", "amplitude", "phase", "value", "registration"]
+    assert {r["registration"] for r in rows} == {"unregistered"}  # --skip-registration
     expected = [(m, name) for m in ("PtychoPINN", "Baseline") for name in METRIC_ORDER]
     expected += [("PtychoPINN", "computation_time_s"), ("Baseline", "computation_time_s")]
     assert [(r["model"], r["metric"]) for r in rows] == expected
@@ -330,20 +331,30 @@ baseline_model = "{tmp_path / "missing.keras"}"
 """
     )
     assert tomllib.loads(config.read_text())["run"][1]["name"] == "no-baseline"
-    summary = study(config, quiet=True)
-    assert summary["full"]["status"] == "ok"
-    assert summary["no-baseline"]["status"] == "partial"
-    assert summary["no-baseline"]["metrics"]["Baseline"]["mae"] == {"amplitude": None, "phase": None}
-    assert summary["no-baseline"]["metrics"]["PtychoPINN"]["mae"]["amplitude"] > 0
-    deltas = _rows(tmp_path / "out" / "metrics_deltas.csv")
+    runs = {r.name: r for r in study(config, quiet=True)}
+    assert runs["full"].status == "ok"
+    assert runs["no-baseline"].status == "partial"
+    out = tmp_path / "out"
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    jobs = {
+        (j["view"], j["split"]): {(m["model"], m["metric"]): m for m in j["metrics"]} for j in summary["jobs"]
+    }
+    assert jobs["sparse", "test"]["Baseline", "mae"] == {
+        "model": "Baseline",
+        "metric": "mae",
+    }  # empty row kept
+    assert jobs["sparse", "test"]["PtychoPINN", "mae"]["amplitude"] > 0
+    deltas = _rows(out / "study_deltas.csv")
     assert len(deltas) == 2 * len(METRIC_ORDER) * 2
     full = [r for r in deltas if r["run"] == "full" and r["metric"] == "mae" and r["part"] == "amplitude"][0]
-    pinn, base = (summary["full"]["metrics"][k]["mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
+    pinn, base = (jobs["dense", "test"][k, "mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
     assert float(full["pinn_minus_baseline"]) == pytest.approx(pinn - base, abs=1e-6)
     assert all(r["pinn_minus_baseline"] == "" for r in deltas if r["run"] == "no-baseline")
-    assert (tmp_path / "out" / "metrics_deltas.md").read_text().startswith("| run |")
+    assert (out / "study_deltas.md").read_text().startswith("| run |")
+    manifest = json.loads((out / "comparison_manifest.json").read_text())
+    assert [e["returncode"] for e in manifest["execution_results"]] == [0, 0]
     study(config, quiet=True)
-    rerun = json.loads((tmp_path / "out" / "full" / "run.json").read_text())
+    rerun = json.loads((out / "dose_1000" / "dense" / "test" / "run.json").read_text())
     assert {"ingest", "infer:pinn", "stitch:pinn", "score:pinn"} <= set(rerun["reused"])
 
 
@@ -399,7 +410,8 @@ def test_early_refusals_exit_2_before_any_work(small_npz, models, tmp_path, caps
 
     config = tmp_path / "study.toml"
     config.write_text(
-        f'[compare]\nstich_crop_size = {M}\n[[run]]\nname = "a"\ntest_data = "{small_npz}"\n'
+        f'[compare]\nstich_crop_size = {M}\n[[run]]\nname = "a"\ndose = 1000\nview = "dense"\n'
+        f'split = "test"\ntest_data = "{small_npz}"\n'
         f'pinn_model = "{models["PtychoPINN"]}"\n'
     )
     line = _one_error_line(capsys, ["study", config], "'stich_crop_size'")
