@@ -260,6 +260,10 @@ def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, refer
     # registration measures the roll alone (the offset that undoes it)
     assert offsets == pytest.approx({"registration_offset_dy": -1.0, "registration_offset_dx": 2.0}, abs=0.05)
     assert [a.registration for a in result.arms] == ["unregistered", "unregistered", "registered"]
+    assert {r["registration"] for r in rows if r["model"] == "PtyChi"} == {"registered"}
+    store = zarr.open_group(str(result.store), mode="r")
+    boxes = {store[f"arms/{a.key}/{name}"].shape for a in result.arms for name in ("aligned", "aligned_gt")}
+    assert len(boxes) == 1  # registered and unregistered arms scored on one box
     assert [r["model"] for r in rows if r["metric"].startswith("registration_")] == ["PtyChi", "PtyChi"]
     times = {r["model"]: r["value"] for r in rows if r["metric"] == "computation_time_s"}
     assert float(times["PtyChi"]) == 12.5
@@ -299,6 +303,25 @@ def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_
             small_npz, {}, output_dir=tmp_path / "neither", ptychi_recon=tmp_path / "neither.npz", **flags
         )
     assert not (tmp_path / "neither" / "store.zarr").exists()  # refused before any work
+
+
+def test_a_registration_without_a_clear_peak_is_refused_and_the_arm_scored_unregistered(small_npz, tmp_path):
+    with np.load(small_npz) as f:
+        shape = f["objectGuess"].shape
+    rng = np.random.default_rng(5)
+    noise = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    np.savez(tmp_path / "noise.npz", reconstructed_object=noise)
+    flags = FLAGS | {"skip_registration": False, "save_npz": False, "save_npz_aligned": False}
+    result = compare(small_npz, {}, output_dir=tmp_path / "out", ptychi_recon=tmp_path / "noise.npz", **flags)
+    (arm,) = result.arms
+    assert arm.registration.startswith("rejected: ") and arm.offset is None and arm.metrics is not None
+    rows = _rows(tmp_path / "out" / "comparison_metrics.csv")
+    assert {r["registration"] for r in rows} == {arm.registration}
+    assert not [r for r in rows if r["metric"].startswith("registration_")]
+    assert [w for w in result.run["warnings"] if "registration refused" in w]
+    aligned = zarr.open_group(str(result.store), mode="r")["arms/ptychi/aligned"]
+    assert aligned.attrs["registration"]["accepted"] is False
+    assert aligned.attrs["registration"]["confidence"] < 0.6
 
 
 def test_study_keeps_rows_of_a_missing_arm_and_reuses_finished_runs(small_npz, models, tmp_path):
