@@ -14,11 +14,11 @@ import pytest
 import zarr
 from skimage.metrics import structural_similarity
 
-from ptychozarr.errors import InvalidParameterError, MemoryBudgetError, ModelMismatchError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
-from ptychozarr.outputs import METRIC_ORDER
 from ptychozarr.pipeline import compare
+from ptychozarr.report import METRIC_ORDER
 from ptychozarr.study import study
 
 M = 8  # stitch crop of the small scan's 32×32 patterns
@@ -54,7 +54,8 @@ def _rows(path: Path) -> list[dict]:
 
 def test_metrics_csv_has_compare_models_schema_and_order(reference):
     rows = _rows(reference.output_dir / "comparison_metrics.csv")
-    assert list(rows[0]) == ["model", "metric", "amplitude", "phase", "value"]
+    assert list(rows[0]) == ["model", "metric", "amplitude", "phase", "value", "registration"]
+    assert {r["registration"] for r in rows} == {"unregistered"}  # --skip-registration
     expected = [(m, name) for m in ("PtychoPINN", "Baseline") for name in METRIC_ORDER]
     expected += [("PtychoPINN", "computation_time_s"), ("Baseline", "computation_time_s")]
     assert [(r["model"], r["metric"]) for r in rows] == expected
@@ -254,22 +255,73 @@ def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, refer
     labels = [a.label for a in result.arms]
     assert labels == ["PtychoPINN", "Baseline", "PtyChi"]
     rows = _rows(tmp_path / "out" / "comparison_metrics.csv")
-    offsets = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("registration")}
-    # compare_models' placement of an iterative object: the truth is cut to the box of the group centres
-    # (margin M//2, int() truncation) and the object is centre-cropped to that shape; the registration
-    # then measures the roll plus the difference between the two crop origins.
-    centres = zarr.open_group(str(result.store), mode="r")["groups/centres"][:]
-    starts = []
-    for axis, coord in ((0, centres[:, 1]), (1, centres[:, 0])):
-        lo, hi = max(0, int(coord.min()) - M // 2), min(gt.shape[axis], int(coord.max()) + M // 2)
-        starts.append((gt.shape[axis] - (hi - lo)) // 2 - lo)
-    expected = {"registration_offset_dy": starts[0] - 1.0, "registration_offset_dx": starts[1] + 2.0}
-    assert offsets == pytest.approx(expected, abs=0.05)
-    assert [r["model"] for r in rows if r["metric"].startswith("registration")] == ["PtyChi", "PtyChi"]
+    offsets = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("registration_")}
+    # an object of objectGuess's shape is in the whole-object frame: placed pixel for pixel, so the
+    # registration measures the roll alone (the offset that undoes it)
+    assert offsets == pytest.approx({"registration_offset_dy": -1.0, "registration_offset_dx": 2.0}, abs=0.05)
+    assert [a.registration for a in result.arms] == ["unregistered", "unregistered", "registered"]
+    assert {r["registration"] for r in rows if r["model"] == "PtyChi"} == {"registered"}
+    store = zarr.open_group(str(result.store), mode="r")
+    boxes = {store[f"arms/{a.key}/{name}"].shape for a in result.arms for name in ("aligned", "aligned_gt")}
+    assert len(boxes) == 1  # registered and unregistered arms scored on one box
+    assert [r["model"] for r in rows if r["metric"].startswith("registration_")] == ["PtyChi", "PtyChi"]
     times = {r["model"]: r["value"] for r in rows if r["metric"] == "computation_time_s"}
     assert float(times["PtyChi"]) == 12.5
     assert (tmp_path / "out" / "ptychi_frc_curves.csv").exists()
     assert result.arms[2].metrics["ssim"][0] > 0.95  # a shifted copy of the truth, registered back
+
+
+def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_frame(small_npz, tmp_path):
+    from ptychozarr.align import gt_crop_box
+
+    with np.load(small_npz) as f:
+        gt = f["objectGuess"]
+    rng = np.random.default_rng(3)
+    noisy = (gt + 0.05 * (rng.standard_normal(gt.shape) + 1j * rng.standard_normal(gt.shape))).astype(
+        np.complex64
+    )
+    flags = FLAGS | {"save_npz": False, "save_npz_aligned": False}
+    np.savez(tmp_path / "whole.npz", reconstructed_object=noisy)
+    whole = compare(
+        small_npz, {}, output_dir=tmp_path / "whole", ptychi_recon=tmp_path / "whole.npz", **flags
+    )
+    centres = zarr.open_group(str(whole.store), mode="r")["groups/centres"][:]
+    rows, cols = gt_crop_box(centres, M, gt.shape)
+    np.savez(tmp_path / "scan.npz", reconstructed_object=noisy[rows, cols])
+    scan = compare(small_npz, {}, output_dir=tmp_path / "scan", ptychi_recon=tmp_path / "scan.npz", **flags)
+    got, want = whole.arms[0].metrics, scan.arms[0].metrics
+    for name in METRIC_ORDER:
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
+    assert 0.1 < got["ssim"][0] < 0.99  # scored on the truth's own pixels, not a trivial copy
+    stores = [zarr.open_group(str(r.store), mode="r")["arms/ptychi/aligned"] for r in (whole, scan)]
+    assert [s.attrs["frame"] for s in stores] == ["object", "scan"]
+    np.testing.assert_array_equal(stores[0][:], stores[1][:])
+
+    np.savez(tmp_path / "neither.npz", reconstructed_object=noisy[: gt.shape[0] // 3, : gt.shape[1] // 3])
+    with pytest.raises(InvalidScanError, match="fits neither"):
+        compare(
+            small_npz, {}, output_dir=tmp_path / "neither", ptychi_recon=tmp_path / "neither.npz", **flags
+        )
+    assert not (tmp_path / "neither" / "store.zarr").exists()  # refused before any work
+
+
+def test_a_registration_without_a_clear_peak_is_refused_and_the_arm_scored_unregistered(small_npz, tmp_path):
+    with np.load(small_npz) as f:
+        shape = f["objectGuess"].shape
+    rng = np.random.default_rng(5)
+    noise = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    np.savez(tmp_path / "noise.npz", reconstructed_object=noise)
+    flags = FLAGS | {"skip_registration": False, "save_npz": False, "save_npz_aligned": False}
+    result = compare(small_npz, {}, output_dir=tmp_path / "out", ptychi_recon=tmp_path / "noise.npz", **flags)
+    (arm,) = result.arms
+    assert arm.registration.startswith("rejected: ") and arm.offset is None and arm.metrics is not None
+    rows = _rows(tmp_path / "out" / "comparison_metrics.csv")
+    assert {r["registration"] for r in rows} == {arm.registration}
+    assert not [r for r in rows if r["metric"].startswith("registration_")]
+    assert [w for w in result.run["warnings"] if "registration refused" in w]
+    aligned = zarr.open_group(str(result.store), mode="r")["arms/ptychi/aligned"]
+    assert aligned.attrs["registration"]["accepted"] is False
+    assert aligned.attrs["registration"]["confidence"] < 0.6
 
 
 def test_study_keeps_rows_of_a_missing_arm_and_reuses_finished_runs(small_npz, models, tmp_path):
@@ -302,20 +354,30 @@ baseline_model = "{tmp_path / "missing.keras"}"
 """
     )
     assert tomllib.loads(config.read_text())["run"][1]["name"] == "no-baseline"
-    summary = study(config, quiet=True)
-    assert summary["full"]["status"] == "ok"
-    assert summary["no-baseline"]["status"] == "partial"
-    assert summary["no-baseline"]["metrics"]["Baseline"]["mae"] == {"amplitude": None, "phase": None}
-    assert summary["no-baseline"]["metrics"]["PtychoPINN"]["mae"]["amplitude"] > 0
-    deltas = _rows(tmp_path / "out" / "metrics_deltas.csv")
+    runs = {r.name: r for r in study(config, quiet=True)}
+    assert runs["full"].status == "ok"
+    assert runs["no-baseline"].status == "partial"
+    out = tmp_path / "out"
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    jobs = {
+        (j["view"], j["split"]): {(m["model"], m["metric"]): m for m in j["metrics"]} for j in summary["jobs"]
+    }
+    assert jobs["sparse", "test"]["Baseline", "mae"] == {
+        "model": "Baseline",
+        "metric": "mae",
+    }  # empty row kept
+    assert jobs["sparse", "test"]["PtychoPINN", "mae"]["amplitude"] > 0
+    deltas = _rows(out / "study_deltas.csv")
     assert len(deltas) == 2 * len(METRIC_ORDER) * 2
     full = [r for r in deltas if r["run"] == "full" and r["metric"] == "mae" and r["part"] == "amplitude"][0]
-    pinn, base = (summary["full"]["metrics"][k]["mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
+    pinn, base = (jobs["dense", "test"][k, "mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
     assert float(full["pinn_minus_baseline"]) == pytest.approx(pinn - base, abs=1e-6)
     assert all(r["pinn_minus_baseline"] == "" for r in deltas if r["run"] == "no-baseline")
-    assert (tmp_path / "out" / "metrics_deltas.md").read_text().startswith("| run |")
+    assert (out / "study_deltas.md").read_text().startswith("| run |")
+    manifest = json.loads((out / "comparison_manifest.json").read_text())
+    assert [e["returncode"] for e in manifest["execution_results"]] == [0, 0]
     study(config, quiet=True)
-    rerun = json.loads((tmp_path / "out" / "full" / "run.json").read_text())
+    rerun = json.loads((out / "dose_1000" / "dense" / "test" / "run.json").read_text())
     assert {"ingest", "infer:pinn", "stitch:pinn", "score:pinn"} <= set(rerun["reused"])
 
 
@@ -371,7 +433,8 @@ def test_early_refusals_exit_2_before_any_work(small_npz, models, tmp_path, caps
 
     config = tmp_path / "study.toml"
     config.write_text(
-        f'[compare]\nstich_crop_size = {M}\n[[run]]\nname = "a"\ntest_data = "{small_npz}"\n'
+        f'[compare]\nstich_crop_size = {M}\n[[run]]\nname = "a"\ndose = 1000\nview = "dense"\n'
+        f'split = "test"\ntest_data = "{small_npz}"\n'
         f'pinn_model = "{models["PtychoPINN"]}"\n'
     )
     line = _one_error_line(capsys, ["study", config], "'stich_crop_size'")

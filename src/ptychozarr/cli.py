@@ -128,14 +128,9 @@ def _cmd_compare(args) -> int:
 
 
 def _print_result(result) -> None:
-    from ptychozarr.outputs import METRIC_ORDER
+    from ptychozarr.report import format_table
 
-    print(f"{'model':<12} {'metric':<10} {'amplitude':>12} {'phase':>12}")
-    for arm in result.arms:
-        for name in METRIC_ORDER:
-            amp, phase = (arm.metrics or {}).get(name, (None, None))
-            fmt = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
-            print(f"{arm.label:<12} {name:<10} {fmt(amp):>12} {fmt(phase):>12}")
+    print(format_table(result.arms))
     for label, error in result.errors.items():
         print(f"warning: {label}: {error}", file=sys.stderr)
     if "metrics_csv" in result.run["outputs"]:
@@ -152,9 +147,11 @@ def _add_study(sub) -> None:
     p = sub.add_parser(
         "study",
         help="run a grid of compares from a TOML config",
-        description="Run every [[run]] of a study TOML and write metrics_summary.json and PINN delta tables "
-        "(CSV and Markdown). The [compare] table takes the options of `ptychozarr compare` (underscores "
-        "for dashes); an unknown key is refused before any run.",
+        description="Run every [[run]] of a study TOML into <output_dir>/dose_<dose>/<view>/<split>/ and "
+        "write PtychoPINN's study files (comparison_manifest.json, metrics_summary.json/.md) with "
+        "study_deltas.* and study_conditions.* beside them; print a summary table. The [compare] table "
+        "takes the options of `ptychozarr compare` (underscores for dashes); an unknown key is refused "
+        "before any run.",
         epilog="example study.toml:\n\n" + EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -167,12 +164,12 @@ def _add_study(sub) -> None:
 
 
 def _cmd_study(args) -> int:
+    from ptychozarr.report import format_study_table
     from ptychozarr.study import study
 
-    summary = study(args.config, force=args.force, quiet=args.quiet)
-    for name, entry in summary.items():
-        print(f"{name}: {entry['status']}")
-    return 0 if all(e["status"] == "ok" for e in summary.values()) else 1
+    runs = study(args.config, force=args.force, quiet=args.quiet)
+    print(format_study_table(runs))
+    return 0 if all(r.status == "ok" for r in runs) else 1
 
 
 def _add_train(sub) -> None:

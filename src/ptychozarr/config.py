@@ -99,16 +99,11 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def to_json(value: Any) -> Any:
-    """Parameters and metric dicts as JSON values (tuples → lists, numpy → python, paths → str)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [to_json(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    """``value`` as JSON values: :func:`ptychozarr.report.to_jsonable`, the project's one normaliser
+    (NaN becomes None, so that parameters stored in attrs compare equal when read back)."""
+    from ptychozarr.report.runjson import to_jsonable
+
+    return to_jsonable(value)
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:
@@ -149,6 +144,15 @@ def _float(name: str, value: Any) -> float:
         raise InvalidParameterError(f"{flag(name)} {value!r}: give a number") from None
     if not np.isfinite(number) or number < 0:
         raise InvalidParameterError(f"{flag(name)} {value!r}: give a finite number ≥ 0")
+    return number
+
+
+def _opt_length(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    number = _float(name, value)
+    if number == 0:
+        raise InvalidParameterError(f"{flag(name)} {value!r}: give a length > 0 in metres, e.g. 5e-9")
     return number
 
 
@@ -287,6 +291,12 @@ class OutputOptions(_Options):
 
     save_npz: bool = option(True, "write reconstructions.npz", _bool)
     save_npz_aligned: bool = option(True, "write reconstructions_aligned.npz", _bool)
+    pixel_size: float | None = option(
+        None,
+        "object pixel size in metres, for resolutions in nm in the plot; default: the scan's "
+        "pixel_size_m attribute when it has one",
+        _opt_length,
+    )
 
 
 @dataclass(frozen=True)

@@ -34,28 +34,22 @@ import psutil
 import xarray as xr
 import zarr
 
-from ptychozarr import align, cluster, memory, stages
+from ptychozarr import align, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
-from ptychozarr.io.npz import NpzWriter
-from ptychozarr.outputs import (
-    ArmResult,
-    write_comparison_plot,
-    write_frc_curves,
-    write_json,
-    write_metrics_csv,
-)
+from ptychozarr.outputs import write_objects_plot
 from ptychozarr.preflight import ScanHeader, validate
+from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
 from ptychozarr.stages._common import arm_key, fingerprint, open_run_store, unconsolidate
+from ptychozarr.stitch import CanvasFrame
 
 __all__ = ["Comparison", "compare", "run_compare"]
 
 log = logging.getLogger(__name__)
 
 _MAX_BLOCK = 256  # groups per task at most: larger blocks add memory and no speed (batches are 32)
-_PLOT_SIDE = 2048  # largest side of an image in comparison_plot.png (larger ones are strided)
 _ITERATIVE = ("PtyChi", "Tike")
 
 
@@ -126,6 +120,11 @@ def run_compare(config: CompareConfig) -> Comparison:
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
     with rt.timed("validate"):
         header = validate(config)
+        if config.ptychi_recon is not None and header.has_truth:
+            frame = stages.iterative.check_frame(
+                config.ptychi_recon, config.test_data, config.infer.stitch_crop_size
+            )
+            log.info("iterative reconstruction %s: %s frame", config.ptychi_recon.name, frame)
     with output_lock(config.output_dir):
         store = config.output_dir / "store.zarr"
         scheduler = cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers)
@@ -165,7 +164,7 @@ def run_compare(config: CompareConfig) -> Comparison:
             "warnings": rt.warnings,
             "outputs": written,
         }
-        write_json(config.output_dir / "run.json", payload)
+        report.write_json(config.output_dir / "run.json", payload)
     objects = {
         a.label: da.from_zarr(root[f"arms/{a.key}/object"]) for a in arms if f"arms/{a.key}/object" in root
     }
@@ -190,29 +189,54 @@ def _model_arms(rt, root, ds, groups, config, block_groups) -> tuple[list[ArmRes
 
 
 def _score_arms(rt, root, ds, groups, arms, errors, config) -> None:
-    """Score every arm that has an object; the registration mode picks which arms are registered."""
+    """Align (and register) every arm that has an object, then score them all on one common box.
+
+    The registration mode picks which arms are registered; each arm is marked registered,
+    unregistered, or rejected (registration asked but its measurement not accepted, with the reason).
+    """
     score = config.score
     mode = "none" if score.skip_registration else "ptychi-only" if score.register_ptychi_only else "all"
     registered = align.arms_to_register([a.label for a in arms], mode, iterative_arms=_ITERATIVE)
     gt = ds["objectGuess"].data
     centres = np.asarray(groups["centres"].values)
     scan = np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=1)
+    aligned = {}
     for arm in arms:
         node = root.get(f"arms/{arm.key}")
         if node is None or "object" not in node or not node["object"].attrs.get("complete"):
             errors.setdefault(arm.label, "no reconstruction")
             continue
         try:
-            aligned = stages.score.run(
+            aligned[arm.label] = stages.score.align_arm(
                 rt, node, gt, centres, scan, score, registered=arm.label in registered,
                 crop=config.infer.stitch_crop_size,
             )  # fmt: skip
         except PtychozarrError as exc:
             errors[arm.label] = str(exc)
             log.warning("arm %s: scoring failed: %s", arm.label, exc)
-            continue
-        arm.metrics = aligned.attrs["metrics"]
-        arm.offset = tuple(aligned.attrs["offset"]) if aligned.attrs["offset"] is not None else None
+    try:
+        scored = stages.score.score_arms(rt, list(aligned.values()))
+    except PtychozarrError as exc:  # e.g. no common box: no arm is scored
+        errors.update(dict.fromkeys(aligned, f"scoring failed: {exc}"))
+        log.warning("scoring failed: %s", exc)
+        return
+    by_label = {a.label: a for a in arms}
+    for label, done in zip(aligned, scored, strict=True):
+        arm, registration = by_label[label], aligned[label].registration
+        arm.metrics = _nan_for_none(done.attrs["metrics"])
+        arm.offset = aligned[label].offset
+        arm.registered = arm.offset is not None
+        if registration is not None and not registration["accepted"]:
+            arm.registration_note = registration["reason"]
+
+
+def _nan_for_none(value):
+    """Metrics read back from JSON attrs, with NaN where JSON holds null."""
+    if isinstance(value, dict):
+        return {k: _nan_for_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_for_none(v) for v in value]
+    return float("nan") if value is None else value
 
 
 def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Plan:
@@ -281,41 +305,68 @@ def _probe(model, batch_size: int) -> int:
 
 
 def _report(root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader) -> dict:
-    """The files beside the store; without ground truth only the reconstructions and their plot."""
+    """The files beside the store (:mod:`ptychozarr.report`); without ground truth no CSV and no
+    aligned NPZ, and a plot of the reconstructions alone."""
     out = config.output_dir
     written: dict[str, str] = {}
-    truth = _aligned_truth(root, arms)
+    objects = {a.key: root[f"arms/{a.key}/object"] for a in arms if f"arms/{a.key}/object" in root}
+    scored = [a for a in arms if a.metrics is not None]
     if header.has_truth:
-        written["metrics_csv"] = str(write_metrics_csv(out / "comparison_metrics.csv", arms))
-        for arm in arms:
-            if arm.metrics is not None:
-                write_frc_curves(out / f"{arm.key}_frc_curves.csv", arm.label, arm.metrics["frc"])
-        panels = [
-            (_title(arm), _for_plot(root[f"arms/{arm.key}/aligned"]))
-            for arm in arms
-            if f"arms/{arm.key}/aligned" in root
-        ]
-        if panels and truth is not None:
-            panels.append(("Ground Truth", _for_plot(truth)))
+        written["metrics_csv"] = str(report.write_metrics_csv(out / "comparison_metrics.csv", arms))
+        for arm in scored:
+            report.write_frc_curves(out / f"{arm.key}_frc_curves.csv", arm.label, arm.metrics["frc"])
     else:
         log.warning(
             "the scan has no objectGuess (ground truth): reconstructions and plot only, no "
             "comparison_metrics.csv (as compare_models)"
         )
-        panels = [
-            (arm.label, _for_plot(root[f"arms/{arm.key}/object"]))
-            for arm in arms
-            if f"arms/{arm.key}/object" in root
-        ]
-    if panels:
-        written["plot"] = str(write_comparison_plot(out / "comparison_plot.png", panels))
+    if scored:
+        aligned = {a.key: root[f"arms/{a.key}/aligned"] for a in scored}
+        truths = {a.key: root[f"arms/{a.key}/aligned_gt"] for a in scored}
+        written["plot"] = str(
+            report.write_comparison_figure(
+                out / "comparison_plot.png", {a.label: truths[a.key] for a in scored},
+                {a.label: aligned[a.key] for a in scored}, arms, title=_title(config, ds),
+                pixel_size_m=config.output.pixel_size or ds.attrs.get("pixel_size_m"),
+            )
+        )  # fmt: skip
+        if config.output.save_npz_aligned:
+            offsets = {a.key: a.offset for a in scored}
+            written["reconstructions_aligned"] = str(
+                report.write_aligned_npz(
+                    out / "reconstructions_aligned.npz", aligned, truths, offsets=offsets
+                )
+            )
+    elif objects and not header.has_truth:
+        panels = [(a.label, root[f"arms/{a.key}/object"]) for a in arms if a.key in objects]
+        written["plot"] = str(write_objects_plot(out / "comparison_plot.png", panels))
     if config.output.save_npz:
-        written["reconstructions"] = str(_save_npz(out / "reconstructions.npz", root, arms, "object", ds))
-    if config.output.save_npz_aligned and header.has_truth:
-        written["reconstructions_aligned"] = str(
-            _save_npz(out / "reconstructions_aligned.npz", root, arms, "aligned", ds)
+        truth = ds["objectGuess"].data if header.has_truth else None
+        origins = {key: _origin(root[f"arms/{key}"]) for key in objects}
+        written["reconstructions"] = str(
+            report.write_reconstructions_npz(
+                out / "reconstructions.npz", objects, origins, ground_truth=truth
+            )
         )
     return written
+
+
+def _title(config: CompareConfig, ds: xr.Dataset) -> str:
+    """The figure's title: the scan's name, its size and the crop."""
+    return (
+        f"{Path(config.test_data).name}: {ds.sizes['pattern']} patterns of {ds.sizes['det_y']}², "
+        f"crop M = {config.infer.stitch_crop_size}"
+    )
+
+
+def _origin(node: zarr.Group) -> tuple[float, float] | None:
+    """Object pixel of an object's pixel (0, 0): the canvas frame's origin for a stitched object,
+    (0, 0) for an iterative object in the whole-object frame, None when unknown."""
+    source = node["object"]
+    if "canvas" in source.attrs:
+        return tuple(CanvasFrame.from_attrs(source.attrs["canvas"]).origin)
+    aligned = node.get("aligned")
+    return (0.0, 0.0) if aligned is not None and aligned.attrs.get("frame") == "object" else None
 
 
 def _consolidate(store: Path) -> None:
@@ -323,57 +374,6 @@ def _consolidate(store: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
         zarr.consolidate_metadata(zarr.storage.LocalStore(store))
-
-
-def _title(arm: ArmResult) -> str:
-    if arm.offset is None:
-        return arm.label
-    return f"{arm.label}\n(offset: ({arm.offset[0]:.2f}, {arm.offset[1]:.2f}))"
-
-
-def _aligned_truth(root: zarr.Group, arms: list[ArmResult]) -> zarr.Array | None:
-    """The ground truth cut to the first scored arm's box (what the plot and the aligned NPZ show)."""
-    return next((root[f"arms/{a.key}/aligned_gt"] for a in arms if f"arms/{a.key}/aligned_gt" in root), None)
-
-
-def _for_plot(array: zarr.Array) -> np.ndarray:
-    step = max(1, -(-max(array.shape) // _PLOT_SIDE))
-    return np.asarray(array[::step, ::step])
-
-
-def _save_npz(path: Path, root, arms, name: str, ds) -> Path:
-    """Amplitude, phase and complex of each arm's ``name`` array (and the ground truth), row by row."""
-    tmp = path.with_suffix(".tmp.npz")
-    with NpzWriter(tmp, compress=True) as npz:
-        for arm in arms:
-            key = f"arms/{arm.key}/{name}"
-            if key not in root:
-                continue
-            _stream_parts(npz, arm.key if arm.key != "pinn" else "ptychopinn", root[key])
-            if name == "aligned":
-                offset = arm.offset if arm.offset is not None else (np.nan, np.nan)
-                npz.write(f"{arm.key}_offset_dy", np.float64(offset[0]))
-                npz.write(f"{arm.key}_offset_dx", np.float64(offset[1]))
-        if name == "object" and "objectGuess" in ds:
-            _stream_parts(npz, "ground_truth", ds["objectGuess"].data)
-        elif name == "aligned":
-            gt = _aligned_truth(root, arms)
-            if gt is not None:
-                _stream_parts(npz, "ground_truth", gt)
-    tmp.replace(path)
-    return path
-
-
-def _stream_parts(npz: NpzWriter, prefix: str, array) -> None:
-    rows = max(1, 2**24 // max(1, array.shape[1] * 8))
-    for part, func, dtype in (
-        ("amplitude", np.abs, np.float32),
-        ("phase", np.angle, np.float32),
-        ("complex", np.asarray, np.complex64),
-    ):
-        with npz.stream(f"{prefix}_{part}", array.shape, dtype) as append:
-            for start in range(0, array.shape[0], rows):
-                append(func(np.asarray(array[start : start + rows])).astype(dtype))
 
 
 def _inputs(config: CompareConfig, ds: xr.Dataset) -> dict:

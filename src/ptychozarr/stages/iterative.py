@@ -1,19 +1,27 @@
-"""Iterative stage: an imported reconstruction NPZ (pty-chi, tike) as one more arm's object."""
+"""Iterative stage: an imported reconstruction NPZ (pty-chi, tike) as one more arm's object.
+
+The object may be given in the scan-box frame (compare_models' expectation: the ground truth cut to
+the box of the scan positions with an M/2 margin) or in the whole-object frame (the shape of
+``objectGuess``); :func:`check_frame` finds which from the files' headers before any work, and refuses a
+shape that fits neither.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import zarr
 
+from ptychozarr import align
 from ptychozarr.errors import InvalidScanError, PtychozarrError
 from ptychozarr.io import mark_complete
 from ptychozarr.io.npz import NpzReader
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import arm_key, fingerprint, matches
 
-__all__ = ["read_reconstruction", "run"]
+__all__ = ["check_frame", "read_reconstruction", "run"]
 
 
 def run(rt: Runtime, root: zarr.Group, path: Path) -> tuple[str, str, float | None]:
@@ -33,6 +41,43 @@ def run(rt: Runtime, root: zarr.Group, path: Path) -> tuple[str, str, float | No
             out[...] = obj
             mark_complete(out, params=params, label=label, seconds=seconds)
     return key, label, seconds
+
+
+def check_frame(path: Path, test_data: Path, crop: int) -> str:
+    """The frame of the iterative object, ``"scan"`` or ``"object"``, read from headers only.
+
+    The scan box is taken from every scan position (the run later cuts it from the group centres,
+    which lie inside it). Placement is :func:`ptychozarr.align.align_iterative` itself, run on lazy
+    placeholders of the shapes.
+
+    Raises
+    ------
+    InvalidScanError
+        When the object's shape fits neither frame.
+    """
+    with NpzReader(path) as reader:
+        shape = reader.member("reconstructed_object").shape
+    gt_shape, positions = _truth_shape_and_positions(test_data)
+    try:
+        *_, frame = align.align_iterative(
+            da.zeros(shape, chunks=-1), da.zeros(gt_shape, chunks=-1), positions, crop
+        )
+    except InvalidScanError as exc:
+        raise InvalidScanError(f"--ptychi-recon {path}: {exc}") from None
+    return frame
+
+
+def _truth_shape_and_positions(test_data: Path) -> tuple[tuple[int, int], np.ndarray]:
+    """``objectGuess``'s shape and the scan positions (x, y) of an NPZ or an ingested store."""
+    if test_data.suffix == ".npz":
+        with NpzReader(test_data) as reader:
+            gt_shape = reader.member("objectGuess").shape
+            positions = np.stack([reader.read("xcoords"), reader.read("ycoords")], axis=1)
+        return gt_shape, positions
+    from ptychozarr.io import open_dataset
+
+    ds = open_dataset(test_data)
+    return ds["objectGuess"].shape, np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=1)
 
 
 def read_reconstruction(path: Path) -> tuple[np.ndarray, float | None, str]:

@@ -1,28 +1,42 @@
-"""Score stage: an arm's object aligned to the ground truth, registered if asked, and scored.
+"""Score stage: every arm aligned to the ground truth, registered if asked, and scored on one box.
+
+Two passes, so that every arm is scored on identical shapes (FRC rings mean the same frequencies):
+
+1. :func:`align_arm` puts an arm's object on the ground truth's grid (placement, coordinates, fixed
+   canvas, or :func:`ptychozarr.align.align_iterative` for an imported iterative object in either of
+   its frames) and, when asked, registers it (:func:`ptychozarr.align.find_offset`; a measurement that
+   is not accepted leaves the arm unregistered, with a warning naming why);
+2. :func:`score_arms` cuts every arm and its truth to one box (:func:`ptychozarr.align.crop_to_common`)
+   and evaluates each pair.
 
 Writes ``arms/<arm>/aligned`` and ``aligned_gt`` (named dimensions ``aligned_y``, ``aligned_x``); the
-metrics and the registration offset go to ``aligned``'s attrs. The patch size M that placement uses
-is read from the arm's stored patches (the iterative arm, which has none, uses the configured M).
+metrics, the registration (offset, confidence, accepted, reason) and the box go to ``aligned``'s attrs.
+The patch size M that placement uses is read from the arm's stored patches (the iterative arm, which
+has none, uses the configured M). An arm whose output is complete with the same parameters, box
+included, is reused, without measuring its registration again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
 import zarr
 
 from ptychozarr import align, memory
-from ptychozarr.config import ScoreOptions, to_json
-from ptychozarr.io import mark_complete
+from ptychozarr.config import ScoreOptions
+from ptychozarr.io import is_complete, mark_complete
 from ptychozarr.metrics import evaluate
+from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame
 
-__all__ = ["DIMS", "HALO", "project_memory", "run"]
+__all__ = ["DIMS", "HALO", "Aligned", "align_arm", "project_memory", "score_arms"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,40 @@ def project_memory(*, chunk: int) -> memory.TaskMemory:
     return dataclasses.replace(memory.project_metrics(chunk, HALO), knob="tile")
 
 
-def run(
+@dataclass
+class Aligned:
+    """One arm on the ground truth's grid, registered when asked, before the common crop.
+
+    Attributes
+    ----------
+    node : zarr.Group
+        The arm's group (``arms/<key>``).
+    params : dict
+        What the alignment and registration depend on (JSON values).
+    recon, truth : dask.array.Array
+        The aligned (and shifted) object and its ground-truth crop, of equal shape.
+    registration : dict or None
+        ``offset`` (applied, or None), ``measured``, ``confidence``, ``accepted`` and ``reason``; None
+        when the arm was not to be registered.
+    frame : str or None
+        ``"scan"`` or ``"object"``: the frame an imported iterative object was given in.
+    """
+
+    node: zarr.Group
+    params: dict
+    recon: da.Array
+    truth: da.Array
+    registration: dict | None = None
+    frame: str | None = None
+
+    @property
+    def offset(self) -> tuple[float, float] | None:
+        """The applied registration offset (dy, dx), or None when the arm is scored unregistered."""
+        off = (self.registration or {}).get("offset")
+        return None if off is None else (float(off[0]), float(off[1]))
+
+
+def align_arm(
     rt: Runtime,
     node: zarr.Group,
     gt: da.Array,
@@ -47,67 +94,119 @@ def run(
     *,
     registered: bool,
     crop: int,
-) -> zarr.Array:
-    """Align, register and score ``node/object``; returns ``node/aligned`` (metrics in its attrs).
+) -> Aligned:
+    """Pass 1: put ``node/object`` on the ground truth's grid and register it when ``registered``.
 
-    ``crop`` is the configured M, used only when the arm has no stored patches (the iterative arm).
+    ``crop`` is the configured M, used only when the arm has no stored patches (the iterative arm). A
+    registration stored by a complete earlier score with the same parameters is reused.
     """
-    name = f"score:{node.basename}"
     if "patches" in node:
         crop = int(node["patches"]["patches"].shape[-1])
-    params = {
-        **to_json(options.__dict__),
-        "crop": crop,
-        "object": dict(node["object"].attrs),
-        "registered": registered,
-    }
-    with rt.timed(name):
-        if not rt.force and matches(node.get("aligned"), params):
-            rt.reuse(name)
-        else:
-            _score(rt, node, gt, centres, scan, params)
-    return node["aligned"]
+    params = to_jsonable(
+        {**options.__dict__, "crop": crop, "object": dict(node["object"].attrs), "registered": registered}
+    )
+    with rt.timed(f"align:{node.basename}"):
+        recon, truth, frame = _align(node, gt, centres, scan, params)
+        registration = None
+        if registered:
+            registration = _stored_registration(node, params) if not rt.force else None
+            if registration is None:
+                registration = _register(recon, truth, params)
+            if not registration["accepted"]:
+                rt.warn(
+                    f"{node.basename}: registration refused ({registration['reason']}); scored unregistered"
+                )
+            if registration["offset"] is not None:
+                recon = align.fourier_shift(recon, tuple(registration["offset"]))
+    return Aligned(node, params, da.asarray(recon), da.asarray(truth), registration, frame)
 
 
-def _score(rt: Runtime, node, gt, centres, scan, params) -> None:
-    log.info("stage score: aligning and scoring %s", node.basename)
+def _align(node, gt, centres, scan, params) -> tuple:
+    """(recon, truth, frame) on one grid, by the configured alignment; frame only for an import."""
     source = node["object"]
     recon = da.from_zarr(source)
     crop = params["crop"]
+    if "patches" not in node and "canvas" not in source.attrs:
+        recon, truth, frame = align.align_iterative(recon, gt, centres, crop)
+        log.info("arm %s: iterative reconstruction in the %s frame", node.basename, _FRAMES[frame])
+        return recon, truth, frame
     if params["fixed_canvas"]:
-        recon, truth = align.align_fixed_canvas(recon, gt, scan, crop)
-    elif params["alignment"] == "placement" and "canvas" in source.attrs:
+        return (*align.align_fixed_canvas(recon, gt, scan, crop), None)
+    if params["alignment"] == "placement" and "canvas" in source.attrs:
         origin = CanvasFrame.from_attrs(source.attrs["canvas"]).origin
-        recon, truth = align.align_by_placement(recon, gt, origin, positions_xy=centres, patch_size=crop)
-    else:
-        recon, truth = align.align_by_coordinates(recon, gt, centres, crop)
-    offset = None
-    if params["registered"]:
-        found = align.find_offset(recon, truth)
-        if max(map(abs, found.offset)) <= params["max_registration_shift"]:
-            recon, truth = align.shift_and_crop(recon, truth, found.offset)
-            offset = found.offset
-        else:
-            rt.warn(
-                f"{node.basename}: registration found a shift of {found.offset} px, more than "
-                f"--max-registration-shift {params['max_registration_shift']}; scored unregistered"
-            )
+        return (*align.align_by_placement(recon, gt, origin, positions_xy=centres, patch_size=crop), None)
+    return (*align.align_by_coordinates(recon, gt, centres, crop), None)
+
+
+_FRAMES = {"scan": "scan-box", "object": "whole-object (objectGuess)"}
+
+
+def _stored_registration(node: zarr.Group, params: dict) -> dict | None:
+    """The registration a complete earlier score measured with the same alignment parameters."""
+    aligned = node.get("aligned")
+    if aligned is None or not is_complete(aligned) or aligned.attrs.get("params", {}).get("align") != params:
+        return None
+    return aligned.attrs.get("registration")
+
+
+def _register(recon, truth, params: dict) -> dict:
+    """Measure the arm's shift; the offset to apply is None when the measurement is not accepted."""
+    found = align.find_offset(recon, truth, max_shift=params["max_registration_shift"])
+    return to_jsonable(
+        {
+            "offset": found.offset if found.accepted else None,
+            "measured": found.offset,
+            "confidence": found.confidence,
+            "accepted": found.accepted,
+            "reason": found.reason,
+        }
+    )
+
+
+def score_arms(rt: Runtime, arms: Sequence[Aligned]) -> list[zarr.Array]:
+    """Pass 2: cut every arm to the common box, score each and store ``aligned`` / ``aligned_gt``.
+
+    Returns each arm's ``aligned`` array (metrics, registration and box in its attrs), in order.
+    """
+    if not arms:
+        return []
+    pairs = align.crop_to_common(
+        {i: (a.recon, a.truth) for i, a in enumerate(arms)}, {i: a.offset for i, a in enumerate(arms)}
+    )
+    out = []
+    for i, arm in enumerate(arms):
+        recon, truth = pairs[i]
+        params = {"align": arm.params, "box": list(recon.shape)}
+        name = f"score:{arm.node.basename}"
+        with rt.timed(name):
+            if not rt.force and matches(arm.node.get("aligned"), params):
+                rt.reuse(name)
+            else:
+                _score(rt, arm, recon, truth, params)
+        out.append(arm.node["aligned"])
+    return out
+
+
+def _score(rt: Runtime, arm: Aligned, recon, truth, params: dict) -> None:
+    log.info("stage score: scoring %s on a %s box", arm.node.basename, tuple(recon.shape))
+    options = params["align"]
     metrics = rt.compute(
-        "metrics", evaluate, recon, truth, phase_align=params["phase_align_method"],
-        ms_ssim_sigma=params["ms_ssim_sigma"], frc_sigma=params["frc_sigma"], progress=False,
+        "metrics", evaluate, recon, truth, phase_align=options["phase_align_method"],
+        ms_ssim_sigma=options["ms_ssim_sigma"], frc_sigma=options["frc_sigma"], progress=False,
     )  # fmt: skip
+    node = arm.node
     for name, image in (("aligned_gt", truth), ("aligned", recon)):
-        out = node.create_array(
+        target = node.create_array(
             name, shape=image.shape, dtype=np.complex64, chunks=tuple(min(s, 1024) for s in image.shape),
             overwrite=True, attributes={"complete": False}, dimension_names=DIMS,
         )  # fmt: skip
-        rt.compute(
-            "metrics", da.store, da.asarray(image).astype(np.complex64), out, lock=False, progress=False
-        )
+        rt.compute("metrics", da.store, image.astype(np.complex64), target, lock=False, progress=False)
     mark_complete(node["aligned_gt"])
     mark_complete(
         node["aligned"],
-        params=to_json(params),
-        metrics=to_json(metrics),
-        offset=None if offset is None else [float(v) for v in offset],
+        params=to_jsonable(params),
+        metrics=to_jsonable(metrics),
+        offset=None if arm.offset is None else list(arm.offset),
+        registration=arm.registration,
+        frame=arm.frame,
     )
