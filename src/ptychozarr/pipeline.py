@@ -38,7 +38,6 @@ from ptychozarr import align, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
-from ptychozarr.outputs import write_objects_plot
 from ptychozarr.preflight import ScanHeader, validate
 from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
@@ -339,7 +338,7 @@ def _report(root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, 
             )
     elif objects and not header.has_truth:
         panels = [(a.label, root[f"arms/{a.key}/object"]) for a in arms if a.key in objects]
-        written["plot"] = str(write_objects_plot(out / "comparison_plot.png", panels))
+        written["plot"] = str(report.write_objects_plot(out / "comparison_plot.png", panels))
     if config.output.save_npz:
         truth = ds["objectGuess"].data if header.has_truth else None
         origins = {key: _origin(root[f"arms/{key}"]) for key in objects}

@@ -13,7 +13,7 @@ and paths, and writes one file under a unique temporary name before renaming it 
 - :mod:`~ptychozarr.report.resolution`: FRC ring counts, the half-bit threshold, crossings.
 """
 
-from ptychozarr.report.figure import comparison_figure, write_comparison_figure
+from ptychozarr.report.figure import comparison_figure, write_comparison_figure, write_objects_plot
 from ptychozarr.report.npz import npz_prefix, write_aligned_npz, write_reconstructions_npz
 from ptychozarr.report.resolution import (
     frc_side,
@@ -70,6 +70,7 @@ __all__ = [
     "to_jsonable",
     "write_aligned_npz",
     "write_comparison_figure",
+    "write_objects_plot",
     "write_frc_curves",
     "write_json",
     "write_metrics_csv",

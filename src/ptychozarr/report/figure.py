@@ -43,7 +43,7 @@ from ptychozarr.report.tables import METRIC_ORDER, ArmResult
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["comparison_figure", "write_comparison_figure"]
+__all__ = ["comparison_figure", "write_comparison_figure", "write_objects_plot"]
 
 _MAX_SIDE = 2048
 _PANEL_IN = 3.0
@@ -350,3 +350,37 @@ def _draw_frc(
         per_ring = 1.0 / (drawn[0] * pixel_size_m * 1e9)  # cycles per nm of one ring
         top = ax.secondary_xaxis("top", functions=(lambda r: r * per_ring, lambda f: f / per_ring))
         top.set_xlabel("spatial frequency (1/nm)", fontsize=8)
+
+
+def write_objects_plot(
+    path: str | os.PathLike, panels: Sequence[tuple[str, object]], p_min: float = 10.0, p_max: float = 90.0
+) -> Path:
+    """Phase over amplitude for each ``(title, complex 2-D array)`` panel, per-panel percentile limits:
+    the plot of a scan without ground truth, which has no truth to set the arms beside.
+
+    Arrays may be numpy, Zarr or dask; images larger than 2048 px are strided, so only that many
+    pixels are read.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5 * len(panels), 9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(panels), squeeze=False)
+    for col, (title, array) in enumerate(panels):
+        image = _strided(array, _step(array.shape, _MAX_SIDE))
+        for row, (part, cmap) in enumerate(((np.angle, "viridis"), (np.abs, "gray"))):
+            values = part(image)
+            finite = values[np.isfinite(values)]
+            lo, hi = np.percentile(finite, [p_min, p_max]) if finite.size else (0, 1)
+            ax = axes[row, col]
+            shown = ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi)
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, col].set_title(title)
+    axes[0, 0].set_ylabel("Phase", fontsize=14)
+    axes[1, 0].set_ylabel("Amplitude", fontsize=14)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    return Path(path)
