@@ -22,7 +22,6 @@ with consolidated metadata, so ``xarray.open_datatree(store, engine="zarr")`` op
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import dask.array as da
@@ -33,7 +32,7 @@ import zarr
 from ptychozarr import inference
 from ptychozarr import stitch as _stitch
 from ptychozarr.errors import InvalidParameterError, StoreError
-from ptychozarr.io import mark_complete
+from ptychozarr.io import consolidate, mark_complete
 from ptychozarr.models import Model
 from ptychozarr.stages.stitch import DIMS as OBJECT_DIMS
 from ptychozarr.stages.stitch import write_object
@@ -95,7 +94,7 @@ def infer(
         node.create_array(name, data=result[name].values, dimension_names=result[name].dims)
     da.store(patches, target, lock=False)
     mark_complete(node, **result.attrs)
-    _consolidate(root)
+    consolidate(root.store)
     variables = {name: (result[name].dims, da.from_zarr(node[name])) for name in _PATCH_ARRAYS}
     return xr.Dataset(variables, coords=result.coords, attrs=result.attrs)
 
@@ -148,7 +147,7 @@ def stitch(
     out = write_object(
         root, patches, positions, weights, tile=tile, canvas=canvas, block=block, overwrite=overwrite
     )
-    _consolidate(root)
+    consolidate(root.store)
     return da.from_zarr(out), _stitch.CanvasFrame.from_attrs(out.attrs["canvas"])
 
 
@@ -158,12 +157,6 @@ def _open(store: Store) -> zarr.Group:
         return zarr.open_group(store.store, path=store.path, mode="a", zarr_format=3, use_consolidated=False)
     return zarr.open_group(zarr.storage.LocalStore(store), mode="a", zarr_format=3, use_consolidated=False)
 
-
-def _consolidate(group: zarr.Group) -> None:
-    """Consolidate the metadata of ``group``'s whole store, so that readers open it in one read."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
-        zarr.consolidate_metadata(group.store)
 
 
 def _where(group: zarr.Group) -> str:

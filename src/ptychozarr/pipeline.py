@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from ptychozarr import align, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
+from ptychozarr.io import consolidate
 from ptychozarr.preflight import ScanHeader, validate
 from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
@@ -148,11 +148,15 @@ def run_compare(config: CompareConfig) -> Comparison:
                 loads |= client.run(load_count)
         with rt.timed("report"):
             written = _report(root, arms, ds, config, header)
-            _consolidate(store)
+            provenance = {
+                "inputs": _inputs(config, ds),
+                "parameters": config.options(exclude=("quiet", "force")),
+                "versions": _versions(),
+            }
+            root.attrs.update(report.to_jsonable(provenance))
+            consolidate(store)
         payload = {
-            "inputs": _inputs(config, ds),
-            "parameters": config.options(exclude=("quiet", "force")),
-            "versions": _versions(),
+            **provenance,
             "stages": rt.stage_record(),
             "reused": rt.reused,
             "blocks": rt.blocks,
@@ -366,13 +370,6 @@ def _origin(node: zarr.Group) -> tuple[float, float] | None:
         return tuple(CanvasFrame.from_attrs(source.attrs["canvas"]).origin)
     aligned = node.get("aligned")
     return (0.0, 0.0) if aligned is not None and aligned.attrs.get("frame") == "object" else None
-
-
-def _consolidate(store: Path) -> None:
-    """Consolidate the store's metadata, so that readers open it in one read."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
-        zarr.consolidate_metadata(zarr.storage.LocalStore(store))
 
 
 def _inputs(config: CompareConfig, ds: xr.Dataset) -> dict:

@@ -3,6 +3,7 @@
 from ptychozarr.io.npz import NpzReader, NpzWriter
 from ptychozarr.io.order import curve_order
 from ptychozarr.io.store import (
+    consolidate,
     ingest,
     is_complete,
     mark_complete,
@@ -16,6 +17,7 @@ from ptychozarr.io.store import (
 __all__ = [
     "NpzReader",
     "NpzWriter",
+    "consolidate",
     "curve_order",
     "ingest",
     "is_complete",

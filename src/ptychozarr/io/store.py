@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from ptychozarr.io.validate import (
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "SCHEMA_VERSION",
+    "consolidate",
     "ingest",
     "is_complete",
     "mark_complete",
@@ -86,6 +88,15 @@ _PATTERN_ORDER = "Hilbert curve of (xcoords, ycoords); input_index holds each pa
 def mark_complete(node: zarr.Group | zarr.Array, **attrs) -> None:
     """Record ``attrs`` and ``complete: true`` on a group or array; call after its last chunk."""
     node.attrs.update({**attrs, "complete": True})
+
+
+def consolidate(store: str | Path | zarr.abc.store.Store) -> None:
+    """Consolidate the metadata of a whole store (a path or a Zarr store), so readers open it in one read."""
+    if not isinstance(store, zarr.abc.store.Store):
+        store = zarr.storage.LocalStore(store)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        zarr.consolidate_metadata(store)
 
 
 def is_complete(node: zarr.Group | zarr.Array) -> bool:
