@@ -63,6 +63,15 @@ def test_object_and_probe_are_structured():
     assert energy[np.hypot(rows, cols) < 20].sum() > 0.99 * energy.sum()  # confined, band-limited
 
 
+@pytest.mark.parametrize("size", [128, 256])
+def test_object_phase_has_no_drift_beyond_a_probe_width(size):
+    """A pattern cannot tell a patch's mean phase: the phase's structure lies below the probe's scale."""
+    phase = np.angle(make_object(size))
+    blurred = ndimage.gaussian_filter(phase, sigma=size / 16)  # what survives beyond ~a probe width
+    assert blurred.std() < 0.2 * phase.std()
+    assert phase.std() > 0.4
+
+
 def test_extract_patches_matches_map_coordinates():
     obj = make_object(96)
     x, y = np.array([16.0, 40.25, 80.0, 55.5]), np.array([16.0, 71.9, 80.0, 33.125])

@@ -1,8 +1,8 @@
 """Synthetic ptychography scans that follow the study's data contract (spec §1.3, §1.5).
 
-The object is complex and structured (amplitude from scikit-image's ``camera``, phase from
-``astronaut``), the probe a band-limited, defocused soft aperture, the positions uniform within the object's
-margins, and each pattern
+The object is complex and structured (amplitude from scikit-image's ``camera``, phase from the detail
+of ``astronaut``), the probe a band-limited, defocused soft aperture, the positions uniform within the
+object's margins, and each pattern
 
     A = sqrt(Poisson(s_sim² · |FFT(P·O)|² / N²)) / s_sim,   s_sim = sqrt(dose / mean_patterns Σ|P·O|²),
 
@@ -33,16 +33,26 @@ _BATCH_BYTES = 16 * 2**20  # complex64 exit waves held per batch
 
 
 def make_object(size: int) -> np.ndarray:
-    """A ``size``×``size`` complex64 object: amplitude in [0.2, 1], phase within ±1.4 rad."""
+    """A ``size``×``size`` complex64 object: amplitude in [0.2, 1], phase within ±1.4 rad.
+
+    The amplitude is scikit-image's ``camera``; the phase is the detail of ``astronaut``: the image less
+    its Gaussian blur of width ``size / 40`` (6 px at 256), so that it varies on scales below a probe's
+    footprint. A far-field pattern cannot tell a patch's mean phase, so phase that drifts over more than a
+    probe width is lost to any single-pattern reconstruction; this phase keeps no such drift.
+    """
     from skimage import color, data, filters, transform
 
-    def _unit(image: np.ndarray) -> np.ndarray:
+    def _resized(image: np.ndarray) -> np.ndarray:
         image = transform.resize(image.astype(np.float64), (size, size), anti_aliasing=True)
-        image = filters.gaussian(image, sigma=1.0)
+        return filters.gaussian(image, sigma=1.0)
+
+    def _unit(image: np.ndarray) -> np.ndarray:
         return (image - image.min()) / (np.ptp(image) or 1.0)
 
-    amplitude = 0.2 + 0.8 * _unit(data.camera())
-    phase = 1.4 * (2.0 * _unit(color.rgb2gray(data.astronaut())) - 1.0)
+    amplitude = 0.2 + 0.8 * _unit(_resized(data.camera()))
+    gray = _resized(color.rgb2gray(data.astronaut()))
+    detail = gray - filters.gaussian(gray, sigma=size / 40)
+    phase = 1.4 * np.tanh(detail / (2.0 * detail.std() or 1.0))
     return (amplitude * np.exp(1j * phase)).astype(np.complex64)
 
 
