@@ -60,7 +60,13 @@ def test_object_and_probe_are_structured():
     assert np.abs(probe).max() == pytest.approx(1.0)
     energy = np.abs(probe) ** 2
     rows, cols = np.indices(probe.shape) - 32
-    assert energy[np.hypot(rows, cols) < 20].sum() > 0.99 * energy.sum()  # confined, band-limited
+    radius = np.hypot(rows, cols)
+    assert energy[radius < 24].sum() > 0.99 * energy.sum()  # confined within the window
+    # strongly defocused: the phase grows as π r²/N, so a wave at radius r leaves at r/N cycles per pixel
+    ring = (radius > 5) & (radius < 15)
+    np.testing.assert_allclose(
+        np.angle(probe[ring] * np.exp(-1j * np.pi * radius[ring] ** 2 / 64)), 0, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("size", [128, 256])

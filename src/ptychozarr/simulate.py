@@ -1,7 +1,7 @@
 """Synthetic ptychography scans that follow the study's data contract (spec §1.3, §1.5).
 
 The object is complex and structured (amplitude from scikit-image's ``camera``, phase from the detail
-of ``astronaut``), the probe a band-limited, defocused soft aperture, the positions uniform within the
+of ``astronaut``), the probe a strongly defocused soft aperture, the positions uniform within the
 object's margins, and each pattern
 
     A = sqrt(Poisson(s_sim² · |FFT(P·O)|² / N²)) / s_sim,   s_sim = sqrt(dose / mean_patterns Σ|P·O|²),
@@ -57,16 +57,16 @@ def make_object(size: int) -> np.ndarray:
 
 
 def make_probe(n: int) -> np.ndarray:
-    """An ``n``×``n`` complex64 probe: a soft aperture of radius n/5, defocused and low-passed.
+    """An ``n``×``n`` complex64 probe: a soft aperture of radius 0.3·n under a strong defocus.
 
-    Its energy lies within a radius of about n/4 of the centre; its maximum amplitude is 1.
+    The defocus is the quadratic phase ``π r²/n``, whose local frequency ``r/n`` cycles per pixel sends
+    the wave at radius ``r`` to ``r`` pixels from the centre of the far field: a pattern is a Fresnel
+    image of the illuminated object, as in a strongly defocused (projection) geometry. Its energy lies
+    within a radius of about n/3 of the centre; its maximum amplitude is 1.
     """
     radius = np.hypot(*(np.indices((n, n)) - n / 2))
-    aperture = 1.0 / (1.0 + np.exp(radius - n / 5))
-    k = np.fft.fftfreq(n)
-    k = np.hypot(*np.meshgrid(k, k, indexing="ij"))
-    transfer = np.exp(1j * np.pi * n * k**2) / (1.0 + np.exp((k - 0.25) * 60.0))
-    probe = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(aperture)) * transfer))
+    aperture = 1.0 / (1.0 + np.exp((radius - 0.3 * n) / (n / 40)))
+    probe = aperture * np.exp(1j * np.pi * radius**2 / n)
     return (probe / np.abs(probe).max()).astype(np.complex64)
 
 
