@@ -258,8 +258,8 @@ def _stitched(patches, centres, shape, m=20):
 
 # Floors of the shipped models on a fresh held-out scan (weights/README.md reports their scores on the
 # demo's scan): Pearson r of the amplitude, and of the phase after a best-fit plane, on covered pixels.
-# Measured: PINN 0.95 / 0.05, Baseline 0.96 / 0.70; the PINN does not recover the phase yet.
-HELD_OUT_FLOOR = {"pinn_gs2_n64": (0.9, 0.0), "baseline_n64": (0.9, 0.6)}
+# Measured: PINN 0.96 / 0.58, Baseline 0.96 / 0.72 (the phase short of the 0.8 aim).
+HELD_OUT_FLOOR = {"pinn_gs2_n64": (0.9, 0.5), "baseline_n64": (0.9, 0.65)}
 
 
 @pytest.mark.parametrize("name", sorted(HELD_OUT_FLOOR))
@@ -271,7 +271,7 @@ def test_shipped_models_reconstruct_a_held_out_scan(name, tmp_path):
     from ptychozarr.models.demo import DEMO_SCAN
     from ptychozarr.simulate import simulate
 
-    scan = simulate(tmp_path / "scan.npz", **(DEMO_SCAN | {"n_points": 300, "seed": 11}))
+    scan = simulate(tmp_path / "scan.npz", **(DEMO_SCAN | {"n_points": 1000, "seed": 11}))
     ds = open_dataset(ingest(scan, tmp_path / "scan.zarr"))
     ds.attrs.pop("store")  # group in memory
     model = load_model(demo_weights(name))

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 DEMO_SCAN: dict = {
-    "n_points": 600,
+    "n_points": 1000,
     "patch_size": 64,
     "object_size": 256,
     "dose": 1e6,
