@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import SMALL
 
 from ptychozarr.errors import ModelMismatchError
 from ptychozarr.models import (
@@ -85,6 +86,26 @@ def test_reference_networks_give_amplitude_and_phase_in_range():
     assert len(build_baseline(N, filters=4, depth=2).outputs) == 2
 
 
+def test_phase_gauge_fixes_the_mean_phase_under_the_probe_and_keeps_the_far_field():
+    from ptychozarr.models.reference import far_field, object_from_outputs, with_phase_gauge
+
+    probe = make_probe(N)
+    network = build_pinn(N, 2, filters=4, depth=2)
+    gauged = with_phase_gauge(network, probe)
+    assert with_phase_gauge(gauged, probe) is gauged
+    x = np.random.default_rng(0).random((3, N, N, 4), np.float32)
+    (amp, phase), (amp_g, phase_g) = network(x), gauged(x)
+    weights = np.abs(probe) ** 2
+    np.testing.assert_allclose(np.asarray(amp_g), np.asarray(amp))
+    np.testing.assert_allclose((np.asarray(phase_g)[..., 0] * weights).sum(axis=(1, 2)), 0, atol=1e-4)
+    shift = np.asarray(phase - phase_g)[..., 0]  # one constant per patch
+    np.testing.assert_allclose(shift, shift[:, :1, :1] * np.ones_like(shift), atol=1e-5)
+    patterns = [
+        far_field(object_from_outputs(a, p), tf.constant(probe)) for a, p in ((amp, phase), (amp_g, phase_g))
+    ]
+    np.testing.assert_allclose(*(np.asarray(p) for p in patterns), rtol=1e-3, atol=1e-5)
+
+
 def test_keras_round_trip_applies_the_output_convention(tmp_path):
     network = build_pinn(N, 2, filters=4, depth=2)
     probe = make_probe(N)
@@ -139,30 +160,51 @@ def _touch(path):
     return path
 
 
+def _loss_on(model, kind, store, gain):
+    """The training objective of ``model`` on the whole of ``store``, computed here from its parts."""
+    from ptychozarr.grouping import group, normaliser
+    from ptychozarr.io import open_dataset
+    from ptychozarr.models.reference import far_field, object_from_outputs, poisson_nll
+
+    ds = open_dataset(store)
+    ds.attrs.pop("store")
+    n = ds.sizes["det_y"]
+    if kind == "pinn":
+        groups = group(ds, gridsize=2, k=7, seed=0)
+        members, f = groups["nn_indices"].values, float(groups.attrs["normaliser"])
+        x = np.moveaxis(ds["diffraction"].values[members], 1, -1) * np.float32(f)
+        obj = object_from_outputs(*model.network(x))
+        probe = tf.constant(ds["probeGuess"].values.astype(np.complex64))
+        offsets = tf.constant(groups["offsets"].values.astype(np.float32))
+        predicted = np.float32(gain) * far_field(obj, probe, offsets)
+        return float(poisson_nll(predicted, x, float(np.sqrt(SMALL["dose"]) / (n / 2))))
+    members = np.arange(ds.sizes["pattern"])[:, None]
+    x = ds["diffraction"].values[..., None] * np.float32(normaliser(ds["diffraction"].data, members))
+    pad = n
+    truth = extract_patches(
+        np.pad(ds["objectGuess"].values, pad), ds["xcoords"].values + pad, ds["ycoords"].values + pad, n
+    )
+    amp, phase = (np.asarray(o)[..., 0] for o in model.network(x))
+    return float(
+        np.abs(amp - np.abs(truth)).mean() + np.abs(np.angle(np.exp(1j * (phase - np.angle(truth))))).mean()
+    )
+
+
 @pytest.mark.parametrize("kind, source", [("pinn", "small_store"), ("baseline", "small_npz")])
-def test_training_lowers_the_loss_and_saves_a_loadable_model(kind, source, tmp_path, request):
+def test_training_lowers_the_loss_and_saves_a_loadable_model(kind, source, small_store, tmp_path, request):
+    """Same seed, same start: a few more steps lower the objective, measured here on the data."""
     from ptychozarr.models import train
 
     data = request.getfixturevalue(source)
-    path = train(
-        kind,
-        data,
-        tmp_path,
-        epochs=2,
-        gridsize=2,
-        batch_size=16,
-        filters=4,
-        depth=2,
-        window=400,
-        verbose=False,
-    )
-    model = load_model(path)
-    assert (model.spec.kind, model.spec.N, model.spec.gridsize) == (kind, N, 2 if kind == "pinn" else 1)
-    losses = model.provenance["loss_per_epoch"]
-    assert len(losses) == 2 and losses[1] < losses[0]
-    np.testing.assert_array_equal(model.probe, make_probe(N))
-    x = np.ones((2, N, N, model.spec.channels), np.float32)
-    assert model.predict_batch(x, None).shape == (2, N, N)
+    kw = dict(gridsize=2, batch_size=16, filters=4, depth=2, window=400, verbose=False)
+    start = load_model(train(kind, data, tmp_path / "start", epochs=1, max_steps=1, **kw))
+    trained = load_model(train(kind, data, tmp_path / "trained", epochs=2, learning_rate=3e-3, **kw))
+    assert (trained.spec.kind, trained.spec.N, trained.spec.gridsize) == (kind, N, 2 if kind == "pinn" else 1)
+    losses = [_loss_on(m, kind, small_store, m.provenance.get("gain")) for m in (start, trained)]
+    assert losses[1] < losses[0]
+    np.testing.assert_array_equal(trained.probe, make_probe(N))
+    x = np.ones((2, N, N, trained.spec.channels), np.float32)
+    assert trained.predict_batch(x, None).shape == (2, N, N)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +217,6 @@ def test_shipped_demo_weights_load(name, kind, gridsize):
     assert path.stat().st_size < 3 * 2**20
     spec, provenance = read_spec(path)
     assert (spec.kind, spec.N, spec.gridsize) == (kind, 64, gridsize)
-    assert provenance["loss_per_epoch"][-1] < provenance["loss_per_epoch"][0]
     model = load_model(path)
     out = model.predict_batch(np.zeros((1, 64, 64, gridsize**2), np.float32), None)
     assert out.shape == (1, 64, 64) and np.isfinite(out).all()
@@ -183,9 +224,113 @@ def test_shipped_demo_weights_load(name, kind, gridsize):
 
 def test_training_refuses_impossible_parameters(small_store, tmp_path):
     from ptychozarr.errors import InvalidParameterError
-    from ptychozarr.models import train
+    from ptychozarr.models import demo_weights, train
 
     with pytest.raises(InvalidParameterError, match="kind='gan'"):
         train("gan", small_store, tmp_path)
     with pytest.raises(InvalidParameterError, match="window=8 < batch_size=16"):
         train("pinn", small_store, tmp_path, window=8, batch_size=16)
+    with pytest.raises(InvalidParameterError, match="final_learning_rate=0.1"):
+        train("pinn", small_store, tmp_path, learning_rate=1e-3, final_learning_rate=0.1)
+    shipped = demo_weights("pinn_gs2_n64")
+    with pytest.raises(InvalidParameterError, match="a pinn of N=64, gridsize 2, not the baseline of N=32"):
+        train("baseline", small_store, tmp_path, start_from=shipped)
+
+
+def _plane_removed(values, rows, cols):
+    """``values`` at pixels ``(rows, cols)`` less their least-squares plane."""
+    design = np.stack([rows, cols, np.ones(len(rows))], axis=1)
+    return values - design @ np.linalg.lstsq(design, values, rcond=None)[0]
+
+
+def _stitched(patches, centres, shape, m=20):
+    """Centre m×m of each patch added at its rounded position and averaged, with the covered mask."""
+    total, count = np.zeros(shape, np.complex128), np.zeros(shape)
+    n = patches.shape[-1]
+    inner = patches[:, (n - m) // 2 : (n + m) // 2, (n - m) // 2 : (n + m) // 2]
+    for patch, (x, y) in zip(inner, centres, strict=True):
+        top, left = round(y - m / 2), round(x - m / 2)
+        total[top : top + m, left : left + m] += patch
+        count[top : top + m, left : left + m] += 1
+    covered = count > 0
+    return np.where(covered, total / np.maximum(count, 1), 0), covered
+
+
+# Floors of the shipped models on a fresh held-out scan (weights/README.md reports their scores on the
+# demo's scan): Pearson r of the amplitude, and of the phase after a best-fit plane, on covered pixels.
+# Measured: PINN 0.96 / 0.58, Baseline 0.96 / 0.72 (the phase short of the issue's 0.8 aim).
+HELD_OUT_FLOOR = {"pinn_gs2_n64": (0.9, 0.5), "baseline_n64": (0.9, 0.65)}
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT_FLOOR))
+def test_shipped_models_reconstruct_a_held_out_scan(name, tmp_path):
+    """Fresh positions and noise on the held-out half of the object: the stitched centres match it."""
+    from ptychozarr.grouping import group, normaliser
+    from ptychozarr.io import ingest, open_dataset
+    from ptychozarr.models import demo_weights
+    from ptychozarr.models.demo import DEMO_SCAN
+    from ptychozarr.simulate import simulate
+
+    scan = simulate(tmp_path / "scan.npz", **(DEMO_SCAN | {"n_points": 1000, "seed": 11}))
+    ds = open_dataset(ingest(scan, tmp_path / "scan.zarr"))
+    ds.attrs.pop("store")  # group in memory
+    model = load_model(demo_weights(name))
+    diffraction = ds["diffraction"].values
+    if model.spec.gridsize == 1:
+        members = np.arange(len(diffraction))[:, None]
+        centres = np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=-1)
+        scale = normaliser(ds["diffraction"].data, members)
+    else:
+        groups = group(ds, gridsize=model.spec.gridsize, k=7, seed=0)
+        members, centres = groups["nn_indices"].values, groups["centres"].values
+        scale = float(groups.attrs["normaliser"])
+    x = np.moveaxis(diffraction[members], 1, -1) * np.float32(scale)
+    patches = np.concatenate([model.predict_batch(x[i : i + 64], None) for i in range(0, len(x), 64)])
+    truth = ds["objectGuess"].values
+    recon, covered = _stitched(patches, centres, truth.shape)
+    rows, cols = np.nonzero(covered)
+    r_amp = np.corrcoef(np.abs(recon[covered]), np.abs(truth[covered]))[0, 1]
+    phases = [np.angle(im[covered] * np.exp(-1j * np.angle(im[covered].mean()))) for im in (recon, truth)]
+    r_phase = np.corrcoef(*(_plane_removed(p, rows, cols) for p in phases))[0, 1]
+    assert r_amp >= HELD_OUT_FLOOR[name][0] and r_phase >= HELD_OUT_FLOOR[name][1], (r_amp, r_phase)
+
+
+def test_held_out_scores_against_numpy(tmp_path):
+    """A scaled, offset, plane-tilted copy of the truth scores r = 1; noise scores near 0."""
+    from ptychozarr.models.demo import held_out_scores
+
+    rng = np.random.default_rng(0)
+    amp, phase = rng.random((40, 50)), rng.random((40, 50))
+    rows, cols = np.indices(amp.shape)
+    np.savez(
+        tmp_path / "aligned.npz",
+        ground_truth_amplitude=amp,
+        ground_truth_phase=phase,
+        good_amplitude=np.pad(0.5 * amp + 0.1, 2),  # larger than the truth: centre-cropped
+        good_phase=np.pad(phase + 0.02 * rows - 0.01 * cols + 1.0, 2),
+        noise_amplitude=rng.random((40, 50)),
+        noise_phase=rng.random((40, 50)),
+    )
+    scores = held_out_scores(tmp_path / "aligned.npz", ["Good", "Noise"])
+    assert scores["Good"]["r_amplitude"] == pytest.approx(1.0, abs=1e-3)
+    assert scores["Good"]["r_phase"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(scores["Noise"]["r_amplitude"]) < 0.1 and abs(scores["Noise"]["r_phase"]) < 0.1
+    assert scores["constant"]["r_amplitude"] == 0.0
+    from skimage.metrics import structural_similarity
+
+    want = structural_similarity(0.5 * amp + 0.1, amp, data_range=float(np.ptp(amp)))
+    assert scores["Good"]["ssim_amplitude"] == pytest.approx(want, abs=1e-3)
+    assert scores["Good"]["ssim_phase"] == pytest.approx(1.0, abs=1e-3)
+    assert scores["constant"]["ssim_amplitude"] < scores["Good"]["ssim_amplitude"]
+
+
+def test_describe_models_is_one_line_of_the_recorded_scores():
+    from ptychozarr.models.demo import SCORES_FILE, describe_models
+
+    line = describe_models()
+    scores = json.loads(SCORES_FILE.read_text())["scores"]
+    assert "\n" not in line and "PtychoPINN" in line and "Baseline" in line and "simulated" in line
+    assert (
+        f"{scores['PtychoPINN']['r_phase']:.2f}" in line
+        and f"{scores['Baseline']['r_amplitude']:.2f}" in line
+    )

@@ -60,7 +60,22 @@ def test_object_and_probe_are_structured():
     assert np.abs(probe).max() == pytest.approx(1.0)
     energy = np.abs(probe) ** 2
     rows, cols = np.indices(probe.shape) - 32
-    assert energy[np.hypot(rows, cols) < 20].sum() > 0.99 * energy.sum()  # confined, band-limited
+    radius = np.hypot(rows, cols)
+    assert energy[radius < 24].sum() > 0.99 * energy.sum()  # confined within the window
+    # strongly defocused: the phase grows as π r²/N, so a wave at radius r leaves at r/N cycles per pixel
+    ring = (radius > 5) & (radius < 15)
+    np.testing.assert_allclose(
+        np.angle(probe[ring] * np.exp(-1j * np.pi * radius[ring] ** 2 / 64)), 0, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_object_phase_has_no_drift_beyond_a_probe_width(size):
+    """A pattern cannot tell a patch's mean phase: the phase's structure lies below the probe's scale."""
+    phase = np.angle(make_object(size))
+    blurred = ndimage.gaussian_filter(phase, sigma=size / 16)  # what survives beyond ~a probe width
+    assert blurred.std() < 0.2 * phase.std()
+    assert phase.std() > 0.4
 
 
 def test_extract_patches_matches_map_coordinates():

@@ -19,14 +19,28 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["build_baseline", "build_pinn", "far_field", "poisson_nll", "translate", "object_from_outputs"]
+__all__ = [
+    "build_baseline",
+    "build_pinn",
+    "far_field",
+    "object_from_outputs",
+    "poisson_nll",
+    "translate",
+    "with_phase_gauge",
+]
 
 
-def _conv(x, filters: int, name: str):
+def _conv(x, filters: int, name: str, batch_norm: bool = False):
+    """Two 3×3 convolutions with ReLU, each batch-normalised before its ReLU when ``batch_norm``."""
     import keras
 
     for i in range(2):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv{i}")(x)
+        if batch_norm:
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
+            x = keras.layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+            x = keras.layers.ReLU(name=f"{name}_relu{i}")(x)
+        else:
+            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv{i}")(x)
     return x
 
 
@@ -49,7 +63,7 @@ def _check_depth(N: int, depth: int) -> None:
         )
 
 
-def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3):
+def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
     """Encoder–decoder from a group's diffraction to the group's object patch.
 
     Parameters
@@ -62,6 +76,8 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3):
         Filters of the first stage; each deeper stage doubles them.
     depth : int
         Number of 2× pooling stages (``N`` must be divisible by ``2**depth``).
+    batch_norm : bool
+        Batch-normalise every convolution before its ReLU (faster training).
 
     Returns
     -------
@@ -74,16 +90,16 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3):
     inp = keras.Input((N, N, gridsize**2), name="diffraction")
     x = inp
     for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}")
+        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
         x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck")
+    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
     for level in reversed(range(depth)):
         x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
-        x = _conv(x, filters * 2**level, f"dec{level}")
+        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
     return keras.Model(inp, _heads(x), name=f"pinn_gs{gridsize}_n{N}")
 
 
-def build_baseline(N: int, filters: int = 16, depth: int = 3):
+def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
     """U-Net from one diffraction pattern to its object patch.
 
     Parameters
@@ -92,6 +108,8 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3):
         Pattern side.
     filters, depth : int
         As in :func:`build_pinn`; the U-Net adds skip connections between matching stages.
+    batch_norm : bool
+        As in :func:`build_pinn`.
 
     Returns
     -------
@@ -104,15 +122,51 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3):
     inp = keras.Input((N, N, 1), name="diffraction")
     x, skips = inp, []
     for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}")
+        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
         skips.append(x)
         x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck")
+    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
     for level in reversed(range(depth)):
         x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
         x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
-        x = _conv(x, filters * 2**level, f"dec{level}")
+        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
     return keras.Model(inp, _heads(x), name=f"baseline_n{N}")
+
+
+def with_phase_gauge(network, probe):
+    """The network with its phase shifted to zero mean under the probe's intensity ``|P|²``.
+
+    A far-field pattern does not change when its patch's phase changes by a constant, so the PINN's loss
+    leaves each patch's mean phase free, and patches stitched side by side disagree by those constants.
+    This output stage fixes the constant (stock layers: a fixed ``N×N`` convolution with weights
+    ``|P|²/Σ|P|²``, spread back and subtracted); it changes neither the loss nor its gradients. A network
+    that has the stage already is returned as it is.
+
+    Parameters
+    ----------
+    network : keras.Model
+        Outputs ``[amplitude, phase]``, each ``(b, N, N, 1)``.
+    probe : ndarray, (N, N) complex
+
+    Returns
+    -------
+    keras.Model
+    """
+    import keras
+    import numpy as np
+
+    if any(layer.name == "phase_gauge" for layer in network.layers):
+        return network
+    n = probe.shape[0]
+    weights = np.abs(probe) ** 2
+    amplitude, phase = network.outputs
+    mean_layer = keras.layers.Conv2D(1, n, use_bias=False, trainable=False, name="phase_gauge_mean")
+    mean = mean_layer(phase)
+    mean_layer.set_weights([(weights / weights.sum()).astype(np.float32)[:, :, None, None]])
+    spread = keras.layers.UpSampling2D(size=n, name="phase_gauge_spread")(mean)
+    gauged = keras.layers.Subtract(name="phase_gauge")([phase, spread])
+    inputs = network.inputs[0] if len(network.inputs) == 1 else network.inputs
+    return keras.Model(inputs, [amplitude, gauged], name=network.name)
 
 
 def object_from_outputs(amplitude, phase):

@@ -9,6 +9,8 @@ new random order every epoch. Memory depends on the window, never on the scan.
   (initialised to the grouping's normaliser ``f``, which maps the simulator's ``|FFT|/N`` onto normalised
   amplitudes) scales the result, and the Poisson negative log-likelihood is taken in photon counts
   ``(sqrt(dose)/(N/2) · amplitude)²`` (the normalised data holds ``dose`` photons per pattern on average).
+  The saved network fixes the free mean phase of each patch
+  (:func:`~ptychozarr.models.reference.with_phase_gauge`).
 - ``kind="baseline"``: supervised; targets are ``objectGuess`` patches at the patterns' positions
   (DESIGN.md frame, bilinear), loss = MAE of amplitude + MAE of the wrapped phase difference.
 """
@@ -24,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.models.base import ModelSpec
@@ -41,6 +44,40 @@ def _windows(n_items: int, window: int, batch_size: int, rng: np.random.Generato
         items = rng.permutation(np.arange(start, min(start + window, n_items)))
         for b in range(0, len(items) - batch_size + 1, batch_size):
             yield np.sort(items[b : b + batch_size])
+
+
+def _steps(n_items: int, epochs: int, window: int, batch_size: int) -> int:
+    """Steps in ``epochs`` passes of :func:`_windows` (each window drops its incomplete batch)."""
+    full, rest = divmod(n_items, window)
+    return epochs * (full * (window // batch_size) + rest // batch_size)
+
+
+def _adam(learning_rate: float, final_learning_rate: float | None, steps: int):
+    """Adam at a constant step size, or decaying along a cosine to ``final_learning_rate``."""
+    import keras
+
+    if final_learning_rate is None:
+        return keras.optimizers.Adam(learning_rate)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, decay_steps=max(steps, 1), alpha=final_learning_rate / learning_rate
+    )
+    return keras.optimizers.Adam(schedule)
+
+
+def _network(start_from, kind: str, n_pix: int, gridsize: int, build) -> tuple:
+    """A fresh network from ``build()``, or the one saved at ``start_from`` with its provenance."""
+    if start_from is None:
+        return build(), {}
+    from ptychozarr.models.keras_model import load_keras
+
+    model = load_keras(start_from)
+    spec = model.spec
+    if (spec.kind, spec.N, spec.gridsize) != (kind, n_pix, gridsize):
+        raise InvalidParameterError(
+            f"start_from={start_from}: a {spec.kind} of N={spec.N}, gridsize {spec.gridsize}, not the "
+            f"{kind} of N={n_pix}, gridsize {gridsize} being trained; give a model of the same kind"
+        )
+    return model.network, model.provenance
 
 
 def _read(diffraction: zarr.Array, members: np.ndarray, scale: float) -> np.ndarray:
@@ -113,6 +150,10 @@ def train(
     max_steps: int | None = None,
     name: str | None = None,
     verbose: bool = True,
+    final_learning_rate: float | None = None,
+    threads: int | None = None,
+    batch_norm: bool = False,
+    start_from: str | Path | None = None,
 ) -> Path:
     """Train a reference model on a scan and save it as ``.keras`` + JSON sidecar (+ probe).
 
@@ -131,7 +172,7 @@ def train(
     batch_size : int
         Groups (or patterns) per step.
     learning_rate : float
-        Adam step size.
+        Adam step size (at the start, when ``final_learning_rate`` is given).
     filters, depth : int
         Width and depth of the network (:func:`~ptychozarr.models.reference.build_pinn`).
     dose : float
@@ -147,7 +188,17 @@ def train(
     name : str, optional
         File stem; default ``pinn_gs<gridsize>_n<N>`` or ``baseline_n<N>``.
     verbose : bool
-        Print one line per epoch.
+        Show a progress bar over each epoch's steps and print one line per epoch.
+    final_learning_rate : float, optional
+        Decay the step size from ``learning_rate`` to this value along a cosine over all the steps;
+        None keeps it constant.
+    batch_norm : bool
+        Batch-normalise the network's convolutions (:func:`~ptychozarr.models.reference.build_pinn`).
+    start_from : str or Path, optional
+        A saved model of the same kind and shape (``.keras`` with sidecar) to continue training from,
+        its weights and (PINN) gain; ``filters``, ``depth`` and ``batch_norm`` are then its own.
+    threads : int, optional
+        TensorFlow intra- and inter-op threads (set before TensorFlow initialises; ignored after).
 
     Returns
     -------
@@ -160,7 +211,7 @@ def train(
     from ptychozarr.grouping import group, normaliser
     from ptychozarr.io import open_dataset, open_store
     from ptychozarr.models.keras_model import save_keras
-    from ptychozarr.models.reference import build_baseline, build_pinn
+    from ptychozarr.models.reference import build_baseline, build_pinn, with_phase_gauge
 
     if kind not in ("pinn", "baseline"):
         raise InvalidParameterError(f"kind={kind!r}: choose 'pinn' or 'baseline'")
@@ -169,8 +220,18 @@ def train(
     for label, value in (("epochs", epochs), ("gridsize", gridsize), ("batch_size", batch_size)):
         if value < 1:
             raise InvalidParameterError(f"{label}={value}: must be at least 1")
+    if final_learning_rate is not None and not 0 < final_learning_rate <= learning_rate:
+        raise InvalidParameterError(
+            f"final_learning_rate={final_learning_rate}: must lie in (0, learning_rate={learning_rate}]"
+        )
     if window < batch_size:
         raise InvalidParameterError(f"window={window} < batch_size={batch_size}: a window must hold a batch")
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # TensorFlow already runs: keep its pools
+            pass
     keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     data = Path(data)
@@ -187,9 +248,17 @@ def train(
             members = groups["nn_indices"].values
             offsets = groups["offsets"].values.astype(np.float32)
             f = float(groups.attrs["normaliser"])
-            network = build_pinn(n_pix, gridsize, filters=filters, depth=depth)
-            log_gain = tf.Variable(np.log(f), dtype=tf.float32, name="log_gain")
-            optimizer = keras.optimizers.Adam(learning_rate)
+            network, start = _network(
+                start_from,
+                kind,
+                n_pix,
+                gridsize,
+                lambda: build_pinn(n_pix, gridsize, filters, depth, batch_norm),
+            )
+            log_gain = tf.Variable(np.log(start.get("gain", f)), dtype=tf.float32, name="log_gain")
+            optimizer = _adam(
+                learning_rate, final_learning_rate, _steps(len(members), epochs, window, batch_size)
+            )
             step = _pinn_step(
                 network, tf.constant(probe), log_gain, optimizer, np.sqrt(dose) / (n_pix / 2), gridsize
             )
@@ -209,8 +278,12 @@ def train(
             obj = np.pad(ds["objectGuess"].values.astype(np.complex64), pad)
             xs = ds["xcoords"].values + pad
             ys = ds["ycoords"].values + pad
-            network = build_baseline(n_pix, filters=filters, depth=depth)
-            optimizer = keras.optimizers.Adam(learning_rate)
+            network, _ = _network(
+                start_from, kind, n_pix, 1, lambda: build_baseline(n_pix, filters, depth, batch_norm)
+            )
+            optimizer = _adam(
+                learning_rate, final_learning_rate, _steps(len(members), epochs, window, batch_size)
+            )
             step = _baseline_step(network, optimizer)
 
             def run(batch):
@@ -224,50 +297,70 @@ def train(
                 f"batch_size={batch_size} exceeds the {len(members)} training items; use a smaller batch"
             )
         losses, steps, t0 = [], 0, time.perf_counter()
+
+        def save() -> Path:
+            spec = ModelSpec(
+                kind=kind,
+                N=n_pix,
+                gridsize=gridsize,
+                takes_positions=False,
+                intensity_scale=None,
+                output="amp_phase",
+                name=name or (f"pinn_gs{gridsize}_n{n_pix}" if kind == "pinn" else f"baseline_n{n_pix}"),
+            )
+            provenance = {
+                "trained_by": "ptychozarr.models.train",
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "data": str(data),
+                "parameters": {
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "learning_rate": learning_rate,
+                    "filters": filters,
+                    "depth": depth,
+                    "dose": dose,
+                    "window": window,
+                    "k": k,
+                    "seed": seed,
+                    "start_from": None if start_from is None else str(start_from),
+                    "max_steps": max_steps,
+                    "final_learning_rate": final_learning_rate,
+                    "batch_norm": batch_norm,
+                },
+                "normaliser": f,
+                "steps": steps,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "loss_per_epoch": losses,
+            }
+            if kind == "pinn":
+                provenance["gain"] = float(np.exp(log_gain.numpy()))
+            saved = with_phase_gauge(network, probe) if kind == "pinn" else network
+            return save_keras(saved, spec, Path(out) / spec.name, probe=probe, provenance=provenance)
+
+        per_epoch = _steps(len(members), 1, window, batch_size)
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for batch in _windows(len(members), window, batch_size, rng):
+            bar = tqdm(
+                _windows(len(members), window, batch_size, rng),
+                total=per_epoch,
+                desc=f"epoch {epoch + 1}/{epochs}",
+                unit="step",
+                disable=not verbose,
+                leave=False,
+            )
+            for batch in bar:
                 total += float(run(batch))
                 count += 1
                 steps += 1
+                bar.set_postfix(loss=f"{total / count:.5g}", refresh=False)
                 if max_steps is not None and steps >= max_steps:
                     break
+            bar.close()
             losses.append(total / max(count, 1))
+            path = save()  # every epoch: an interrupted training keeps its last finished epoch
             if verbose:
                 print(f"epoch {epoch + 1}/{epochs}: loss {losses[-1]:.6g} ({time.perf_counter() - t0:.0f} s)")
             if max_steps is not None and steps >= max_steps:
                 break
 
-        spec = ModelSpec(
-            kind=kind,
-            N=n_pix,
-            gridsize=gridsize,
-            takes_positions=False,
-            intensity_scale=None,
-            output="amp_phase",
-            name=name or (f"pinn_gs{gridsize}_n{n_pix}" if kind == "pinn" else f"baseline_n{n_pix}"),
-        )
-        provenance = {
-            "trained_by": "ptychozarr.models.train",
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "data": str(data),
-            "parameters": {
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "learning_rate": learning_rate,
-                "filters": filters,
-                "depth": depth,
-                "dose": dose,
-                "window": window,
-                "k": k,
-                "seed": seed,
-                "max_steps": max_steps,
-            },
-            "normaliser": f,
-            "steps": steps,
-            "wall_s": round(time.perf_counter() - t0, 1),
-            "loss_per_epoch": losses,
-        }
-        if kind == "pinn":
-            provenance["gain"] = float(np.exp(log_gain.numpy()))
-        return save_keras(network, spec, Path(out) / spec.name, probe=probe, provenance=provenance)
+        return path

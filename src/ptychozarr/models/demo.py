@@ -1,0 +1,162 @@
+"""The demo's held-out scan, and how well the shipped reference models reconstruct it.
+
+The shipped models (``weights/``) were trained on the upper half of the simulated object
+(:data:`TRAIN_SCAN`); the demo compares them on the lower half (:data:`DEMO_SCAN`), new positions and
+noise. :func:`held_out_scores` scores a comparison's aligned reconstructions the way
+``weights/README.md`` reports them, and :func:`describe_models` gives the one line the demo prints
+before its table, from the scores recorded in ``weights/scores.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DEMO_SCAN",
+    "SCORES_FILE",
+    "TRAIN_SCAN",
+    "describe_models",
+    "held_out_scores",
+    "pearson",
+    "plane_removed",
+    "score_models",
+]
+
+DEMO_SCAN: dict = {
+    "n_points": 1000,
+    "patch_size": 64,
+    "object_size": 256,
+    "dose": 1e6,
+    "seed": 2,
+    "split": "test",
+}
+"""``simulate`` keywords of the demo's scan: the held-out lower half of the object, at 10⁶ photons per
+pattern (the study's 10³ leaves the small demo models little to reconstruct from)."""
+
+TRAIN_SCAN: dict = DEMO_SCAN | {"n_points": 3000, "seed": 1, "split": "train"}
+"""``simulate`` keywords of the shipped models' training scan: the upper half of the same object."""
+
+SCORES_FILE = Path(__file__).parent / "weights" / "scores.json"
+"""Held-out scores of the shipped models on :data:`DEMO_SCAN`, as :func:`held_out_scores` gives them."""
+
+_ARMS = {"PtychoPINN": "pinn_gs2_n64", "Baseline": "baseline_n64"}
+
+
+def plane_removed(image: np.ndarray) -> np.ndarray:
+    """``image`` less its least-squares plane ``a·row + b·col + c``."""
+    rows, cols = np.indices(image.shape)
+    design = np.stack([rows.ravel(), cols.ravel(), np.ones(image.size)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, image.ravel().astype(np.float64), rcond=None)
+    return image - (design @ coef).reshape(image.shape)
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equally shaped images (0 when either is constant)."""
+    a, b = (np.ravel(x).astype(np.float64) for x in (a, b))
+    a, b = a - a.mean(), b - b.mean()
+    norm = np.sqrt((a @ a) * (b @ b))
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+def _centre_crop(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    top, left = (image.shape[0] - shape[0]) // 2, (image.shape[1] - shape[1]) // 2
+    return image[top : top + shape[0], left : left + shape[1]]
+
+
+def _scores(amplitude, phase, true_amplitude, true_phase) -> dict[str, float]:
+    from skimage.metrics import structural_similarity
+
+    shape = tuple(min(a, b) for a, b in zip(amplitude.shape, true_amplitude.shape, strict=True))
+    amp, ph, t_amp, t_ph = (_centre_crop(x, shape) for x in (amplitude, phase, true_amplitude, true_phase))
+    ph, t_ph = plane_removed(ph), plane_removed(t_ph)
+    return {
+        "r_amplitude": round(pearson(amp, t_amp), 3),
+        "r_phase": round(pearson(ph, t_ph), 3),
+        "ssim_amplitude": round(float(structural_similarity(amp, t_amp, data_range=float(np.ptp(t_amp)))), 3),
+        "ssim_phase": round(float(structural_similarity(ph, t_ph, data_range=float(np.ptp(t_ph)))), 3),
+    }
+
+
+def held_out_scores(aligned: str | Path, labels: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Score a comparison's aligned reconstructions against the ground truth, beside a constant object.
+
+    For each arm: Pearson r and SSIM of the amplitude, and of the phase after removing a best-fit plane
+    from both, on the ground truth's pixels (an arm's image larger than the ground truth's is
+    centre-cropped to it). ``"constant"`` is the ground truth's mean.
+
+    Parameters
+    ----------
+    aligned : str or Path
+        ``reconstructions_aligned.npz`` of :func:`ptychozarr.compare`.
+    labels : iterable of str
+        Arm labels of that comparison.
+
+    Returns
+    -------
+    dict
+        ``{label: {"r_amplitude", "r_phase", "ssim_amplitude", "ssim_phase"}}``, plus ``"constant"``.
+    """
+    with np.load(aligned) as npz:
+        truth = npz["ground_truth_amplitude"], npz["ground_truth_phase"]
+        arms = {label: (npz[f"{label.lower()}_amplitude"], npz[f"{label.lower()}_phase"]) for label in labels}
+    constant = tuple(np.full_like(t, t.mean()) for t in truth)
+    return {label: _scores(*arm, *truth) for label, arm in (arms | {"constant": constant}).items()}
+
+
+def score_models(output_dir: str | Path, models: dict | None = None, record: bool = False) -> dict:
+    """Simulate :data:`DEMO_SCAN`, compare the models on it and score them (:func:`held_out_scores`).
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        Where the scan and the comparison go.
+    models : dict of str to path, optional
+        Arms, label → model; default the shipped PINN and Baseline.
+    record : bool
+        Write the scores to :data:`SCORES_FILE`, where :func:`describe_models` reads them.
+
+    Returns
+    -------
+    dict
+        ``{"scan": DEMO_SCAN, "scores": held_out_scores(...)}``.
+    """
+    from ptychozarr.models import demo_weights
+    from ptychozarr.pipeline import compare
+    from ptychozarr.simulate import simulate
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    models = models or {label: demo_weights(stem) for label, stem in _ARMS.items()}
+    scan = simulate(output_dir / "scan_test.npz", **DEMO_SCAN)
+    compare(scan, models, output_dir=output_dir / "compare", quiet=True, force=True)
+    result = {
+        "scan": DEMO_SCAN,
+        "scores": held_out_scores(output_dir / "compare" / "reconstructions_aligned.npz", models),
+    }
+    if record:
+        SCORES_FILE.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def describe_models(scores_file: str | Path = SCORES_FILE) -> str:
+    """One line naming the shipped models and their held-out scores, for the demo to print."""
+    scores = json.loads(Path(scores_file).read_text())["scores"]
+
+    def arm(label: str, how: str) -> str:
+        s = scores[label]
+        return (
+            f"{label} ({_ARMS[label]}, {how}) r {s['r_amplitude']:.2f} / {s['r_phase']:.2f}, "
+            f"SSIM {s['ssim_amplitude']:.2f} / {s['ssim_phase']:.2f}"
+        )
+
+    constant = scores["constant"]
+    return (
+        "models: small N=64 reference models trained on simulated data (the object's upper half, "
+        f"{TRAIN_SCAN['dose']:.0e} photons per pattern); on its held-out lower half, amplitude / phase: "
+        f"{arm('PtychoPINN', 'physics loss, no ground truth')}; {arm('Baseline', 'supervised')}; "
+        f"a constant object r 0 / 0, SSIM {constant['ssim_amplitude']:.2f} / {constant['ssim_phase']:.2f}"
+    )
