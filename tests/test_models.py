@@ -148,9 +148,10 @@ def test_zip_bundles_go_to_the_ptychopinn_adapter(tmp_path, monkeypatch):
     bundle = tmp_path / "wts.h5.zip"
     bundle.write_bytes(b"")
     fake = types.ModuleType("ptychozarr.models.ptychopinn")
-    fake.load_bundle = lambda path: ("bundle", path)
+    fake.load_bundle = lambda path, **kw: ("bundle", path)
+    fake.require_trust = lambda path, trust_bundle: None
     monkeypatch.setitem(sys.modules, "ptychozarr.models.ptychopinn", fake)
-    assert load_model(bundle) == ("bundle", bundle)
+    assert load_model(bundle, trust_bundle=True) == ("bundle", bundle)
     with pytest.raises(ModelMismatchError, match="unknown model format"):
         load_model(_touch(tmp_path / "w.h5"))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ptychozarr import __version__
 from ptychozarr.errors import InvalidParameterError, PtychozarrError
 from ptychozarr.io.store import DEFAULT_CHUNK_BYTES
+from ptychozarr.models.demo import DEMO_SCAN, TRAIN_SCAN
 from ptychozarr.simulate import SPLITS, simulate
 
 __all__ = ["describe", "main"]
@@ -185,6 +186,16 @@ def _add_train(sub) -> None:
     p.add_argument("--gridsize", type=int, default=2, help="group side of a PINN; C = gridsize² (default 2)")
     p.add_argument("--batch-size", type=int, default=16, help="groups per training step (default 16)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default 0.001)")
+    p.add_argument(
+        "--final-learning-rate",
+        type=float,
+        help="cosine-decay the learning rate to this by the last step (default: constant rate)",
+    )
+    p.add_argument("--threads", type=int, help="TensorFlow threads (default: all cores)")
+    p.add_argument(
+        "--start-from", type=Path, help="continue training a saved model of the same kind and size"
+    )
+    p.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
     p.add_argument("--filters", type=int, default=16, help="filters of the first layer (default 16)")
     p.add_argument("--depth", type=int, default=3, help="encoder levels (default 3)")
     p.add_argument("--dose", type=float, default=1e3, help="photons per pattern of the data (default 1000)")
@@ -204,6 +215,10 @@ def _cmd_train(args) -> int:
         gridsize=args.gridsize,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        final_learning_rate=args.final_learning_rate,
+        threads=args.threads,
+        start_from=args.start_from,
+        batch_norm=args.batch_norm,
         filters=args.filters,
         depth=args.depth,
         dose=args.dose,
@@ -214,16 +229,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
-DEMO_SCAN = {"n_points": 1000, "patch_size": 64, "object_size": 256, "seed": 2, "split": "test"}
-"""The demo's test split: the held-out half of the object the shipped models were trained on."""
-
-
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="simulate a scan and compare the shipped reference models on it",
         description="The main job on an embedded default: simulate a test split, compare the shipped "
-        "N=64 reference PINN (gridsize 2) and Baseline on it, print the metrics and where the files are.",
+        "N=64 reference PINN (gridsize 2) and Baseline on it, print the metrics and where the files are. "
+        f"The scan is simulated at {DEMO_SCAN['dose']:.0e} photons per pattern (the study's is 1e3).",
     )
     p.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="(default demo_output)")
     p.add_argument(
@@ -240,6 +252,7 @@ def _add_demo(sub) -> None:
 
 def _cmd_demo(args) -> int:
     from ptychozarr.models import demo_weights, train
+    from ptychozarr.models.demo import describe_models
     from ptychozarr.pipeline import compare
 
     out = args.output_dir
@@ -251,13 +264,15 @@ def _cmd_demo(args) -> int:
     if args.train:
         train_scan = out / "scan_train.npz"
         if not train_scan.exists():
-            simulate(train_scan, **(DEMO_SCAN | {"n_points": 3000, "seed": 1, "split": "train"}))
+            simulate(train_scan, **TRAIN_SCAN)
+        common = {"epochs": args.epochs, "dose": TRAIN_SCAN["dose"], "final_learning_rate": 1e-5}
         models = {
-            "PtychoPINN": train("pinn", train_scan, out / "models", epochs=args.epochs, gridsize=2),
-            "Baseline": train("baseline", train_scan, out / "models", epochs=args.epochs),
+            "PtychoPINN": train("pinn", train_scan, out / "models", gridsize=2, **common),
+            "Baseline": train("baseline", train_scan, out / "models", **common),
         }
     else:
         models = {"PtychoPINN": demo_weights("pinn_gs2_n64"), "Baseline": demo_weights("baseline_n64")}
+        print(describe_models())
     result = compare(scan, models, output_dir=out / "compare", quiet=args.quiet)
     _print_result(result)
     return 1 if result.errors else 0
