@@ -60,3 +60,9 @@ def test_readme_api_examples_run_each_stage_once(tmp_path, monkeypatch, model_ca
     ]
     assert len(model_calls) == sum(_one_pass(p) for p in stored)  # the second run reuses every stage
     assert {"infer:pinn", "infer:baseline"} <= set(namespace["again"].run["reused"])
+
+
+def test_readme_shows_the_study_example_of_the_help():
+    from ptychozarr.study import EXAMPLE
+
+    assert EXAMPLE in README.read_text()
