@@ -7,7 +7,6 @@ is read from the arm's stored patches (the iterative arm, which has none, uses t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import dask.array as da
@@ -17,24 +16,30 @@ import zarr
 from ptychozarr import align, memory
 from ptychozarr.config import ScoreOptions, to_json
 from ptychozarr.io import mark_complete
-from ptychozarr.metrics import evaluate
+from ptychozarr.metrics import evaluate, task_memory
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame
 
-__all__ = ["DIMS", "HALO", "project_memory", "run"]
+__all__ = ["DIMS", "project_memory", "run"]
 
 log = logging.getLogger(__name__)
 
 DIMS = ("aligned_y", "aligned_x")
-HALO = 5
-"""Overlap of a metric task (the MS-SSIM Gaussian's radius at the default σ, with a margin)."""
+_ANY_SIDE = 2**16
+"""Side of the image a metric task is projected for (any larger one projects the same)."""
 
 
-def project_memory(*, chunk: int) -> memory.TaskMemory:
-    """Projected host memory of one metric task on ``chunk``² blocks: the object's tiles, so the knob
-    that sizes it is the tile."""
-    return dataclasses.replace(memory.project_metrics(chunk, HALO), knob="tile")
+def project_memory(*, tile: int) -> memory.TaskMemory:
+    """Projected host memory of one metric task (:func:`ptychozarr.metrics.task_memory`) on the
+    object's ``tile``² chunks, so the tile is the knob that sizes it.
+
+    One pass runs at a time, so the task is the largest pass's. The scored image's shape is not known
+    before the run: it is taken as :data:`_ANY_SIDE` square, past which the projection no longer grows.
+    """
+    passes = task_memory((_ANY_SIDE, _ANY_SIDE), chunk=tile)
+    largest = max(passes, key=passes.__getitem__)
+    return memory.TaskMemory("metrics", {largest: passes[largest]}, "tile")
 
 
 def run(
