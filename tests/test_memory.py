@@ -88,7 +88,7 @@ def test_choose_block_groups_refuses_when_one_batch_does_not_fit():
     one_batch = _toy(block_groups=64, **ARGS).peak
     with pytest.raises(MemoryBudgetError, match="raise --memory-budget") as e:
         choose_block_groups(one_batch - 1, max_groups=5216, factory=_toy, **ARGS)
-    assert "--block-groups 64" in str(e.value)
+    assert "--block-groups 64" in str(e.value) and "--n-workers" in str(e.value)
 
 
 def test_stitch_stage_projects_the_task_kinds_of_the_stitch_graph():

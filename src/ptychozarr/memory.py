@@ -256,8 +256,7 @@ def choose_block_groups(
         smallest = factory(block_groups=candidates[-1], **plan_args)
         raise MemoryBudgetError(
             f"even --block-groups {candidates[-1]} projects {format_bytes(smallest.peak)}, over "
-            f"--memory-budget {format_bytes(budget)}; lower --batch-size, use fewer workers or threads "
-            f"(now {smallest.processes} × {smallest.threads}), or raise --memory-budget"
+            f"--memory-budget {format_bytes(budget)}; {_fewer(smallest)}"
         )
     return fitting
 
@@ -538,6 +537,14 @@ def _largest_fitting(p: Plan, knob: str, candidates: Sequence, budget: int) -> A
     return next((c for c in candidates if p.with_params(**{knob: c}).peak <= budget), None)
 
 
+def _fewer(p: Plan) -> str:
+    """The advice when no smaller block or tile fits."""
+    return (
+        f"lower --batch-size or --n-workers (now {p.processes} process(es) × {p.threads} thread(s)), "
+        "or raise --memory-budget"
+    )
+
+
 def _suggest(p: Plan, budget: int) -> str:
     """The flag to turn for an over-budget plan, with a value that fits when there is one."""
     knob = p.largest.knob
@@ -550,8 +557,5 @@ def _suggest(p: Plan, budget: int) -> str:
         candidates = list(_halved(current))
     value = _largest_fitting(p, knob, candidates, budget)
     if value is None:
-        return (
-            f"no smaller {flag} fits; lower --batch-size, use fewer workers or threads "
-            f"(now {p.processes} × {p.threads}), or raise --memory-budget"
-        )
+        return f"no smaller {flag} fits; {_fewer(p)}"
     return f"{flag} {value} fits (projected {format_bytes(p.with_params(**{knob: value}).peak)})"

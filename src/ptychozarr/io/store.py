@@ -55,6 +55,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ingest",
     "is_complete",
+    "is_complete_with",
     "mark_complete",
     "open_dataset",
     "open_store",
@@ -62,6 +63,7 @@ __all__ = [
     "replace_path",
     "require_complete",
     "scratch_array",
+    "sha256",
 ]
 
 SCHEMA_VERSION = 2
