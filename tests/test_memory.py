@@ -99,7 +99,8 @@ def test_stitch_stage_projects_the_task_kinds_of_the_stitch_graph():
 
 def test_a_run_measures_each_stage_under_its_projection(small_npz, tmp_path):
     """A threaded compare with one small model: the measured peak RSS of each stage (the whole process
-    while its tasks run) and of the run is at most its projection, and at least half of it."""
+    while its tasks run) and of the run is at most its projection, and at least half of it (the
+    reserved baseline, measured, is most of both on so small a scan)."""
     import keras
 
     from ptychozarr.models import ModelSpec, build_baseline, save_keras
@@ -113,15 +114,9 @@ def test_a_run_measures_each_stage_under_its_projection(small_npz, tmp_path):
         skip_registration=True, quiet=True,
     )  # fmt: skip
     memory = result.run["memory"]
-    projected = {stage: record["per_process"] for stage, record in memory["projected"]["stages"].items()}
-    projected["peak"] = memory["projected"]["peak"]
-    measured: dict[str, int] = {}
-    for key, value in memory["measured"].items():  # inference may be recorded per arm ("infer:baseline")
-        stage = key.split(":")[0]
-        measured[stage] = max(measured.get(stage, 0), value)
-    assert {"peak", "infer", *stitch_stage.TASK_KINDS, "metrics"} <= set(measured)
-    for stage in projected.keys() & measured.keys():
-        assert 0.5 * projected[stage] <= measured[stage] <= projected[stage], stage
+    ratio = memory["ratio"]  # measured / projected, per stage (inference per arm) and for the run
+    assert {"peak", "infer:baseline", *stitch_stage.TASK_KINDS, "metrics"} <= set(ratio)
+    assert all(0.5 <= r <= 1 for r in ratio.values()), ratio
 
 
 def test_parse_budget():
@@ -189,9 +184,9 @@ def test_task_callback_attributes_memory_to_the_task_stage():
 
 def test_report_puts_measured_beside_projected():
     p = _toy(block_groups=256, **ARGS)
-    measured = {"peak": p.peak // 2, "infer": p.per_process("infer"), "device": None, "other": 5}
+    measured = {"peak": p.peak // 2, "infer:a": p.per_process("infer"), "device": None, "other": 5}
     r = report(p, measured)
-    assert r["ratio"] == {"peak": 0.5, "infer": 1.0}
+    assert r["ratio"] == {"peak": 0.5, "infer:a": 1.0}
     assert r["projected"]["stages"]["tile"]["task"] == p.stage("tile").total
     assert r["projected"]["held"] == {"cache": 10 * MB}
     json.dumps(r)

@@ -503,19 +503,22 @@ def report(plan: Plan, measured: Mapping[str, int | None]) -> dict:
         Measured bytes under these keys (any subset): ``peak`` (the whole run, e.g.
         :class:`PeakMemory` with children), ``process`` (the largest single process, e.g. the largest
         ``host`` of :func:`worker_peaks`), ``device`` (the largest device peak), and stage names
-        (:meth:`TaskMemoryCallback.peaks`).
+        (:meth:`TaskMemoryCallback.peaks`), alone or with a label (``infer:pinn``, one arm's).
 
     Returns
     -------
     dict
         ``projected`` (:meth:`Plan.to_dict`), ``measured`` and ``ratio`` = measured / projected for every
         key with both figures (``peak`` ↔ ``Plan.peak``, ``process`` ↔ ``Plan.per_process()``,
-        ``device`` ↔ ``Plan.device``, a stage ↔ ``Plan.per_process(stage)``).
+        ``device`` ↔ ``Plan.device``, a stage or ``stage:label`` ↔ ``Plan.per_process(stage)``).
     """
-    stages = {t.stage for t in plan.tasks}
     projected = {"peak": plan.peak, "process": plan.per_process(), "device": plan.device}
-    projected |= {s: plan.per_process(s) for s in stages}
-    ratio = {k: round(v / projected[k], 3) for k, v in measured.items() if v is not None and projected.get(k)}
+    projected |= {t.stage: plan.per_process(t.stage) for t in plan.tasks}
+    ratio = {
+        k: round(v / projected[stage], 3)
+        for k, v in measured.items()
+        if v is not None and projected.get(stage := k.split(":")[0])
+    }
     return {"projected": plan.to_dict(), "measured": dict(measured), "ratio": ratio}
 
 
