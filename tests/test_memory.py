@@ -1,10 +1,10 @@
-"""Tests of ptychozarr.memory: projections, budgets and measured peaks."""
+"""Tests of ptychozarr.memory: plans, budgets, measured peaks, and a run's projection against its
+measurement (each stage's own projection is tested against tracemalloc in its module's tests)."""
 
 import json
 import time
 
 import dask
-import dask.array as da
 import dask.threaded
 import numpy as np
 import psutil
@@ -13,124 +13,110 @@ from dask.utils import format_bytes
 
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 from ptychozarr.memory import (
-    DEFAULT_RESERVED,
     PeakMemory,
+    Plan,
+    TaskMemory,
     TaskMemoryCallback,
     check,
     choose_block_groups,
     parse_budget,
-    plan,
     probe_model,
     process_peaks,
-    project_inference,
-    project_metrics,
-    project_stitch,
     report,
 )
-from ptychozarr.metrics import evaluate
-from ptychozarr.stages.score import HALO
-from ptychozarr.stitch import stitch
+from ptychozarr.stages import stitch as stitch_stage
+from ptychozarr.stitch import task_memory as stitch_task_memory
 
 MB = 10**6
-ARGS = dict(batch_size=64, N=128, C=4, M=20, model_probe=50 * MB, reserved=500 * MB, threads=2)
+ARGS = dict(batch_size=64, tile=1024, threads=2, processes=1)
 
 
-def _traced_peak(func, *args, **kwargs) -> int:
-    """Peak bytes numpy allocates while ``func`` runs on dask's synchronous scheduler (tracemalloc), on
-    a second call, so that one-time imports and caches stay out of the figure."""
-    import tracemalloc
-
-    with dask.config.set(scheduler="synchronous"):
-        func(*args, **kwargs)
-        tracemalloc.start()
-        try:
-            func(*args, **kwargs)
-            return tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+def _toy(*, block_groups, batch_size, tile, threads, processes):
+    """A plan whose inference task grows with the block (1 MB a group) and whose tile task with the tile
+    (100 B a pixel), with a 10 MB cache held once per process."""
+    tasks = (
+        TaskMemory("infer", {"block": block_groups * MB}, "block_groups"),
+        TaskMemory("tile", {"sums": 100 * tile * tile}, "tile"),
+    )
+    params = dict(
+        block_groups=block_groups, batch_size=batch_size, tile=tile, threads=threads, processes=processes
+    )
+    return Plan(tasks, 500 * MB, threads, processes, None, {"cache": 10 * MB}, params, _toy)
 
 
-def test_metric_projection_covers_a_measured_evaluation():
-    """One 512² chunk scored with every metric: the projection is above the measured peak, within 1.5×."""
-    rng = np.random.default_rng(0)
-    a = (rng.random((512, 512)) * np.exp(1j * rng.random((512, 512)))).astype(np.complex64)
-    b = (a + 0.1 * rng.random((512, 512))).astype(np.complex64)
-    measured = _traced_peak(evaluate, da.from_array(a, chunks=512), da.from_array(b, chunks=512))
-    projected = project_metrics(512, HALO).total
-    assert measured <= projected <= 1.5 * measured
-
-
-def test_stitch_projection_covers_a_measured_one_tile_stitch():
-    """One block of 256 crops onto one 256² tile: projected ≥ measured, within 3×."""
-    rng = np.random.default_rng(0)
-    crops = (rng.random((256, 20, 20)) + 1j * rng.random((256, 20, 20))).astype(np.complex64)
-    positions = rng.uniform(0, 200, (256, 2))
-    obj = stitch(crops, positions, tile=256, block=256)[0]
-    assert obj.numblocks == (1, 1)
-    measured = _traced_peak(obj.compute)
-    projected = max(t.total for t in project_stitch(256, 256, 20))
-    assert measured <= projected <= 3 * measured
-
-
-def test_projections_grow_with_their_knobs():
-    small, big = project_inference(64, 32, 64, 4, 20), project_inference(128, 32, 64, 4, 20)
-    assert big.total > small.total and big.knob == "block_groups"
-    assert project_stitch(512, 64, 20)[1].total > project_stitch(256, 64, 20)[1].total
-    assert project_metrics(512, 5).total > project_metrics(256, 5).total
-
-
-def test_plan_peak_is_processes_times_baseline_plus_threads_times_largest_task():
-    p = plan(block_groups=512, tile=1024, chunk=512, halo=5, processes=3, **ARGS)
-    totals = {t.stage: t.total for t in p.tasks}
-    assert set(totals) == {"infer", "stitch-splat", "stitch-sum", "metrics"}
-    assert p.peak == 3 * (500 * MB + 2 * max(totals.values()))
-    assert p.per_process("stitch-sum") == 500 * MB + 2 * totals["stitch-sum"]
-    assert plan(block_groups=8, batch_size=8, N=64, C=1, M=16).reserved == DEFAULT_RESERVED
+def test_plan_peak_is_processes_times_baseline_held_and_threads_times_largest_task():
+    p = _toy(block_groups=512, **{**ARGS, "processes": 3})
+    assert p.largest.stage == "infer"
+    assert p.peak == 3 * (500 * MB + 10 * MB + 2 * 512 * MB)
+    assert p.per_process("tile") == 510 * MB + 2 * 100 * 1024**2
     json.dumps(p.to_dict())
 
 
 def test_check_refuses_with_the_figure_the_budget_and_a_block_size_that_fits():
-    p = plan(block_groups=4096, **ARGS)
+    p = _toy(block_groups=4096, **ARGS)
     budget = 2 * 10**9
-    assert p.peak > budget
     with pytest.raises(MemoryBudgetError) as e:
         check(p, "2GB")
-    fits = choose_block_groups(budget, max_groups=4096, **ARGS)
+    fits = choose_block_groups(budget, max_groups=4096, factory=_toy, **ARGS)
     message = str(e.value)
     assert format_bytes(p.peak) in message and format_bytes(budget) in message
     assert f"--block-groups {fits} fits" in message
-    assert plan(block_groups=fits, **ARGS).peak <= budget
-    assert check(plan(block_groups=fits, **ARGS), budget).params["block_groups"] == fits
+    assert check(p.with_params(block_groups=fits), budget).peak <= budget
+    assert p.with_params(block_groups=2 * fits).peak > budget
 
 
-def test_check_names_the_tile_when_stitching_is_the_largest_task():
-    p = plan(block_groups=64, tile=4096, **ARGS)
-    assert p.largest.stage == "stitch-sum"
-    budget = plan(block_groups=64, tile=1024, **ARGS).peak
+def test_check_names_the_tile_when_the_tile_task_is_the_largest():
+    p = _toy(block_groups=64, **{**ARGS, "tile": 4096})
+    assert p.largest.stage == "tile"
     with pytest.raises(MemoryBudgetError, match="--tile 1024 fits"):
-        check(p, budget)
-
-
-def test_check_refuses_device_memory_over_its_budget():
-    p = plan(block_groups=64, device=3 * 10**9, **ARGS)
-    with pytest.raises(MemoryBudgetError, match="lower --batch-size"):
-        check(p, "100GB", device_budget="2GB")
-    assert check(p, "100GB", device_budget="4GB") is p
+        check(p, p.with_params(tile=1024).peak)
+    with pytest.raises(MemoryBudgetError, match="lower --tile"):
+        check(Plan(p.tasks, p.reserved), 1)
 
 
 def test_choose_block_groups_returns_the_largest_fitting_candidate():
-    peak = {b: plan(block_groups=b, **ARGS).peak for b in (512, 1024, 2048, 5216)}
+    peak = {b: _toy(block_groups=b, **ARGS).peak for b in (512, 1024, 2048, 5216)}
     budget = (peak[1024] + peak[2048]) // 2
-    assert choose_block_groups(budget, max_groups=5216, **ARGS) == 1024
-    assert choose_block_groups(peak[5216], max_groups=5216, **ARGS) == 5216
-    assert choose_block_groups(peak[5216] - 1, max_groups=5216, **ARGS) == 4096
+    assert choose_block_groups(budget, max_groups=5216, factory=_toy, **ARGS) == 1024
+    assert choose_block_groups(peak[5216], max_groups=5216, factory=_toy, **ARGS) == 5216
+    assert choose_block_groups(peak[5216] - 1, max_groups=5216, factory=_toy, **ARGS) == 4096
+    with pytest.raises(InvalidParameterError, match="max-groups"):
+        choose_block_groups(budget, max_groups=0, factory=_toy, **ARGS)
 
 
 def test_choose_block_groups_refuses_when_one_batch_does_not_fit():
-    one_batch = plan(block_groups=64, **ARGS).peak
+    one_batch = _toy(block_groups=64, **ARGS).peak
     with pytest.raises(MemoryBudgetError, match="raise --memory-budget") as e:
-        choose_block_groups(one_batch - 1, max_groups=5216, **ARGS)
-    assert "--block-groups 64" in str(e.value)
+        choose_block_groups(one_batch - 1, max_groups=5216, factory=_toy, **ARGS)
+    assert "--block-groups 64" in str(e.value) and "--n-workers" in str(e.value)
+
+
+def test_stitch_stage_projects_the_task_kinds_of_the_stitch_graph():
+    kinds = set(stitch_task_memory(patch_size=8, tile=64, block_patches=16))
+    projected = stitch_stage.project_memory(patch_size=8, tile=64, block_patches=16)
+    assert set(stitch_stage.TASK_KINDS) == kinds == {t.stage for t in projected}
+
+
+def test_a_run_measures_each_stage_under_its_projection(small_npz, tmp_path):
+    """A threaded compare with one small model: the measured peak RSS of each stage (the whole process
+    while its tasks run) and of the run is at most its projection, and at least half of it (the
+    reserved baseline, measured, is most of both on so small a scan)."""
+    import keras
+
+    from ptychozarr.models import ModelSpec, build_baseline, save_keras
+    from ptychozarr.pipeline import compare
+
+    keras.utils.set_random_seed(0)
+    spec = ModelSpec("baseline", 32, 1, False, None, "amp_phase", name="tiny-baseline")
+    model = save_keras(build_baseline(32, filters=4, depth=2), spec, tmp_path / "baseline")
+    result = compare(
+        small_npz, {"Baseline": model}, output_dir=tmp_path / "run", stitch_crop_size=8, block_groups=96,
+        skip_registration=True, quiet=True,
+    )  # fmt: skip
+    memory = result.run["memory"]
+    ratio = memory["ratio"]  # measured / projected, per stage (inference per arm) and for the run
+    assert {"peak", "infer:baseline", *stitch_stage.TASK_KINDS, "metrics"} <= set(ratio)
+    assert all(0.5 <= r <= 1 for r in ratio.values()), ratio
 
 
 def test_parse_budget():
@@ -197,11 +183,12 @@ def test_task_callback_attributes_memory_to_the_task_stage():
 
 
 def test_report_puts_measured_beside_projected():
-    p = plan(block_groups=256, tile=512, **ARGS)
-    measured = {"peak": p.peak // 2, "infer": p.per_process("infer"), "device": None, "other": 5}
+    p = _toy(block_groups=256, **ARGS)
+    measured = {"peak": p.peak // 2, "infer:a": p.per_process("infer"), "device": None, "other": 5}
     r = report(p, measured)
-    assert r["ratio"] == {"peak": 0.5, "infer": 1.0}
-    assert r["projected"]["stages"]["stitch-splat"]["task"] == p.stage("stitch-splat").total
+    assert r["ratio"] == {"peak": 0.5, "infer:a": 1.0}
+    assert r["projected"]["stages"]["tile"]["task"] == p.stage("tile").total
+    assert r["projected"]["held"] == {"cache": 10 * MB}
     json.dumps(r)
 
 

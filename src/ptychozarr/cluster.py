@@ -4,7 +4,7 @@ The stages build lazy graphs and know nothing of this module; the pipeline enter
 once and computes inside it::
 
     with scheduler("processes", n_workers=2) as client:
-        conc = concurrency(client)              # processes × threads, for memory.plan
+        conc = concurrency(client)              # processes × threads, for the memory plan
         dask.compute(...)
 
 TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS`` when its runtime starts, and
@@ -50,7 +50,7 @@ class Concurrency:
 
 
 def concurrency(client: Any = None) -> Concurrency:
-    """Processes and threads per process the graph runs on, for ``memory.plan``.
+    """Processes and threads per process the graph runs on, for the memory plan (``memory.Plan``).
 
     Parameters
     ----------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -90,12 +89,10 @@ def check_crop(crop: int, n_pix: int | None = None) -> int:
 
 
 def sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(2**22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file (:func:`ptychozarr.io.store.sha256`)."""
+    from ptychozarr.io.store import sha256 as file_sha256
+
+    return file_sha256(path)
 
 
 def to_json(value: Any) -> Any:

@@ -33,18 +33,17 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 from scipy.spatial import cKDTree
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError
 from ptychozarr.io import (
-    is_complete,
     mark_complete,
     open_store,
     pattern_intensity,
     replace_path,
     require_complete,
 )
+from ptychozarr.io.store import is_complete_with
 
 __all__ = ["group", "neighbour_groups", "normaliser", "open_groups"]
 
@@ -149,7 +148,8 @@ def group(
     params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed), "points": _points_key(points)}
     fingerprint = {"source_sha256": ds.attrs.get("source_sha256"), "n_points": int(ds.sizes["pattern"])}
     store = ds.attrs.get("store")
-    if store is not None and _existing(store, {**params, "input": fingerprint}):
+    wanted = {**params, "input": fingerprint}
+    if store is not None and is_complete_with(open_store(store).get("groups"), wanted):
         return open_groups(store)
     x, y = ds["xcoords"].values, ds["ycoords"].values
     chosen = np.arange(len(x)) if points is None else np.sort(_check_points(points, len(x)))
@@ -194,16 +194,6 @@ def open_groups(store_path: str | Path) -> xr.Dataset:
 
 def _dataset(variables: dict, attrs: dict) -> xr.Dataset:
     return xr.Dataset(variables, coords={"xy": ["x", "y"]}, attrs=attrs)
-
-
-def _existing(store: str | Path, wanted: dict) -> bool:
-    """Whether the store holds complete groups made with the ``wanted`` attrs."""
-    node = open_store(store).get("groups")
-    return (
-        isinstance(node, zarr.Group)
-        and is_complete(node)
-        and all(node.attrs.get(key) == value for key, value in wanted.items())
-    )
 
 
 def _write(store: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:

@@ -1,14 +1,17 @@
 """Projected and measured memory of the engine's tasks.
 
-Projected, before anything runs (in the spirit of Cubed's ``calculate_projected_mem``): each task's host
-memory is a sum of named buffers computed from block shapes, every figure in bytes. A process holds a
-reserved baseline (interpreter, imported libraries, the loaded model) plus one task per thread::
+Projected, before anything runs (in the spirit of Cubed's ``calculate_projected_mem``): every stage
+projects its own tasks beside the constants it uses (``stages.<stage>.project_memory``), and a
+:class:`Plan` puts them together. A process holds a reserved baseline (interpreter, imported libraries,
+the loaded model), the buffers it keeps across tasks (the inference chunk cache), and one task per
+thread::
 
-    peak = processes × (reserved + threads × largest task over the stages)
+    peak = processes × (reserved + held + threads × largest task over the stages)
 
-:func:`check` refuses a plan whose peak exceeds the budget before any work starts, and names the knob to
-turn; :func:`choose_block_groups` picks the largest inference block that fits. On a GPU the device side
-is the measured probe of one batch (:func:`probe_model`), since each GPU worker runs one task at a time.
+:func:`check` refuses a plan whose peak exceeds the budget before any work starts, and names the flag to
+turn; :func:`choose_block_groups` picks the largest inference block that fits. On a GPU the plan's
+``device`` is the measured probe of one batch (:func:`probe_model`), since each GPU worker runs one task
+at a time.
 
 Measured, while running: :class:`PeakMemory` samples the RSS of this process and its children;
 :class:`TaskMemoryCallback` attributes this process's RSS to the stage of each running task on the local
@@ -21,19 +24,19 @@ is why every run records the measured figure beside it.
 
 from __future__ import annotations
 
-import math
 import resource
 import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import psutil
 from dask.callbacks import Callback
 from dask.utils import format_bytes, key_split, parse_bytes
 
+from ptychozarr.config import check_positive
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
 __all__ = [
@@ -46,12 +49,8 @@ __all__ = [
     "choose_block_groups",
     "measure_reserved",
     "parse_budget",
-    "plan",
     "probe_model",
     "process_peaks",
-    "project_inference",
-    "project_metrics",
-    "project_stitch",
     "report",
     "worker_peaks",
 ]
@@ -61,10 +60,9 @@ DEFAULT_RESERVED = 800 * 2**20
 resident (TF 2.21, reference/environment.md §3); dask, distributed, zarr, xarray and a loaded model bring
 it to about 800 MiB."""
 
-_F32, _F64, _C64, _C128 = 4, 8, 8, 16
-# the flag that sets each knob: metric tasks work on the stitched object's tiles, so --tile sets both
-_FLAGS = {"block_groups": "--block-groups", "tile": "--tile", "chunk": "--tile"}
-_SMALLEST = {"tile": 64, "chunk": 64}
+# the flag that sets each knob, and the smallest tile worth suggesting
+_FLAGS = {"block_groups": "--block-groups", "tile": "--tile"}
+_SMALLEST_TILE = 64
 
 
 @dataclass(frozen=True)
@@ -74,11 +72,12 @@ class TaskMemory:
     Attributes
     ----------
     stage : str
-        The stage the task belongs to (``infer``, ``stitch-splat``, ``stitch-sum``, ``metrics``).
+        The task's kind (``infer``, ``stitch-route``, ``stitch-tile``, ``stitch-write``, ``metrics``):
+        the graph layer name its keys start with.
     parts : dict of str to int
         Bytes of each buffer the task holds at its peak, by name.
     knob : str
-        The :func:`plan` parameter that sets the task's size (``block_groups``, ``tile``, ``chunk``).
+        The plan parameter that sets the task's size (``block_groups`` or ``tile``).
     """
 
     stage: str
@@ -91,152 +90,6 @@ class TaskMemory:
         return sum(self.parts.values())
 
 
-def project_inference(
-    block_groups: int,
-    batch_size: int,
-    N: int,
-    C: int,
-    M: int,
-    model_probe_bytes: int = 0,
-    *,
-    output: Literal["complex", "amp_phase"] = "complex",
-    read_copies: int = 1,
-) -> TaskMemory:
-    """Project one inference task: a block of model inputs read, run through the model, cropped.
-
-    Parameters
-    ----------
-    block_groups : int
-        Model inputs per block (b): groups for a gridsize > 1 model, distinct patterns for a gridsize 1
-        model (then C = 1), as ``ptychozarr.infer`` blocks them.
-    batch_size : int
-        Rows per model call (B); the last batch is padded to it.
-    N : int
-        Pattern side in pixels.
-    C : int
-        Channels of one model input (gridsize²).
-    M : int
-        Side of the crop kept from each predicted patch.
-    model_probe_bytes : int
-        Measured host memory one batch adds inside the model (:func:`probe_model`).
-    output : {"complex", "amp_phase"}
-        What the network returns; ``amp_phase`` adds the amplitude, phase and phasor buffers.
-    read_copies : int
-        Buffers the read holds besides its result (decoded chunks, selection copies), as Cubed's
-        ``BufferCopies.read`` (1 for a local store, 2 for a cloud store).
-
-    Returns
-    -------
-    TaskMemory
-        Parts: ``gathered`` (1 + read_copies)·b·N²·C·4 (float32 diffraction read for the block, at most
-        b·C distinct patterns, and the read's buffers), ``normalised`` 2·B·N²·C·4 (one batch gathered
-        from the block and its scaled copy), ``offsets`` b·C·2·12 (float64 offsets and their float32
-        cast), ``model_input`` B·N²·C·4 (the padded batch), ``model_output`` B·N²·8 (complex64 before
-        the crop), ``amp_phase`` B·N²·16 or 0 (float32 amplitude and phase, complex64 phasor),
-        ``crops`` b·M²·8 (complex64, the task's output), ``model_probe`` as measured.
-    """
-    _positive(block_groups=block_groups, batch_size=batch_size, N=N, C=C, M=M)
-    if read_copies < 0:
-        raise InvalidParameterError(f"read_copies is {read_copies}; give 0 or more buffers")
-    pattern = N * N * C * _F32
-    return TaskMemory(
-        "infer",
-        {
-            "gathered": (1 + read_copies) * block_groups * pattern,
-            "normalised": 2 * batch_size * pattern,
-            "offsets": block_groups * C * 2 * (_F64 + _F32),
-            "model_input": batch_size * pattern,
-            "model_output": batch_size * N * N * _C64,
-            "amp_phase": batch_size * N * N * (2 * _F32 + _C64) if output == "amp_phase" else 0,
-            "crops": block_groups * M * M * _C64,
-            "model_probe": int(model_probe_bytes),
-        },
-        "block_groups",
-    )
-
-
-def project_stitch(
-    tile: int | Sequence[int],
-    block_patches: int,
-    M: int,
-    *,
-    split_every: int = 4,
-    taps_per_batch: int = 2**22,
-) -> tuple[TaskMemory, TaskMemory]:
-    """Project the two kinds of stitching task: a block's splat onto one tile, and the tree sum.
-
-    Parameters
-    ----------
-    tile : int or (int, int)
-        Canvas tile shape in pixels (a square side, or rows and columns).
-    block_patches : int
-        Crops per block of the patches array.
-    M : int
-        Crop side in pixels.
-    split_every : int
-        Partial tiles a tree-sum step adds at once (``ptychozarr.stitch`` uses 4).
-    taps_per_batch : int
-        Bilinear taps a splat gathers at once (``ptychozarr.stitch`` uses 2²², whole patches of 4·M²).
-
-    Returns
-    -------
-    splat, tree_sum : TaskMemory
-        Stages named after the stitch layers. With A = tile area and T = the taps of one batch
-        (min(block_patches, max(1, taps_per_batch // 4M²))·4M²), ``stitch-splat`` holds ``crops``
-        block_patches·M²·8 (complex64 input), ``taps`` T·33 (int64 index, bool mask, complex128 value
-        and float64 weight per tap) and ``partial_tile`` A·40 (three float64 accumulators and the
-        complex128 numerator); ``stitch-sum`` holds ``partials`` split_every·A·24 (complex128
-        numerator and float64 weight each) and ``sum`` A·24. The final division of a tile (A·56)
-        needs less than a sum.
-    """
-    area = math.prod(_pair(tile))
-    _positive(tile=area, block_patches=block_patches, M=M, split_every=split_every)
-    per_patch = 4 * M * M
-    taps = min(block_patches, max(1, taps_per_batch // per_patch)) * per_patch
-    tile_sums = _C128 + _F64
-    splat = {
-        "crops": block_patches * M * M * _C64,
-        "taps": taps * (8 + 1 + _C128 + _F64),
-        "partial_tile": area * (3 * _F64 + _C128),
-    }
-    tree_sum = {"partials": split_every * area * tile_sums, "sum": area * tile_sums}
-    return TaskMemory("stitch-splat", splat, "tile"), TaskMemory("stitch-sum", tree_sum, "tile")
-
-
-def project_metrics(
-    chunk: int | Sequence[int], halo: int = 0, *, temporaries: int = 16, itemsize: int = _F64
-) -> TaskMemory:
-    """Project one metric task: a block of the reconstruction and of the ground truth, with halo.
-
-    Parameters
-    ----------
-    chunk : int or (int, int)
-        Block shape in pixels (a square side, or rows and columns).
-    halo : int
-        Overlap added on every side (``map_overlap`` depth), in pixels.
-    temporaries : int
-        Full-block temporaries the metric makes; 16 covers scikit-image's SSIM (five filtered moments,
-        their products and the map) with room to spare: ``evaluate`` on one 512² chunk peaks at about
-        15.5 block-sized float64 buffers, inputs included (tests/test_memory.py).
-    itemsize : int
-        Bytes per element of the temporaries (8 for float64).
-
-    Returns
-    -------
-    TaskMemory
-        Parts, with A = (rows + 2·halo)·(cols + 2·halo): ``inputs`` 2·A·itemsize (both images),
-        ``temporaries`` temporaries·A·itemsize.
-    """
-    rows, cols = _pair(chunk)
-    _positive(chunk=rows * cols, temporaries=temporaries, itemsize=itemsize)
-    if halo < 0:
-        raise InvalidParameterError(f"halo is {halo}; give a non-negative overlap in pixels")
-    area = (rows + 2 * halo) * (cols + 2 * halo)
-    return TaskMemory(
-        "metrics", {"inputs": 2 * area * itemsize, "temporaries": temporaries * area * itemsize}, "chunk"
-    )
-
-
 @dataclass(frozen=True)
 class Plan:
     """The projected memory of a run: its tasks, the baseline and how many run at once.
@@ -244,7 +97,7 @@ class Plan:
     Attributes
     ----------
     tasks : tuple of TaskMemory
-        One projected task per stage.
+        The projected tasks of every stage.
     reserved : int
         Bytes each process holds before any task (measured or :data:`DEFAULT_RESERVED`).
     threads : int
@@ -253,13 +106,13 @@ class Plan:
         Processes (workers) on this machine, each with its own baseline.
     device : int or None
         Projected device bytes per GPU worker (the model probe on the GPU), or None on the CPU.
+    held : dict of str to int
+        Buffers each process keeps across its tasks (once per process, not per thread), by name.
     params : dict
-        The arguments :func:`plan` (or ``factory``) was called with, to project the same run at another
-        block size.
+        The arguments ``factory`` was called with, to project the same run at another block or tile.
     factory : callable, optional
-        What made the plan from ``params`` (default :func:`plan`): a pipeline whose stages project their
-        own tasks passes its own, and :meth:`with_params`, :func:`choose_block_groups` and the advice of
-        :func:`check` re-project through it.
+        What made the plan from ``params``: :meth:`with_params`, :func:`choose_block_groups` and the
+        advice of :func:`check` re-project through it.
     """
 
     tasks: tuple[TaskMemory, ...]
@@ -267,6 +120,7 @@ class Plan:
     threads: int = 1
     processes: int = 1
     device: int | None = None
+    held: Mapping[str, int] = field(default_factory=dict)
     params: Mapping[str, Any] = field(default_factory=dict)
     factory: Callable[..., Plan] | None = field(default=None, compare=False, repr=False)
 
@@ -285,7 +139,7 @@ class Plan:
     def per_process(self, stage: str | None = None) -> int:
         """Bytes of one process running ``threads`` tasks of ``stage`` (default: the largest task)."""
         task = self.largest if stage is None else self.stage(stage)
-        return self.reserved + self.threads * task.total
+        return self.reserved + sum(self.held.values()) + self.threads * task.total
 
     @property
     def peak(self) -> int:
@@ -294,7 +148,9 @@ class Plan:
 
     def with_params(self, **changes: Any) -> Plan:
         """The same run projected with some of its arguments changed."""
-        return (self.factory or plan)(**{**self.params, **changes})
+        if self.factory is None:
+            raise InvalidParameterError("this plan was built by hand; give it a factory to re-project it")
+        return self.factory(**{**self.params, **changes})
 
     def to_dict(self) -> dict:
         """The plan as JSON-able values (bytes as ints)."""
@@ -302,6 +158,7 @@ class Plan:
             "peak": self.peak,
             "per_process": self.per_process(),
             "reserved": self.reserved,
+            "held": dict(self.held),
             "threads": self.threads,
             "processes": self.processes,
             "device": self.device,
@@ -311,63 +168,6 @@ class Plan:
             },
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
         }
-
-
-def plan(
-    *,
-    block_groups: int,
-    batch_size: int,
-    N: int,
-    C: int,
-    M: int,
-    model_probe: int = 0,
-    output: Literal["complex", "amp_phase"] = "complex",
-    read_copies: int = 1,
-    tile: int | tuple[int, int] | None = None,
-    split_every: int = 4,
-    chunk: int | tuple[int, int] | None = None,
-    halo: int = 0,
-    temporaries: int = 16,
-    reserved: int | None = None,
-    threads: int = 1,
-    processes: int = 1,
-    device: int | None = None,
-) -> Plan:
-    """Project a run's memory from its block shapes.
-
-    Inference is always projected; stitching when ``tile`` is given, metrics when ``chunk`` is given.
-    The arguments are those of :func:`project_inference`, :func:`project_stitch` (whose blocks are the
-    inference blocks) and :func:`project_metrics`, plus:
-
-    Parameters
-    ----------
-    model_probe : int
-        Host bytes of one batch through the model (:func:`probe_model` on the CPU; 0 on a GPU, where
-        the activations live on the device).
-    reserved : int, optional
-        Per-process baseline in bytes; :data:`DEFAULT_RESERVED` when None.
-    threads, processes : int
-        Concurrent tasks per process, and processes (see ``cluster.concurrency``).
-    device : int, optional
-        Device bytes of one batch (:func:`probe_model` on the GPU).
-
-    Returns
-    -------
-    Plan
-    """
-    params = dict(locals())
-    _positive(threads=threads, processes=processes)
-    tasks = [
-        project_inference(
-            block_groups, batch_size, N, C, M, model_probe, output=output, read_copies=read_copies
-        )
-    ]
-    if tile is not None:
-        tasks.extend(project_stitch(tile, block_groups, M, split_every=split_every))
-    if chunk is not None:
-        tasks.append(project_metrics(chunk, halo, temporaries=temporaries))
-    reserved = DEFAULT_RESERVED if reserved is None else int(reserved)
-    return Plan(tuple(tasks), reserved, threads, processes, device, params)
 
 
 def parse_budget(value: str | int | None, *, flag: str = "--memory-budget") -> int | None:
@@ -386,16 +186,14 @@ def parse_budget(value: str | int | None, *, flag: str = "--memory-budget") -> i
     return n
 
 
-def check(plan: Plan, budget: int | str, device_budget: int | str | None = None) -> Plan:
-    """Refuse a plan whose projected peak exceeds the budget, before any work starts.
+def check(plan: Plan, budget: int | str) -> Plan:
+    """Refuse a plan whose projected host peak exceeds the budget, before any work starts.
 
     Parameters
     ----------
     plan : Plan
     budget : int or str
         Host budget of the whole run (all processes), in bytes or as a size string.
-    device_budget : int or str, optional
-        Budget of each GPU, checked against ``plan.device`` when both are set.
 
     Returns
     -------
@@ -405,30 +203,24 @@ def check(plan: Plan, budget: int | str, device_budget: int | str | None = None)
     Raises
     ------
     MemoryBudgetError
-        With the projected figure, its breakdown, the budget and the knob that makes it fit.
+        With the projected figure, its breakdown, the budget and the flag that makes it fit.
     """
     budget = parse_budget(budget)
     if plan.peak > budget:
         task = plan.largest
         parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in task.parts.items() if v)
+        held = f" + held {format_bytes(sum(plan.held.values()))}" if plan.held else ""
         raise MemoryBudgetError(
             f"projected host memory {format_bytes(plan.peak)} exceeds --memory-budget "
             f"{format_bytes(budget)}: {plan.processes} process(es) × (reserved "
-            f"{format_bytes(plan.reserved)} + {plan.threads} thread(s) × {task.stage} task "
+            f"{format_bytes(plan.reserved)}{held} + {plan.threads} thread(s) × {task.stage} task "
             f"{format_bytes(task.total)} [{parts}]); {_suggest(plan, budget)}"
-        )
-    device_budget = parse_budget(device_budget, flag="--device-memory-budget")
-    if device_budget is not None and plan.device is not None and plan.device > device_budget:
-        raise MemoryBudgetError(
-            f"projected device memory {format_bytes(plan.device)} per GPU (one batch of "
-            f"{plan.params.get('batch_size')} through the model) exceeds --device-memory-budget "
-            f"{format_bytes(device_budget)}; lower --batch-size"
         )
     return plan
 
 
 def choose_block_groups(
-    budget: int | str, *, max_groups: int, factory: Callable[..., Plan] | None = None, **plan_args: Any
+    budget: int | str, *, max_groups: int, factory: Callable[..., Plan], **plan_args: Any
 ) -> int:
     """The largest block of groups whose plan fits the budget.
 
@@ -441,10 +233,10 @@ def choose_block_groups(
         Host budget of the whole run.
     max_groups : int
         Groups in the scan; no block is larger.
-    factory : callable, optional
-        What projects a plan from its arguments (default :func:`plan`).
+    factory : callable
+        What projects a plan from ``block_groups`` and ``plan_args``.
     **plan_args
-        Every other argument of :func:`plan` (``batch_size``, ``N``, ``C``, ``M`` …).
+        Every other argument of ``factory`` (``batch_size`` among them).
 
     Returns
     -------
@@ -456,17 +248,15 @@ def choose_block_groups(
         When even the smallest candidate (one batch, or ``max_groups`` if smaller) does not fit.
     """
     budget = parse_budget(budget)
-    _positive(max_groups=max_groups)
-    candidates = _block_candidates(plan_args["batch_size"], max_groups)
+    candidates = _block_candidates(plan_args["batch_size"], check_positive("max_groups", max_groups))
     fitting = _largest_fitting(
-        (factory or plan)(block_groups=candidates[0], **plan_args), "block_groups", candidates, budget
+        factory(block_groups=candidates[0], **plan_args), "block_groups", candidates, budget
     )
     if fitting is None:
-        smallest = (factory or plan)(block_groups=candidates[-1], **plan_args)
+        smallest = factory(block_groups=candidates[-1], **plan_args)
         raise MemoryBudgetError(
             f"even --block-groups {candidates[-1]} projects {format_bytes(smallest.peak)}, over "
-            f"--memory-budget {format_bytes(budget)}; lower --batch-size, use fewer workers or threads "
-            f"(now {smallest.processes} × {smallest.threads}), or raise --memory-budget"
+            f"--memory-budget {format_bytes(budget)}; {_fewer(smallest)}"
         )
     return fitting
 
@@ -609,7 +399,7 @@ class TaskMemoryCallback(Callback):
     Each task's peak is the largest RSS sampled between its start and its end (sampled every
     ``interval`` and at both ends); tasks are grouped by their key prefix (:func:`dask.utils.key_split`),
     mapped to the first of ``stages`` that is a run of its dash-separated words (so fused layers such as
-    ``array-stitch-splat-stitch-tile`` count as ``stitch-splat``). Name graph layers
+    ``array-stitch-tile-stitch-write`` count as ``stitch-tile``). Name graph layers
     ``f"{stage}-{token}"`` so their tasks land in the right stage. Tasks of several stages running at
     once share one RSS, so each is charged with the whole process: compare with
     ``Plan.per_process(stage)``.
@@ -629,10 +419,10 @@ class TaskMemoryCallback(Callback):
 
     Examples
     --------
-    >>> with TaskMemoryCallback(stages=("infer", "stitch-splat", "stitch-sum")) as cb:
+    >>> with TaskMemoryCallback(stages=("infer", "stitch-route", "stitch-tile")) as cb:
     ...     dask.compute(patches, obj)
     >>> cb.peaks()
-    {'infer': 1342177280, 'stitch-splat': 905969664, 'stitch-sum': 805306368}
+    {'infer': 1342177280, 'stitch-route': 905969664, 'stitch-tile': 805306368}
     """
 
     def __init__(self, stages: Sequence[str] = (), interval: float = 0.02):
@@ -713,76 +503,62 @@ def report(plan: Plan, measured: Mapping[str, int | None]) -> dict:
         Measured bytes under these keys (any subset): ``peak`` (the whole run, e.g.
         :class:`PeakMemory` with children), ``process`` (the largest single process, e.g. the largest
         ``host`` of :func:`worker_peaks`), ``device`` (the largest device peak), and stage names
-        (:meth:`TaskMemoryCallback.peaks`).
+        (:meth:`TaskMemoryCallback.peaks`), alone or with a label (``infer:pinn``, one arm's).
 
     Returns
     -------
     dict
         ``projected`` (:meth:`Plan.to_dict`), ``measured`` and ``ratio`` = measured / projected for every
         key with both figures (``peak`` ↔ ``Plan.peak``, ``process`` ↔ ``Plan.per_process()``,
-        ``device`` ↔ ``Plan.device``, a stage ↔ ``Plan.per_process(stage)``).
+        ``device`` ↔ ``Plan.device``, a stage or ``stage:label`` ↔ ``Plan.per_process(stage)``).
     """
-    stages = {t.stage for t in plan.tasks}
     projected = {"peak": plan.peak, "process": plan.per_process(), "device": plan.device}
-    projected |= {s: plan.per_process(s) for s in stages}
-    ratio = {k: round(v / projected[k], 3) for k, v in measured.items() if v is not None and projected.get(k)}
+    projected |= {t.stage: plan.per_process(t.stage) for t in plan.tasks}
+    ratio = {
+        k: round(v / projected[stage], 3)
+        for k, v in measured.items()
+        if v is not None and projected.get(stage := k.split(":")[0])
+    }
     return {"projected": plan.to_dict(), "measured": dict(measured), "ratio": ratio}
-
-
-def _pair(shape: int | Sequence[int]) -> tuple[int, int]:
-    rows, cols = (shape, shape) if isinstance(shape, int) else tuple(shape)
-    return int(rows), int(cols)
-
-
-def _positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise InvalidParameterError(f"{name} is {value}; it must be a positive integer")
 
 
 def _block_candidates(batch_size: int, max_groups: int) -> list[int]:
     """Block sizes to try, largest first: ``max_groups``, then batch·2^k below it."""
-    _positive(batch_size=batch_size)
+    batch_size = check_positive("batch_size", batch_size)
     below = [batch_size << k for k in range(max_groups.bit_length()) if batch_size << k < max_groups]
     return [max_groups, *reversed(below)]
 
 
-def _shrink(value: int | tuple[int, int], floor: int) -> Iterator[int | tuple[int, int]]:
-    """``value`` halved repeatedly, no side below ``floor``."""
-    while True:
-        value = value // 2 if isinstance(value, int) else (value[0] // 2, value[1] // 2)
-        if min(_pair(value)) < floor:
-            return
-        yield value
-
-
-def _changes(p: Plan, knob: str, value: Any) -> dict[str, Any]:
-    """The plan arguments a knob's value sets: tile and metric chunk together when they are one."""
-    if knob in ("tile", "chunk") and p.params.get("tile") == p.params.get("chunk"):
-        return {"tile": value, "chunk": value}
-    return {knob: value}
+def _halved(tile: int) -> Iterator[int]:
+    """``tile`` halved repeatedly, down to :data:`_SMALLEST_TILE`."""
+    while (tile := tile // 2) >= _SMALLEST_TILE:
+        yield tile
 
 
 def _largest_fitting(p: Plan, knob: str, candidates: Sequence, budget: int) -> Any:
     """The first of ``candidates`` (largest first) for ``knob`` whose plan fits, or None."""
-    return next((c for c in candidates if p.with_params(**_changes(p, knob, c)).peak <= budget), None)
+    return next((c for c in candidates if p.with_params(**{knob: c}).peak <= budget), None)
+
+
+def _fewer(p: Plan) -> str:
+    """The advice when no smaller block or tile fits."""
+    return (
+        f"lower --batch-size or --n-workers (now {p.processes} process(es) × {p.threads} thread(s)), "
+        "or raise --memory-budget"
+    )
 
 
 def _suggest(p: Plan, budget: int) -> str:
-    """The knob to turn for an over-budget plan, with a value that fits when there is one."""
+    """The flag to turn for an over-budget plan, with a value that fits when there is one."""
     knob = p.largest.knob
     current, flag = p.params.get(knob), _FLAGS[knob]
-    if current is None:  # a Plan built by hand: nothing to re-project
+    if current is None or p.factory is None:  # a Plan built by hand: nothing to re-project
         return f"lower {flag}"
     if knob == "block_groups":
         candidates = [c for c in _block_candidates(p.params["batch_size"], current) if c < current]
     else:
-        candidates = list(_shrink(current, _SMALLEST[knob]))
+        candidates = list(_halved(current))
     value = _largest_fitting(p, knob, candidates, budget)
     if value is None:
-        return (
-            f"no smaller {flag} fits; lower --batch-size, use fewer workers or threads "
-            f"(now {p.processes} × {p.threads}), or raise --memory-budget"
-        )
-    shown = value if isinstance(value, int) else "x".join(map(str, value))
-    return f"{flag} {shown} fits (projected {format_bytes(p.with_params(**_changes(p, knob, value)).peak)})"
+        return f"no smaller {flag} fits; {_fewer(p)}"
+    return f"{flag} {value} fits (projected {format_bytes(p.with_params(**{knob: value}).peak)})"

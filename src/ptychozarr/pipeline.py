@@ -246,19 +246,21 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
     """Project the run's memory, pick ``auto`` blocks, and refuse an over-budget plan before any work.
 
     The models' working memory is probed with one batch each (the largest counts); the per-process
-    baseline is this process's RSS now on the threaded scheduler, the default on a cluster.
+    baseline is this process's RSS now on the threaded scheduler, the default on a cluster. On the
+    ``cuda`` scheduler the device side is the models' probe on the GPU.
     """
     infer, budget = config.infer, config.run.memory_budget
     n_points = min(header.patterns, config.scan.n_test_groups or header.patterns)
     conc = cluster.concurrency(client)
     loaded = [cached_model(p, trust_bundle=infer.trust_bundle) for _, p in config.models]
+    on_gpu = config.run.scheduler == "cuda"
     args = dict(
         batch_size=infer.batch_size,
         N=header.N,
         channels=max((m.spec.channels for m in loaded), default=1),
         crop=infer.stitch_crop_size,
         model_probe=max((_probe(m, infer.batch_size) for m in loaded), default=0),
-        output=loaded[0].spec.output if loaded else "complex",
+        device=max((_probe(m, infer.batch_size, "GPU:0") for m in loaded), default=0) if on_gpu else None,
         tile=config.stitch.tile,
         threads=conc.threads,
         processes=conc.processes,
@@ -276,35 +278,38 @@ def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Pl
 
 
 def _project(
-    *, block_groups, batch_size, N, channels, crop, model_probe, output, tile, threads, processes, reserved
+    *, block_groups, batch_size, N, channels, crop, model_probe, device, tile, threads, processes, reserved
 ) -> memory.Plan:
     """The run's plan from each stage's own projection: inference, stitching, metrics on the tiles."""
     params = dict(locals())
-    tasks = (
-        stages.infer.project_memory(
-            block_groups=block_groups, batch_size=batch_size, N=N, channels=channels, crop=crop,
-            model_probe=model_probe, output=output,
-        ),
-        *stages.stitch.project_memory(patch_size=crop, tile=tile, block_patches=block_groups),
-        stages.score.project_memory(chunk=tile),
+    infer, held = stages.infer.project_memory(
+        block_groups=block_groups, batch_size=batch_size, N=N, channels=channels, crop=crop,
+        model_probe=model_probe,
     )  # fmt: skip
+    tasks = (
+        infer,
+        *stages.stitch.project_memory(patch_size=crop, tile=tile, block_patches=block_groups),
+        stages.score.project_memory(tile=tile),
+    )
     return memory.Plan(
         tasks,
         memory.DEFAULT_RESERVED if reserved is None else int(reserved),
         threads,
         processes,
+        device,
+        held,
         params=params,
         factory=_project,
     )
 
 
-def _probe(model, batch_size: int) -> int:
-    """Host bytes of one batch through ``model`` (:func:`ptychozarr.memory.probe_model`)."""
+def _probe(model, batch_size: int, device: str = "cpu") -> int:
+    """Bytes of one batch through ``model`` on ``device`` (:func:`ptychozarr.memory.probe_model`)."""
     spec = model.spec
     shape = (min(batch_size, spec.max_batch or batch_size), spec.N, spec.N, spec.channels)
     if spec.takes_positions:
-        return memory.probe_model(model.predict_batch, shape, (shape[0], 1, 2, spec.channels))
-    return memory.probe_model(lambda x: model.predict_batch(x, None), shape)
+        return memory.probe_model(model.predict_batch, shape, (shape[0], 1, 2, spec.channels), device=device)
+    return memory.probe_model(lambda x: model.predict_batch(x, None), shape, device=device)
 
 
 def _report(root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader) -> dict:

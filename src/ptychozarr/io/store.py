@@ -57,6 +57,7 @@ __all__ = [
     "consolidate",
     "ingest",
     "is_complete",
+    "is_complete_with",
     "mark_complete",
     "open_dataset",
     "open_store",
@@ -64,6 +65,7 @@ __all__ = [
     "replace_path",
     "require_complete",
     "scratch_array",
+    "sha256",
 ]
 
 SCHEMA_VERSION = 2
@@ -102,6 +104,18 @@ def consolidate(store: str | Path | zarr.abc.store.Store) -> None:
 def is_complete(node: zarr.Group | zarr.Array) -> bool:
     """Whether a stage marked ``node`` complete."""
     return node.attrs.get("complete") is True
+
+
+def is_complete_with(node: zarr.Group | zarr.Array | None, attrs: dict) -> bool:
+    """Whether ``node`` exists, is marked complete and was made with ``attrs`` (its attrs hold each
+    of them, equal): the check every stage makes before reusing its output."""
+    return node is not None and is_complete(node) and all(node.attrs.get(k) == v for k, v in attrs.items())
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def open_store(store_path: str | Path, mode: str = "r") -> zarr.Group:
@@ -192,7 +206,7 @@ def ingest(
     temporary = store_path.with_name(f".{store_path.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         with NpzReader(npz_path) as npz, ThreadPoolExecutor(1) as pool:
-            digest = pool.submit(_sha256, npz_path)  # hashes beside the ingestion (hashlib frees the GIL)
+            digest = pool.submit(sha256, npz_path)  # hashes beside the ingestion (hashlib frees the GIL)
             root = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3)
             data = root.create_group("data")
             attrs = _ingest_members(npz, data, chunk_bytes, scratch=store_path.parent)
@@ -208,11 +222,6 @@ def ingest(
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return store_path
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch: Path) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import zarr
 
-from ptychozarr.config import sha256, to_json
-from ptychozarr.io import is_complete
+from ptychozarr.config import to_json
+from ptychozarr.io.store import is_complete_with, sha256
 from ptychozarr.models.keras_model import sidecar_path
 
 __all__ = ["arm_key", "fingerprint", "groups_key", "matches", "open_run_store", "unconsolidate"]
@@ -41,7 +41,7 @@ def groups_key(groups) -> dict:
 
 def matches(node, params: dict) -> bool:
     """Whether ``node`` is a complete stage output made with ``params``."""
-    return node is not None and is_complete(node) and node.attrs.get("params") == to_json(params)
+    return is_complete_with(node, {"params": to_json(params)})
 
 
 def open_run_store(path: Path) -> zarr.Group:

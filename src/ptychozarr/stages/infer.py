@@ -17,7 +17,7 @@ import zarr
 
 from ptychozarr import memory
 from ptychozarr.config import InferOptions, to_json
-from ptychozarr.inference import infer
+from ptychozarr.inference import infer, task_memory
 from ptychozarr.io import mark_complete
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import fingerprint, groups_key, matches
@@ -30,10 +30,23 @@ DIMS = {"patches": ("patch", "crop_y", "crop_x"), "positions": ("patch", "xy"), 
 
 
 def project_memory(
-    *, block_groups: int, batch_size: int, N: int, channels: int, crop: int, model_probe: int, output: str
-) -> memory.TaskMemory:
-    """Projected host memory of one inference task (:func:`ptychozarr.memory.project_inference`)."""
-    return memory.project_inference(block_groups, batch_size, N, channels, crop, model_probe, output=output)
+    *, block_groups: int, batch_size: int, N: int, channels: int, crop: int, model_probe: int
+) -> tuple[memory.TaskMemory, dict[str, int]]:
+    """Projected host memory of inference (:func:`ptychozarr.inference.task_memory`).
+
+    Returns
+    -------
+    task : TaskMemory
+        One task, sized by ``block_groups``.
+    held : dict of str to int
+        What each process keeps across its tasks: the decoded-chunk cache, once per process.
+    """
+    projected = task_memory(
+        block_groups=block_groups, batch_size=batch_size, N=N, channels=channels, crop=crop,
+        model_probe=model_probe,
+    )  # fmt: skip
+    task = memory.TaskMemory("infer", {"block": projected["infer"]}, "block_groups")
+    return task, {"chunk_cache": projected["chunk_cache"]}
 
 
 def run(

@@ -18,7 +18,6 @@ included, is reused, without measuring its registration again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,25 +29,31 @@ import zarr
 from ptychozarr import align, memory
 from ptychozarr.config import ScoreOptions
 from ptychozarr.io import is_complete, mark_complete
-from ptychozarr.metrics import evaluate
+from ptychozarr.metrics import evaluate, task_memory
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame
 
-__all__ = ["DIMS", "HALO", "Aligned", "align_arm", "project_memory", "score_arms"]
+__all__ = ["DIMS", "Aligned", "align_arm", "project_memory", "score_arms"]
 
 log = logging.getLogger(__name__)
 
 DIMS = ("aligned_y", "aligned_x")
-HALO = 5
-"""Overlap of a metric task (the MS-SSIM Gaussian's radius at the default σ, with a margin)."""
+_ANY_SIDE = 2**16
+"""Side of the image a metric task is projected for (any larger one projects the same)."""
 
 
-def project_memory(*, chunk: int) -> memory.TaskMemory:
-    """Projected host memory of one metric task on ``chunk``² blocks: the object's tiles, so the knob
-    that sizes it is the tile."""
-    return dataclasses.replace(memory.project_metrics(chunk, HALO), knob="tile")
+def project_memory(*, tile: int) -> memory.TaskMemory:
+    """Projected host memory of one metric task (:func:`ptychozarr.metrics.task_memory`) on the
+    object's ``tile``² chunks, so the tile is the knob that sizes it.
+
+    One pass runs at a time, so the task is the largest pass's. The scored image's shape is not known
+    before the run: it is taken as :data:`_ANY_SIDE` square, past which the projection no longer grows.
+    """
+    passes = task_memory((_ANY_SIDE, _ANY_SIDE), chunk=tile)
+    largest = max(passes, key=passes.__getitem__)
+    return memory.TaskMemory("metrics", {largest: passes[largest]}, "tile")
 
 
 @dataclass

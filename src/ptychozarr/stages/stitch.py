@@ -14,20 +14,25 @@ import zarr
 from ptychozarr import memory
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
-from ptychozarr.stitch import CanvasFrame, stitch_to_zarr
+from ptychozarr.stitch import CanvasFrame, stitch_to_zarr, task_memory
 
 __all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "write_object"]
 
 DIMS = ("object_y", "object_x")
 """Dimension names of a stitched object (and the names of its coordinate arrays)."""
 
-TASK_KINDS = ("stitch-splat", "stitch-sum")
-"""Layer names of the stitch graph (``ptychozarr.stitch``), whose task memory is projected apart."""
+TASK_KINDS = ("stitch-route", "stitch-tile", "stitch-write")
+"""Layer names of the stitch graph (``ptychozarr.stitch``): the task kinds :func:`project_memory` projects
+and the run measures apart."""
 
 
-def project_memory(*, patch_size: int, tile: int, block_patches: int) -> tuple[memory.TaskMemory, ...]:
-    """Projected host memory of one splat and one tree-sum task (:func:`ptychozarr.memory.project_stitch`)."""
-    return memory.project_stitch(tile, block_patches, patch_size)
+def project_memory(
+    *, patch_size: int, tile: int, block_patches: int, coverage: float = 4.0
+) -> tuple[memory.TaskMemory, ...]:
+    """Projected host memory of one task of each kind (:func:`ptychozarr.stitch.task_memory`), sized by
+    the tile; ``coverage`` is the scan's mean number of patches over a scanned pixel."""
+    projected = task_memory(patch_size=patch_size, tile=tile, block_patches=block_patches, coverage=coverage)
+    return tuple(memory.TaskMemory(kind, {"task": projected[kind]}, "tile") for kind in TASK_KINDS)
 
 
 def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
