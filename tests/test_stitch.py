@@ -327,7 +327,8 @@ def test_random_order_memory_stays_far_below_tile_partials(tmp_path):
     assert len(pairs) == (n // block) * (side // tile) ** 2
     # what waits between tasks is the routed patches (a patch near a tile edge goes to two or four tiles)
     assert traced.results <= 1.5 * n * (patches[0].nbytes + 40) < partials / 10
-    assert traced.peak < partials / 5
+    # the peak (graph, routed patches, one tile task, the Zarr writes) stays far below the partials
+    assert traced.peak < partials / 4
 
 
 @pytest.mark.parametrize(("m", "tile", "block"), [(16, 128, 150), (20, 64, 400)])

@@ -50,7 +50,6 @@ __all__ = [
     "option_names",
     "sha256",
     "suggest",
-    "to_json",
 ]
 
 
@@ -93,14 +92,6 @@ def sha256(path: str | os.PathLike) -> str:
     from ptychozarr.io.store import sha256 as file_sha256
 
     return file_sha256(path)
-
-
-def to_json(value: Any) -> Any:
-    """``value`` as JSON values: :func:`ptychozarr.report.to_jsonable`, the project's one normaliser
-    (NaN becomes None, so that parameters stored in attrs compare equal when read back)."""
-    from ptychozarr.report.runjson import to_jsonable
-
-    return to_jsonable(value)
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import zarr
 
-from ptychozarr.config import to_json
 from ptychozarr.io.store import is_complete_with, sha256
 from ptychozarr.models.keras_model import sidecar_path
+from ptychozarr.report import to_jsonable
 
 __all__ = ["arm_key", "fingerprint", "groups_key", "matches", "open_run_store", "unconsolidate"]
 
@@ -41,7 +41,7 @@ def groups_key(groups) -> dict:
 
 def matches(node, params: dict) -> bool:
     """Whether ``node`` is a complete stage output made with ``params``."""
-    return is_complete_with(node, {"params": to_json(params)})
+    return is_complete_with(node, {"params": to_jsonable(params)})
 
 
 def open_run_store(path: Path) -> zarr.Group:

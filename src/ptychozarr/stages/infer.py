@@ -16,9 +16,10 @@ import xarray as xr
 import zarr
 
 from ptychozarr import memory
-from ptychozarr.config import InferOptions, to_json
+from ptychozarr.config import InferOptions
 from ptychozarr.inference import infer, task_memory
 from ptychozarr.io import mark_complete
+from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import fingerprint, groups_key, matches
 
@@ -82,7 +83,7 @@ def run(
             ds, groups, str(model), crop=options.stitch_crop_size, block_groups=block_groups,
             batch_size=options.batch_size, trust_bundle=options.trust_bundle,
         )  # fmt: skip
-        out = _prepare(node, result, to_json(params), keep=not rt.force)
+        out = _prepare(node, result, to_jsonable(params), keep=not rt.force)
         t0 = time.perf_counter()
         rt.store_blocks(name, result["patches"].data, out["patches"], out["done"])
         seconds = float(out.attrs.get("seconds", 0.0)) + time.perf_counter() - t0
