@@ -36,6 +36,7 @@ import psutil
 from dask.callbacks import Callback
 from dask.utils import format_bytes, key_split, parse_bytes
 
+from ptychozarr import _tf
 from ptychozarr.config import check_positive
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
@@ -307,7 +308,7 @@ def probe_model(
             output = predict_fn(*inputs)  # alive until the last sample, so the output counts
         del output
         return pm.increase
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     tf.config.experimental.reset_memory_stats(device)
     predict_fn(*inputs)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+from ptychozarr import _tf
+
 __all__ = [
     "build_baseline",
     "build_pinn",
@@ -32,7 +34,7 @@ __all__ = [
 
 def _conv(x, filters: int, name: str, batch_norm: bool = False):
     """Two 3×3 convolutions with ReLU, each batch-normalised before its ReLU when ``batch_norm``."""
-    import keras
+    keras = _tf.keras()
 
     for i in range(2):
         if batch_norm:
@@ -46,7 +48,7 @@ def _conv(x, filters: int, name: str, batch_norm: bool = False):
 
 def _heads(x):
     """Amplitude (sigmoid) and phase (π·tanh) heads, one channel each."""
-    import keras
+    keras = _tf.keras()
 
     amp = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="amplitude")(x)
     tanh = keras.layers.Conv2D(1, 3, padding="same", activation="tanh", name="phase_tanh")(x)
@@ -84,7 +86,7 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
     keras.Model
         Input ``(b, N, N, C)`` float32, outputs ``[amplitude, phase]``, each ``(b, N, N, 1)``.
     """
-    import keras
+    keras = _tf.keras()
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, gridsize**2), name="diffraction")
@@ -116,7 +118,7 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
     keras.Model
         Input ``(b, N, N, 1)`` float32, outputs ``[amplitude, phase]``, each ``(b, N, N, 1)``.
     """
-    import keras
+    keras = _tf.keras()
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, 1), name="diffraction")
@@ -152,7 +154,7 @@ def with_phase_gauge(network, probe):
     -------
     keras.Model
     """
-    import keras
+    keras = _tf.keras()
     import numpy as np
 
     if any(layer.name == "phase_gauge" for layer in network.layers):
@@ -171,7 +173,7 @@ def with_phase_gauge(network, probe):
 
 def object_from_outputs(amplitude, phase):
     """Complex object ``(b, N, N)`` from the networks' ``(b, N, N, 1)`` amplitude and phase tensors."""
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     amp = tf.cast(amplitude[..., 0], tf.float32)
     ph = tf.cast(phase[..., 0], tf.float32)
@@ -191,7 +193,7 @@ def translate(images, shifts):
     -------
     tf.Tensor, (b, H, W, k) float32
     """
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     b = tf.shape(images)[0]
     one, zero = tf.ones((b,), tf.float32), tf.zeros((b,), tf.float32)
@@ -222,7 +224,7 @@ def far_field(obj, probe, offsets=None):
     tf.Tensor, (b, N, N, C) float32
         Amplitudes in the simulator's convention (unnormalised FFT, divided by N, zero frequency centred).
     """
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     n = tf.shape(obj)[1]
     if offsets is None:
@@ -250,7 +252,7 @@ def poisson_nll(predicted, measured, count_scale: float):
     count_scale : float
         Factor from amplitude to the square root of photon counts.
     """
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     rate = tf.square(count_scale * predicted)
     counts = tf.square(count_scale * measured)

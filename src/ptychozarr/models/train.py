@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
+from ptychozarr import _tf
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.models.base import ModelSpec
 
@@ -54,7 +55,7 @@ def _steps(n_items: int, epochs: int, window: int, batch_size: int) -> int:
 
 def _adam(learning_rate: float, final_learning_rate: float | None, steps: int):
     """Adam at a constant step size, or decaying along a cosine to ``final_learning_rate``."""
-    import keras
+    keras = _tf.keras()
 
     if final_learning_rate is None:
         return keras.optimizers.Adam(learning_rate)
@@ -97,7 +98,7 @@ def _open_training_store(data: Path, tmp: str) -> Path:
 
 
 def _pinn_step(network, probe, log_gain, optimizer, count_scale: float, gridsize: int):
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     from ptychozarr.models.reference import far_field, object_from_outputs, poisson_nll
 
@@ -115,7 +116,7 @@ def _pinn_step(network, probe, log_gain, optimizer, count_scale: float, gridsize
 
 
 def _baseline_step(network, optimizer):
-    import tensorflow as tf
+    tf = _tf.tensorflow()
 
     @tf.function(reduce_retracing=True)
     def step(x, amp_true, phase_true):
@@ -205,8 +206,8 @@ def train(
     Path
         The saved ``.keras`` file. Its sidecar's provenance holds the mean loss of every epoch.
     """
-    import keras
-    import tensorflow as tf
+    keras = _tf.keras()
+    tf = _tf.tensorflow()
 
     from ptychozarr.grouping import group, normaliser
     from ptychozarr.io import open_dataset, open_store
