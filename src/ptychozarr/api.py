@@ -53,6 +53,7 @@ def infer(
     batch_size: int = 32,
     tf_threads: int | None = None,
     *,
+    trust_bundle: bool = False,
     store: Store | None = None,
     overwrite: bool = False,
 ) -> xr.Dataset:
@@ -60,7 +61,7 @@ def infer(
 
     Parameters
     ----------
-    ds, groups, model, crop, block_groups, batch_size, tf_threads
+    ds, groups, model, crop, block_groups, batch_size, tf_threads, trust_bundle
         As for :func:`ptychozarr.inference.infer`.
     store : str, PathLike or zarr.Group, optional
         A Zarr v3 group (created when missing) to write the patches into, as its group ``patches``.
@@ -74,7 +75,9 @@ def infer(
         attrs of :func:`ptychozarr.inference.infer`: a lazy graph without ``store``, else arrays read
         from the store.
     """
-    result = inference.infer(ds, groups, model, crop, block_groups, batch_size, tf_threads)
+    result = inference.infer(
+        ds, groups, model, crop, block_groups, batch_size, tf_threads, trust_bundle=trust_bundle
+    )
     if store is None:
         return result
     root = _open(store)
@@ -156,7 +159,6 @@ def _open(store: Store) -> zarr.Group:
     if isinstance(store, zarr.Group):
         return zarr.open_group(store.store, path=store.path, mode="a", zarr_format=3, use_consolidated=False)
     return zarr.open_group(zarr.storage.LocalStore(store), mode="a", zarr_format=3, use_consolidated=False)
-
 
 
 def _where(group: zarr.Group) -> str:
