@@ -297,9 +297,10 @@ def task_memory(
 
     A task's buffers are those :func:`_infer_block` holds at once: the block's distinct patterns (at most
     ``block_groups · channels``, float32), one decoded chunk and its encoded bytes while reading, the
-    batch buffer and, for ``channels > 1``, the gathered batch it is transposed from, the network's
-    output for one batch (``N²`` complex64 or two float32 planes per row), what the model adds per batch,
-    the member indices (the block's, ``np.unique``'s sorted copy and inverse) and offsets, and the crops.
+    batch buffer and, for ``channels > 1``, one channel of a batch gathered before it is placed, the
+    network's output for one batch (``N²`` complex64 or two float32 planes per row), what the model adds
+    per batch, the member indices (the block's, ``np.unique``'s sorted copy and inverse) and offsets, and
+    the crops.
 
     Parameters
     ----------
@@ -340,7 +341,7 @@ def task_memory(
     parts = (
         inputs * pattern,  # the block's distinct patterns
         2 * max(chunk_bytes, pattern),  # one chunk, decoded and encoded
-        batch_size * channels * pattern * (2 if channels > 1 else 1),  # batch buffer (+ gathered)
+        batch_size * pattern * (channels + (channels > 1)),  # batch buffer (+ one gathered channel)
         batch_size * N * N * _C64,  # the network's output for one batch
         int(model_probe),
         inputs * _I64 * 3 + inputs * 2 * (_F64 + _F32),  # members, sorted, inverse; offsets
@@ -394,7 +395,6 @@ def predict_patches(
     batch_size = min(batch_size, spec.max_batch or batch_size)
     out = np.empty((n, crop, crop), np.complex64)
     x = np.zeros((batch_size, spec.N, spec.N, channels), np.float32)
-    taken = np.empty((batch_size * channels, spec.N, spec.N), np.float32) if channels > 1 else None
     pos = np.zeros((batch_size, 1, 2, channels), np.float32) if spec.takes_positions else None
     first = int(members[0, 0]) if n else 0
     contiguous = channels == 1 and np.array_equal(members[:, 0], np.arange(first, first + n))
@@ -405,7 +405,7 @@ def predict_patches(
         rows = members[start:stop]
         if ready is not None:
             ready(int(rows.max()) + 1)
-        _gather(patterns, rows, np.float32(scale), x[:batch_size], taken, contiguous)
+        _gather(patterns, rows, np.float32(scale), x[:batch_size], contiguous)
         x[k:batch_size] = 0
         if pos is not None:
             pos[k:batch_size] = 0
@@ -430,7 +430,7 @@ def predict_patches(
     return out
 
 
-def _gather(patterns, rows, scale, x, taken, contiguous) -> None:
+def _gather(patterns, rows, scale, x, contiguous) -> None:
     """Fill ``x[:k]`` (``k = len(rows)``) with ``patterns[rows]`` channels-last, times ``scale``."""
     k, channels = rows.shape
     if channels == 1:
@@ -441,9 +441,8 @@ def _gather(patterns, rows, scale, x, taken, contiguous) -> None:
             np.take(patterns, rows[:, 0], axis=0, out=dest, mode="clip")
             dest *= scale
         return
-    np.take(patterns, rows.ravel(), axis=0, out=taken[: k * channels], mode="clip")
-    n = patterns.shape[-1]
-    np.multiply(taken[: k * channels].reshape(k, channels, n, n).transpose(0, 2, 3, 1), scale, out=x[:k])
+    for c in range(channels):  # one channel at a time: a transposing pass over all of them is 3× slower
+        np.multiply(patterns[rows[:, c]], scale, out=x[:k, ..., c])
 
 
 def _infer_block(members, offsets, *, store, model, scale, crop, batch_size, store_key=None):
