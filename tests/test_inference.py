@@ -265,6 +265,23 @@ def test_reader_reads_any_sorted_rows_and_hands_on_its_error():
         reader.wait(1)
 
 
+def test_reader_reads_whole_chunks_past_the_cache(monkeypatch):
+    """Chunks a block needs whole are read straight into its buffer (not decoded into the cache) unless
+    cached already; partly needed chunks go through the cache. The rows equal the array's either way."""
+    import zarr
+
+    data = np.random.default_rng(3).random((40, 2, 2), dtype=np.float32)
+    array = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(16, 2, 2), dtype="f4")
+    array[:] = data
+    cache = inference._ChunkCache(2**20)
+    monkeypatch.setattr(inference, "_CHUNKS", cache)
+    for needed, decoded in ((np.arange(16, 40), 0), (np.arange(3, 20), 2), (np.arange(0, 32), 2)):
+        with inference._Reader(array, needed, "whole-test") as reader:
+            reader.wait(len(needed))
+            np.testing.assert_array_equal(reader.patterns, data[needed])
+        assert cache.decoded == decoded
+
+
 @pytest.mark.parametrize("capacity_chunks", [100, 2])
 def test_blocks_share_decoded_chunks(chunked, baseline, monkeypatch, capacity_chunks):
     """Blocks smaller than a chunk share it through the cache: with room for every chunk each is decoded

@@ -176,7 +176,8 @@ class _ChunkCache:
         self._loading: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def _cached(self, key: Hashable) -> np.ndarray | None:
+    def cached(self, key: Hashable) -> np.ndarray | None:
+        """The chunk under ``key`` if it is cached, else None."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -185,13 +186,13 @@ class _ChunkCache:
 
     def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The chunk under ``key``, loaded with ``load()`` when absent."""
-        value = self._cached(key)
+        value = self.cached(key)
         if value is not None:
             return value
         with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:
-            value = self._cached(key)
+            value = self.cached(key)
             if value is not None:
                 return value
             value = load()
@@ -212,8 +213,9 @@ class _Reader:
 
     The chunks holding needed rows are visited once each, in order. With a ``key`` (naming the array's
     content) and when the chunks fit in this process's chunk cache, each decoded chunk comes from the
-    cache (decoded on a miss) and the rows are copied out of it; otherwise the rows are read straight
-    into :attr:`patterns` (a slice read where they are contiguous, an orthogonal selection otherwise).
+    cache (decoded on a miss) and the rows are copied out of it; otherwise, and for a chunk needed whole
+    and not cached (which saves a copy), the rows are read straight into :attr:`patterns` (a slice read
+    where they are contiguous, an orthogonal selection otherwise).
     :meth:`wait` lets the model start on a batch as soon as its rows are in, so reading the rest of the
     block overlaps with running the model. Use it as a context manager: leaving stops the thread after
     the chunk it is reading.
@@ -265,9 +267,14 @@ class _Reader:
         if self.key is not None:
             step = self.array.chunks[0]
             start = first // step * step
-            chunk = _CHUNKS.get((self.key, start), lambda: self.array[start : start + step])
-            np.take(chunk, rows - start, axis=0, out=dest, mode="clip")
-            return
+            key = (self.key, start)
+            if hi - lo < min(step, self.array.shape[0] - start):
+                chunk = _CHUNKS.get(key, lambda: self.array[start : start + step])
+            else:  # the whole chunk: read straight into the buffer unless it is cached already
+                chunk = _CHUNKS.cached(key)
+            if chunk is not None:
+                np.take(chunk, rows - start, axis=0, out=dest, mode="clip")
+                return
         out = default_buffer_prototype().nd_buffer.from_numpy_array(dest)
         if last - first == hi - lo - 1:
             self.array.get_basic_selection(slice(first, last + 1), out=out)
