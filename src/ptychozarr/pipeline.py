@@ -127,7 +127,7 @@ def run_compare(config: CompareConfig) -> Comparison:
     with output_lock(config.output_dir):
         store = config.output_dir / "store.zarr"
         scheduler = cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers)
-        with scheduler as client, memory.PeakMemory() as peak:
+        with scheduler as client, memory.PeakMemory(children=client is not None) as peak:
             with rt.timed("plan"):
                 plan = _memory_plan(config, header, client)
             unconsolidate(store)
