@@ -85,8 +85,9 @@ def held_out_scores(aligned: str | Path, labels: Iterable[str]) -> dict[str, dic
     """Score a comparison's aligned reconstructions against the ground truth, beside a constant object.
 
     For each arm: Pearson r and SSIM of the amplitude, and of the phase after removing a best-fit plane
-    from both, on the ground truth's pixels (an arm's image larger than the ground truth's is
-    centre-cropped to it). ``"constant"`` is the ground truth's mean.
+    from both, against the arm's own ground-truth crop (``ground_truth_<arm>_*`` when the arms' crops
+    differ, else the shared ``ground_truth_*``), on the ground truth's pixels (an arm's image larger than
+    the ground truth's is centre-cropped to it). ``"constant"`` is the first arm's ground truth's mean.
 
     Parameters
     ----------
@@ -101,10 +102,18 @@ def held_out_scores(aligned: str | Path, labels: Iterable[str]) -> dict[str, dic
         ``{label: {"r_amplitude", "r_phase", "ssim_amplitude", "ssim_phase"}}``, plus ``"constant"``.
     """
     with np.load(aligned) as npz:
-        truth = npz["ground_truth_amplitude"], npz["ground_truth_phase"]
-        arms = {label: (npz[f"{label.lower()}_amplitude"], npz[f"{label.lower()}_phase"]) for label in labels}
-    constant = tuple(np.full_like(t, t.mean()) for t in truth)
-    return {label: _scores(*arm, *truth) for label, arm in (arms | {"constant": constant}).items()}
+
+        def images(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+            return npz[f"{prefix}_amplitude"], npz[f"{prefix}_phase"]
+
+        def truth(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+            own = f"ground_truth_{prefix}"
+            return images(own if f"{own}_amplitude" in npz.files else "ground_truth")
+
+        scored = {label: (*images(label.lower()), *truth(label.lower())) for label in labels}
+    shared = scored[next(iter(scored))][2:]
+    constant = tuple(np.full_like(t, t.mean()) for t in shared)
+    return {label: _scores(*arm) for label, arm in (scored | {"constant": (*constant, *shared)}).items()}
 
 
 def score_models(output_dir: str | Path, models: dict | None = None, record: bool = False) -> dict:

@@ -81,6 +81,34 @@ def _network(start_from, kind: str, n_pix: int, gridsize: int, build) -> tuple:
     return model.network, model.provenance
 
 
+def _reflect(image: np.ndarray, axis: int) -> np.ndarray:
+    """``image[(N − i) mod N]`` along ``axis``: the reflection about the centre pixel ``N/2``."""
+    return np.roll(np.flip(image, axis), 1, axis)
+
+
+def _dihedral(rng: np.random.Generator, images: list[np.ndarray], offsets: np.ndarray | None = None):
+    """One random symmetry of the square, applied to a batch's patterns, object patches and offsets.
+
+    The probe (:func:`~ptychozarr.simulate.make_probe`) is symmetric under the reflections about its
+    centre pixel ``N/2`` and under the transpose, and a far-field amplitude of the reflected (transposed)
+    exit wave is the reflected (transposed) amplitude; so each image, whose axes 1 and 2 are rows and
+    columns, is transformed alike, and a member's offset ``(x, y)`` changes sign with its axis and swaps
+    with the transpose. The result is another exact training example.
+    """
+    flip_rows, flip_cols, transpose = rng.integers(0, 2, size=3).astype(bool)
+    offsets = None if offsets is None else offsets.copy()
+    for flip, axis in ((flip_rows, 1), (flip_cols, 2)):
+        if flip:
+            images = [_reflect(image, axis) for image in images]
+            if offsets is not None:
+                offsets[..., 2 - axis] *= -1  # axis 1 (rows) is y, axis 2 (columns) is x
+    if transpose:
+        images = [np.swapaxes(image, 1, 2) for image in images]
+        if offsets is not None:
+            offsets = offsets[..., ::-1]
+    return images, offsets
+
+
 def _read(diffraction: zarr.Array, members: np.ndarray, scale: float) -> np.ndarray:
     """Patterns of ``members`` (b, C) as (b, N, N, C) float32 times ``scale``: one Zarr selection."""
     needed, rows = np.unique(members, return_inverse=True)
@@ -155,6 +183,7 @@ def train(
     threads: int | None = None,
     batch_norm: bool = False,
     start_from: str | Path | None = None,
+    augment: bool = False,
 ) -> Path:
     """Train a reference model on a scan and save it as ``.keras`` + JSON sidecar (+ probe).
 
@@ -200,6 +229,10 @@ def train(
         its weights and (PINN) gain; ``filters``, ``depth`` and ``batch_norm`` are then its own.
     threads : int, optional
         TensorFlow intra- and inter-op threads (set before TensorFlow initialises; ignored after).
+    augment : bool
+        Apply a random symmetry of the square (reflections about the centre pixel, transpose) to each
+        batch, exact for a probe with those symmetries such as the simulator's: eight times the views of
+        the training object.
 
     Returns
     -------
@@ -265,7 +298,10 @@ def train(
             )
 
             def run(batch):
-                return step(_read(diffraction, members[batch], f), offsets[batch])
+                x, shifts = [_read(diffraction, members[batch], f)], offsets[batch]
+                if augment:
+                    x, shifts = _dihedral(rng, x, shifts)
+                return step(x[0], shifts)
         else:
             from ptychozarr.simulate import extract_patches
 
@@ -289,9 +325,11 @@ def train(
 
             def run(batch):
                 truth = extract_patches(obj, xs[batch], ys[batch], n_pix)
-                return step(
-                    _read(diffraction, members[batch], f), np.abs(truth), np.angle(truth).astype(np.float32)
-                )
+                images = [_read(diffraction, members[batch], f), np.abs(truth), np.angle(truth)]
+                if augment:
+                    images, _ = _dihedral(rng, images)
+                x, amp, phase = images
+                return step(x, amp, phase.astype(np.float32))
 
         if len(members) < batch_size:
             raise InvalidParameterError(
@@ -327,6 +365,7 @@ def train(
                     "max_steps": max_steps,
                     "final_learning_rate": final_learning_rate,
                     "batch_norm": batch_norm,
+                    "augment": augment,
                 },
                 "normaliser": f,
                 "steps": steps,
