@@ -196,6 +196,7 @@ def _add_train(sub) -> None:
         "--start-from", type=Path, help="continue training a saved model of the same kind and size"
     )
     p.add_argument("--batch-norm", action="store_true", help="batch normalisation after each convolution")
+    p.add_argument("--augment", action="store_true", help="random flips and transposes of each batch")
     p.add_argument("--filters", type=int, default=16, help="filters of the first layer (default 16)")
     p.add_argument("--depth", type=int, default=3, help="encoder levels (default 3)")
     p.add_argument("--dose", type=float, default=1e3, help="photons per pattern of the data (default 1000)")
@@ -219,6 +220,7 @@ def _cmd_train(args) -> int:
         threads=args.threads,
         start_from=args.start_from,
         batch_norm=args.batch_norm,
+        augment=args.augment,
         filters=args.filters,
         depth=args.depth,
         dose=args.dose,
