@@ -2,12 +2,18 @@
 
 Files of one model share a stem: ``<stem>.keras`` (the network), ``<stem>.json`` (``{"spec": ModelSpec
 fields, "provenance": {...}}``) and, for models trained through a forward model, ``<stem>.probe.npy``.
+
+Nothing in these files is ever run. :func:`read_spec` (used before any work) checks all three without
+TensorFlow: the ``.keras`` archive must hold a ``config.json`` built from Keras objects only (no ``Lambda``
+layer, no function or class from another module), the sidecar's fields must have their types, and the
+probe must be a plain (unpickled) array. The network itself is loaded in Keras's safe mode.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,10 @@ from ptychozarr import _tf
 from ptychozarr.errors import ModelMismatchError
 from ptychozarr.models.base import ModelSpec, centre_crop
 
-__all__ = ["KerasModel", "load_keras", "read_spec", "save_keras", "sidecar_path"]
+__all__ = ["KerasModel", "check_keras_file", "load_keras", "read_spec", "save_keras", "sidecar_path"]
+
+_BUNDLE_MEMBERS = ("manifest.dill", "diffraction_to_obj/model.keras")
+_SAFE_MODULES = ("keras", "builtins")  # builtins: Keras's own names (e.g. an activation "relu")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -27,6 +36,9 @@ def sidecar_path(path: str | Path) -> Path:
 def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
     """Read a model's spec and provenance from its sidecar, without importing TensorFlow.
 
+    The ``.keras`` file (:func:`check_keras_file`) and its probe, when there is one, are checked too, so
+    that a model that cannot be loaded safely is refused before any work.
+
     Parameters
     ----------
     path : str or Path
@@ -36,7 +48,13 @@ def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
     -------
     spec : ModelSpec
     provenance : dict
+
+    Raises
+    ------
+    ModelMismatchError
+        One line naming the file and what it should hold.
     """
+    check_keras_file(path)
     side = sidecar_path(path)
     try:
         meta = json.loads(side.read_text())
@@ -46,11 +64,139 @@ def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
             f"{path}: no sidecar {side.name}; write one with the ModelSpec fields "
             "(ptychozarr.models.save_keras does)"
         ) from exc
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise ModelMismatchError(
             f"{side}: not a valid model sidecar ({exc}); it needs a 'spec' object"
         ) from exc
-    return spec, meta.get("provenance", {})
+    except OSError as exc:
+        raise ModelMismatchError(f"{side}: cannot read the model sidecar ({exc.strerror})") from exc
+    _check_spec(spec, side)
+    _probe_header(Path(path).with_suffix(".probe.npy"))
+    provenance = meta.get("provenance", {})
+    return spec, provenance if isinstance(provenance, dict) else {}
+
+
+def _check_spec(spec: ModelSpec, side: Path) -> None:
+    """Refuse sidecar fields of the wrong type or range (JSON gives any type)."""
+
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def positive_number(v):
+        return isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+
+    checks = {
+        "kind": (spec.kind in ("pinn", "baseline"), "'pinn' or 'baseline'"),
+        "N": (positive_int(spec.N), "a positive integer"),
+        "gridsize": (positive_int(spec.gridsize), "a positive integer"),
+        "takes_positions": (isinstance(spec.takes_positions, bool), "true or false"),
+        "intensity_scale": (
+            spec.intensity_scale is None or positive_number(spec.intensity_scale),
+            "a positive number or null",
+        ),
+        "output": (spec.output in ("complex", "amp_phase"), "'complex' or 'amp_phase'"),
+        "name": (isinstance(spec.name, str), "a string"),
+        "max_batch": (spec.max_batch is None or positive_int(spec.max_batch), "a positive integer or null"),
+    }
+    for field, (ok, want) in checks.items():
+        if not ok:
+            raise ModelMismatchError(
+                f"{side}: spec field {field!r} is {getattr(spec, field)!r}; it must be {want}"
+            )
+
+
+def _probe_header(probe_file: Path) -> None:
+    """Refuse a probe file that is not a plain ``.npy`` array (a pickled one would run code when read)."""
+    if not probe_file.exists():
+        return
+    try:
+        with open(probe_file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+                np.lib.format.read_array_header_2_0
+            )
+            _, _, dtype = read_header(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelMismatchError(
+            f"{probe_file}: not a readable .npy probe ({exc}); save the probe with numpy.save, "
+            "or remove the file"
+        ) from exc
+    if dtype.hasobject:
+        raise ModelMismatchError(
+            f"{probe_file}: holds Python objects (pickled data), which are never loaded; save the probe "
+            "as a complex array with numpy.save, or remove the file"
+        )
+
+
+def check_keras_file(path: str | Path) -> None:
+    """Refuse a ``.keras`` file that is not a Keras 3 archive of Keras objects, reading only its config.
+
+    Raises :class:`~ptychozarr.errors.ModelMismatchError` (one line naming the file and what it should
+    be) for: a file that is not a zip archive; a zip without ``config.json`` (a PtychoPINN bundle renamed
+    ``.keras`` is named as such); a ``Lambda`` layer (its Python function is either bytecode in the file
+    or a name looked up at load time); any function or class from a module other than Keras.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            raw = zf.read("config.json") if "config.json" in names else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ModelMismatchError(
+            f"{path}: not a Keras 3 .keras file (it is not a zip archive: {exc}); save the model with "
+            "model.save('name.keras')"
+        ) from exc
+    if raw is None:
+        if all(m in names for m in _BUNDLE_MEMBERS):
+            raise ModelMismatchError(
+                f"{path}: this is a PtychoPINN bundle (manifest.dill, diffraction_to_obj/), not a .keras "
+                "file; name it wts.h5.zip and pass it with --trust-bundle if you trust it"
+            )
+        raise ModelMismatchError(
+            f"{path}: not a Keras 3 .keras file (the archive has no config.json); save the model with "
+            "model.save('name.keras')"
+        )
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise ModelMismatchError(
+            f"{path}: the archive's config.json is not valid JSON ({exc}); save the model again"
+        ) from exc
+    problem = _unsafe_object(config)
+    if problem:
+        raise ModelMismatchError(
+            f"{path}: {problem}, which would run code that is not Keras's; such a model is never "
+            "loaded: rebuild it from Keras layers only"
+        )
+
+
+def _unsafe_object(node, depth: int = 0) -> str | None:
+    """The first object of a Keras config that names code outside Keras, described; None if none."""
+    if depth > 200:
+        return "its config.json is nested too deeply"
+    if isinstance(node, dict):
+        name = node.get("class_name")
+        if name in ("Lambda", "__lambda__"):
+            return f"it has a Lambda layer ({_layer_name(node)})"
+        module = node.get("module")
+        if isinstance(name, str) and module is not None:
+            if not isinstance(module, str) or module.split(".")[0] not in _SAFE_MODULES:
+                return f"it names {module}.{node.get('config') if name == 'function' else name}"
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _unsafe_object(child, depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _layer_name(node: dict) -> str:
+    config = node.get("config")
+    return str(config.get("name")) if isinstance(config, dict) else "unnamed"
 
 
 def save_keras(model, spec: ModelSpec, path: str | Path, probe=None, provenance: dict | None = None) -> Path:
@@ -170,13 +316,30 @@ def load_keras(path: str | Path) -> KerasModel:
     -------
     KerasModel
     """
-    keras = _tf.keras()
     path = Path(path)
     spec, provenance = read_spec(path)
+    keras = _tf.keras()
     try:
         network = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except (OSError, ValueError) as exc:
-        raise ModelMismatchError(f"{path}: cannot load the Keras model ({exc})") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged file fails anywhere in Keras's deserialisation
+        raise ModelMismatchError(
+            f"{path}: Keras cannot load the model ({_first_line(exc)}); save it again with model.save"
+        ) from exc
     probe_file = path.with_suffix(".probe.npy")
-    probe = np.load(probe_file) if probe_file.exists() else None
+    try:
+        probe = np.load(probe_file, allow_pickle=False) if probe_file.exists() else None
+    except (OSError, ValueError) as exc:
+        raise ModelMismatchError(
+            f"{probe_file}: not a readable .npy probe ({exc}); save the probe with numpy.save, "
+            "or remove the file"
+        ) from exc
     return KerasModel(network, spec, path=path, probe=probe, provenance=provenance)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (Keras's run over many), for one-line errors."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
