@@ -3,11 +3,14 @@
 The object may be given in the scan-box frame (compare_models' expectation: the ground truth cut to
 the box of the scan positions with an M/2 margin) or in the whole-object frame (the shape of
 ``objectGuess``); :func:`check_frame` finds which from the files' headers before any work, and refuses a
-shape that fits neither.
+shape that fits neither. The optional members ``reconstruction_time`` (one number of seconds) and
+``algorithm`` (one string) are checked in the same pass: a value of another kind is refused in one line,
+never turned into a traceback later.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dask.array as da
@@ -53,10 +56,13 @@ def check_frame(path: Path, test_data: Path, crop: int) -> str:
     Raises
     ------
     InvalidScanError
-        When the object's shape fits neither frame.
+        When the object's shape fits neither frame, or ``reconstruction_time`` or ``algorithm`` is not
+        one number or one string.
     """
-    with NpzReader(path) as reader:
+    reader = _open(path)
+    with reader:
         shape = reader.member("reconstructed_object").shape
+        _metadata(reader, path)
     gt_shape, positions = _truth_shape_and_positions(test_data)
     try:
         *_, frame = align.align_iterative(
@@ -88,22 +94,59 @@ def read_reconstruction(path: Path) -> tuple[np.ndarray, float | None, str]:
     ``PtyChi``, as compare_models) and ``reconstruction_time``. Members stored as pickled objects (e.g. a
     ``metadata`` dict) are never unpickled.
     """
-    try:
-        reader = NpzReader(path)
-    except PtychozarrError as exc:
-        raise InvalidScanError(f"--ptychi-recon {path}: {exc}") from None
+    reader = _open(path)
     with reader:
+        algorithm, seconds = _metadata(reader, path)
         obj = reader.read("reconstructed_object")
         if not np.isfinite(obj).all():
             raise InvalidScanError(f"--ptychi-recon {path}: 'reconstructed_object' holds NaN or inf")
-        algorithm = _scalar(reader, "algorithm")
-        seconds = _scalar(reader, "reconstruction_time")
     label = "Tike" if str(algorithm).lower() == "tike" else "PtyChi"
-    return obj, (float(seconds) if seconds is not None else None), label
+    return obj, seconds, label
 
 
-def _scalar(reader: NpzReader, key: str):
-    member = reader.members.get(key)
-    if member is None or member.dtype.hasobject:
-        return None
-    return reader.read(key).item()
+def _open(path: Path) -> NpzReader:
+    try:
+        return NpzReader(path)
+    except PtychozarrError as exc:
+        raise InvalidScanError(f"--ptychi-recon {path}: {exc}") from None
+
+
+def _metadata(reader: NpzReader, path: Path) -> tuple[str | None, float | None]:
+    """``algorithm`` (one string) and ``reconstruction_time`` (one finite number ≥ 0), each None if absent.
+
+    Members stored as pickled objects are never unpickled and count as absent, as before; a member of
+    another kind (text for the time, several values, a number for the algorithm) is refused.
+    """
+    time = reader.members.get("reconstruction_time")
+    seconds = None
+    if time is not None and not time.dtype.hasobject:
+        if time.dtype.kind not in "iuf" or math.prod(time.shape) != 1:
+            raise InvalidScanError(
+                f"--ptychi-recon {path}: 'reconstruction_time' must be one number of seconds, got "
+                f"{_describe(reader, time)}; save it as a float (e.g. reconstruction_time=12.5)"
+            )
+        seconds = float(reader.read("reconstruction_time").item())
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise InvalidScanError(
+                f"--ptychi-recon {path}: 'reconstruction_time' is {seconds}; give the solver's seconds "
+                "(a finite number ≥ 0) or leave the key out"
+            )
+    member = reader.members.get("algorithm")
+    algorithm = None
+    if member is not None and not member.dtype.hasobject:
+        if member.dtype.kind not in "US" or math.prod(member.shape) != 1:
+            raise InvalidScanError(
+                f"--ptychi-recon {path}: 'algorithm' must be one string such as 'tike' or 'ptychi', got "
+                f"{_describe(reader, member)}; save it as a string or leave the key out"
+            )
+        value = reader.read("algorithm").item()
+        algorithm = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return algorithm, seconds
+
+
+def _describe(reader: NpzReader, member) -> str:
+    """A member's dtype and shape, with its value when it is one short one."""
+    text = f"{member.dtype} of shape {member.shape}"
+    if math.prod(member.shape) == 1 and member.dtype.itemsize <= 256:
+        text += f" ({reader.read(member.name).item()!r})"
+    return text
