@@ -1,14 +1,25 @@
 """The ``ptychozarr`` command line: one subcommand per stage.
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in :func:`_build_parser`; add a
-stage by adding both. Any :class:`~ptychozarr.errors.PtychozarrError` becomes one line on stderr and exit
-code 2 (as argparse's own usage errors), with no traceback.
+stage by adding both. Every failure is one line on stderr, with no traceback:
+
+- bad input — any :class:`~ptychozarr.errors.PtychozarrError`, or a file where a folder is needed —
+  exit code 2 (as argparse's own usage errors);
+- a fault of the machine — disk full (ENOSPC, EDQUOT), the file-size limit (EFBIG: ``SIGXFSZ`` is
+  ignored so that such a write fails instead of killing the process), a read-only file system (EROFS),
+  no permission (EACCES, EPERM), or not enough memory — exit code 1, naming the path and what to free
+  or fix. Nothing is marked complete by a failed run: the same command resumes it.
+
+Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -120,12 +131,19 @@ def _cmd_compare(args) -> int:
                 "(see --block-groups and --memory-budget)",
                 flag,
             )
+    _check_output_dir(args.output_dir)
     config = CompareConfig.from_options(
         args.test_data, _models(args), args.output_dir, args.ptychi_recon, given_options(args), where="flag"
     )
     result = run_compare(config)
     _print_result(result)
     return 1 if result.errors else 0
+
+
+def _check_output_dir(path: Path) -> None:
+    """Refuse an output folder that names a file (it is created when missing)."""
+    if path.exists() and not path.is_dir():
+        raise InvalidParameterError(f"--output-dir {path}: is a file; give a folder (created when missing)")
 
 
 def _print_result(result) -> None:
@@ -258,6 +276,7 @@ def _cmd_demo(args) -> int:
     from ptychozarr.pipeline import compare
 
     out = args.output_dir
+    _check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     scan = out / "scan_test.npz"
     if not scan.exists():
@@ -372,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ptychozarr`` console script; returns the exit code.
 
     Errors the engine raises on purpose (:class:`~ptychozarr.errors.PtychozarrError`) and unknown flags
-    are one line on stderr and exit code 2; Ctrl-C is one line and exit code 130 (the run resumes when
-    the same command is given again).
+    are one line on stderr and exit code 2; faults of the machine (disk full, file-size limit, read-only
+    or forbidden path, memory) are one line and exit code 1; Ctrl-C is one line and exit code 130 (the
+    run resumes when the same command is given again).
     """
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -386,11 +406,94 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    # Past the file-size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process unless
+    # ignored; ignored, the write fails with EFBIG and becomes one line below.
+    xfsz = getattr(signal, "SIGXFSZ", None)
+    previous = signal.signal(xfsz, signal.SIG_IGN) if xfsz is not None else None
+    prefix = f"ptychozarr {args.command}: error:"
     try:
         return args.func(args)
     except PtychozarrError as exc:
-        print(f"ptychozarr {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ptychozarr {args.command}: interrupted; run the same command to resume", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        print(f"{prefix} {_out_of_memory(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        fault = _path_fault(exc, args)
+        if fault is None:
+            raise  # a bug: keep the traceback
+        code, message = fault
+        print(f"{prefix} {message}", file=sys.stderr)
+        return code
+    finally:
+        if xfsz is not None:
+            signal.signal(xfsz, previous)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (a multi-line message is joined)."""
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
+
+
+def _out_of_memory(exc: MemoryError) -> str:
+    what = _one_line(exc) if str(exc) else "an allocation failed"
+    return (
+        f"not enough memory for this run ({what}); lower --block-groups or --tile, set --memory-budget, "
+        "and check the scan's positions (the object canvas spans their extent)"
+    )
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FORBIDDEN = (errno.EACCES, errno.EPERM)
+_MACHINE = (*_FULL, errno.EFBIG, errno.EROFS, *_FORBIDDEN)
+_IN_THE_WAY = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+
+
+def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str] | None:
+    """(exit code, one line) for an OSError of the machine or of a path in the way, found in the
+    exception or what caused it; None for anything else (a bug)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (*_MACHINE, *_IN_THE_WAY):
+            return _describe_fault(exc, args)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _output_of(args: argparse.Namespace) -> str:
+    """Where the command writes, for a fault whose exception names no file."""
+    for name in ("output_dir", "output", "out", "store"):
+        value = getattr(args, name, None)
+        if value is not None:
+            return str(value)
+    return "the output folder"
+
+
+def _describe_fault(exc: OSError, args: argparse.Namespace) -> tuple[int, str]:
+    path = exc.filename if exc.filename is not None else _output_of(args)
+    resume = "then run the same command again to resume"
+    code = exc.errno
+    if code in _FULL:
+        what = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
+        return 1, f"{path}: {what}; free space on that disk (or write to another one), {resume}"
+    if code == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        now = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
+        return 1, (
+            f"{path}: file too large: past this process's file-size limit (ulimit -f, now {now}) or the "
+            f"file system's largest file; raise the limit (ulimit -f unlimited), {resume}"
+        )
+    if code == errno.EROFS:
+        return 1, f"{path}: read-only file system; write to a folder on a writable disk"
+    if code in _FORBIDDEN:
+        return 1, (
+            f"{path}: permission denied; let this user write there (read, for an input) or give another path"
+        )
+    if code == errno.EISDIR:
+        return 2, f"{path}: is a folder where a file is needed; give a file"
+    return 2, f"{path}: a file is in the way where a folder is needed; remove it or give another path"

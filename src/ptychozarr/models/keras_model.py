@@ -112,8 +112,10 @@ def _probe_header(probe_file: Path) -> None:
     try:
         with open(probe_file, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
-                np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else (np.lib.format.read_array_header_2_0)
             )
             _, _, dtype = read_header(fh)
     except (OSError, ValueError) as exc:
