@@ -3,6 +3,12 @@
 Writes ``arms/<arm>/patches`` with ``patches`` (B', M, M) complex64 (one chunk per block),
 ``positions``, ``weights`` and ``done`` (one bool per block, set once the block's chunk is stored), so
 that a run killed in the middle redoes only the blocks that were not done.
+
+Computation time counts every attempt. Each attempt appends its start (wall-clock seconds) to the
+group's ``attempts`` attribute, and each block records when it was stored in ``block_end`` (one float
+per block, written just before its ``done``). An attempt lasted from its start to the last block it
+stored (the current one: to its end), so a run killed after some blocks and resumed reports
+``seconds`` = the sum of its attempts' seconds (``attempt_seconds``), not the last attempt's alone.
 """
 
 from __future__ import annotations
@@ -84,13 +90,55 @@ def run(
             batch_size=options.batch_size, trust_bundle=options.trust_bundle,
         )  # fmt: skip
         out = _prepare(node, result, to_jsonable(params), keep=not rt.force)
-        t0 = time.perf_counter()
-        rt.store_blocks(name, result["patches"].data, out["patches"], out["done"])
-        seconds = float(out.attrs.get("seconds", 0.0)) + time.perf_counter() - t0
-        mark_complete(
-            out, seconds=round(seconds, 3), mode=result.attrs["mode"], model_spec=result.attrs["model"]
+        started = time.time()
+        out.attrs["attempts"] = [*out.attrs.get("attempts", []), started]
+        rt.store_blocks(
+            name, result["patches"].data, out["patches"], _TimedDone(out["done"], out["block_end"])
         )
+        attempts = attempt_seconds(out.attrs["attempts"], out["block_end"][:], now=time.time())
+        mark_complete(
+            out, seconds=round(sum(attempts), 3), attempt_seconds=[round(a, 3) for a in attempts],
+            mode=result.attrs["mode"], model_spec=result.attrs["model"],
+        )  # fmt: skip
     return out
+
+
+def attempt_seconds(starts: list[float], block_end: np.ndarray, *, now: float) -> list[float]:
+    """Seconds of each attempt: from its start to the last block it stored (the last one: to ``now``).
+
+    Parameters
+    ----------
+    starts : list of float
+        Wall-clock start of each attempt, in order.
+    block_end : ndarray of float
+        Wall-clock time each block was stored (NaN: not stored).
+    now : float
+        Wall-clock end of the last attempt.
+    """
+    ends = np.sort(block_end[np.isfinite(block_end)])
+    seconds = []
+    for k, start in enumerate(starts):
+        if k == len(starts) - 1:
+            seconds.append(max(0.0, now - start))
+            continue
+        inside = ends[(ends >= start) & (ends < starts[k + 1])]
+        seconds.append(float(inside[-1] - start) if len(inside) else 0.0)
+    return seconds
+
+
+class _TimedDone:
+    """The ``done`` array as :meth:`Runtime.store_blocks` uses it: marking a block done first records
+    the time in ``block_end``, so that a killed attempt's seconds survive it."""
+
+    def __init__(self, done: zarr.Array, block_end: zarr.Array):
+        self.done, self.block_end = done, block_end
+
+    def __getitem__(self, key):
+        return self.done[key]
+
+    def __setitem__(self, key, value) -> None:
+        self.block_end[key] = time.time()
+        self.done[key] = value
 
 
 def _prepare(node: zarr.Group, result: xr.Dataset, params: dict, *, keep: bool) -> zarr.Group:
@@ -101,6 +149,8 @@ def _prepare(node: zarr.Group, result: xr.Dataset, params: dict, *, keep: bool) 
         if old["patches"].shape == patches.shape and old["done"].shape == (patches.numblocks[0],):
             log.info("stage infer: %s resumes, %d of %d blocks done", node.basename,
                      int(np.sum(old["done"][:])), patches.numblocks[0])  # fmt: skip
+            if "block_end" not in old:  # made before blocks recorded their time
+                _block_end(old, patches.numblocks[0])
             return old
     if old is not None:
         del node["patches"]
@@ -115,4 +165,13 @@ def _prepare(node: zarr.Group, result: xr.Dataset, params: dict, *, keep: bool) 
         "done", shape=(patches.numblocks[0],), dtype=bool, chunks=(1,), fill_value=False,
         dimension_names=("block",),
     )  # fmt: skip
+    _block_end(out, patches.numblocks[0])
     return out
+
+
+def _block_end(group: zarr.Group, blocks: int) -> None:
+    """When each block was stored (wall-clock seconds; NaN until then), one chunk per block."""
+    group.create_array(
+        "block_end", shape=(blocks,), dtype=np.float64, chunks=(1,), fill_value=np.nan,
+        dimension_names=("block",),
+    )  # fmt: skip
