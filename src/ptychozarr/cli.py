@@ -3,8 +3,8 @@
 Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in :func:`_build_parser`; add a
 stage by adding both. Every failure is one line on stderr, with no traceback:
 
-- bad input — any :class:`~ptychozarr.errors.PtychozarrError`, or a file where a folder is needed —
-  exit code 2 (as argparse's own usage errors);
+- bad input — any :class:`~ptychozarr.errors.PtychozarrError`, a missing path, or a file where a folder
+  is needed (or the reverse) — exit code 2 (as argparse's own usage errors);
 - a fault of the machine — disk full (ENOSPC, EDQUOT), the file-size limit (EFBIG: ``SIGXFSZ`` is
   ignored so that such a write fails instead of killing the process), a read-only file system (EROFS),
   no permission (EACCES, EPERM), or not enough memory — exit code 1, naming the path and what to free
@@ -450,7 +450,7 @@ def _out_of_memory(exc: MemoryError) -> str:
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FORBIDDEN = (errno.EACCES, errno.EPERM)
 _MACHINE = (*_FULL, errno.EFBIG, errno.EROFS, *_FORBIDDEN)
-_IN_THE_WAY = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+_IN_THE_WAY = (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 
 
 def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str] | None:
@@ -459,7 +459,9 @@ def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str]
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (*_MACHINE, *_IN_THE_WAY):
+        if isinstance(exc, OSError) and (
+            exc.errno in _MACHINE or (exc.errno in _IN_THE_WAY and exc.filename is not None)
+        ):
             return _describe_fault(exc, args)
         exc = exc.__cause__ or exc.__context__
     return None
@@ -496,4 +498,6 @@ def _describe_fault(exc: OSError, args: argparse.Namespace) -> tuple[int, str]:
         )
     if code == errno.EISDIR:
         return 2, f"{path}: is a folder where a file is needed; give a file"
+    if code == errno.ENOENT:
+        return 2, f"{path}: no such file or folder; check the path (and that its folder exists)"
     return 2, f"{path}: a file is in the way where a folder is needed; remove it or give another path"
