@@ -51,6 +51,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from ptychozarr.io import ingest, open_dataset
 
+    if not 0 < args.chunk_mb < float("inf"):
+        raise InvalidParameterError(f"--chunk-mb {args.chunk_mb:g}: give a positive number of MiB")
     store = ingest(args.input, args.output, overwrite=args.overwrite, chunk_bytes=int(args.chunk_mb * 2**20))
     print(describe(open_dataset(store)))
     return 0

@@ -251,9 +251,18 @@ def train(
         raise InvalidParameterError(f"kind={kind!r}: choose 'pinn' or 'baseline'")
     if kind == "baseline":
         gridsize = 1
-    for label, value in (("epochs", epochs), ("gridsize", gridsize), ("batch_size", batch_size)):
+    counts = {"epochs": epochs, "gridsize": gridsize, "batch_size": batch_size, "filters": filters,
+              "depth": depth, "window": window, "k": k}  # fmt: skip
+    if threads is not None:
+        counts["threads"] = threads
+    if max_steps is not None:
+        counts["max_steps"] = max_steps
+    for label, value in counts.items():
         if value < 1:
             raise InvalidParameterError(f"{label}={value}: must be at least 1")
+    for label, value in (("learning_rate", learning_rate), ("dose", dose)):
+        if not 0 < value < float("inf"):
+            raise InvalidParameterError(f"{label}={value}: must be a positive number")
     if final_learning_rate is not None and not 0 < final_learning_rate <= learning_rate:
         raise InvalidParameterError(
             f"final_learning_rate={final_learning_rate}: must lie in (0, learning_rate={learning_rate}]"
