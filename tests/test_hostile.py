@@ -456,3 +456,27 @@ def test_computation_time_of_a_resumed_inference_sums_every_attempt(models, smal
     with open(tmp_path / "out" / "comparison_metrics.csv") as fh:
         row = next(line for line in fh if line.startswith("PtychoPINN,computation_time_s"))
     assert float(row.split(",")[4]) == pytest.approx(patches.attrs["seconds"], abs=1e-3)
+
+
+# -- flags of the other commands ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["ingest", "SCAN", "OUT/s.zarr", "--chunk-mb", "nan"], "--chunk-mb nan"),
+        (["ingest", "SCAN", "OUT/s.zarr", "--chunk-mb", "inf"], "--chunk-mb inf"),
+        (
+            ["train", "--kind", "baseline", "--data", "SCAN", "--out", "OUT/t", "--learning-rate", "-1"],
+            "learning_rate",
+        ),
+        (["train", "--kind", "baseline", "--data", "SCAN", "--out", "OUT/t", "--filters", "0"], "filters=0"),
+        (["train", "--kind", "pinn", "--data", "SCAN", "--out", "OUT/t", "--depth", "0"], "depth=0"),
+        (["train", "--kind", "pinn", "--data", "SCAN", "--out", "OUT/t", "--dose", "nan"], "dose=nan"),
+        (["simulate", "OUT/missing/folder/s.npz", "--n-points", "8"], "no such file or folder"),
+    ],
+)
+def test_bad_flags_of_other_commands_are_one_line(argv, needle, small_npz, tmp_path, capsys):
+    argv = [a.replace("SCAN", str(small_npz)).replace("OUT", str(tmp_path)) for a in argv]
+    _in_process(capsys, argv, 2, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
