@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import resource
 import signal
 import sys
 from pathlib import Path
@@ -486,6 +485,8 @@ def _describe_fault(exc: OSError, args: argparse.Namespace) -> tuple[int, str]:
         what = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
         return 1, f"{path}: {what}; free space on that disk (or write to another one), {resume}"
     if code == errno.EFBIG:
+        import resource  # POSIX only, as EFBIG from a file-size limit
+
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         now = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
         return 1, (
