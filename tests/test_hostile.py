@@ -165,6 +165,9 @@ def bad_model(kind: str, folder: Path, good: Path) -> Path:
     elif kind == "zip_without_config":
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("model.weights.h5", b"")
+    elif kind == "deep_config":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("config.json", "[" * 100_000 + "]" * 100_000)
     elif kind == "not_a_zip":
         path.write_bytes(b"\x00" * 100)
     elif kind == "pickled_probe":
@@ -192,6 +195,7 @@ BAD_MODELS = {
     "bundle_renamed": "PtychoPINN bundle",
     "zip_without_config": "no config.json",
     "not_a_zip": "not a zip archive",
+    "deep_config": "not valid JSON",
     "pickled_probe": "pickled",
     "sidecar_text_N": "spec field 'N'",
 }

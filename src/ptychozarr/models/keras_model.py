@@ -25,6 +25,7 @@ from ptychozarr.models.base import ModelSpec, centre_crop
 __all__ = ["KerasModel", "check_keras_file", "load_keras", "read_spec", "save_keras", "sidecar_path"]
 
 _BUNDLE_MEMBERS = ("manifest.dill", "diffraction_to_obj/model.keras")
+_MAX_CONFIG = 64 * 2**20  # bytes of config.json read at most (a zip may unpack to far more)
 _SAFE_MODULES = ("keras", "builtins")  # builtins: Keras's own names (e.g. an activation "relu")
 
 
@@ -64,7 +65,7 @@ def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
             f"{path}: no sidecar {side.name}; write one with the ModelSpec fields "
             "(ptychozarr.models.save_keras does)"
         ) from exc
-    except (KeyError, TypeError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ModelMismatchError(
             f"{side}: not a valid model sidecar ({exc}); it needs a 'spec' object"
         ) from exc
@@ -142,6 +143,11 @@ def check_keras_file(path: str | Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = set(zf.namelist())
+            if "config.json" in names and zf.getinfo("config.json").file_size > _MAX_CONFIG:
+                raise ModelMismatchError(
+                    f"{path}: the archive's config.json unpacks to {zf.getinfo('config.json').file_size} "
+                    f"bytes, more than a model's configuration ({_MAX_CONFIG} at most); save the model again"
+                )
             raw = zf.read("config.json") if "config.json" in names else None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise ModelMismatchError(
@@ -160,15 +166,15 @@ def check_keras_file(path: str | Path) -> None:
         )
     try:
         config = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelMismatchError(
             f"{path}: the archive's config.json is not valid JSON ({exc}); save the model again"
         ) from exc
     problem = _unsafe_object(config)
     if problem:
         raise ModelMismatchError(
-            f"{path}: {problem}, which would run code that is not Keras's; such a model is never "
-            "loaded: rebuild it from Keras layers only"
+            f"{path}: {problem}: code that is not Keras's, which is never loaded (as Keras's safe_mode); "
+            "rebuild the model from Keras layers only"
         )
 
 
