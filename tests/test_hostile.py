@@ -484,3 +484,16 @@ def test_bad_flags_of_other_commands_are_one_line(argv, needle, small_npz, tmp_p
     argv = [a.replace("SCAN", str(small_npz)).replace("OUT", str(tmp_path)) for a in argv]
     _in_process(capsys, argv, 2, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ingest_overwrite_never_deletes_what_is_not_a_store(small_npz, tmp_path, capsys):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    (tmp_path / "notes.txt").write_text("precious")
+    for target in (folder, tmp_path / "notes.txt"):
+        _in_process(capsys, ["ingest", small_npz, target, "--overwrite"], 2, "is not one (no zarr.json)")
+    assert (folder / "thesis.tex").read_text() == (tmp_path / "notes.txt").read_text() == "precious"
+    store = tmp_path / "s.zarr"
+    assert main(["ingest", str(small_npz), str(store)]) == 0
+    assert main(["ingest", str(small_npz), str(store), "--overwrite"]) == 0  # a store is replaced
