@@ -497,3 +497,11 @@ def test_ingest_overwrite_never_deletes_what_is_not_a_store(small_npz, tmp_path,
     store = tmp_path / "s.zarr"
     assert main(["ingest", str(small_npz), str(store)]) == 0
     assert main(["ingest", str(small_npz), str(store), "--overwrite"]) == 0  # a store is replaced
+
+
+def test_simulate_never_replaces_a_folder_or_a_device(tmp_path, capsys):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    for target in ("fifo", "folder"):
+        _in_process(capsys, ["simulate", tmp_path / target, "--n-points", "8"], 2, "not a regular file")
+    assert (tmp_path / "folder").is_dir() and not (tmp_path / "fifo").is_file()

@@ -32,6 +32,10 @@ __all__ = ["describe", "main"]
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.output.is_file():
+        raise InvalidParameterError(
+            f"{args.output}: exists and is not a regular file (a folder or a device); give a file path"
+        )
     path = simulate(
         args.output,
         n_points=args.n_points,
