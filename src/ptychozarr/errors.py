@@ -1,7 +1,10 @@
 """Exception classes shared by every stage.
 
-Each message names what is wrong (a key, a flag, a file) and what to do about it. The CLI turns any
-:class:`PtychozarrError` into one line on stderr and exit code 2.
+Each message names what is wrong (a key, a flag, a file) and what to do about it, on one line. The CLI
+turns any :class:`PtychozarrError` into that line on stderr and exit code 2 (bad input, refused before
+any work where the headers tell). Faults of the machine are not these classes: an ``OSError`` for a full
+disk, a file-size limit, a read-only or forbidden path, and a ``MemoryError``, become one line and exit
+code 1 in the CLI; any other exception is a bug and keeps its traceback.
 """
 
 __all__ = [
