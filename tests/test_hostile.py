@@ -26,7 +26,7 @@ from ptychozarr.errors import InvalidScanError, ModelMismatchError
 from ptychozarr.models import ModelSpec, build_baseline, build_pinn, read_spec, save_keras
 from ptychozarr.models.keras_model import load_keras
 from ptychozarr.stages.infer import attempt_seconds
-from ptychozarr.stages.iterative import read_reconstruction
+from ptychozarr.stages.iterative import check_metadata, read_reconstruction
 
 M = 8
 FLAGS = ["--stitch-crop-size", str(M), "--block-groups", "96", "--skip-registration", "--quiet"]
@@ -252,8 +252,9 @@ def test_an_iterative_npz_with_bad_metadata_is_one_line(kind, models, small_npz,
     )
     assert f"--ptychi-recon {recon}" in line
     assert not (out / "store.zarr").exists()
-    with pytest.raises(InvalidScanError, match=needle):
-        read_reconstruction(recon)
+    for check in (read_reconstruction, check_metadata):
+        with pytest.raises(InvalidScanError, match=needle):
+            check(recon)
 
 
 def test_an_iterative_npz_without_ground_truth_is_refused_in_one_line(models, small_npz, tmp_path, capsys):

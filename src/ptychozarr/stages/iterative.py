@@ -24,7 +24,7 @@ from ptychozarr.io.npz import NpzReader
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import arm_key, fingerprint, matches
 
-__all__ = ["check_frame", "read_reconstruction", "run"]
+__all__ = ["check_frame", "check_metadata", "read_reconstruction", "run"]
 
 
 def run(rt: Runtime, root: zarr.Group, path: Path) -> tuple[str, str, float | None]:
@@ -102,6 +102,14 @@ def read_reconstruction(path: Path) -> tuple[np.ndarray, float | None, str]:
             raise InvalidScanError(f"--ptychi-recon {path}: 'reconstructed_object' holds NaN or inf")
     label = "Tike" if str(algorithm).lower() == "tike" else "PtyChi"
     return obj, seconds, label
+
+
+def check_metadata(path: Path) -> None:
+    """Refuse an iterative NPZ whose ``reconstruction_time`` or ``algorithm`` is not one number or one
+    string (reads the two small members only); :func:`check_frame` makes this check too."""
+    reader = _open(path)
+    with reader:
+        _metadata(reader, path)
 
 
 def _open(path: Path) -> NpzReader:
