@@ -24,6 +24,7 @@ is why every run records the measured figure beside it.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import threading
@@ -364,20 +365,39 @@ class PeakMemory:
         RSS in bytes on entry.
     peak : int
         Largest RSS sampled, in bytes (on entry, every ``interval`` and on exit).
+    labelled : dict of str to int
+        Largest RSS sampled inside each :meth:`label` block, by its name.
 
     Examples
     --------
     >>> with PeakMemory() as pm:
-    ...     result.compute()
-    >>> pm.peak, pm.increase
+    ...     with pm.label("stitch"):
+    ...         result.compute()
+    >>> pm.peak, pm.increase, pm.labelled["stitch"]
     """
 
     def __init__(self, interval: float = 0.02, children: bool = True):
         self.interval, self.children = interval, children
         self.baseline = self.peak = 0
+        self.labelled: dict[str, int] = {}
+        self._current: str | None = None
 
     def _update(self, rss: int) -> None:
         self.peak = max(self.peak, rss)
+        name = self._current
+        if name is not None:
+            self.labelled[name] = max(self.labelled.get(name, 0), rss)
+
+    @contextlib.contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        """Attribute the samples taken inside the block (and one on entry and exit) to ``name``."""
+        outer, self._current = self._current, name
+        self._update(_rss(self.children))
+        try:
+            yield
+        finally:
+            self._update(_rss(self.children))
+            self._current = outer
 
     def __enter__(self) -> PeakMemory:
         self.baseline = self.peak = _rss(self.children)

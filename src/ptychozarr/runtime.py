@@ -179,6 +179,35 @@ class _BlockWriter:
         _block_done()
 
 
+class _GraphStats(Callback):
+    """Tasks a computation ran, the seconds before its first task started (graph building, optimisation
+    and scheduling) and the seconds from then to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = time.perf_counter()
+        self.first = self.ended = None
+        self.tasks = 0
+
+    def _pretask(self, key, dsk, state):
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.tasks += 1
+
+    def _finish(self, dsk, state, errored):
+        self.ended = time.perf_counter()
+
+    def record(self) -> dict[str, float | int]:
+        first = self.first or self.ended or self.called
+        return {
+            "tasks": self.tasks,
+            "graph_s": round(first - self.called, 3),
+            "run_s": round((self.ended or first) - first, 3),
+        }
+
+
 # -- the runtime -----------------------------------------------------------------------------------
 
 
@@ -191,6 +220,16 @@ class Runtime:
         No progress bars or progress lines.
     force : bool
         Redo every stage (reuse nothing).
+
+    Attributes
+    ----------
+    memory : PeakMemory or None
+        The run's RSS sampler, set by the caller that starts it; each :meth:`timed` stage is labelled
+        in it.
+    graphs : dict of str to dict
+        Per computed stage: ``tasks`` run, ``graph_s`` from the call to the first task (building,
+        optimising and scheduling the graph) and ``run_s`` from the first task to the end, summed
+        over the stage's computations.
     """
 
     def __init__(self, *, quiet: bool = False, force: bool = False):
@@ -201,15 +240,19 @@ class Runtime:
         self.blocks: dict[str, dict[str, int]] = {}
         self.warnings: list[str] = []
         self.task_peaks: dict[str, int] = {}
+        self.memory: memory.PeakMemory | None = None
+        self.graphs: dict[str, dict[str, float | int]] = {}
         kill = os.environ.get(_KILL_TASKS)
         self._faults = [_KillAfterTasks(int(kill))] if kill else []
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Add the wall time of the block to stage ``name``."""
+        """Add the wall time of the block to stage ``name`` (and its peak RSS, while :attr:`memory`
+        samples the run, to :meth:`stage_memory`)."""
         t0 = time.perf_counter()
         try:
-            yield
+            with self.memory.label(name) if self.memory is not None else contextlib.nullcontext():
+                yield
         finally:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
@@ -237,8 +280,8 @@ class Runtime:
         ``task_kinds`` are the layer names whose memory is recorded apart (else the whole stage);
         ``progress`` shows a bar (a terminal) or periodic log lines (otherwise) unless quiet.
         """
-        watch = memory.TaskMemoryCallback(stages=task_kinds)
-        callbacks = [watch, *self._faults]
+        watch, stats = memory.TaskMemoryCallback(stages=task_kinds), _GraphStats()
+        callbacks = [watch, stats, *self._faults]
         if progress and not self.quiet:
             callbacks.append(_progress(stage))
         with contextlib.ExitStack() as stack:
@@ -253,6 +296,10 @@ class Runtime:
         )
         for name, value in peaks.items():
             self.task_peaks[name] = max(self.task_peaks.get(name, 0), value)
+        record = stats.record()
+        total = self.graphs.setdefault(stage, dict.fromkeys(record, 0))
+        for name, value in record.items():
+            total[name] = round(total[name] + value, 3)
         return result
 
     def store_blocks(self, stage: str, source: da.Array, target: zarr.Array, done: zarr.Array) -> None:
@@ -276,6 +323,10 @@ class Runtime:
             regions=[(slice(starts[i], starts[i + 1]),) for i in todo],
             lock=False,
         )
+
+    def stage_memory(self) -> dict[str, int]:
+        """Peak RSS in bytes while each stage ran (the stages timed while :attr:`memory` sampled)."""
+        return dict(self.memory.labelled) if self.memory is not None else {}
 
     def stage_record(self) -> dict[str, float]:
         """Seconds per stage, with ``other`` (the rest of the wall time) and ``total``."""
