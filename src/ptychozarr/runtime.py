@@ -254,6 +254,7 @@ class Runtime:
             with self.memory.label(name) if self.memory is not None else contextlib.nullcontext():
                 yield
         finally:
+            memory.release_freed()
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
     def reuse(self, name: str, where: Any = "") -> None:
