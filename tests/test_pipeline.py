@@ -210,12 +210,13 @@ def test_a_finished_run_imports_no_tensorflow_and_redraws_nothing(small_npz, mod
     drawn = plot.stat().st_mtime_ns
     measured = json.loads((tmp_path / "run.json").read_text())["stage_memory"]
     assert {"ingest", "plan", "infer:pinn", "stitch:pinn", "score:pinn", "report"} <= set(measured)
+    args = map(str, _compare_args(small_npz, models, tmp_path))
     again = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "ptychozarr", *map(str, _compare_args(small_npz, models, tmp_path))],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-X", "importtime", "-m", "ptychozarr", *args], capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stderr[-2000:]
-    imported = {line.split("|")[-1].strip().split(".")[0] for line in again.stderr.splitlines() if "|" in line}
+    lines = [line for line in again.stderr.splitlines() if "|" in line]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in lines}
     assert "ptychozarr" in imported and not {"tensorflow", "keras"} & imported
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["model_loads"] == {"client": 0}
