@@ -226,7 +226,9 @@ def test_paths_of_a_comparison_are_absolute_before_any_graph_leaves(tmp_path, mo
     assert config.ptychi_recon == tmp_path.parent / "recon.npz"
 
 
-def test_compare_with_an_address_nobody_listens_on_exits_2_with_one_line(small_npz, tmp_path, capsys, monkeypatch):
+def test_compare_with_an_address_nobody_listens_on_exits_2_with_one_line(
+    small_npz, tmp_path, capsys, monkeypatch
+):
     from ptychozarr import cluster
     from ptychozarr.cli import main
 

@@ -73,7 +73,7 @@ def _races(tmp_path: Path, *, stale: bool) -> tuple[int, int, int]:
         spans = sorted(tuple(map(float, line.split()[:2])) for line in lines)
         holders += len(spans)
         empty += not spans
-        overlapping += any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+        overlapping += any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
         assert not (tmp_path / f"t{trial}" / LOCK_NAME).exists()  # every holder released it
     return overlapping, empty, holders
 

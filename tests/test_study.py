@@ -47,9 +47,13 @@ def _refused(capsys, tmp_path: Path, text: str, needle: str, *flags) -> str:
 
 
 def test_conditions_that_name_one_folder_are_refused(small_npz, recon, tmp_path, capsys):
-    two = lambda a, b: COMPARE + _run("a", data=small_npz, recon=recon, **a) + _run(  # noqa: E731
-        "b", data=small_npz, recon=recon, **b
-    )
+    def two(a, b):
+        return (
+            COMPARE
+            + _run("a", data=small_npz, recon=recon, **a)
+            + _run("b", data=small_npz, recon=recon, **b)
+        )
+
     _refused(capsys, tmp_path, two({}, {"dose": "1000.0"}), "same dose, view, split")
     _refused(capsys, tmp_path, two({}, {"dose": "1e3"}), "same dose, view, split")
     _refused(capsys, tmp_path, two({}, {"view": '"./dense"'}), "same dose, view, split")
@@ -144,8 +148,14 @@ def test_every_runs_inputs_are_checked_before_the_first_run(small_npz, recon, tm
     _refused(capsys, tmp_path, COMPARE + ok + bad, "run 'second'")
 
 
-def test_a_study_runs_normalised_conditions_and_keeps_another_studys_files(small_npz, recon, tmp_path, capsys):
-    text = 'output_dir = "out"\n' + COMPARE + _run("a", dose="1000.0", view='"./dense"', data=small_npz, recon=recon)
+def test_a_study_runs_normalised_conditions_and_keeps_another_studys_files(
+    small_npz, recon, tmp_path, capsys
+):
+    text = (
+        'output_dir = "out"\n'
+        + COMPARE
+        + _run("a", dose="1000.0", view='"./dense"', data=small_npz, recon=recon)
+    )
     config = tmp_path / "study.toml"
     config.write_text(text)
     runs = study(config, quiet=True)
@@ -154,7 +164,8 @@ def test_a_study_runs_normalised_conditions_and_keeps_another_studys_files(small
     assert (out / "dose_1000" / "dense" / "test" / "comparison_metrics.csv").exists()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["study_config"] == str(config)
-    assert (manifest["execution_results"][0]["dose"], manifest["execution_results"][0]["view"]) == (1000, "dense")
+    first = manifest["execution_results"][0]
+    assert (first["dose"], first["view"]) == (1000, "dense")
     assert not [p for p in os.listdir(out) if p.startswith(".ptychozarr.lock") and not p.endswith("takeover")]
 
     study(config, quiet=True)  # the same study again: its own files are replaced

@@ -11,8 +11,8 @@ A run killed in the middle of a stage finds the blocks already done and computes
 at most the blocks in flight are redone. ``run.json`` records ``blocks`` (computed and reused per
 stage) and ``stages`` with an ``other`` entry, so that the stages and ``other`` add up to ``total``.
 
-Fault hooks for the resume tests: ``PTYCHOZARR_KILL_AFTER_TASKS=n`` sends SIGKILL to this process
-after n dask tasks, ``PTYCHOZARR_KILL_AFTER_BLOCKS=n`` after n blocks recorded done.
+The tests inject faults from outside (``tests/faults``): they wrap :meth:`Runtime.compute` and
+``_BlockWriter.__setitem__``; nothing here reads a fault setting.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import socket
 import stat
 import sys
@@ -50,10 +49,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".ptychozarr.lock"
 """File in the output directory naming the process that runs there."""
 
-_KILL_TASKS = "PTYCHOZARR_KILL_AFTER_TASKS"
-_KILL_BLOCKS = "PTYCHOZARR_KILL_AFTER_BLOCKS"
 _LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
-_BLOCKS_DONE = [0]  # blocks recorded done in this process (for the fault hook)
 
 
 # -- the lock --------------------------------------------------------------------------------------
@@ -83,7 +79,9 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise StoreError(f"output dir {output_dir} is a file, not a folder; give another --output-dir") from None
+        raise StoreError(
+            f"output dir {output_dir} is a file, not a folder; give another --output-dir"
+        ) from None
     except OSError as exc:
         raise StoreError(f"cannot create the output dir {output_dir}: {exc.strerror or exc}") from None
     path = output_dir / LOCK_NAME
@@ -207,19 +205,6 @@ def _alive(holder: dict) -> bool:
 # -- callbacks -------------------------------------------------------------------------------------
 
 
-class _KillAfterTasks(Callback):
-    """Fault injection: SIGKILL this process after ``n`` tasks."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.left = n
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.left -= 1
-        if self.left <= 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _LogProgress(Callback):
     """A log line every ``_LOG_EVERY`` seconds with the tasks done (for a stderr that is not a terminal)."""
 
@@ -247,14 +232,6 @@ def _progress(stage: str) -> Callback:
     return _LogProgress(stage)
 
 
-def _block_done() -> None:
-    """Count a block recorded done; the kill hook fires here."""
-    _BLOCKS_DONE[0] += 1
-    limit = os.environ.get(_KILL_BLOCKS)
-    if limit and _BLOCKS_DONE[0] >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _BlockWriter:
     """A ``da.store`` target that writes a block's rows, then records the block done."""
 
@@ -264,7 +241,6 @@ class _BlockWriter:
     def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
         self.target[region] = value
         self.done[self.starts.index(region[0].start)] = True
-        _block_done()
 
 
 # -- the runtime -----------------------------------------------------------------------------------
@@ -289,8 +265,6 @@ class Runtime:
         self.blocks: dict[str, dict[str, int]] = {}
         self.warnings: list[str] = []
         self.task_peaks: dict[str, int] = {}
-        kill = os.environ.get(_KILL_TASKS)
-        self._faults = [_KillAfterTasks(int(kill))] if kill else []
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -326,7 +300,7 @@ class Runtime:
         ``progress`` shows a bar (a terminal) or periodic log lines (otherwise) unless quiet.
         """
         watch = memory.TaskMemoryCallback(stages=task_kinds)
-        callbacks = [watch, *self._faults]
+        callbacks = [watch]
         if progress and not self.quiet:
             callbacks.append(_progress(stage))
         with contextlib.ExitStack() as stack:

@@ -9,6 +9,15 @@ Each run writes its compare output in ``<output_dir>/dose_<dose>/<view>/<split>/
 a finished run is reused on re-run (its stages are complete in its store). A run whose arm is missing
 or fails keeps explicit empty rows and a warning; a run that fails as a whole is recorded as failed,
 and the study goes on. The summary files are :func:`ptychozarr.report.write_study_outputs`'.
+
+Before the first run, and before anything is written, a study refuses (one line) what would make it
+wrong or write elsewhere: a value of the wrong type; two runs whose conditions name one folder once
+normalised (dose ``1000`` and ``1000.0`` are ``dose_1000``; view ``./dense`` is ``dense``); an
+``output_dir`` outside the config file's folder, or a view, split or repeat that is not one folder
+name (``..``, ``/``, an absolute path) or leads out of ``output_dir`` through a symbolic link; a run
+whose test data or iterative NPZ is missing, not a file, or does not fit (checked as ``compare``
+checks it); and an ``output_dir`` holding another study's files (the manifest names the TOML that
+wrote it; ``--force`` replaces them). A study holds the lock of its ``output_dir`` while it runs.
 """
 
 from __future__ import annotations
