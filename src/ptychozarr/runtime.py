@@ -67,7 +67,8 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     no longer runs here. Takers on this host take turns (an advisory ``flock`` on
     ``.ptychozarr.lock.takeover``, released by the kernel if a taker dies), re-read the lock inside
     their turn and remove it only if it is still the same stale record, so two takers never both win.
-    A lock of another host is never taken over: the error says which host and how to clear it.
+    A lock of another host is never taken over: the error says which host and how to clear it. A
+    record without a host (written by an earlier version) counts as this host's.
 
     Raises
     ------
@@ -174,7 +175,13 @@ def _take_over_stale(output_dir: Path, path: Path, stale: dict) -> None:
     except OSError as exc:
         raise StoreError(f"cannot take over the stale lock {path}: {exc.strerror or exc}") from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks
+            raise StoreError(
+                f"cannot take over the stale lock {path} ({exc.strerror or exc}); process "
+                f"{stale['pid']} is gone: remove the file if no other run uses {output_dir}"
+            ) from None
         if _holder(path) == stale:  # nobody took it over before our turn (takers are serialised)
             log.info("taking over the stale lock of %s (process %s is gone)", output_dir, stale.get("pid"))
             path.unlink()
