@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -16,13 +17,16 @@ from ptychozarr.runtime import LOCK_NAME, output_lock
 RACERS = 4
 TRIALS = 200
 HELD = 0.002  # seconds a winner holds the lock
+JITTER = 0.002  # seconds by which the racers' attempts spread at most
 
 
 def _racer(tmp: str, barrier) -> None:
     """One racer: per trial, wait for the others, try the trial's lock, record when it held it."""
+    jitter = random.Random(os.getpid())
     for trial in range(TRIALS):
         folder, log = Path(tmp, f"t{trial}"), os.path.join(tmp, f"t{trial}.log")
         barrier.wait()
+        time.sleep(jitter.uniform(0, JITTER))  # arrivals spread as processes starting at once are
         try:
             with output_lock(folder):
                 entered = time.monotonic()
