@@ -365,11 +365,13 @@ class CompareConfig:
             if key not in _OWNER:
                 raise InvalidParameterError(f"unknown {where} {key!r}" + suggest(key, _OWNER))
             sections[_OWNER[key]][key] = value
+        # absolute paths: the workers of a cluster resolve a relative path against their own folder
+        absolute = lambda path: Path(os.path.abspath(path))  # noqa: E731
         return cls(
-            test_data=Path(test_data),
-            models=tuple((str(label), Path(path)) for label, path in models.items()),
-            output_dir=Path(output_dir),
-            ptychi_recon=None if ptychi_recon is None else Path(ptychi_recon),
+            test_data=absolute(test_data),
+            models=tuple((str(label), absolute(path)) for label, path in models.items()),
+            output_dir=absolute(output_dir),
+            ptychi_recon=None if ptychi_recon is None else absolute(ptychi_recon),
             **{name: _SECTIONS[name](**values) for name, values in sections.items()},
         )
 
