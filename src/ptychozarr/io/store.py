@@ -83,6 +83,7 @@ __all__ = [
     "require_complete",
     "scratch_array",
     "sha256",
+    "stores_every_chunk",
     "writable",
 ]
 
@@ -158,6 +159,13 @@ def _stored_keys(array: zarr.Array) -> set[str]:
     return sync(collect())
 
 
+def stores_every_chunk(array: zarr.Array) -> bool:
+    """Whether ``array`` was written with :func:`array_options`: its last codec is ``crc32c``, and the
+    engine writes every chunk of such arrays, so a chunk it lacks is a chunk lost."""
+    codecs_ = getattr(array.metadata, "codecs", ())
+    return bool(codecs_) and isinstance(codecs_[-1], Crc32cCodec)
+
+
 def missing_chunks(array: zarr.Array) -> list[tuple[int, ...]]:
     """Grid coordinates of the chunks (shards, if sharded) of ``array`` that are not in its store.
 
@@ -201,8 +209,10 @@ class CheckedStore(WrapperStore):
     - a chunk of an array whose codecs end with ``crc32c`` is checked against its checksum before it is
       decoded: a damaged or truncated chunk raises :class:`StoreError`;
     - a metadata document (``zarr.json``) that is not JSON raises :class:`StoreError`;
-    - with ``strict`` (stores opened for reading), a chunk key that is absent raises
-      :class:`MissingChunkError` instead of reading as the fill value. A writable store is not strict,
+    - with ``strict`` (stores opened for reading), a chunk key that is absent from an array written with
+      :func:`array_options` (every chunk stored, the last codec ``crc32c``: :func:`stores_every_chunk`)
+      raises :class:`MissingChunkError` instead of reading as the fill value; arrays written otherwise
+      (by an older version) read as before. A writable store is not strict,
       since zarr reads a chunk that does not exist yet when a write covers part of it; stages check their
       outputs with :func:`missing_chunks` before reusing them.
 
@@ -245,7 +255,7 @@ class CheckedStore(WrapperStore):
             return value
         array = match["array"] or ""
         if value is None:
-            if self._strict:
+            if self._strict and await self._checksummed(array, prototype):
                 raise MissingChunkError(
                     f"{_location(self._store, array)}: chunk {key[len(array) :].lstrip('/')} is missing "
                     f"(lost or deleted); {_fix_for(array)}"
