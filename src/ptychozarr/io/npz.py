@@ -120,6 +120,11 @@ class NpzReader:
             raise
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error, OSError, ValueError) as exc:
             self.close()
+            if "CRC" in str(exc):
+                raise InvalidScanError(
+                    f"{self.path}: the file is damaged ({exc}: its bytes do not match the CRC-32 recorded "
+                    "in the zip); re-create it"
+                ) from None
             raise InvalidScanError(
                 f"{self.path}: not a readable NPZ (zip) file, or truncated or damaged "
                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
