@@ -56,6 +56,12 @@ def fresh(small_npz, pinn, tmp_path_factory):
     return compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path_factory.mktemp("fresh"), **FLAGS)
 
 
+@pytest.fixture(scope="module")
+def chunked_store(small_npz, tmp_path_factory) -> Path:
+    """The small scan ingested in 25 diffraction chunks of 16 patterns (read-only: copy it)."""
+    return ingest(small_npz, tmp_path_factory.mktemp("chunked") / "scan.zarr", chunk_bytes=2**16)
+
+
 def _metrics(result) -> dict:
     return {a.label: a.metrics for a in result.arms}
 
@@ -144,8 +150,8 @@ def test_a_missing_object_chunk_is_stitched_again(fresh, small_npz, pinn, tmp_pa
     assert not missing_chunks(zarr.open_array(first.store / "arms/pinn/object", mode="r"))
 
 
-def test_a_missing_diffraction_chunk_is_refused(small_store, pinn, tmp_path, capsys):
-    store = shutil.copytree(small_store, tmp_path / "scan.zarr")
+def test_a_missing_diffraction_chunk_is_refused(chunked_store, pinn, tmp_path, capsys):
+    store = shutil.copytree(chunked_store, tmp_path / "scan.zarr")
     _chunk_files(store / "data/diffraction")[2].unlink()
     with pytest.raises(MissingChunkError, match="data/diffraction.*re-ingest"):
         open_dataset(store)
@@ -195,8 +201,8 @@ def _damage(path: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_a_damaged_diffraction_chunk_is_refused_in_one_line(small_store, pinn, tmp_path, capsys, how):
-    store = shutil.copytree(small_store, tmp_path / "scan.zarr")
+def test_a_damaged_diffraction_chunk_is_refused_in_one_line(chunked_store, pinn, tmp_path, capsys, how):
+    store = shutil.copytree(chunked_store, tmp_path / "scan.zarr")
     _damage(_chunk_files(store / "data/diffraction")[1], how)
     with pytest.raises(StoreError, match="data/diffraction.*damaged.*re-ingest"):
         open_dataset(store)["diffraction"].values
@@ -208,8 +214,8 @@ def test_a_damaged_diffraction_chunk_is_refused_in_one_line(small_store, pinn, t
     assert not patches.exists() or not json.loads(patches.read_text())["attributes"]["complete"]
 
 
-def test_damaged_metadata_is_refused_in_one_line(small_store, pinn, tmp_path, capsys):
-    store = shutil.copytree(small_store, tmp_path / "scan.zarr")
+def test_damaged_metadata_is_refused_in_one_line(chunked_store, pinn, tmp_path, capsys):
+    store = shutil.copytree(chunked_store, tmp_path / "scan.zarr")
     meta = store / "data/diffraction/zarr.json"
     meta.write_text(meta.read_text()[:-40] + "#garbled")
     code, err = _cli(_compare_argv(store, pinn, tmp_path / "out"), capsys)
@@ -382,3 +388,16 @@ def test_a_model_fifo_is_refused(small_npz, tmp_path, capsys):
     os.mkfifo(fifo)
     with pytest.raises(InvalidParameterError):
         compare(small_npz, {"PtychoPINN": fifo}, output_dir=tmp_path / "out", **FLAGS)
+
+
+def test_reuse_needs_every_chunk_of_a_checksummed_output(tmp_path):
+    from ptychozarr.stages._common import lost_chunks, matches
+
+    root = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="w")
+    out = root.create_array("object", shape=(4, 4), chunks=(2, 2), dtype="c8", **array_options())
+    out[:] = 0
+    out.attrs.update({"params": {"tile": 2}, "complete": True})
+    assert matches(out, {"tile": 2}) and not matches(out, {"tile": 3})
+    (tmp_path / "s.zarr/object/c/1/1").unlink()
+    assert lost_chunks(root) == {"object": [(1, 1)]}
+    assert not matches(out, {"tile": 2})

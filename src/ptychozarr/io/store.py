@@ -63,6 +63,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "SCHEMA_VERSION",
     "CheckedStore",
+    "DamagedScanError",
     "MissingChunkError",
     "array_options",
     "check_chunks",
@@ -113,6 +114,10 @@ _PATTERN_ORDER = "Hilbert curve of (xcoords, ycoords); input_index holds each pa
 
 class MissingChunkError(StoreError):
     """A chunk that an array must hold is not in its store (lost or deleted): never read as its fill value."""
+
+
+class DamagedScanError(StoreError):
+    """The scan's stored data is damaged or lost: no arm can be computed from it (the run is refused)."""
 
 
 def codecs(compress: bool = True) -> tuple:
@@ -292,19 +297,24 @@ _DAMAGE = ("checksum", "zstd", "decompress", "corrupt", "truncat")
 
 
 @contextmanager
-def read_errors(what: str, fix: str = _RECOMPUTE) -> Iterator[None]:
+def read_errors(what: str, fix: str = _RECOMPUTE, error: type[StoreError] = StoreError) -> Iterator[None]:
     """Turn the errors zarr and its codecs raise on a damaged chunk (checksum mismatch, a truncated zstd
-    frame, metadata that is not JSON) into one :class:`StoreError` line naming ``what`` and ``fix``, for
-    reads that do not go through a :class:`CheckedStore`."""
+    frame, metadata that is not JSON) into one ``error`` line naming ``what`` and ``fix``, for reads that
+    do not go through a :class:`CheckedStore`; a :class:`StoreError` raised inside (by a
+    :class:`CheckedStore`) becomes ``error`` too."""
     try:
         yield
+    except StoreError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
     except PtychozarrError:
         raise
     except (ValueError, RuntimeError, OSError) as exc:
         text = str(exc).lower()
         if not isinstance(exc, json.JSONDecodeError) and not any(word in text for word in _DAMAGE):
             raise
-        raise StoreError(f"{what}: damaged data ({str(exc).splitlines()[0][:200]}); {fix}") from None
+        raise error(f"{what}: damaged data ({str(exc).splitlines()[0][:200]}); {fix}") from None
 
 
 def open_array(store_path: str | Path, path: str, mode: str = "r") -> zarr.Array:

@@ -19,7 +19,7 @@ from ptychozarr import memory
 from ptychozarr.config import InferOptions
 from ptychozarr.inference import infer, task_memory
 from ptychozarr.io import mark_complete
-from ptychozarr.io.store import array_options, missing_chunks, read_errors, writable
+from ptychozarr.io.store import DamagedScanError, array_options, missing_chunks, read_errors, writable
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import fingerprint, groups_key, matches
@@ -88,7 +88,7 @@ def run(
         t0 = time.perf_counter()
         source = f"{ds.attrs['store']}/data/diffraction"
         fix = "re-ingest the scan from its NPZ (`ptychozarr ingest IN.npz STORE --overwrite`)"
-        with read_errors(source, fix):
+        with read_errors(source, fix, DamagedScanError):
             rt.store_blocks(name, result["patches"].data, writable(out["patches"]), writable(out["done"]))
         seconds = float(out.attrs.get("seconds", 0.0)) + time.perf_counter() - t0
         mark_complete(
