@@ -38,8 +38,8 @@ __all__ = ["NpzMember", "NpzReader", "NpzWriter"]
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, skipped fields, file name length, extra length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _IOV_MAX = 1024  # buffers per preadv call (POSIX IOV_MAX on Linux)
-_DEFLATE_RATIO = 1032  # deflate's largest expansion: a member never holds more bytes than this × its compressed size
-_READ_BLOCK = 64 * 2**20  # bytes per block when a whole member is read (no allocation before the data is there)
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: a member holds at most this × its compressed size
+_READ_BLOCK = 64 * 2**20  # bytes per block of a whole-member read (allocated as the data arrives)
 _HEADER_READERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
 
 
@@ -241,7 +241,8 @@ class NpzReader:
                 end = position + got
                 for start, stop, name in spans:
                     if start < end and stop > position:
-                        crcs[name] = zlib.crc32(block[max(start, position) - position : min(stop, end) - position], crcs[name])
+                        part = block[max(start, position) - position : min(stop, end) - position]
+                        crcs[name] = zlib.crc32(part, crcs[name])
                 position = end
         for name, crc in crcs.items():
             self._check_crc(self.members[name], crc)
@@ -284,7 +285,8 @@ class NpzReader:
                 stream.read(member.header_bytes)
             elif check_crc:
                 header = bytearray(member.header_bytes)
-                if self._pread([np.frombuffer(header, np.uint8)], offset - member.header_bytes) != len(header):
+                at = offset - member.header_bytes
+                if self._pread([np.frombuffer(header, np.uint8)], at) != len(header):
                     raise EOFError("unexpected end of data")
                 crc = zlib.crc32(header)
             for start in range(0, shape[0], rows):

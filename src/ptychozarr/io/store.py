@@ -128,7 +128,7 @@ def codecs(compress: bool = True) -> tuple:
 
 def array_options(compress: bool = True) -> dict:
     """Keyword arguments of every ``create_array`` the engine makes: the codecs of :func:`codecs` and
-    :data:`ARRAY_CONFIG` (every chunk written), e.g. ``group.create_array(name, data=x, **array_options())``."""
+    :data:`ARRAY_CONFIG` (every chunk written): ``group.create_array(name, data=x, **array_options())``."""
     return {"compressors": codecs(compress), "config": dict(ARRAY_CONFIG)}
 
 
@@ -490,7 +490,7 @@ def ingest(
     temporary = store_path.with_name(f".{store_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with NpzReader(npz_path) as npz, ThreadPoolExecutor(1) as pool:
-            # hashes (and checks the CRC-32 of stored members) beside the ingestion: hashlib and zlib free the GIL
+            # hashed (stored members' CRC-32 checked) beside the ingestion: hashlib and zlib free the GIL
             digest = pool.submit(npz.digest)
             root = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3)
             data = root.create_group("data")
@@ -699,7 +699,7 @@ def _pattern_blocks(
             yield staged[:, :, start : start + per_chunk].transpose(layout.to_patterns)
 
 
-def open_dataset(store_path: str | Path) -> xr.Dataset:
+def open_dataset(store_path: str | Path, *, verify: bool = True) -> xr.Dataset:
     """The ingested scan as a lazy :class:`xarray.Dataset` backed by dask.
 
     Variables ``diffraction`` (pattern, det_y, det_x), ``xcoords``, ``ycoords``, ``xcoords_start``,
@@ -708,10 +708,15 @@ def open_dataset(store_path: str | Path) -> xr.Dataset:
     ``input_index`` (pattern): patterns are in curve order, ``input_index`` maps them to the input's.
     ``attrs`` are those of ``data`` plus ``store``, the store's path.
 
+    The store is opened past any consolidated metadata, and with ``verify`` every array's chunks are
+    listed first: a store that lost a chunk is refused here, before any work. Without ``verify`` a lost
+    chunk is refused when it is read (never read as zeros).
+
     Raises
     ------
     StoreError
-        No store at ``store_path``, or its ``data`` is incomplete.
+        No store at ``store_path``, its ``data`` is incomplete, written by another version, or (with
+        ``verify``) misses a chunk (:class:`MissingChunkError`).
     """
     data = require_complete(open_store(store_path), "data")
     version = data.attrs.get("schema_version")
@@ -720,7 +725,8 @@ def open_dataset(store_path: str | Path) -> xr.Dataset:
             f"{store_path}: written by another version of ptychozarr (store schema {version}, this one reads "
             f"{SCHEMA_VERSION}); {_REINGEST}"
         )
-    check_chunks(data, _REINGEST)
+    if verify:
+        check_chunks(data, _REINGEST)
     variables = {
         name: (array.metadata.dimension_names, da.from_zarr(array)) for name, array in sorted(data.arrays())
     }
