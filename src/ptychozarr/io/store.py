@@ -16,7 +16,17 @@ from ``input_index`` and the provenance attrs.
 
 A stage's output counts only once its group has ``"complete": true`` in its attrs, set after its last
 chunk (:func:`mark_complete`, :func:`require_complete`). Ingestion writes to a hidden temporary store
-beside the target and renames it into place at the end, so no failed run leaves a store behind.
+beside the target and renames it into place at the end, so no failed run leaves a store behind; what a
+killed one left (partial store, scratch, named with the owner's process id) goes at the next ingestion
+(:func:`remove_leftovers`).
+
+Data proves itself. Every array the engine writes is created with :func:`array_options`: its chunks end
+with a CRC-32C (Zarr v3's ``crc32c`` codec, after zstd) and every chunk is stored, even one equal to the
+fill value, so a chunk absent from the store is a chunk lost (:func:`missing_chunks`,
+:func:`check_chunks`). Stores are read through a :class:`CheckedStore` and never through consolidated
+metadata: a damaged chunk, a truncated chunk or metadata that is not JSON raise :class:`StoreError` and a
+lost chunk :class:`MissingChunkError`, each one line naming the array and the fix, never a fill value.
+Schema 3 (this layout) is the first with checksums; older stores are refused with the fix (re-ingest).
 """
 
 from __future__ import annotations
@@ -201,7 +211,7 @@ def check_chunks(node: zarr.Group | zarr.Array, fix: str) -> None:
 
 _CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?:[/.]\d+)*$")
 _REINGEST = "re-ingest the scan from its NPZ (`ptychozarr ingest IN.npz STORE --overwrite`)"
-_RECOMPUTE = "run again to recompute it (or with --force to recompute everything)"
+_RECOMPUTE = "recompute it: run again with --force"
 
 
 def _fix_for(path: str) -> str:
@@ -269,7 +279,7 @@ class CheckedStore(WrapperStore):
         if byte_range is None and await self._checksummed(array, prototype):
             data = value.as_numpy_array().view(np.uint8).reshape(-1)
             stored = bytes(data[-4:]) if data.size >= 4 else b""
-            if np.uint32(google_crc32c.value(data[:-4].tobytes())).tobytes() != stored:
+            if np.uint32(google_crc32c.value(data[:-4])).tobytes() != stored:
                 raise StoreError(
                     f"{_location(self._store, array)}: chunk {key[len(array) :].lstrip('/')} is damaged "
                     f"(checksum mismatch); {_fix_for(array)}"
