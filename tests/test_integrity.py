@@ -401,3 +401,11 @@ def test_reuse_needs_every_chunk_of_a_checksummed_output(tmp_path):
     (tmp_path / "s.zarr/object/c/1/1").unlink()
     assert lost_chunks(root) == {"object": [(1, 1)]}
     assert not matches(out, {"tile": 2})
+
+
+def test_groups_with_damaged_metadata_are_made_again(fresh, small_npz, pinn, tmp_path):
+    first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
+    (first.store / "groups/offsets/zarr.json").write_text("{garbled")
+    again = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
+    assert "group" not in again.run["reused"]
+    assert _metrics(again) == _metrics(fresh)

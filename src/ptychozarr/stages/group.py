@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from ptychozarr.config import GroupOptions, ScanOptions
+from ptychozarr.errors import StoreError
 from ptychozarr.grouping import group
 from ptychozarr.io import consolidate, open_store
 from ptychozarr.runtime import Runtime
@@ -40,7 +42,7 @@ def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan:
         consolidated = _consolidated(store)
         if consolidated:  # about to change what it describes
             unconsolidate(store)
-        _drop_damaged(store)
+        _drop_damaged(store, force=rt.force)
         marker = store / "groups" / "zarr.json"
         before = _stamp(marker)
         groups = group(ds, gridsize, k=options.neighbours, seed=options.group_seed, points=points)
@@ -60,17 +62,24 @@ def _consolidated(store: Path) -> bool:
         return False
 
 
-def _drop_damaged(store: Path) -> None:
-    """Mark the store's groups incomplete when an array or a chunk of theirs is missing, so they are
-    made again instead of read as zeros."""
-    node = open_store(store).get("groups")
-    if node is None or not node.attrs.get("complete"):
+def _drop_damaged(store: Path, *, force: bool = False) -> None:
+    """Mark the store's groups incomplete when an array or a chunk of theirs is missing (or with
+    ``force``), so they are made again instead of read as zeros; groups whose metadata cannot be read
+    (damaged) are removed, as they can always be made again."""
+    try:
+        node = open_store(store).get("groups")
+        if node is None or not node.attrs.get("complete"):
+            return
+        absent = [name for name in _ARRAYS if name not in node]
+        lost = lost_chunks(node)
+    except StoreError as exc:
+        log.warning("%s; grouping again", exc)
+        shutil.rmtree(store / "groups")
         return
-    absent = [name for name in _ARRAYS if name not in node]
-    lost = lost_chunks(node)
-    if absent or lost:
-        what = f"array {absent[0]!r} is missing" if absent else f"{next(iter(lost))} misses chunks"
-        log.warning("%s/groups: %s; grouping again", store, what)
+    if absent or lost or force:
+        if not force:
+            what = f"array {absent[0]!r} is missing" if absent else f"{next(iter(lost))} misses chunks"
+            log.warning("%s/groups: %s; grouping again", store, what)
         open_store(store, mode="r+")["groups"].attrs["complete"] = False
 
 
