@@ -409,3 +409,12 @@ def test_groups_with_damaged_metadata_are_made_again(fresh, small_npz, pinn, tmp
     again = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
     assert "group" not in again.run["reused"]
     assert _metrics(again) == _metrics(fresh)
+
+
+def test_an_array_made_again_without_checksums_is_read_as_such(tmp_path):
+    store = CheckedStore(zarr.storage.LocalStore(tmp_path / "s.zarr"), strict=False)
+    root = zarr.open_group(store, mode="w")
+    root.create_array("a", data=np.arange(4.0), **array_options())
+    np.testing.assert_array_equal(root["a"][:], np.arange(4.0))  # the codecs are now known
+    root.create_array("a", data=np.ones(4), compressors=None, overwrite=True)
+    np.testing.assert_array_equal(root["a"][:], 1.0)
