@@ -418,3 +418,13 @@ def test_an_array_made_again_without_checksums_is_read_as_such(tmp_path):
     np.testing.assert_array_equal(root["a"][:], np.arange(4.0))  # the codecs are now known
     root.create_array("a", data=np.ones(4), compressors=None, overwrite=True)
     np.testing.assert_array_equal(root["a"][:], 1.0)
+
+
+def test_a_deflated_member_announcing_more_than_deflate_can_hold_is_refused(small_npz, tmp_path):
+    path = Path(shutil.copy(small_npz, tmp_path / "deflated.npz"))
+    data = bytearray(path.read_bytes())
+    cd = data.find(b"PK\x01\x02")  # the first member's central directory entry
+    struct.pack_into("<I", data, cd + 24, 2**32 - 1)  # its uncompressed size: 4 GiB
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidScanError, match="more than they can hold"):
+        NpzReader(path)
