@@ -40,6 +40,7 @@ from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
 from ptychozarr.io import consolidate
+from ptychozarr.io.store import DamagedScanError
 from ptychozarr.preflight import ScanHeader, validate
 from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
@@ -205,6 +206,8 @@ def _model_arms(rt, root, ds, groups, config, block_groups) -> tuple[list[ArmRes
             patches = stages.infer.run(rt, node, ds, groups, path, config.infer, block_groups)
             arm.computation_time_s = patches.attrs["seconds"]
             stages.stitch.run(rt, node, config.stitch.tile)
+        except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
+            raise
         except PtychozarrError as exc:
             errors[label] = str(exc)
             log.warning("arm %s: %s", label, exc)
