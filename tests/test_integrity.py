@@ -428,3 +428,30 @@ def test_a_deflated_member_announcing_more_than_deflate_can_hold_is_refused(smal
     path.write_bytes(bytes(data))
     with pytest.raises(InvalidScanError, match="more than they can hold"):
         NpzReader(path)
+
+
+def test_ingest_trusts_an_unchanged_file_and_rehashes_one_whose_stat_changed(small_npz, tmp_path):
+    from ptychozarr import stages
+    from ptychozarr.runtime import Runtime
+
+    with np.load(small_npz) as npz:
+        members = {k: npz[k] for k in npz.files}
+    scan, other, store = tmp_path / "scan.npz", tmp_path / "other.npz", tmp_path / "run" / "store.zarr"
+    np.savez(scan, **members)
+    np.savez(other, **{**members, "diffraction": members["diffraction"][::-1].copy()})
+    first = stages.ingest.run(Runtime(quiet=True), scan, store)["diffraction"].values
+    rt = Runtime(quiet=True)
+    stages.ingest.run(rt, scan, store)
+    assert rt.reused == ["ingest"]
+    os.utime(scan)  # touched: the stat differs, the content (hashed again) does not
+    rt = Runtime(quiet=True)
+    stages.ingest.run(rt, scan, store)
+    assert rt.reused == ["ingest"]
+    before = os.stat(scan)
+    assert other.stat().st_size == before.st_size  # same size, other content ...
+    shutil.copyfile(other, scan)
+    os.utime(scan, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the old modification time
+    rt = Runtime(quiet=True)
+    again = stages.ingest.run(rt, scan, store)
+    assert rt.reused == []
+    assert not np.array_equal(again["diffraction"].values, first)

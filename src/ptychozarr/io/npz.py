@@ -374,12 +374,14 @@ class NpzWriter:
     path : str or Path
         The file to create.
     compress : bool
-        Deflate the members (as ``np.savez_compressed``) instead of storing them (as ``np.savez``).
+        Deflate the members (as ``np.savez_compressed``, at zlib's fastest level: reconstructions
+        deflate to about 0.9 of their size at any level, level 1 in two thirds of the default's time)
+        instead of storing them (as ``np.savez``).
     """
 
     def __init__(self, path: str | Path, compress: bool = False):
         mode = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-        self._zip = zipfile.ZipFile(path, "w", compression=mode, allowZip64=True)
+        self._zip = zipfile.ZipFile(path, "w", compression=mode, compresslevel=1, allowZip64=True)
 
     def __enter__(self) -> NpzWriter:
         return self

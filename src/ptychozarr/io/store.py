@@ -416,6 +416,14 @@ def is_complete_with(node: zarr.Group | zarr.Array | None, attrs: dict) -> bool:
     return node is not None and is_complete(node) and all(node.attrs.get(k) == v for k, v in attrs.items())
 
 
+def file_stat(path: str | os.PathLike) -> list[int]:
+    """What changes when a file's content is changed or replaced: size, modification and change times
+    (ns) and inode. The change time cannot be set back by hand, so an equal stat means the same
+    content without reading it (as ``git`` trusts its index)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file."""
     with open(path, "rb") as fh:
@@ -512,6 +520,7 @@ def ingest(
     store_path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(store_path.parent)
     temporary = store_path.with_name(f".{store_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    stat = file_stat(npz_path)  # before reading: a file changed meanwhile no longer matches it
     try:
         with NpzReader(npz_path) as npz, ThreadPoolExecutor(1) as pool:
             # hashed (stored members' CRC-32 checked) beside the ingestion: hashlib and zlib free the GIL
@@ -522,8 +531,9 @@ def ingest(
             mark_complete(
                 data,
                 source=npz_path.name,
-                source_size=npz_path.stat().st_size,
+                source_size=stat[0],
                 source_sha256=digest.result(),
+                source_stat=stat,
                 schema_version=SCHEMA_VERSION,
                 **attrs,
             )

@@ -10,7 +10,7 @@ import xarray as xr
 from ptychozarr.config import sha256
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.io import ingest, is_complete, open_dataset, open_store
-from ptychozarr.io.store import SCHEMA_VERSION, check_chunks, remove_leftovers
+from ptychozarr.io.store import SCHEMA_VERSION, check_chunks, file_stat, remove_leftovers
 from ptychozarr.runtime import Runtime
 
 __all__ = ["run"]
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def run(rt: Runtime, test_data: Path, store: Path) -> xr.Dataset:
     """The scan as a lazy dataset: ``test_data`` itself when it is a store, else ingested into ``store``
-    (reused when the store already holds this file's data, by size and SHA-256, in the current layout:
+    (reused when the store already holds this file's data — the same size and either the same
+    :func:`~ptychozarr.io.store.file_stat` or the same SHA-256 — in the current layout:
     its ``schema_version`` is :data:`ptychozarr.io.store.SCHEMA_VERSION`, with every chunk; otherwise
     ingested again). What a killed ingestion left beside ``store`` (scratch, partial stores) is removed.
 
@@ -50,7 +51,7 @@ def _ingested(store: Path, source: Path) -> bool:
         is_complete(data)
         and attrs.get("schema_version") == SCHEMA_VERSION
         and attrs.get("source_size") == source.stat().st_size
-        and attrs.get("source_sha256") == sha256(source)
+        and (attrs.get("source_stat") == file_stat(source) or attrs.get("source_sha256") == sha256(source))
     )
     if not same:
         return False
