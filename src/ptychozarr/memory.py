@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 import psutil
 from dask.callbacks import Callback
-from dask.utils import format_bytes, key_split, parse_bytes
+from dask.utils import format_bytes, key_split
 
 from ptychozarr import _tf
-from ptychozarr.config import check_positive
+from ptychozarr.config import check_positive, parse_budget
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "check",
     "choose_block_groups",
     "measure_reserved",
-    "parse_budget",
     "probe_model",
     "process_peaks",
     "report",
@@ -171,22 +170,6 @@ class Plan:
             },
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
         }
-
-
-def parse_budget(value: str | int | None, *, flag: str = "--memory-budget") -> int | None:
-    """Bytes from a budget such as ``"2GB"``, ``"1.5GiB"`` or an int; None stays None.
-
-    Uses :func:`dask.utils.parse_bytes`: ``GB`` is 10⁹ bytes, ``GiB`` 2³⁰.
-    """
-    if value is None:
-        return None
-    try:
-        n = int(value) if isinstance(value, int) else parse_bytes(value)
-    except (ValueError, TypeError) as e:
-        raise InvalidParameterError(f"{flag} {value!r} is not a size; give e.g. '2GB' or '1.5GiB'") from e
-    if n <= 0:
-        raise InvalidParameterError(f"{flag} {value!r} is not positive; give e.g. '2GB' or '1.5GiB'")
-    return n
 
 
 def check(plan: Plan, budget: int | str) -> Plan:
