@@ -12,10 +12,16 @@
 They are session-scoped and shared: treat them as read-only (copy a store before writing into it).
 """
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# fault injection for the processes tests start (idle unless PTYCHOZARR_KILL_AFTER_* is set)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH")) if p
+)
 
 SMALL = {"n_points": 400, "patch_size": 32, "object_size": 160, "dose": 1e3, "seed": 0}
 

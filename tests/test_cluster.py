@@ -142,3 +142,105 @@ def test_cuda_without_gpu_names_what_is_missing():
 def test_bad_scheduler_arguments_are_refused(spec, kwargs, match):
     with pytest.raises(InvalidParameterError, match=match), scheduler(spec, **kwargs):
         pass
+
+
+# -- bounded waits: an address nobody listens on, a cluster that loses its last worker --------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_address_nobody_listens_on_is_one_line_after_a_bounded_wait(monkeypatch):
+    import time
+
+    from ptychozarr import cluster
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1.0)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ClusterError) as e, scheduler(address):
+        pass
+    assert time.monotonic() - t0 < 10
+    message = str(e.value)
+    assert f"no dask scheduler answers at {address} within 1.0 s" in message and "\n" not in message
+
+
+def _slow(block: np.ndarray) -> np.ndarray:
+    import time
+
+    time.sleep(0.2)
+    return block
+
+
+def _lose_workers_while_computing(cluster_to_empty) -> None:
+    """Compute a slow graph; half a second in, the cluster drops to no workers."""
+    timer = threading.Timer(0.5, cluster_to_empty.scale, args=(0,))
+    timer.start()
+    try:
+        da.ones(40, chunks=1).map_blocks(_slow, meta=np.empty(0)).sum().compute()
+    finally:
+        timer.join()
+
+
+def test_a_local_cluster_without_workers_ends_in_one_line(monkeypatch):
+    import time
+
+    from ptychozarr import cluster
+
+    monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(cluster.ClusterError, match="has had no workers for 1 s") as e:
+        with scheduler("processes", n_workers=1, processes=False) as c:
+            _lose_workers_while_computing(c.cluster)
+    assert time.monotonic() - t0 < 30 and "\n" not in str(e.value)
+
+
+def test_an_existing_cluster_without_workers_ends_in_one_line(monkeypatch):
+    import time
+
+    from distributed import LocalCluster
+
+    from ptychozarr import cluster
+
+    monkeypatch.setattr(cluster, "NO_WORKERS_TIMEOUT", 1.0)
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as theirs:
+        t0 = time.monotonic()
+        with pytest.raises(cluster.ClusterError, match="has had no workers for 1 s"):
+            with scheduler(theirs.scheduler_address):
+                _lose_workers_while_computing(theirs)
+        assert time.monotonic() - t0 < 30
+
+
+def test_paths_of_a_comparison_are_absolute_before_any_graph_leaves(tmp_path, monkeypatch):
+    from ptychozarr.config import CompareConfig
+
+    monkeypatch.chdir(tmp_path)
+    config = CompareConfig.from_options("scan.npz", {"PtychoPINN": "m/pinn.keras"}, "out", "../recon.npz")
+    assert config.test_data == tmp_path / "scan.npz" and config.output_dir == tmp_path / "out"
+    assert config.model_paths["PtychoPINN"] == tmp_path / "m" / "pinn.keras"
+    assert config.ptychi_recon == tmp_path.parent / "recon.npz"
+
+
+def test_compare_with_an_address_nobody_listens_on_exits_2_with_one_line(
+    small_npz, tmp_path, capsys, monkeypatch
+):
+    from ptychozarr import cluster
+    from ptychozarr.cli import main
+
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 1.0)
+    recon = tmp_path / "recon.npz"
+    np.savez(recon, reconstructed_object=np.ones((160, 160), np.complex64))
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    argv = ["compare", "--test-data", str(small_npz), "--ptychi-recon", str(recon), "--quiet",
+            "--output-dir", str(tmp_path / "out"), "--scheduler", address]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"no dask scheduler answers at {address}" in lines[0], err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path / "out") == []  # the lock is released; nothing else was written

@@ -9,9 +9,10 @@ import xarray as xr
 import zarr
 from conftest import SMALL
 
-from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.errors import InvalidParameterError, StoreError
 from ptychozarr.grouping import group, neighbour_groups, normaliser, open_groups
 from ptychozarr.io import ingest, open_dataset
+from ptychozarr.io.store import MissingChunkError
 
 PER_PATTERN = ("diffraction", "xcoords", "ycoords", "xcoords_start", "ycoords_start", "scan_index")
 CHUNK, BLOCK = 25, 16  # patterns per diffraction chunk, groups per block (as inference blocks them)
@@ -183,10 +184,12 @@ def test_groups_come_in_store_order_whatever_the_order_of_points(small_store):
 
 
 def test_grouping_never_reads_the_diffraction(store_copy, small_groups):
-    shutil.rmtree(store_copy / "data" / "diffraction" / "c")  # the chunks: reading now gives zeros
-    ds = open_dataset(store_copy)
-    with pytest.raises(InvalidScanError, match="zero"):
-        normaliser(ds.diffraction.data, small_groups.nn_indices.values)  # what a read would see
+    shutil.rmtree(store_copy / "data" / "diffraction" / "c")  # the chunks: reading now fails
+    with pytest.raises(MissingChunkError):
+        open_dataset(store_copy)  # refused up front
+    ds = open_dataset(store_copy, verify=False)
+    with pytest.raises(MissingChunkError):
+        normaliser(ds.diffraction.data, small_groups.nn_indices.values)  # what a read would meet
     groups = group(ds, 2, k=7, seed=0)
     assert groups.attrs["normaliser"] == small_groups.attrs["normaliser"]
     np.testing.assert_array_equal(groups.nn_indices.values, small_groups.nn_indices.values)

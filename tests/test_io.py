@@ -235,7 +235,7 @@ def test_the_same_scan_in_any_order_gives_the_same_store(tmp_path, small_npz):
         if name != "input_index":
             assert one[name].chunks == two[name].chunks, name
             np.testing.assert_array_equal(one[name][...], two[name][...], err_msg=name, strict=True)
-    provenance = {"source", "source_size", "source_sha256", "store"}
+    provenance = {"source", "source_size", "source_sha256", "source_stat", "store"}
     assert {k: v for k, v in random_ds.attrs.items() if k not in provenance} == {
         k: v for k, v in raster_ds.attrs.items() if k not in provenance
     }

@@ -11,6 +11,7 @@ import psutil
 import pytest
 from dask.utils import format_bytes
 
+from ptychozarr.config import parse_budget
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 from ptychozarr.memory import (
     PeakMemory,
@@ -19,7 +20,6 @@ from ptychozarr.memory import (
     TaskMemoryCallback,
     check,
     choose_block_groups,
-    parse_budget,
     probe_model,
     process_peaks,
     report,

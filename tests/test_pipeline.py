@@ -203,6 +203,27 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
             np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
 
 
+def test_a_finished_run_imports_no_tensorflow_and_redraws_nothing(small_npz, models, tmp_path):
+    first = _cli(_compare_args(small_npz, models, tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    plot = tmp_path / "comparison_plot.png"
+    drawn = plot.stat().st_mtime_ns
+    measured = json.loads((tmp_path / "run.json").read_text())["stage_memory"]
+    assert {"ingest", "plan", "infer:pinn", "stitch:pinn", "score:pinn", "report"} <= set(measured)
+    args = map(str, _compare_args(small_npz, models, tmp_path))
+    again = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "ptychozarr", *args], capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = [line for line in again.stderr.splitlines() if "|" in line]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in lines}
+    assert "ptychozarr" in imported and not {"tensorflow", "keras"} & imported
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["model_loads"] == {"client": 0}
+    assert {"infer:pinn", "stitch:baseline", "score:pinn", "report"} <= set(run["reused"])
+    assert plot.stat().st_mtime_ns == drawn
+
+
 def test_bad_flags_exit_2_with_one_line(small_npz, models, tmp_path):
     cases = [
         (["--stitch-crop-size", "7"], "--stitch-crop-size"),

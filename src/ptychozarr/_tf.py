@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator
 from types import ModuleType
 
-__all__ = ["LOG_LEVEL", "keras", "quiet", "tensorflow"]
+__all__ = ["LOG_LEVEL", "keras", "preloading", "quiet", "tensorflow"]
 
 LOG_LEVEL = "3"
 """``TF_CPP_MIN_LOG_LEVEL`` set when the user has not; at this level start-up lines are not printed."""
@@ -72,6 +72,25 @@ def _load(name: str) -> ModuleType:
                         module.config.list_physical_devices()  # device discovery: where cuInit logs
                 _LOADED.add(name)
     return sys.modules[name]
+
+
+@contextlib.contextmanager
+def preloading(wanted: bool) -> Iterator[None]:
+    """Import Keras (and TensorFlow) in a background thread while the block runs, when ``wanted``.
+
+    The import takes seconds; work that needs neither (reading and grouping a scan) runs beside it, and
+    the first :func:`keras` or :func:`tensorflow` call waits for it. The block's exit waits too, so that
+    stderr is restored before anything is printed (the import mutes it, see the module docstring).
+    """
+    if not wanted or "keras" in _LOADED:
+        yield
+        return
+    thread = threading.Thread(target=keras, name="ptychozarr-tf-import", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 def tensorflow() -> ModuleType:

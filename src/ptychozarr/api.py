@@ -33,6 +33,7 @@ from ptychozarr import inference
 from ptychozarr import stitch as _stitch
 from ptychozarr.errors import InvalidParameterError, StoreError
 from ptychozarr.io import consolidate, mark_complete
+from ptychozarr.io.store import array_options
 from ptychozarr.models import Model
 from ptychozarr.stages.stitch import DIMS as OBJECT_DIMS
 from ptychozarr.stages.stitch import write_object
@@ -91,10 +92,11 @@ def infer(
     patches = result["patches"].data
     target = node.create_array(
         "patches", shape=patches.shape, dtype=np.complex64, chunks=(patches.chunks[0][0], *patches.shape[1:]),
-        dimension_names=result["patches"].dims,
+        dimension_names=result["patches"].dims, **array_options(),
     )  # fmt: skip
     for name in _PATCH_ARRAYS[1:]:
-        node.create_array(name, data=result[name].values, dimension_names=result[name].dims)
+        values = result[name]
+        node.create_array(name, data=values.values, dimension_names=values.dims, **array_options())
     da.store(patches, target, lock=False)
     mark_complete(node, **result.attrs)
     consolidate(root.store)

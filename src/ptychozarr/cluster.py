@@ -13,11 +13,22 @@ environment (dask's ``distributed.nanny.environ``) and every worker gets them be
 TensorFlow. Variables already set in this process's environment win over these defaults, as
 ``distributed`` documents. Models are loaded once per worker by the per-process cache of
 ``ptychozarr.inference``, which workers import like any module.
+
+Waits are bounded: a scheduler address that does not answer within :data:`CONNECT_TIMEOUT` seconds,
+and a cluster left without workers for :data:`NO_WORKERS_TIMEOUT` seconds while the block runs, end
+the run with one line (:class:`ClusterError`). A local cluster's scheduler has this bound in its own
+configuration (``distributed.scheduler.no-workers-timeout``: tasks waiting without workers fail); an
+existing scheduler is watched from here (its worker count, every :data:`_WATCH_EVERY` seconds), and
+this client's work is cancelled when it has had no workers that long. The paths a graph carries are
+absolute (:class:`ptychozarr.config.CompareConfig` makes them so), since workers elsewhere resolve a
+relative path against their own folder.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,14 +37,29 @@ from typing import Any
 import dask
 from dask.system import CPU_COUNT
 
-from ptychozarr.errors import InvalidParameterError
+from ptychozarr.errors import InvalidParameterError, PtychozarrError
 
-__all__ = ["GPU_EXTRA", "Concurrency", "concurrency", "scheduler"]
+__all__ = [
+    "CONNECT_TIMEOUT", "GPU_EXTRA", "NO_WORKERS_TIMEOUT", "ClusterError", "Concurrency", "concurrency",
+    "scheduler",
+]  # fmt: skip
 
 GPU_EXTRA = "pip install 'ptychozarr[gpu]'"
 """The command that installs what ``scheduler("cuda")`` needs (dask-cuda and TensorFlow with CUDA)."""
 
 _SPECS = ("threads", "processes", "cuda")
+
+CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a scheduler address to answer (``Client(timeout=...)`` given wins)."""
+
+NO_WORKERS_TIMEOUT = 60.0
+"""Seconds a cluster may have no worker while a run uses it before the run ends (one line)."""
+
+_WATCH_EVERY = 0.5  # seconds between worker counts of an existing scheduler
+
+
+class ClusterError(PtychozarrError, RuntimeError):
+    """The cluster cannot run the graph: its scheduler does not answer, or it has no workers left."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +150,7 @@ def scheduler(
         with _local_cluster(spec, n_workers, threads_per_worker, tf_threads, cluster_kwargs) as cluster:
             from distributed import Client
 
-            with Client(cluster) as client:
+            with Client(cluster) as client, _bounded(client, watch=False):
                 yield client
     elif "://" in spec:
         if n_workers is not None or tf_threads is not None:
@@ -132,15 +158,96 @@ def scheduler(
                 f"n_workers and tf_threads apply to local clusters, not to the scheduler at {spec}; "
                 "configure its workers where they are started"
             )
-        from distributed import Client
-
-        with Client(spec, **cluster_kwargs) as client:
+        with _connect(spec, cluster_kwargs) as client, _bounded(client, watch=True):
             yield client
     else:
         raise InvalidParameterError(
             f"scheduler {spec!r} is not one of {', '.join(map(repr, _SPECS))} or an address such as "
             "'tcp://host:8786'"
         )
+
+
+def _connect(address: str, kwargs: dict[str, Any]) -> Any:
+    """A client of the scheduler at ``address``, or one line when it does not answer in time."""
+    from distributed import Client
+
+    kwargs = {"timeout": CONNECT_TIMEOUT} | kwargs
+    try:
+        return Client(address, **kwargs)
+    except (OSError, TimeoutError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClusterError(
+            f"no dask scheduler answers at {address} within {kwargs['timeout']} s ({reason}); start one "
+            "there or give another --scheduler"
+        ) from None
+    except ValueError as exc:
+        raise InvalidParameterError(f"scheduler address {address!r}: {exc}") from None
+
+
+def _no_workers(address: str, seconds: float) -> ClusterError:
+    return ClusterError(
+        f"the cluster at {address} has had no workers for {seconds:g} s, so the run stops; finished "
+        "blocks are kept: start workers and run the same command to resume"
+    )
+
+
+@contextmanager
+def _bounded(client: Any, *, watch: bool) -> Iterator[None]:
+    """End the block with :class:`ClusterError` when the cluster stays without workers too long.
+
+    A local cluster's scheduler fails waiting tasks itself (configured in :func:`_local_cluster`);
+    with ``watch`` a thread counts the workers of an existing scheduler and cancels this client's
+    work once it has had none for :data:`NO_WORKERS_TIMEOUT` seconds.
+    """
+    from distributed.scheduler import NoValidWorkerError, NoWorkerError
+
+    address = client.scheduler.address
+    dog = _Watchdog(client, NO_WORKERS_TIMEOUT) if watch else None
+    if dog is not None:
+        dog.start()
+    try:
+        yield
+    except (NoWorkerError, NoValidWorkerError):
+        raise _no_workers(address, NO_WORKERS_TIMEOUT) from None
+    except Exception:
+        if dog is not None and dog.fired.is_set():
+            raise _no_workers(address, dog.timeout) from None
+        raise
+    finally:
+        if dog is not None:
+            dog.stop()
+
+
+class _Watchdog(threading.Thread):
+    """Counts an existing scheduler's workers; after ``timeout`` seconds with none, cancels the work."""
+
+    def __init__(self, client: Any, timeout: float):
+        super().__init__(name="ptychozarr-no-workers-watchdog", daemon=True)
+        self.client, self.timeout = client, timeout
+        self.fired, self._halt = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        from distributed import Future
+
+        since = None
+        while not self._halt.wait(_WATCH_EVERY):
+            try:
+                workers = len(self.client.scheduler_info(n_workers=-1)["workers"])
+            except Exception:  # the scheduler itself is gone: the computation fails by itself
+                continue
+            if workers:
+                since = None
+                continue
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since >= self.timeout:
+                self.fired.set()
+                keys = list(self.client.futures)
+                if keys:
+                    self.client.cancel([Future(k, self.client) for k in keys])
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
 
 
 def _tf_env(threads: int) -> dict[str, str]:
@@ -183,7 +290,8 @@ def _local_cluster(
     env |= _tf_env(tf_threads or max(1, CPU_COUNT // n_workers))
     environ = {**dask.config.get("distributed.nanny.environ"), **env}
     kwargs = {"n_workers": n_workers, "threads_per_worker": threads_per_worker, "dashboard_address": None}
-    with dask.config.set({"distributed.nanny.environ": environ}):
+    bounded = {"distributed.scheduler.no-workers-timeout": f"{NO_WORKERS_TIMEOUT}s"}
+    with dask.config.set({"distributed.nanny.environ": environ} | bounded):
         if spec == "cuda":
             from dask_cuda import LocalCUDACluster
 

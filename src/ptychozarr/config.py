@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from dask.utils import parse_bytes
 
 from ptychozarr.errors import InvalidParameterError
 
@@ -46,6 +47,7 @@ __all__ = [
     "add_arguments",
     "check_crop",
     "check_positive",
+    "parse_budget",
     "flag",
     "option_names",
     "sha256",
@@ -92,6 +94,22 @@ def sha256(path: str | os.PathLike) -> str:
     from ptychozarr.io.store import sha256 as file_sha256
 
     return file_sha256(path)
+
+
+def parse_budget(value: str | int | None, *, flag: str = "--memory-budget") -> int | None:
+    """Bytes from a budget such as ``"2GB"``, ``"1.5GiB"`` or an int; None stays None.
+
+    Uses :func:`dask.utils.parse_bytes`: ``GB`` is 10⁹ bytes, ``GiB`` 2³⁰.
+    """
+    if value is None:
+        return None
+    try:
+        n = int(value) if isinstance(value, int) else parse_bytes(value)
+    except (ValueError, TypeError) as e:
+        raise InvalidParameterError(f"{flag} {value!r} is not a size; give e.g. '2GB' or '1.5GiB'") from e
+    if n <= 0:
+        raise InvalidParameterError(f"{flag} {value!r} is not positive; give e.g. '2GB' or '1.5GiB'")
+    return n
 
 
 def suggest(name: str, valid: Iterable[str]) -> str:
@@ -159,8 +177,6 @@ def _blocks(name: str, value: Any) -> int | str:
 
 
 def _budget(name: str, value: Any) -> int | None:
-    from ptychozarr.memory import parse_budget
-
     return parse_budget(value, flag=flag(name))
 
 
@@ -365,11 +381,13 @@ class CompareConfig:
             if key not in _OWNER:
                 raise InvalidParameterError(f"unknown {where} {key!r}" + suggest(key, _OWNER))
             sections[_OWNER[key]][key] = value
+        # absolute paths: the workers of a cluster resolve a relative path against their own folder
+        absolute = lambda path: Path(os.path.abspath(path))  # noqa: E731
         return cls(
-            test_data=Path(test_data),
-            models=tuple((str(label), Path(path)) for label, path in models.items()),
-            output_dir=Path(output_dir),
-            ptychi_recon=None if ptychi_recon is None else Path(ptychi_recon),
+            test_data=absolute(test_data),
+            models=tuple((str(label), absolute(path)) for label, path in models.items()),
+            output_dir=absolute(output_dir),
+            ptychi_recon=None if ptychi_recon is None else absolute(ptychi_recon),
             **{name: _SECTIONS[name](**values) for name, values in sections.items()},
         )
 

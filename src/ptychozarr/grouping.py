@@ -43,7 +43,7 @@ from ptychozarr.io import (
     replace_path,
     require_complete,
 )
-from ptychozarr.io.store import is_complete_with
+from ptychozarr.io.store import array_options, is_complete_with
 
 __all__ = ["group", "neighbour_groups", "normaliser", "open_groups"]
 
@@ -207,6 +207,7 @@ def _write(store: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
                 data=value,
                 chunks=(min(len(value), _ROWS_PER_CHUNK), *value.shape[1:]),
                 dimension_names=_DIMS[key],
+                **array_options(),
             )
         mark_complete(staging, **attrs)
         replace_path(store / name, store / "groups")

@@ -43,7 +43,7 @@ from zarr.core.buffer import default_buffer_prototype
 
 from ptychozarr import _tf
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
-from ptychozarr.io.store import DEFAULT_CHUNK_BYTES
+from ptychozarr.io.store import DEFAULT_CHUNK_BYTES, open_array
 from ptychozarr.models import Model, ModelSpec, check_compatible, load_model, model_file, read_spec
 from ptychozarr.models.ptychopinn import require_trust
 
@@ -461,7 +461,7 @@ def _infer_block(members, offsets, *, store, model, scale, crop, batch_size, sto
         return np.empty((0, crop, crop), np.complex64)
     m = model.get()
     needed, rows = np.unique(members, return_inverse=True)
-    diffraction = zarr.open_array(store, path="data/diffraction", mode="r")
+    diffraction = open_array(store, "data/diffraction")  # a lost chunk is refused, never read as zeros
     with _Reader(diffraction, needed, None if store_key is None else (store, store_key)) as reader:
         return predict_patches(
             m,

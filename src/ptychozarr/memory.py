@@ -24,6 +24,8 @@ is why every run records the measured figure beside it.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import resource
 import sys
 import threading
@@ -34,10 +36,10 @@ from typing import Any
 import numpy as np
 import psutil
 from dask.callbacks import Callback
-from dask.utils import format_bytes, key_split, parse_bytes
+from dask.utils import format_bytes, key_split
 
 from ptychozarr import _tf
-from ptychozarr.config import check_positive
+from ptychozarr.config import check_positive, parse_budget
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
 __all__ = [
@@ -49,7 +51,6 @@ __all__ = [
     "check",
     "choose_block_groups",
     "measure_reserved",
-    "parse_budget",
     "probe_model",
     "process_peaks",
     "report",
@@ -169,22 +170,6 @@ class Plan:
             },
             "params": {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()},
         }
-
-
-def parse_budget(value: str | int | None, *, flag: str = "--memory-budget") -> int | None:
-    """Bytes from a budget such as ``"2GB"``, ``"1.5GiB"`` or an int; None stays None.
-
-    Uses :func:`dask.utils.parse_bytes`: ``GB`` is 10⁹ bytes, ``GiB`` 2³⁰.
-    """
-    if value is None:
-        return None
-    try:
-        n = int(value) if isinstance(value, int) else parse_bytes(value)
-    except (ValueError, TypeError) as e:
-        raise InvalidParameterError(f"{flag} {value!r} is not a size; give e.g. '2GB' or '1.5GiB'") from e
-    if n <= 0:
-        raise InvalidParameterError(f"{flag} {value!r} is not positive; give e.g. '2GB' or '1.5GiB'")
-    return n
 
 
 def check(plan: Plan, budget: int | str) -> Plan:
@@ -348,6 +333,25 @@ def _rss(children: bool) -> int:
     return total
 
 
+def release_freed() -> None:
+    """Return the heap memory this process has freed to the operating system (glibc's ``malloc_trim``;
+    nothing elsewhere), so that what one stage freed does not stay in the RSS of the next."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
 class PeakMemory:
     """Peak RSS while a block of code runs, sampled in a background thread.
 
@@ -364,20 +368,39 @@ class PeakMemory:
         RSS in bytes on entry.
     peak : int
         Largest RSS sampled, in bytes (on entry, every ``interval`` and on exit).
+    labelled : dict of str to int
+        Largest RSS sampled inside each :meth:`label` block, by its name.
 
     Examples
     --------
     >>> with PeakMemory() as pm:
-    ...     result.compute()
-    >>> pm.peak, pm.increase
+    ...     with pm.label("stitch"):
+    ...         result.compute()
+    >>> pm.peak, pm.increase, pm.labelled["stitch"]
     """
 
     def __init__(self, interval: float = 0.02, children: bool = True):
         self.interval, self.children = interval, children
         self.baseline = self.peak = 0
+        self.labelled: dict[str, int] = {}
+        self._current: str | None = None
 
     def _update(self, rss: int) -> None:
         self.peak = max(self.peak, rss)
+        name = self._current
+        if name is not None:
+            self.labelled[name] = max(self.labelled.get(name, 0), rss)
+
+    @contextlib.contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        """Attribute the samples taken inside the block (and one on entry and exit) to ``name``."""
+        outer, self._current = self._current, name
+        self._update(_rss(self.children))
+        try:
+            yield
+        finally:
+            self._update(_rss(self.children))
+            self._current = outer
 
     def __enter__(self) -> PeakMemory:
         self.baseline = self.peak = _rss(self.children)

@@ -20,6 +20,8 @@ the next call with the same outputs; ``force=True`` redoes everything.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -33,11 +35,12 @@ import psutil
 import xarray as xr
 import zarr
 
-from ptychozarr import align, cluster, memory, report, stages
+from ptychozarr import _tf, align, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
 from ptychozarr.inference import cached_model, load_count, oom_events
 from ptychozarr.io import consolidate
+from ptychozarr.io.store import DamagedScanError
 from ptychozarr.preflight import ScanHeader, validate
 from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
@@ -115,7 +118,13 @@ def compare(
 
 
 def run_compare(config: CompareConfig) -> Comparison:
-    """Run the comparison a :class:`~ptychozarr.config.CompareConfig` describes (see :func:`compare`)."""
+    """Run the comparison a :class:`~ptychozarr.config.CompareConfig` describes (see :func:`compare`).
+
+    A run whose every stage is complete with the same inputs and parameters costs only its checks: the
+    memory plan recorded by the run that made it is reused (no model is loaded, TensorFlow is not
+    imported) and so are the report's files. When the plan must be made without a memory budget to
+    check it against, TensorFlow is imported while the scan is ingested and grouped.
+    """
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
     with rt.timed("validate"):
         header = validate(config)
@@ -124,16 +133,26 @@ def run_compare(config: CompareConfig) -> Comparison:
                 config.ptychi_recon, config.test_data, config.infer.stitch_crop_size
             )
             log.info("iterative reconstruction %s: %s frame", config.ptychi_recon.name, frame)
-    with output_lock(config.output_dir):
+    local = config.run.scheduler in ("processes", "cuda")
+    with output_lock(config.output_dir), memory.PeakMemory(children=local) as peak:
+        rt.memory = peak
         store = config.output_dir / "store.zarr"
         scheduler = cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers)
-        with scheduler as client, memory.PeakMemory(children=client is not None) as peak:
-            with rt.timed("plan"):
-                plan = _memory_plan(config, header, client)
+        with scheduler as client:
             unconsolidate(store)
-            ds = stages.ingest.run(rt, config.test_data, store)
-            groups = stages.group.run(rt, ds, header.gridsize, config.group, config.scan)
+            plan_key = _plan_key(config, header)
+            plan = None if rt.force else _recorded_plan(store, plan_key)
+            if plan is None and config.run.memory_budget is not None:  # refuse before any work
+                with rt.timed("plan"):
+                    plan = _memory_plan(config, header, client)
+            with _tf.preloading(plan is None and bool(config.models)):
+                ds = stages.ingest.run(rt, config.test_data, store)
+                groups = stages.group.run(rt, ds, header.gridsize, config.group, config.scan)
+                if plan is None:
+                    with rt.timed("plan"):
+                        plan = _memory_plan(config, header, client)
             root = open_run_store(store)
+            root.attrs["plan"] = {"key": plan_key, "params": report.to_jsonable(plan.params)}
             arms, errors = _model_arms(rt, root, ds, groups, config, plan.params["block_groups"])
             if config.ptychi_recon is not None:
                 key, label, seconds = stages.iterative.run(rt, root, config.ptychi_recon)
@@ -147,7 +166,7 @@ def run_compare(config: CompareConfig) -> Comparison:
                 measured["process"] = max(w["host"] for w in workers.values())
                 loads |= client.run(load_count)
         with rt.timed("report"):
-            written = _report(root, arms, ds, config, header)
+            written = _report(rt, root, arms, ds, config, header)
             provenance = {
                 "inputs": _inputs(config, ds),
                 "parameters": config.options(exclude=("quiet", "force")),
@@ -155,9 +174,12 @@ def run_compare(config: CompareConfig) -> Comparison:
             }
             root.attrs.update(report.to_jsonable(provenance))
             consolidate(store)
+        measured["peak"] = peak.peak
         payload = {
             **provenance,
             "stages": rt.stage_record(),
+            "stage_memory": rt.stage_memory(),
+            "graphs": rt.graphs,
             "reused": rt.reused,
             "blocks": rt.blocks,
             "memory": memory.report(plan, measured),
@@ -184,6 +206,8 @@ def _model_arms(rt, root, ds, groups, config, block_groups) -> tuple[list[ArmRes
             patches = stages.infer.run(rt, node, ds, groups, path, config.infer, block_groups)
             arm.computation_time_s = patches.attrs["seconds"]
             stages.stitch.run(rt, node, config.stitch.tile)
+        except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
+            raise
         except PtychozarrError as exc:
             errors[label] = str(exc)
             log.warning("arm %s: %s", label, exc)
@@ -240,6 +264,37 @@ def _nan_for_none(value):
     if isinstance(value, list):
         return [_nan_for_none(v) for v in value]
     return float("nan") if value is None else value
+
+
+def _plan_key(config: CompareConfig, header: ScanHeader) -> str:
+    """Digest of everything the memory plan depends on: the models' contents, the scan's shape and the
+    options of inference, stitching and the scheduler (the probes measured then are kept with it)."""
+    return _digest(
+        {
+            "models": [fingerprint(path) for _, path in config.models],
+            "scan": [header.patterns, header.N, config.scan.n_test_groups],
+            "infer": config.infer.__dict__,
+            "stitch": config.stitch.__dict__,
+            "run": [config.run.scheduler, config.run.n_workers, config.run.memory_budget],
+        }
+    )
+
+
+def _recorded_plan(store: Path, key: str) -> memory.Plan | None:
+    """The plan an earlier run in ``store`` made under the same :func:`_plan_key`, re-projected from
+    its recorded parameters (no model is loaded); None when there is none."""
+    if not (store / "zarr.json").is_file():
+        return None
+    recorded = open_run_store(store).attrs.get("plan")
+    if not isinstance(recorded, dict) or recorded.get("key") != key:
+        return None
+    return _project(**recorded["params"])
+
+
+def _digest(value) -> str:
+    """SHA-256 of a JSON-able value (keys sorted)."""
+    text = json.dumps(report.to_jsonable(value), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Plan:
@@ -312,7 +367,45 @@ def _probe(model, batch_size: int, device: str = "cpu") -> int:
     return memory.probe_model(lambda x: model.predict_batch(x, None), shape, device=device)
 
 
-def _report(root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader) -> dict:
+def _report(
+    rt: Runtime, root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader
+) -> dict:
+    """The files beside the store, reused when an earlier report wrote them from the same results.
+
+    The results are the arms' scores and the attributes of every array the files are drawn from
+    (which carry each stage's parameters and inputs), with the options of the report.
+    """
+    sources = {
+        a.key: {name: dict(node.attrs) for name, node in root[f"arms/{a.key}"].arrays()}
+        for a in arms
+        if f"arms/{a.key}" in root
+    }
+    key = _digest(
+        {
+            "arms": [a.__dict__ for a in arms],
+            "sources": sources,
+            "output": config.output.__dict__,
+            "title": _title(config, ds),
+            "truth": header.has_truth,
+        }
+    )
+    recorded = root.attrs.get("report")
+    if (
+        not rt.force
+        and isinstance(recorded, dict)
+        and recorded.get("key") == key
+        and all(Path(f).is_file() for f in recorded["outputs"].values())
+    ):
+        rt.reuse("report", config.output_dir)
+        return dict(recorded["outputs"])
+    written = _write_report(root, arms, ds, config, header)
+    root.attrs["report"] = {"key": key, "outputs": written}
+    return written
+
+
+def _write_report(
+    root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader
+) -> dict:
     """The files beside the store (:mod:`ptychozarr.report`); without ground truth no CSV and no
     aligned NPZ, and a plot of the reconstructions alone."""
     out = config.output_dir

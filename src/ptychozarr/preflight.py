@@ -83,6 +83,11 @@ def validate(config: CompareConfig) -> ScanHeader:
 
     if not config.test_data.exists():
         raise InvalidParameterError(f"--test-data {config.test_data}: no such file or store")
+    if not (config.test_data.is_file() or config.test_data.is_dir()):  # stat only: a FIFO is never opened
+        raise InvalidParameterError(
+            f"--test-data {config.test_data}: not a regular file or a store directory (a FIFO or device?); "
+            "give an NPZ file or an ingested .zarr store"
+        )
     if not config.models and config.ptychi_recon is None:
         raise InvalidParameterError(
             "nothing to compare: give --pinn-model, --baseline-model, --model or --ptychi-recon"
@@ -91,6 +96,11 @@ def validate(config: CompareConfig) -> ScanHeader:
         if not path.exists():
             raise InvalidParameterError(
                 f"model {label!r}: {path} does not exist; give an existing model path"
+            )
+        if not (path.is_file() or path.is_dir()):
+            raise InvalidParameterError(
+                f"model {label!r}: {path} is not a regular file or directory (a FIFO or device?); "
+                "give a model file"
             )
     patterns, n_pix, has_truth, is_store = _scan_header(config.test_data)
     check_crop(config.infer.stitch_crop_size, n_pix)

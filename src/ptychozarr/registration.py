@@ -52,7 +52,7 @@ from typing import Literal
 
 import dask.array as da
 import numpy as np
-from scipy import fft, ndimage, optimize, signal
+from scipy import fft, ndimage, optimize
 from skimage.registration import phase_cross_correlation
 
 from ptychozarr.errors import InvalidParameterError
@@ -114,7 +114,9 @@ def _load(x) -> np.ndarray:
 
 def _hann(shape: tuple[int, int]) -> np.ndarray:
     """A separable 2-D Hann window."""
-    return np.outer(signal.windows.hann(shape[0]), signal.windows.hann(shape[1]))
+    from scipy.signal import windows  # importing scipy.signal takes most of a second: only when used
+
+    return np.outer(windows.hann(shape[0]), windows.hann(shape[1]))
 
 
 def _taper(x: np.ndarray, window: np.ndarray) -> np.ndarray:

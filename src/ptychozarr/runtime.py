@@ -11,20 +11,23 @@ A run killed in the middle of a stage finds the blocks already done and computes
 at most the blocks in flight are redone. ``run.json`` records ``blocks`` (computed and reused per
 stage) and ``stages`` with an ``other`` entry, so that the stages and ``other`` add up to ``total``.
 
-Fault hooks for the resume tests: ``PTYCHOZARR_KILL_AFTER_TASKS=n`` sends SIGKILL to this process
-after n dask tasks, ``PTYCHOZARR_KILL_AFTER_BLOCKS=n`` after n blocks recorded done.
+The tests inject faults from outside (``tests/faults``): they wrap :meth:`Runtime.compute` and
+``_BlockWriter.__setitem__``; nothing here reads a fault setting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
-import signal
+import socket
+import stat
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,10 +49,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".ptychozarr.lock"
 """File in the output directory naming the process that runs there."""
 
-_KILL_TASKS = "PTYCHOZARR_KILL_AFTER_TASKS"
-_KILL_BLOCKS = "PTYCHOZARR_KILL_AFTER_BLOCKS"
 _LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
-_BLOCKS_DONE = [0]  # blocks recorded done in this process (for the fault hook)
 
 
 # -- the lock --------------------------------------------------------------------------------------
@@ -59,43 +59,134 @@ _BLOCKS_DONE = [0]  # blocks recorded done in this process (for the fault hook)
 def output_lock(output_dir: Path) -> Iterator[Path]:
     """Own ``output_dir`` for the duration of a run.
 
-    The lock is a file created exclusively (``O_EXCL``) holding this process's id and start time. A lock
-    whose holder is no longer running (a killed run) is stale and taken over.
+    The lock is one atomic operation: this process writes its record (host, process id, start time)
+    into a file of its own beside the lock, then hard-links that file to ``.ptychozarr.lock``; the link
+    fails when the name exists, so exactly one process wins and a reader never sees a partial record.
+
+    A lock whose holder is gone is stale and taken over only when it names this host and its process
+    no longer runs here. Takers on this host take turns (an advisory ``flock`` on
+    ``.ptychozarr.lock.takeover``, released by the kernel if a taker dies), re-read the lock inside
+    their turn and remove it only if it is still the same stale record, so two takers never both win.
+    A lock of another host is never taken over: the error says which host and how to clear it. A
+    record without a host (written by an earlier version) counts as this host's.
 
     Raises
     ------
     StoreError
-        When another live process holds the directory (one line naming it).
+        When another live process holds the directory, when another host's run holds it, or when the
+        directory or the lock cannot be used (one line naming it and what to do).
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise StoreError(
+            f"output dir {output_dir} is a file, not a folder; give another --output-dir"
+        ) from None
+    except OSError as exc:
+        raise StoreError(f"cannot create the output dir {output_dir}: {exc.strerror or exc}") from None
     path = output_dir / LOCK_NAME
-    me = {"pid": os.getpid(), "started": datetime.now(UTC).isoformat(timespec="seconds")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _holder(path)
-            if holder is not None and _alive(holder):
-                raise StoreError(
-                    f"{output_dir} is in use by process {holder['pid']} (started {holder['started']}); "
-                    "wait for it to finish or give another --output-dir"
-                ) from None
-            log.info(
-                "taking over the stale lock of %s (process %s is gone)", output_dir, (holder or {}).get("pid")
-            )
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            continue
-        with os.fdopen(fd, "w") as fh:
+    me = _record()
+    tmp = output_dir / f"{LOCK_NAME}.{me['host']}.{me['pid']}.{me['token']}.tmp"
+    try:
+        with open(tmp, "x") as fh:
             json.dump(me, fh)
-        break
-    else:
-        raise StoreError(f"{path}: could not take the lock; remove the file if no run uses {output_dir}")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise StoreError(f"cannot write the lock of {output_dir}: {exc.strerror or exc}") from None
+    try:
+        _acquire(output_dir, path, tmp, me)
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         yield path
     finally:
         if _holder(path) == me:
             path.unlink()
+
+
+_TRIES = 8  # attempts to link the lock (each either wins, refuses, or removed a stale lock first)
+
+
+def _acquire(output_dir: Path, path: Path, tmp: Path, me: dict) -> None:
+    for _ in range(_TRIES):
+        _check_regular(path)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            if os.stat(tmp).st_nlink > 1 and _holder(path) == me:
+                return  # the link was made (a retried request on a network filesystem)
+        except OSError as exc:
+            raise StoreError(f"cannot take the lock {path}: {exc.strerror or exc}") from None
+        holder = _holder(path)
+        if holder is None:
+            if not os.path.lexists(path):
+                continue  # released or removed meanwhile: try again
+            _check_regular(path)
+            raise StoreError(
+                f"{path} holds no lock record; remove it if no run uses {output_dir} (on any host)"
+            )
+        _refuse_live(output_dir, path, holder)
+        _take_over_stale(output_dir, path, holder)
+    raise StoreError(f"{path}: could not take the lock; remove the file if no run uses {output_dir}")
+
+
+def _record() -> dict:
+    """This process's lock record: host, pid, start time and a token unique to this attempt."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "token": uuid.uuid4().hex,
+    }
+
+
+def _check_regular(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise StoreError(f"the lock {path} is {kind}; remove it if no run uses {path.parent}")
+
+
+def _refuse_live(output_dir: Path, path: Path, holder: dict) -> None:
+    """Raise unless ``holder`` is a process of this host that no longer runs."""
+    host = holder.get("host")
+    if host is not None and host != socket.gethostname():
+        raise StoreError(
+            f"{output_dir} is in use by process {holder['pid']} on host {host} (started "
+            f"{holder.get('started')}); if no run uses it on {host}, remove {path}"
+        )
+    if _alive(holder):
+        raise StoreError(
+            f"{output_dir} is in use by process {holder['pid']} (started {holder.get('started')}); "
+            "wait for it to finish or give another --output-dir"
+        )
+
+
+def _take_over_stale(output_dir: Path, path: Path, stale: dict) -> None:
+    """Remove the stale lock ``stale`` if it is still the lock, one taker of this host at a time."""
+    try:
+        fd = os.open(output_dir / f"{LOCK_NAME}.takeover", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot take over the stale lock {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a filesystem without locks
+            raise StoreError(
+                f"cannot take over the stale lock {path} ({exc.strerror or exc}); process "
+                f"{stale['pid']} is gone: remove the file if no other run uses {output_dir}"
+            ) from None
+        if _holder(path) == stale:  # nobody took it over before our turn (takers are serialised)
+            log.info("taking over the stale lock of %s (process %s is gone)", output_dir, stale.get("pid"))
+            path.unlink()
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _holder(path: Path) -> dict | None:
@@ -112,24 +203,13 @@ def _alive(holder: dict) -> bool:
         proc = psutil.Process(holder["pid"])
         started = datetime.fromisoformat(holder["started"]).timestamp()
         return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= started + 1
-    except (psutil.NoSuchProcess, ValueError, KeyError):
+    except (psutil.NoSuchProcess, ValueError, KeyError, TypeError):
         return False
+    except psutil.AccessDenied:
+        return True
 
 
 # -- callbacks -------------------------------------------------------------------------------------
-
-
-class _KillAfterTasks(Callback):
-    """Fault injection: SIGKILL this process after ``n`` tasks."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.left = n
-
-    def _posttask(self, key, result, dsk, state, worker_id):
-        self.left -= 1
-        if self.left <= 0:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _LogProgress(Callback):
@@ -159,14 +239,6 @@ def _progress(stage: str) -> Callback:
     return _LogProgress(stage)
 
 
-def _block_done() -> None:
-    """Count a block recorded done; the kill hook fires here."""
-    _BLOCKS_DONE[0] += 1
-    limit = os.environ.get(_KILL_BLOCKS)
-    if limit and _BLOCKS_DONE[0] >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class _BlockWriter:
     """A ``da.store`` target that writes a block's rows, then records the block done."""
 
@@ -176,7 +248,35 @@ class _BlockWriter:
     def __setitem__(self, region: tuple[slice, ...], value: np.ndarray) -> None:
         self.target[region] = value
         self.done[self.starts.index(region[0].start)] = True
-        _block_done()
+
+
+class _GraphStats(Callback):
+    """Tasks a computation ran, the seconds before its first task started (graph building, optimisation
+    and scheduling) and the seconds from then to its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = time.perf_counter()
+        self.first = self.ended = None
+        self.tasks = 0
+
+    def _pretask(self, key, dsk, state):
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        self.tasks += 1
+
+    def _finish(self, dsk, state, errored):
+        self.ended = time.perf_counter()
+
+    def record(self) -> dict[str, float | int]:
+        first = self.first or self.ended or self.called
+        return {
+            "tasks": self.tasks,
+            "graph_s": round(first - self.called, 3),
+            "run_s": round((self.ended or first) - first, 3),
+        }
 
 
 # -- the runtime -----------------------------------------------------------------------------------
@@ -191,6 +291,16 @@ class Runtime:
         No progress bars or progress lines.
     force : bool
         Redo every stage (reuse nothing).
+
+    Attributes
+    ----------
+    memory : PeakMemory or None
+        The run's RSS sampler, set by the caller that starts it; each :meth:`timed` stage is labelled
+        in it.
+    graphs : dict of str to dict
+        Per computed stage: ``tasks`` run, ``graph_s`` from the call to the first task (building,
+        optimising and scheduling the graph) and ``run_s`` from the first task to the end, summed
+        over the stage's computations.
     """
 
     def __init__(self, *, quiet: bool = False, force: bool = False):
@@ -201,16 +311,19 @@ class Runtime:
         self.blocks: dict[str, dict[str, int]] = {}
         self.warnings: list[str] = []
         self.task_peaks: dict[str, int] = {}
-        kill = os.environ.get(_KILL_TASKS)
-        self._faults = [_KillAfterTasks(int(kill))] if kill else []
+        self.memory: memory.PeakMemory | None = None
+        self.graphs: dict[str, dict[str, float | int]] = {}
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
-        """Add the wall time of the block to stage ``name``."""
+        """Add the wall time of the block to stage ``name`` (and its peak RSS, while :attr:`memory`
+        samples the run, to :meth:`stage_memory`)."""
         t0 = time.perf_counter()
         try:
-            yield
+            with self.memory.label(name) if self.memory is not None else contextlib.nullcontext():
+                yield
         finally:
+            memory.release_freed()
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
     def reuse(self, name: str, where: Any = "") -> None:
@@ -237,8 +350,8 @@ class Runtime:
         ``task_kinds`` are the layer names whose memory is recorded apart (else the whole stage);
         ``progress`` shows a bar (a terminal) or periodic log lines (otherwise) unless quiet.
         """
-        watch = memory.TaskMemoryCallback(stages=task_kinds)
-        callbacks = [watch, *self._faults]
+        watch, stats = memory.TaskMemoryCallback(stages=task_kinds), _GraphStats()
+        callbacks = [watch, stats]
         if progress and not self.quiet:
             callbacks.append(_progress(stage))
         with contextlib.ExitStack() as stack:
@@ -253,6 +366,10 @@ class Runtime:
         )
         for name, value in peaks.items():
             self.task_peaks[name] = max(self.task_peaks.get(name, 0), value)
+        record = stats.record()
+        total = self.graphs.setdefault(stage, dict.fromkeys(record, 0))
+        for name, value in record.items():
+            total[name] = round(total[name] + value, 3)
         return result
 
     def store_blocks(self, stage: str, source: da.Array, target: zarr.Array, done: zarr.Array) -> None:
@@ -276,6 +393,10 @@ class Runtime:
             regions=[(slice(starts[i], starts[i + 1]),) for i in todo],
             lock=False,
         )
+
+    def stage_memory(self) -> dict[str, int]:
+        """Peak RSS in bytes while each stage ran (the stages timed while :attr:`memory` sampled)."""
+        return dict(self.memory.labelled) if self.memory is not None else {}
 
     def stage_record(self) -> dict[str, float]:
         """Seconds per stage, with ``other`` (the rest of the wall time) and ``total``."""

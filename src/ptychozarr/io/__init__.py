@@ -3,10 +3,14 @@
 from ptychozarr.io.npz import NpzReader, NpzWriter
 from ptychozarr.io.order import curve_order
 from ptychozarr.io.store import (
+    array_options,
+    check_chunks,
     consolidate,
     ingest,
     is_complete,
     mark_complete,
+    missing_chunks,
+    open_array,
     open_dataset,
     open_store,
     pattern_intensity,
@@ -17,11 +21,15 @@ from ptychozarr.io.store import (
 __all__ = [
     "NpzReader",
     "NpzWriter",
+    "array_options",
+    "check_chunks",
     "consolidate",
     "curve_order",
     "ingest",
     "is_complete",
     "mark_complete",
+    "missing_chunks",
+    "open_array",
     "open_dataset",
     "open_store",
     "pattern_intensity",

@@ -16,13 +16,26 @@ from ``input_index`` and the provenance attrs.
 
 A stage's output counts only once its group has ``"complete": true`` in its attrs, set after its last
 chunk (:func:`mark_complete`, :func:`require_complete`). Ingestion writes to a hidden temporary store
-beside the target and renames it into place at the end, so no failed run leaves a store behind.
+beside the target and renames it into place at the end, so no failed run leaves a store behind; what a
+killed one left (partial store, scratch, named with the owner's process id) goes at the next ingestion
+(:func:`remove_leftovers`).
+
+Data proves itself. Every array the engine writes is created with :func:`array_options`: its chunks end
+with a CRC-32C (Zarr v3's ``crc32c`` codec, after zstd) and every chunk is stored, even one equal to the
+fill value, so a chunk absent from the store is a chunk lost (:func:`missing_chunks`,
+:func:`check_chunks`). Stores are read through a :class:`CheckedStore` and never through consolidated
+metadata: a damaged chunk, a truncated chunk or metadata that is not JSON raise :class:`StoreError` and a
+lost chunk :class:`MissingChunkError`, each one line naming the array and the fix, never a fill value.
+Schema 3 (this layout) is the first with checksums; older stores are refused with the fix (re-ingest).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -33,12 +46,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import dask.array as da
+import google_crc32c
 import numpy as np
+import psutil
 import xarray as xr
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.sync import sync
+from zarr.storage import WrapperStore
 
-from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, PtychozarrError, StoreError
 from ptychozarr.io.npz import NpzReader, NpzWriter
 from ptychozarr.io.order import curve_order
 from ptychozarr.io.validate import (
@@ -52,27 +69,45 @@ from ptychozarr.io.validate import (
 )
 
 __all__ = [
+    "ARRAY_CONFIG",
     "DEFAULT_CHUNK_BYTES",
     "SCHEMA_VERSION",
+    "CheckedStore",
+    "DamagedScanError",
+    "MissingChunkError",
+    "array_options",
+    "check_chunks",
+    "codecs",
     "consolidate",
     "ingest",
     "is_complete",
     "is_complete_with",
     "mark_complete",
+    "missing_chunks",
+    "open_array",
     "open_dataset",
     "open_store",
     "pattern_intensity",
+    "read_errors",
+    "remove_leftovers",
     "replace_path",
     "require_complete",
     "scratch_array",
     "sha256",
+    "stores_every_chunk",
+    "writable",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: every chunk stored and checksummed (crc32c)
 # 4 MiB (64 patterns of 128²): in curve order a block of 256 groups then decodes about 3× its own patterns
 # (32 MiB chunks: 7×), and gathering every block costs less than one read of the whole array.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
-_COMPRESSOR = ZstdCodec(level=3)
+ARRAY_CONFIG = {"write_empty_chunks": True}
+"""Zarr array config of every array the engine writes: every chunk is stored, even one equal to the fill
+value, so that a chunk absent from the store means a chunk lost (:func:`missing_chunks`)."""
+_SCRATCH_PREFIX = ".ptychozarr-scratch-"
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+_SCRATCH = re.compile(r"^\.ptychozarr-scratch-(?:(?P<pid>\d+)-)?")
 _DIMS = {
     "diffraction": ("pattern", "det_y", "det_x"),
     "scan_index": ("pattern",),
@@ -85,6 +120,275 @@ _DIMS = {
 _PATTERN_COORDINATES = "input_index"  # CF ``coordinates`` attribute of per-pattern arrays
 _SUM_ROWS = 32  # patterns per float64 temporary in pattern_intensity
 _PATTERN_ORDER = "Hilbert curve of (xcoords, ycoords); input_index holds each pattern's index in the input"
+
+
+class MissingChunkError(StoreError):
+    """A chunk that an array must hold is not in its store (lost or deleted): never read as its fill value."""
+
+
+class DamagedScanError(StoreError):
+    """The scan's stored data is damaged or lost: no arm can be computed from it (the run is refused)."""
+
+
+def codecs(compress: bool = True) -> tuple:
+    """The bytes-to-bytes codecs (``compressors=``) of every array the engine writes: zstd (unless
+    ``compress`` is false), then a CRC-32C checksum of each stored chunk (Zarr v3's ``crc32c`` codec)."""
+    return (ZstdCodec(level=3), Crc32cCodec()) if compress else (Crc32cCodec(),)
+
+
+def array_options(compress: bool = True) -> dict:
+    """Keyword arguments of every ``create_array`` the engine makes: the codecs of :func:`codecs` and
+    :data:`ARRAY_CONFIG` (every chunk written): ``group.create_array(name, data=x, **array_options())``."""
+    return {"compressors": codecs(compress), "config": dict(ARRAY_CONFIG)}
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """``array`` with :data:`ARRAY_CONFIG`: an array opened again from its store has zarr's default config,
+    which skips (and deletes) chunks equal to the fill value; write into existing arrays through this."""
+    return array.with_config(ARRAY_CONFIG)
+
+
+def _location(store, path: str = "") -> str:
+    """A readable name of ``path`` in ``store`` (the directory of a local store)."""
+    while isinstance(store, WrapperStore):
+        store = store._store
+    root = getattr(store, "root", None)
+    base = str(root) if root is not None else str(store)
+    return f"{base}/{path}".rstrip("/")
+
+
+def _chunk_grid(array: zarr.Array) -> tuple[int, ...]:
+    """Chunks (shards, for a sharded array) along each axis: the stored objects' grid."""
+    step = array.shards or array.chunks
+    return tuple(-(-size // c) for size, c in zip(array.shape, step, strict=True))
+
+
+def _stored_keys(array: zarr.Array) -> set[str]:
+    """Keys of the chunks of ``array`` present in its store, relative to the array (one listing)."""
+    store, path = array.store_path.store, array.store_path.path
+    prefix = f"{path}/" if path else ""
+
+    async def collect() -> set[str]:
+        return {key[len(prefix) :] async for key in store.list_prefix(prefix)}
+
+    return sync(collect())
+
+
+def stores_every_chunk(array: zarr.Array) -> bool:
+    """Whether ``array`` was written with :func:`array_options`: its last codec is ``crc32c``, and the
+    engine writes every chunk of such arrays, so a chunk it lacks is a chunk lost."""
+    codecs_ = getattr(array.metadata, "codecs", ())
+    return bool(codecs_) and isinstance(codecs_[-1], Crc32cCodec)
+
+
+def missing_chunks(array: zarr.Array) -> list[tuple[int, ...]]:
+    """Grid coordinates of the chunks (shards, if sharded) of ``array`` that are not in its store.
+
+    Every array the engine writes stores every chunk (:data:`ARRAY_CONFIG`), so a chunk absent from a
+    finished array is a chunk lost. Costs one listing of the array's keys, no read.
+    """
+    grid = _chunk_grid(array)
+    if not all(grid):
+        return []
+    stored = _stored_keys(array)
+    encode = array.metadata.encode_chunk_key
+    return [c for c in itertools.product(*(range(n) for n in grid)) if encode(c) not in stored]
+
+
+def check_chunks(node: zarr.Group | zarr.Array, fix: str) -> None:
+    """Raise :class:`MissingChunkError` (naming the array and ``fix``) unless every array of ``node`` (an
+    array, or a group's arrays, not recursively) holds all its chunks."""
+    arrays = [node] if isinstance(node, zarr.Array) else [a for _, a in sorted(node.arrays())]
+    for array in arrays:
+        lost = missing_chunks(array)
+        if lost:
+            total = int(np.prod(_chunk_grid(array)))
+            raise MissingChunkError(
+                f"{_location(array.store_path.store, array.path)}: {len(lost)} of {total} chunks are missing "
+                f"(first: chunk {list(lost[0])}); {fix}"
+            )
+
+
+_CHUNK_KEY = re.compile(r"^(?:(?P<array>.*)/)?c(?:[/.]\d+)*$")
+_REINGEST = "re-ingest the scan from its NPZ (`ptychozarr ingest IN.npz STORE --overwrite`)"
+_RECOMPUTE = "recompute it: run again with --force"
+
+
+def _fix_for(path: str) -> str:
+    return _REINGEST if path == "data" or path.startswith("data/") else _RECOMPUTE
+
+
+class CheckedStore(WrapperStore):
+    """A store whose reads prove the data, wrapping another (a :class:`zarr.storage.LocalStore`).
+
+    - a chunk of an array whose codecs end with ``crc32c`` is checked against its checksum before it is
+      decoded: a damaged or truncated chunk raises :class:`StoreError`;
+    - a metadata document (``zarr.json``) that is not JSON raises :class:`StoreError`;
+    - with ``strict`` (stores opened for reading), a chunk key that is absent from an array written with
+      :func:`array_options` (every chunk stored, the last codec ``crc32c``: :func:`stores_every_chunk`)
+      raises :class:`MissingChunkError` instead of reading as the fill value; arrays written otherwise
+      (by an older version) read as before. A writable store is not strict,
+      since zarr reads a chunk that does not exist yet when a write covers part of it; stages check their
+      outputs with :func:`missing_chunks` before reusing them.
+
+    Each error is one line naming the array and the fix. Picklable, so dask tasks read through it too.
+    """
+
+    def __init__(self, store, strict: bool = True):
+        super().__init__(store)
+        self._strict = strict
+        self._crc: dict[str, bool] = {}
+
+    def _with_store(self, store):
+        return type(self)(store, strict=self._strict)
+
+    def __getstate__(self) -> dict:
+        return {"store": self._store, "strict": self._strict}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["store"], strict=state["strict"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CheckedStore) and self._store == other._store
+
+    __hash__ = None
+
+    async def get(self, key, prototype, byte_range=None):
+        value = await self._store.get(key, prototype, byte_range)
+        if key.endswith("zarr.json"):
+            if value is not None and byte_range is None:
+                try:
+                    json.loads(value.to_bytes())
+                except ValueError:
+                    path = key.removesuffix("zarr.json").rstrip("/")
+                    raise StoreError(
+                        f"{_location(self._store, key)}: the metadata is damaged (not JSON); {_fix_for(path)}"
+                    ) from None
+            return value
+        match = _CHUNK_KEY.match(key)
+        if match is None:
+            return value
+        array = match["array"] or ""
+        if value is None:
+            if self._strict and await self._checksummed(array, prototype):
+                raise MissingChunkError(
+                    f"{_location(self._store, array)}: chunk {key[len(array) :].lstrip('/')} is missing "
+                    f"(lost or deleted); {_fix_for(array)}"
+                )
+            return value
+        if byte_range is None and await self._checksummed(array, prototype):
+            data = value.as_numpy_array().view(np.uint8).reshape(-1)
+            stored = bytes(data[-4:]) if data.size >= 4 else b""
+            if np.uint32(google_crc32c.value(data[:-4])).tobytes() != stored:
+                raise StoreError(
+                    f"{_location(self._store, array)}: chunk {key[len(array) :].lstrip('/')} is damaged "
+                    f"(checksum mismatch); {_fix_for(array)}"
+                )
+        return value
+
+    async def _get_many(self, requests):
+        for key, prototype, byte_range in requests:
+            yield key, await self.get(key, prototype, byte_range)
+
+    async def set(self, key, value) -> None:
+        if key.endswith("zarr.json"):  # an array made again may have other codecs
+            self._crc.pop(key.removesuffix("zarr.json").rstrip("/"), None)
+        await self._store.set(key, value)
+
+    async def delete(self, key) -> None:
+        if key.endswith("zarr.json"):
+            self._crc.pop(key.removesuffix("zarr.json").rstrip("/"), None)
+        await self._store.delete(key)
+
+    async def delete_dir(self, prefix) -> None:
+        self._crc.clear()
+        await self._store.delete_dir(prefix)
+
+    async def _checksummed(self, array: str, prototype) -> bool:
+        """Whether the chunks of ``array`` end with a CRC-32C of the rest (its last codec is crc32c)."""
+        if array not in self._crc:
+            raw = await self._store.get(f"{array}/zarr.json" if array else "zarr.json", prototype)
+            try:
+                meta = json.loads(raw.to_bytes()) if raw is not None else {}
+            except ValueError:
+                meta = {}
+            names = [c.get("name") for c in meta.get("codecs", []) if isinstance(c, dict)]
+            self._crc[array] = bool(names) and names[-1] == "crc32c" and "sharding_indexed" not in names
+        return self._crc[array]
+
+
+_DAMAGE = ("checksum", "zstd", "decompress", "corrupt", "truncat")
+
+
+@contextmanager
+def read_errors(what: str, fix: str = _RECOMPUTE, error: type[StoreError] = StoreError) -> Iterator[None]:
+    """Turn the errors zarr and its codecs raise on a damaged chunk (checksum mismatch, a truncated zstd
+    frame, metadata that is not JSON) into one ``error`` line naming ``what`` and ``fix``, for reads that
+    do not go through a :class:`CheckedStore`; a :class:`StoreError` raised inside (by a
+    :class:`CheckedStore`) becomes ``error`` too."""
+    try:
+        yield
+    except StoreError as exc:
+        if isinstance(exc, error):
+            raise
+        raise error(str(exc)) from None
+    except PtychozarrError:
+        raise
+    except (ValueError, RuntimeError, OSError) as exc:
+        text = str(exc).lower()
+        if not isinstance(exc, json.JSONDecodeError) and not any(word in text for word in _DAMAGE):
+            raise
+        raise error(f"{what}: damaged data ({str(exc).splitlines()[0][:200]}); {fix}") from None
+
+
+def open_array(store_path: str | Path, path: str, mode: str = "r") -> zarr.Array:
+    """The array ``path`` of a store, read through a :class:`CheckedStore` (strict when ``mode`` is
+    ``"r"``), never through consolidated metadata."""
+    store = CheckedStore(zarr.storage.LocalStore(Path(store_path), read_only=mode == "r"), strict=mode == "r")
+    try:
+        return zarr.open_array(store, path=path, mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise StoreError(f"{_location(store, path)}: no such array; {_fix_for(path)}") from None
+
+
+def remove_leftovers(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Remove what killed runs left in ``directory``: ingestion scratch (``.ptychozarr-scratch-*``) and
+    partial stores (``.<name>.partial-*``, any name when ``name`` is None) whose owning process is gone.
+
+    The owner's process id is part of each name; a name without one (an older version's) has no owner
+    left. Returns the removed paths.
+    """
+    directory = Path(directory)
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _SCRATCH.match(entry.name) or _PARTIAL.match(entry.name)
+        if match is None or (name is not None and "name" in match.groupdict() and match["name"] != name):
+            continue
+        pid = match["pid"]
+        if pid is not None and _alive(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this process counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 def mark_complete(node: zarr.Group | zarr.Array, **attrs) -> None:
@@ -112,6 +416,14 @@ def is_complete_with(node: zarr.Group | zarr.Array | None, attrs: dict) -> bool:
     return node is not None and is_complete(node) and all(node.attrs.get(k) == v for k, v in attrs.items())
 
 
+def file_stat(path: str | os.PathLike) -> list[int]:
+    """What changes when a file's content is changed or replaced: size, modification and change times
+    (ns) and inode. The change time cannot be set back by hand, so an equal stat means the same
+    content without reading it (as ``git`` trusts its index)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file."""
     with open(path, "rb") as fh:
@@ -119,11 +431,14 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def open_store(store_path: str | Path, mode: str = "r") -> zarr.Group:
-    """Open the root group of a run's store (``mode`` as :func:`zarr.open_group`)."""
+    """Open the root group of a run's store (``mode`` as :func:`zarr.open_group`) through a
+    :class:`CheckedStore` (strict when reading), never through consolidated metadata, which an earlier
+    run left and which need not describe what the store holds now."""
     path = Path(store_path)
     if mode == "r" and not (path / "zarr.json").is_file():
         raise StoreError(f"{path}: no Zarr store there; create one with `ptychozarr ingest IN.npz {path}`")
-    return zarr.open_group(zarr.storage.LocalStore(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+    store = CheckedStore(zarr.storage.LocalStore(path, read_only=mode == "r"), strict=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def require_complete(root: zarr.Group, name: str) -> zarr.Group:
@@ -143,7 +458,7 @@ def scratch_array(
 ) -> zarr.Array:
     """An uncompressed Zarr array in ``directory``, to reorder data that does not fit in memory."""
     return zarr.create_array(
-        zarr.storage.LocalStore(directory), shape=shape, dtype=dtype, chunks=chunks, compressors=None
+        zarr.storage.LocalStore(directory), shape=shape, dtype=dtype, chunks=chunks, **array_options(False)
     )
 
 
@@ -203,18 +518,22 @@ def ingest(
     if chunk_bytes < 1:
         raise InvalidParameterError(f"chunk_bytes={chunk_bytes}: must be a positive number of bytes")
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = store_path.with_name(f".{store_path.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_leftovers(store_path.parent)
+    temporary = store_path.with_name(f".{store_path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    stat = file_stat(npz_path)  # before reading: a file changed meanwhile no longer matches it
     try:
         with NpzReader(npz_path) as npz, ThreadPoolExecutor(1) as pool:
-            digest = pool.submit(sha256, npz_path)  # hashes beside the ingestion (hashlib frees the GIL)
+            # hashed (stored members' CRC-32 checked) beside the ingestion: hashlib and zlib free the GIL
+            digest = pool.submit(npz.digest)
             root = zarr.open_group(zarr.storage.LocalStore(temporary), mode="w", zarr_format=3)
             data = root.create_group("data")
             attrs = _ingest_members(npz, data, chunk_bytes, scratch=store_path.parent)
             mark_complete(
                 data,
                 source=npz_path.name,
-                source_size=npz_path.stat().st_size,
+                source_size=stat[0],
                 source_sha256=digest.result(),
+                source_stat=stat,
                 schema_version=SCHEMA_VERSION,
                 **attrs,
             )
@@ -291,7 +610,7 @@ def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
         name,
         data=values,
         chunks=values.shape,
-        compressors=_COMPRESSOR,
+        **array_options(),
         dimension_names=_DIMS[name],
         attributes=_attributes(name),
     )
@@ -336,7 +655,7 @@ def _write_diffraction(
         shape=(n, size, size),
         dtype=np.float32,
         chunks=(per_chunk, size, size),
-        compressors=_COMPRESSOR,
+        **array_options(),
         dimension_names=_DIMS["diffraction"],
         attributes=_attributes("diffraction"),
     )
@@ -378,7 +697,7 @@ def _pattern_reader(
         yield lambda rows: npz.read_rows(layout.key, rows, layout.stream_shape).transpose(layout.to_patterns)
         return
     n, size = layout.n_patterns, layout.size
-    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as tmp:
         staged_path = Path(tmp) / "patterns.npz"
         with NpzWriter(staged_path) as staged, staged.stream("d", (n, size, size), member.dtype) as append:
             for block in _pattern_blocks(npz, layout, per_chunk, chunk_bytes, Path(tmp)):
@@ -403,7 +722,7 @@ def _pattern_blocks(
     n, size = layout.n_patterns, layout.size
     itemsize = npz.members[layout.key].dtype.itemsize
     rows = max(1, min(size, chunk_bytes // (size * n * itemsize)))
-    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", dir=scratch) as tmp:
         staged = scratch_array(
             tmp, layout.stream_shape, npz.members[layout.key].dtype, (rows, size, per_chunk)
         )
@@ -414,7 +733,7 @@ def _pattern_blocks(
             yield staged[:, :, start : start + per_chunk].transpose(layout.to_patterns)
 
 
-def open_dataset(store_path: str | Path) -> xr.Dataset:
+def open_dataset(store_path: str | Path, *, verify: bool = True) -> xr.Dataset:
     """The ingested scan as a lazy :class:`xarray.Dataset` backed by dask.
 
     Variables ``diffraction`` (pattern, det_y, det_x), ``xcoords``, ``ycoords``, ``xcoords_start``,
@@ -423,12 +742,25 @@ def open_dataset(store_path: str | Path) -> xr.Dataset:
     ``input_index`` (pattern): patterns are in curve order, ``input_index`` maps them to the input's.
     ``attrs`` are those of ``data`` plus ``store``, the store's path.
 
+    The store is opened past any consolidated metadata, and with ``verify`` every array's chunks are
+    listed first: a store that lost a chunk is refused here, before any work. Without ``verify`` a lost
+    chunk is refused when it is read (never read as zeros).
+
     Raises
     ------
     StoreError
-        No store at ``store_path``, or its ``data`` is incomplete.
+        No store at ``store_path``, its ``data`` is incomplete, written by another version, or (with
+        ``verify``) misses a chunk (:class:`MissingChunkError`).
     """
     data = require_complete(open_store(store_path), "data")
+    version = data.attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(
+            f"{store_path}: written by another version of ptychozarr (store schema {version}, this one reads "
+            f"{SCHEMA_VERSION}); {_REINGEST}"
+        )
+    if verify:
+        check_chunks(data, _REINGEST)
     variables = {
         name: (array.metadata.dimension_names, da.from_zarr(array)) for name, array in sorted(data.arrays())
     }

@@ -23,6 +23,7 @@ import zarr
 from dask.graph_manipulation import bind
 from scipy.ndimage import gaussian_filter
 
+from ptychozarr.io.store import array_options
 from ptychozarr.metrics._common import _centre_crop, _finish, _pair
 
 __all__ = ["frc", "frc_cutoff", "frc_length", "FRC50", "FRC1OVER7"]
@@ -110,7 +111,7 @@ def _spill(half: da.Array, workdir: str | Path, cols: int):
     """A Zarr array in ``workdir`` in (row slab × column slab) chunks, and the lazy write of ``half``."""
     target = zarr.create_array(
         store=str(Path(workdir) / f"{half.name}.zarr"), shape=half.shape, chunks=(half.chunks[0][0], cols),
-        dtype=half.dtype, compressors=None, overwrite=True,
+        dtype=half.dtype, overwrite=True, **array_options(compress=False),
     )
     return target, da.store(half, target, lock=False, compute=False)
 

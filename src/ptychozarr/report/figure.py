@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["comparison_figure", "write_comparison_figure", "write_objects_plot"]
 
-_MAX_SIDE = 2048
+_MAX_SIDE = 600  # larger images are strided: a 3-inch panel at 150 dpi shows 450 pixels
 _PANEL_IN = 3.0
 _ROWS = (
     ("amplitude", "gray", "amplitude (transmission)"),

@@ -12,7 +12,8 @@ lays runs out as ``<output_dir>/dose_<dose>/<view>/<split>/`` with compare_model
   (``report_phase_g_dense_metrics.py``) read; and ``metrics_summary.md``.
 
 Those files keep that schema (extra keys only: a job's ``name``, ``repeat``, ``status``,
-``output_dir`` and ``registration``). Beside them, under names of its own, the engine writes
+``output_dir`` and ``registration``; the manifest's ``study_config``, the TOML that owns the
+folder). Beside them, under names of its own, the engine writes
 ``study_deltas.csv`` / ``.md`` (PINN − Baseline and PINN − iterative per run, metric and part, with
 which way is better and whether PINN is better or worse) and ``study_conditions.csv`` / ``.md`` (mean,
 sample standard deviation, min and max over the runs of each condition — repeats, e.g. seeds).
@@ -124,8 +125,16 @@ def _condition(run: StudyRun) -> dict:
     return {"dose": run.dose, "view": run.view, "split": run.split}
 
 
-def comparison_manifest(runs: Sequence[StudyRun], output_dir: str | os.PathLike | None = None) -> dict:
-    """``comparison_manifest.json``'s content (see the module docstring)."""
+def comparison_manifest(
+    runs: Sequence[StudyRun],
+    output_dir: str | os.PathLike | None = None,
+    study_config: str | os.PathLike | None = None,
+) -> dict:
+    """``comparison_manifest.json``'s content (see the module docstring).
+
+    ``study_config``, the study TOML's absolute path, is kept as ``study_config``: it says which study
+    owns the folder (a study refuses to replace another study's files without ``--force``).
+    """
     base = Path(output_dir) if output_dir is not None else None
     results = []
     for run in runs:
@@ -134,13 +143,14 @@ def comparison_manifest(runs: Sequence[StudyRun], output_dir: str | os.PathLike 
             entry["error"] = run.error
         results.append(entry)
     n_success = sum(r.returncode == 0 for r in runs)
-    return {
+    manifest = {
         "n_jobs": len(runs),
         "n_executed": len(runs),
         "n_success": n_success,
         "n_failed": len(runs) - n_success,
         "execution_results": results,
     }
+    return manifest | ({"study_config": str(study_config)} if study_config is not None else {})
 
 
 def _summary_row(row: dict) -> dict:
@@ -312,14 +322,24 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> Path:
     return path
 
 
-def write_study_outputs(output_dir: str | os.PathLike, runs: Sequence[StudyRun]) -> dict[str, Path]:
-    """Write the study's summary files into ``output_dir`` (see the module docstring); their paths."""
+def write_study_outputs(
+    output_dir: str | os.PathLike,
+    runs: Sequence[StudyRun],
+    *,
+    study_config: str | os.PathLike | None = None,
+) -> dict[str, Path]:
+    """Write the study's summary files into ``output_dir`` (see the module docstring); their paths.
+
+    ``study_config`` (the study TOML) is recorded in ``comparison_manifest.json`` as its owner.
+    """
     out = Path(output_dir)
     summary = metrics_summary(runs, out)
     table = deltas(runs)
     stats = condition_stats(table)
     return {
-        "comparison_manifest": write_json(out / "comparison_manifest.json", comparison_manifest(runs, out)),
+        "comparison_manifest": write_json(
+            out / "comparison_manifest.json", comparison_manifest(runs, out, study_config)
+        ),
         "metrics_summary": write_json(out / "metrics_summary.json", summary),
         "metrics_summary_md": _write_text(out / "metrics_summary.md", metrics_summary_markdown(summary)),
         "study_deltas": _write_csv(out / "study_deltas.csv", table),

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import zarr
 
-from ptychozarr.io.store import is_complete_with, sha256
+from ptychozarr.io.store import CheckedStore, is_complete_with, missing_chunks, sha256, stores_every_chunk
 from ptychozarr.models.keras_model import sidecar_path
 from ptychozarr.report import to_jsonable
 
-__all__ = ["arm_key", "fingerprint", "groups_key", "matches", "open_run_store", "unconsolidate"]
+__all__ = [
+    "arm_key",
+    "fingerprint",
+    "groups_digest",
+    "groups_key",
+    "lost_chunks",
+    "matches",
+    "open_run_store",
+    "unconsolidate",
+]
 
+log = logging.getLogger(__name__)
+
+_GROUP_ARRAYS = ("nn_indices", "centres", "offsets")
 _ARM_KEYS = {"PtychoPINN": "pinn", "Baseline": "baseline", "PtyChi": "ptychi", "Tike": "tike"}
 
 
@@ -35,19 +49,60 @@ def fingerprint(path: Path) -> dict:
 
 
 def groups_key(groups) -> dict:
-    """What identifies a grouping, for the parameters of the stages that read it."""
-    return {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points")}
+    """What identifies a grouping, for the parameters of the stages that read it: its parameters, the
+    fingerprint of the scan it grouped and a digest of what it holds (:func:`groups_digest`)."""
+    key = {k: groups.attrs.get(k) for k in ("gridsize", "k", "seed", "input", "points")}
+    return {**key, "content_sha256": groups_digest(groups)}
+
+
+def groups_digest(groups) -> str:
+    """SHA-256 of a grouping's content: ``nn_indices``, ``centres``, ``offsets`` and the normaliser
+    (read once and kept in ``groups.attrs["content_sha256"]``)."""
+    if "content_sha256" not in groups.attrs:
+        digest = hashlib.sha256()
+        for name in _GROUP_ARRAYS:
+            values = np.ascontiguousarray(groups[name].values)
+            digest.update(f"{name}{values.dtype.str}{values.shape}".encode())
+            digest.update(values.tobytes())
+        digest.update(repr(groups.attrs.get("normaliser")).encode())
+        groups.attrs["content_sha256"] = digest.hexdigest()
+    return groups.attrs["content_sha256"]
+
+
+def lost_chunks(node) -> dict[str, list]:
+    """The arrays of ``node`` (an array, or a group's arrays, recursively) that miss chunks, by path.
+
+    Only arrays that store every chunk (:func:`ptychozarr.io.store.stores_every_chunk`) are checked: in
+    others (written by an older version) a chunk equal to the fill value was never stored.
+    """
+    if node is None:
+        return {}
+    arrays = [node] if isinstance(node, zarr.Array) else [a for _, a in node.arrays()]
+    lost = {a.path: missing_chunks(a) for a in arrays if stores_every_chunk(a)}
+    if isinstance(node, zarr.Group):
+        for _, child in node.groups():
+            lost |= lost_chunks(child)
+    return {path: chunks for path, chunks in lost.items() if chunks}
 
 
 def matches(node, params: dict) -> bool:
-    """Whether ``node`` is a complete stage output made with ``params``."""
-    return is_complete_with(node, {"params": to_jsonable(params)})
+    """Whether ``node`` is a complete stage output made with ``params`` that still holds every chunk it
+    wrote (a lost chunk is never read as its fill value: the stage recomputes instead)."""
+    if not is_complete_with(node, {"params": to_jsonable(params)}):
+        return False
+    lost = lost_chunks(node)
+    if lost:
+        path, chunks = next(iter(lost.items()))
+        log.warning("%s: %d chunk(s) missing (first: %s); recomputing it", path, len(chunks), list(chunks[0]))
+        return False
+    return True
 
 
 def open_run_store(path: Path) -> zarr.Group:
     """The run's store for writing, created when missing, never through consolidated metadata
-    (which a previous run may have left behind and this one is about to change)."""
-    store = zarr.storage.LocalStore(path)
+    (which a previous run may have left behind and this one is about to change); chunks are checked
+    against their checksums as they are read (:class:`ptychozarr.io.store.CheckedStore`)."""
+    store = CheckedStore(zarr.storage.LocalStore(path), strict=False)
     return zarr.open_group(store, mode="a", zarr_format=3, use_consolidated=False)
 
 

@@ -25,6 +25,7 @@ from ptychozarr import memory
 from ptychozarr.config import InferOptions
 from ptychozarr.inference import infer, task_memory
 from ptychozarr.io import mark_complete
+from ptychozarr.io.store import DamagedScanError, array_options, missing_chunks, read_errors, writable
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import fingerprint, groups_key, matches
@@ -92,9 +93,11 @@ def run(
         out = _prepare(node, result, to_jsonable(params), keep=not rt.force)
         started = time.time()
         out.attrs["attempts"] = [*out.attrs.get("attempts", []), started]
-        rt.store_blocks(
-            name, result["patches"].data, out["patches"], _TimedDone(out["done"], out["block_end"])
-        )
+        source = f"{ds.attrs['store']}/data/diffraction"
+        fix = "re-ingest the scan from its NPZ (`ptychozarr ingest IN.npz STORE --overwrite`)"
+        done = _TimedDone(writable(out["done"]), writable(out["block_end"]))
+        with read_errors(source, fix, DamagedScanError):
+            rt.store_blocks(name, result["patches"].data, writable(out["patches"]), done)
         attempts = attempt_seconds(out.attrs["attempts"], out["block_end"][:], now=time.time())
         mark_complete(
             out, seconds=round(sum(attempts), 3), attempt_seconds=[round(a, 3) for a in attempts],
@@ -142,36 +145,61 @@ class _TimedDone:
 
 
 def _prepare(node: zarr.Group, result: xr.Dataset, params: dict, *, keep: bool) -> zarr.Group:
-    """The patches group to write into: an unfinished one with these parameters, or a new one."""
+    """The patches group to write into: an unfinished one with these parameters, or a new one.
+
+    An unfinished (or complete) group is kept only with all of its ``positions`` and ``weights``; a block
+    marked done whose patches chunk is missing (lost or deleted) is marked not done, so it is computed
+    again rather than read as zeros.
+    """
     patches = result["patches"].data
     old = node.get("patches")
-    if keep and old is not None and old.attrs.get("params") == params and "done" in old:
-        if old["patches"].shape == patches.shape and old["done"].shape == (patches.numblocks[0],):
-            log.info("stage infer: %s resumes, %d of %d blocks done", node.basename,
-                     int(np.sum(old["done"][:])), patches.numblocks[0])  # fmt: skip
-            if "block_end" not in old:  # made before blocks recorded their time
-                _block_end(old, patches.numblocks[0])
-            return old
+    if keep and old is not None and old.attrs.get("params") == params and _resumable(old, patches):
+        lost = [c[0] for c in missing_chunks(old["patches"])]
+        done = writable(old["done"])
+        redo = [i for i in lost if done[i]]
+        if redo:
+            log.warning("stage infer: %s: %d block(s) marked done lost their patches (first: block %d); "
+                        "recomputing them", node.basename, len(redo), redo[0])  # fmt: skip
+            for i in redo:
+                done[i] = False
+        log.info("stage infer: %s resumes, %d of %d blocks done", node.basename,
+                 int(np.sum(done[:])), patches.numblocks[0])  # fmt: skip
+        if "block_end" not in old:  # made before blocks recorded their time
+            _block_end(old, patches.numblocks[0])
+        return old
     if old is not None:
         del node["patches"]
     out = node.create_group("patches", attributes={"complete": False, "params": params})
     out.create_array(
         "patches", shape=patches.shape, dtype=np.complex64, chunks=(patches.chunks[0][0], *patches.shape[1:]),
-        dimension_names=DIMS["patches"],
+        dimension_names=DIMS["patches"], **array_options(),
     )  # fmt: skip
     for name in ("positions", "weights"):
-        out.create_array(name, data=result[name].values, dimension_names=DIMS[name])
-    out.create_array(
+        out.create_array(name, data=result[name].values, dimension_names=DIMS[name], **array_options())
+    done = out.create_array(
         "done", shape=(patches.numblocks[0],), dtype=bool, chunks=(1,), fill_value=False,
-        dimension_names=("block",),
+        dimension_names=("block",), **array_options(),
     )  # fmt: skip
+    done[:] = False  # every chunk stored: a missing one is a lost one
     _block_end(out, patches.numblocks[0])
     return out
 
 
 def _block_end(group: zarr.Group, blocks: int) -> None:
-    """When each block was stored (wall-clock seconds; NaN until then), one chunk per block."""
-    group.create_array(
+    """When each block was stored (wall-clock seconds; NaN until then), one chunk per block, every chunk
+    stored (a missing one reads as NaN: no time known)."""
+    block_end = group.create_array(
         "block_end", shape=(blocks,), dtype=np.float64, chunks=(1,), fill_value=np.nan,
-        dimension_names=("block",),
+        dimension_names=("block",), **array_options(),
     )  # fmt: skip
+    block_end[:] = np.nan
+
+
+def _resumable(old: zarr.Group, patches) -> bool:
+    """Whether ``old`` has the arrays and shapes of ``patches``' blocks, with its positions and weights all
+    stored (a missing ``done`` chunk reads as not done)."""
+    if not all(name in old for name in ("patches", "positions", "weights", "done")):
+        return False
+    if old["patches"].shape != patches.shape or old["done"].shape != (patches.numblocks[0],):
+        return False
+    return not any(missing_chunks(old[name]) for name in ("positions", "weights"))

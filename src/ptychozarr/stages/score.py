@@ -29,6 +29,7 @@ import zarr
 from ptychozarr import align, memory
 from ptychozarr.config import ScoreOptions
 from ptychozarr.io import is_complete, mark_complete
+from ptychozarr.io.store import array_options
 from ptychozarr.metrics import evaluate, task_memory
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
@@ -203,7 +204,7 @@ def _score(rt: Runtime, arm: Aligned, recon, truth, params: dict) -> None:
     for name, image in (("aligned_gt", truth), ("aligned", recon)):
         target = node.create_array(
             name, shape=image.shape, dtype=np.complex64, chunks=tuple(min(s, 1024) for s in image.shape),
-            overwrite=True, attributes={"complete": False}, dimension_names=DIMS,
+            overwrite=True, attributes={"complete": False}, dimension_names=DIMS, **array_options(),
         )  # fmt: skip
         rt.compute("metrics", da.store, image.astype(np.complex64), target, lock=False, progress=False)
     mark_complete(node["aligned_gt"])
