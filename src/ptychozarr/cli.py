@@ -425,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PtychozarrError as exc:
+        cause = _machine_cause(exc)
+        if cause is not None:  # a stage named the path; the fault is still the machine's
+            print(f"{prefix} {_one_line(exc)}; {_fault_text(cause)[1]}", file=sys.stderr)
+            return 1
         print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -464,17 +468,28 @@ _MACHINE = (*_FULL, errno.EFBIG, errno.EROFS, *_FORBIDDEN)
 _IN_THE_WAY = (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 
 
-def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str] | None:
-    """(exit code, one line) for an OSError of the machine or of a path in the way, found in the
-    exception or what caused it; None for anything else (a bug)."""
+def _chain(exc: BaseException | None):
+    """The exception and those that caused it (``from`` or while handling), each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and (
-            exc.errno in _MACHINE or (exc.errno in _IN_THE_WAY and exc.filename is not None)
-        ):
-            return _describe_fault(exc, args)
+        yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def _machine_cause(exc: BaseException) -> OSError | None:
+    """The first OSError of the machine (full disk, size limit, read-only, forbidden) in the chain."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _MACHINE), None)
+
+
+def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str] | None:
+    """(exit code, one line) for an OSError of the machine or of a path in the way, found in the
+    exception or what caused it; None for anything else (a bug)."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and (
+            e.errno in _MACHINE or (e.errno in _IN_THE_WAY and e.filename is not None)
+        ):
+            return _describe_fault(e, args)
     return None
 
 
@@ -487,28 +502,34 @@ def _output_of(args: argparse.Namespace) -> str:
     return "the output folder"
 
 
-def _describe_fault(exc: OSError, args: argparse.Namespace) -> tuple[int, str]:
-    path = exc.filename if exc.filename is not None else _output_of(args)
+def _fault_text(exc: OSError) -> tuple[str, str]:
+    """(what happened, what to do) for an OSError of the machine."""
     resume = "then run the same command again to resume"
     code = exc.errno
     if code in _FULL:
         what = "no space left on the device" if code == errno.ENOSPC else "disk quota exceeded"
-        return 1, f"{path}: {what}; free space on that disk (or write to another one), {resume}"
+        return what, f"free space on that disk (or write to another one), {resume}"
     if code == errno.EFBIG:
         import resource  # POSIX only, as EFBIG from a file-size limit
 
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         now = "unlimited" if limit == resource.RLIM_INFINITY else f"{limit} bytes"
-        return 1, (
-            f"{path}: file too large: past this process's file-size limit (ulimit -f, now {now}) or the "
-            f"file system's largest file; raise the limit (ulimit -f unlimited), {resume}"
+        return (
+            f"file too large: past this process's file-size limit (ulimit -f, now {now}) or the file "
+            "system's largest file",
+            f"raise the limit (ulimit -f unlimited), {resume}",
         )
     if code == errno.EROFS:
-        return 1, f"{path}: read-only file system; write to a folder on a writable disk"
-    if code in _FORBIDDEN:
-        return 1, (
-            f"{path}: permission denied; let this user write there (read, for an input) or give another path"
-        )
+        return "read-only file system", "write to a folder on a writable disk"
+    return "permission denied", "let this user write there (read, for an input) or give another path"
+
+
+def _describe_fault(exc: OSError, args: argparse.Namespace) -> tuple[int, str]:
+    path = exc.filename if exc.filename is not None else _output_of(args)
+    code = exc.errno
+    if code in _MACHINE:
+        what, fix = _fault_text(exc)
+        return 1, f"{path}: {what}; {fix}"
     if code == errno.EISDIR:
         return 2, f"{path}: is a folder where a file is needed; give a file"
     if code == errno.ENOENT:
