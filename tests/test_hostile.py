@@ -383,6 +383,7 @@ MAPPED = [
     (OSError(errno.EFBIG, "File too large", "/data/x"), 1, "/data/x: file too large"),
     (OSError(errno.EROFS, "Read-only file system", "/ro/x"), 1, "/ro/x: read-only file system"),
     (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 1, "/root/x: permission denied"),
+    (PermissionError(errno.EPERM, "Operation not permitted", "/x"), 1, "/x: operation not permitted"),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/x"), 2, "/no/x: no such file"),
     (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x"), 2, "/f/x: a file is in the way"),
     (
@@ -506,3 +507,28 @@ def test_simulate_never_replaces_a_folder_or_a_device(tmp_path, capsys):
     for target in ("fifo", "folder"):
         _in_process(capsys, ["simulate", tmp_path / target, "--n-points", "8"], 2, "not a regular file")
     assert (tmp_path / "folder").is_dir() and not (tmp_path / "fifo").is_file()
+
+
+def _worded(errno_code: int):
+    from ptychozarr.errors import StoreError
+
+    try:
+        try:
+            raise OSError(errno_code, os.strerror(errno_code), "/data/out")
+        except OSError as exc:
+            raise StoreError(f"cannot create the output dir /data/out: {exc.strerror}") from None
+    except StoreError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code", "needle"),
+    [
+        (errno.EROFS, 1, "cannot create the output dir /data/out: Read-only file system; write to a folder"),
+        (errno.ENOSPC, 1, "No space left on device; free space on that disk"),
+        (errno.EPERM, 2, "cannot create the output dir /data/out: Operation not permitted"),
+    ],
+)
+def test_a_fault_a_stage_words_keeps_its_words_and_exit_1(code, exit_code, needle, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "simulate", _raising(_worded(code)))
+    _in_process(capsys, ["simulate", "out.npz"], exit_code, needle)

@@ -463,8 +463,13 @@ def _out_of_memory(exc: MemoryError) -> str:
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-_FORBIDDEN = (errno.EACCES, errno.EPERM)
-_MACHINE = (*_FULL, errno.EFBIG, errno.EROFS, *_FORBIDDEN)
+_MACHINE = (*_FULL, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+_WORDED = (
+    *_FULL,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+)  # faults whose fix holds however a stage words them
 _IN_THE_WAY = (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
 
 
@@ -479,7 +484,7 @@ def _chain(exc: BaseException | None):
 
 def _machine_cause(exc: BaseException) -> OSError | None:
     """The first OSError of the machine (full disk, size limit, read-only, forbidden) in the chain."""
-    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _MACHINE), None)
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _WORDED), None)
 
 
 def _path_fault(exc: BaseException, args: argparse.Namespace) -> tuple[int, str] | None:
@@ -521,6 +526,11 @@ def _fault_text(exc: OSError) -> tuple[str, str]:
         )
     if code == errno.EROFS:
         return "read-only file system", "write to a folder on a writable disk"
+    if code == errno.EPERM:
+        return (
+            "operation not permitted (by the file system or the file's flags)",
+            "give a path on a file system that allows it",
+        )
     return "permission denied", "let this user write there (read, for an input) or give another path"
 
 
