@@ -354,7 +354,6 @@ def test_peak_memory_does_not_grow_with_the_patches(tmp_path):
         rng = np.random.default_rng(n)
         patches, pos = random_patches(rng, n, m), rng.uniform(m, side - m, (n, 2))
         peaks[n] = _traced_stitch(tmp_path, patches, pos, tile=tile, block=64, canvas=canvas).peak
-    print(peaks)
     assert peaks[1600] <= 1.2 * peaks[400], peaks
 
 
