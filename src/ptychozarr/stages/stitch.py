@@ -7,7 +7,6 @@ pixels (the canvas frame's origin plus the index), so that xarray opens the obje
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -21,16 +20,17 @@ __all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "
 DIMS = ("object_y", "object_x")
 """Dimension names of a stitched object (and the names of its coordinate arrays)."""
 
-TASK_KINDS = ("stitch-route", "stitch-tile", "stitch-write")
+TASK_KINDS = ("stitch-tile",)
 """Layer names of the stitch graph (``ptychozarr.stitch``): the task kinds :func:`project_memory` projects
-and the run measures apart."""
+and the run measures apart. One kind: a tile task reads its patches from the store, sums and writes them."""
 
 
 def project_memory(
     *, patch_size: int, tile: int, block_patches: int, coverage: float = 4.0
 ) -> tuple[memory.TaskMemory, ...]:
     """Projected host memory of one task of each kind (:func:`ptychozarr.stitch.task_memory`), sized by
-    the tile; ``coverage`` is the scan's mean number of patches over a scanned pixel."""
+    the tile; ``block_patches`` is the patches per stored chunk (a block of the infer stage) and
+    ``coverage`` the scan's mean number of patches over a scanned pixel."""
     projected = task_memory(patch_size=patch_size, tile=tile, block_patches=block_patches, coverage=coverage)
     return tuple(memory.TaskMemory(kind, {"task": projected[kind]}, "tile") for kind in TASK_KINDS)
 
@@ -50,7 +50,7 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
             "stitch",
             write_object,
             node,
-            da.from_zarr(patches["patches"]),
+            patches["patches"],  # the Zarr array itself: each tile task reads its own patches
             patches["positions"][:],
             patches["weights"][:],
             tile=tile,
