@@ -68,6 +68,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.io.store import array_options
 
 __all__ = ["CanvasFrame", "stitch", "stitch_to_zarr", "task_memory"]
 
@@ -76,11 +77,11 @@ _VALUES_PER_BATCH = 2**17  # footprint pixels scattered at once inside one tile 
 _PATCH_BYTES = 8  # bytes per crop pixel (complex64, the patches the engine writes)
 _INDEX_BYTES = 4 * 8  # per patch of a tile: its index, shift (2 × float64) and weight, float64
 _PLACEMENT_BYTES = 5 * 8  # per patch while summing: integer corner (2 × int64), fraction (2), weight
-_READ_BYTES = 3 * _PATCH_BYTES  # per crop pixel of the chunk being read: encoded, decoded, one copy in zarr
+_READ_BYTES = 4 * _PATCH_BYTES  # per crop pixel of the chunk read: encoded, checksum stripped, decoded, a copy
 _SUM_BYTES = 3 * 8  # per tile pixel: real, imaginary and weight sums, float64
 _FINISH_BYTES = _SUM_BYTES + 3 * 8  # … and, while dividing, the shifted weight, a quotient, the result
 _BATCH_BYTES = 12 * 8  # per footprint value of a batch: index, weight, taps, spreads, masked copies
-_WRITE_BYTES = 5 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through zarr's codecs
+_WRITE_BYTES = 6 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through the codecs
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ def stitch_to_zarr(
         fill_value=0,
         overwrite=overwrite,
         dimension_names=dimension_names,
-        config={"write_empty_chunks": True},
+        **array_options(),
         attributes={
             **dict(attrs or {}),
             "canvas": plan.frame.to_attrs(),

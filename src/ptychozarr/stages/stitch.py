@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from ptychozarr import memory
+from ptychozarr.io.store import array_options
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame, stitch_to_zarr, task_memory
@@ -106,4 +107,5 @@ def write_coordinates(node: zarr.Group, obj: zarr.Array) -> None:
         node.create_array(
             dim, data=values.astype(np.float64), dimension_names=(dim,), overwrite=True,
             attributes={"units": "object pixels", "long_name": f"object {dim[-1]} of the pixel"},
+            **array_options(),
         )  # fmt: skip
