@@ -47,3 +47,31 @@ def small_groups(small_store):
 
     private = shutil.copytree(small_store, small_store.with_name("small-grouped.zarr"))
     return group(open_dataset(private), gridsize=2, k=7, seed=0)
+
+
+@pytest.fixture
+def before_model_call(monkeypatch):
+    """Install functions called with the batch size before every model call inference makes (to count
+    the calls, or to raise an injected out-of-memory error); removed when the test ends."""
+    from ptychozarr import inference
+
+    hooks = []
+    original = inference.predict_patches
+
+    class Watched:
+        def __init__(self, model):
+            self._model = model
+
+        def __getattr__(self, name):
+            return getattr(self._model, name)
+
+        def predict_batch(self, x, *args, **kwargs):
+            for hook in hooks:
+                hook(len(x))
+            return self._model.predict_batch(x, *args, **kwargs)
+
+    def predict_patches(model, *args, **kwargs):
+        return original(Watched(model), *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_patches", predict_patches)
+    return hooks.append

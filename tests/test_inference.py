@@ -10,7 +10,7 @@ import pytest
 
 from ptychozarr import inference
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError, ModelMismatchError
-from ptychozarr.inference import infer, load_count, oom_events, set_fault_hook
+from ptychozarr.inference import infer, load_count, oom_events
 from ptychozarr.io import open_dataset
 from ptychozarr.models import ModelSpec, build_baseline, load_model, read_spec, save_keras
 
@@ -160,7 +160,7 @@ def test_mismatched_model_is_refused_before_any_work(data, pinn, tmp_path):
         infer(ds, groups, pinn[0], crop=7)
 
 
-def test_out_of_memory_halves_the_batch_and_gives_the_same_result(data, pinn):
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result(data, pinn, before_model_call):
     ds, groups = data
     model = load_model(pinn[0])  # a loaded model works as well as a path
     with dask.config.set(scheduler="sync"):
@@ -171,29 +171,23 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(data, pinn):
                 raise tf.errors.ResourceExhaustedError(None, None, f"injected: batch {batch}")
 
         events = len(oom_events())
-        set_fault_hook(small_device)
-        try:
-            retried = infer(ds, groups, model, crop=M, block_groups=100, batch_size=16).patches.values
-        finally:
-            set_fault_hook(None)
+        before_model_call(small_device)
+        retried = infer(ds, groups, model, crop=M, block_groups=100, batch_size=16).patches.values
     new = oom_events()[events:]
     assert {"batch": 16, "retry": 8} in new and {"batch": 8, "retry": 4} in new
     assert all(e["retry"] >= 4 for e in new)
     np.testing.assert_allclose(retried, clean, atol=1e-6, rtol=0)
 
 
-def test_out_of_memory_at_batch_one_is_a_clear_error(data, pinn):
+def test_out_of_memory_at_batch_one_is_a_clear_error(data, pinn, before_model_call):
     ds, groups = data
 
     def no_device(batch):
         raise tf.errors.ResourceExhaustedError(None, None, "injected")
 
-    set_fault_hook(no_device)
-    try:
-        with pytest.raises(MemoryBudgetError, match="batch of 1"), dask.config.set(scheduler="sync"):
-            infer(ds, groups, pinn[0], crop=M, block_groups=100, batch_size=2).patches.compute()
-    finally:
-        set_fault_hook(None)
+    before_model_call(no_device)
+    with pytest.raises(MemoryBudgetError, match="batch of 1"), dask.config.set(scheduler="sync"):
+        infer(ds, groups, pinn[0], crop=M, block_groups=100, batch_size=2).patches.compute()
 
 
 def test_empty_block_gives_no_patches(pinn):

@@ -142,12 +142,13 @@ def test_a_missing_patch_chunk_of_a_done_block_is_recomputed(fresh, small_npz, p
 def test_a_missing_object_chunk_is_stitched_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, tile=32, **FLAGS)
     obj = zarr.open_array(first.store / "arms/pinn/object", mode="r")
-    if not stores_every_chunk(obj):
-        pytest.xfail("the stitch stage does not write its object with array_options() yet")
+    assert stores_every_chunk(obj)
+    before = obj[:]
     _chunk_files(first.store / "arms/pinn/object")[0].unlink()
     again = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, tile=32, **FLAGS)
     assert "stitch:pinn" not in again.run["reused"]
     assert not missing_chunks(zarr.open_array(first.store / "arms/pinn/object", mode="r"))
+    np.testing.assert_array_equal(again.objects["PtychoPINN"].compute(), before)
 
 
 def test_a_missing_diffraction_chunk_is_refused(chunked_store, pinn, tmp_path, capsys):

@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 import zarr
 
-from ptychozarr import inference
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -27,12 +25,11 @@ def _one_pass(patches: zarr.Array, batch_size: int = 32) -> int:
 
 
 @pytest.fixture
-def model_calls():
-    """Sizes of the batches the model is called with (through inference's hook), while the test runs."""
+def model_calls(before_model_call):
+    """Sizes of the batches the model is called with, while the test runs."""
     calls = []
-    inference.set_fault_hook(calls.append)
-    yield calls
-    inference.set_fault_hook(None)
+    before_model_call(calls.append)
+    return calls
 
 
 def test_readme_has_the_api_examples():

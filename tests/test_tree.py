@@ -10,7 +10,6 @@ import xarray as xr
 import zarr
 
 import ptychozarr as pz
-from ptychozarr import inference
 from ptychozarr.errors import InvalidParameterError, StoreError
 from ptychozarr.io import open_dataset
 from ptychozarr.io.store import SCHEMA_VERSION
@@ -46,12 +45,11 @@ def run(small_npz, models, tmp_path_factory):
 
 
 @pytest.fixture
-def model_calls():
-    """Sizes of the batches the model is called with (through inference's hook), while the test runs."""
+def model_calls(before_model_call):
+    """Sizes of the batches the model is called with, while the test runs."""
     calls = []
-    inference.set_fault_hook(calls.append)
-    yield calls
-    inference.set_fault_hook(None)
+    before_model_call(calls.append)
+    return calls
 
 
 def _open_tree(store) -> tuple[xr.DataTree, list[str]]:

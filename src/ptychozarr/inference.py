@@ -53,7 +53,6 @@ __all__ = [
     "load_count",
     "oom_events",
     "predict_patches",
-    "set_fault_hook",
     "task_memory",
 ]
 
@@ -65,7 +64,6 @@ _MODELS: dict[str, Model] = {}
 _LOCK = threading.Lock()
 _STATE = {"loads": 0, "tf_configured": False}
 _OOM_EVENTS: list[dict] = []
-_FAULT_HOOK: list[Callable[[int], None] | None] = [None]
 
 
 def _configure_tf(threads: int | None) -> None:
@@ -122,14 +120,6 @@ def load_count() -> int:
 def oom_events() -> list[dict]:
     """Out-of-memory retries seen in this process: ``{"batch": failed size, "retry": new size}`` each."""
     return list(_OOM_EVENTS)
-
-
-def set_fault_hook(hook: Callable[[int], None] | None) -> None:
-    """Install (or remove, with None) a hook called with the batch size before every model call.
-
-    The hook may raise ``tf.errors.ResourceExhaustedError`` to simulate a device out of memory.
-    """
-    _FAULT_HOOK[0] = hook
 
 
 @dataclass(frozen=True)
@@ -419,8 +409,6 @@ def predict_patches(
             if offsets is not None:
                 pos[:k, 0] = np.swapaxes(offsets[start:stop], 1, 2)
         try:
-            if _FAULT_HOOK[0] is not None:
-                _FAULT_HOOK[0](batch_size)
             pred = model.predict_batch(x[:batch_size], None if pos is None else pos[:batch_size], crop=crop)
         except errors.ResourceExhaustedError as exc:
             if batch_size == 1:

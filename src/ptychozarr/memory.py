@@ -74,7 +74,7 @@ class TaskMemory:
     Attributes
     ----------
     stage : str
-        The task's kind (``infer``, ``stitch-route``, ``stitch-tile``, ``stitch-write``, ``metrics``):
+        The task's kind (``infer``, ``stitch-tile``, ``metrics``):
         the graph layer name its keys start with.
     parts : dict of str to int
         Bytes of each buffer the task holds at its peak, by name.
@@ -423,7 +423,7 @@ class TaskMemoryCallback(Callback):
     Each task's peak is the largest RSS sampled between its start and its end (sampled every
     ``interval`` and at both ends); tasks are grouped by their key prefix (:func:`dask.utils.key_split`),
     mapped to the first of ``stages`` that is a run of its dash-separated words (so fused layers such as
-    ``array-stitch-tile-stitch-write`` count as ``stitch-tile``). Name graph layers
+    ``array-metrics-store`` count as ``metrics``). Name graph layers
     ``f"{stage}-{token}"`` so their tasks land in the right stage. Tasks of several stages running at
     once share one RSS, so each is charged with the whole process: compare with
     ``Plan.per_process(stage)``.
@@ -443,10 +443,10 @@ class TaskMemoryCallback(Callback):
 
     Examples
     --------
-    >>> with TaskMemoryCallback(stages=("infer", "stitch-route", "stitch-tile")) as cb:
+    >>> with TaskMemoryCallback(stages=("infer", "stitch-tile")) as cb:
     ...     dask.compute(patches, obj)
     >>> cb.peaks()
-    {'infer': 1342177280, 'stitch-route': 905969664, 'stitch-tile': 805306368}
+    {'infer': 1342177280, 'stitch-tile': 805306368}
     """
 
     def __init__(self, stages: Sequence[str] = (), interval: float = 0.02):

@@ -6,45 +6,47 @@ its value with bilinear weights ``(1-f_y)(1-f_x), (1-f_y)f_x, f_y(1-f_x), f_y f_
 ``(i + k_y + {0, 1}, j + k_x + {0, 1})``; taps outside the canvas are dropped; the same taps of a unit
 patch make the weight, and the result is ``num / (den + 1e-9)`` as complex64.
 
-Design: patches are routed to the tiles they touch, and each tile sums its own patches. In words::
+Design: every tile reads the patches that touch it straight from where they are stored, sums them and
+writes itself. In words::
 
     positions (host, small) ── which tiles does each patch's (M+1)² footprint meet?
-          │                    → for every (block, tile) pair: the rows of that block, in patch order
+          │                    → per tile: its patches as runs of consecutive indices, with placements
           ▼
-    patches, blocks along n    block 0 ──route──▶ piece (0, tile a)   piece (0, tile b)   …
-    (Zarr chunks, or any       block 1 ──route──▶ piece (1, tile a)   piece (1, tile c)   …
-     dask array)                   …                    │                   │
-                                                        ▼                   ▼
-                               tile a ◀── every piece routed to it ──▶ one task: sort, splat, divide
-                               tile d ◀── no piece: a plain zero chunk, never computed or written
+    patches in the store       ├── chunk 0 ──┼── chunk 1 ──┼── chunk 2 ──┼── …    (curve order: a
+    (Zarr, curve order)           ▓▓▓▓  ▓▓▓      ▓▓             ▓▓▓▓▓             tile's patches are
+          │                       └─ tile a ─┘   └ tile a ┘     └ tile b ┘        a few runs)
+          ▼
+    tile a: read its runs (one read per chunk they lie in) → sort → splat → divide → write chunk a
+    tile b: …                                                          (one task each, no other layer)
+    tile d: no patch touches it → a chunk of zeros, written all the same
 
-- **Routing.** The canvas is cut into ``tile × tile`` pieces, the chunks of the returned dask array (and
+- **Index.** The canvas is cut into ``tile × tile`` pieces, the chunks of the returned dask array (and
   of the Zarr array :func:`stitch_to_zarr` writes). A patch's footprint, with the extra row and column of
   the bilinear tap, is ``(M+1) × (M+1)`` pixels from ``k``; binning its two corners by ``tile`` gives
   the tiles it meets (up to four when ``tile > M``). This is computed once on the host from the
-  positions. A *route* task per (block, tile) pair copies that block's rows for that tile (``M×M``
-  crops, kilobytes each) with their tile-local placements. Each block (about 32 MiB of patches; small
-  Zarr chunks are merged whole) is read once, whatever the order of the patches.
-- **Why this graph.** It is the split-then-merge graph of ``dask.array.shuffle``, keyed by tile. That
-  function is not called: it packs several groups into one output chunk by size (so a tile would not
-  be a chunk, and its task would have to find its rows among its neighbours'), and the tile task needs
-  each row's placement beside it. Tile tasks reading their rows straight from the store instead would,
-  in random order, each decompress every chunk.
-- **One task per tile.** A *tile* task receives the pieces routed to it, orders its patches by their
-  placement in the tile (then, for equal placements, by their bytes), spreads each patch's four taps
-  over its ``(M+1)²`` footprint and adds them with ``np.add.at`` (unbuffered, in index order) into a
-  float64 real, imaginary and weight sum over the bounding box of its patches, then divides. The order
-  of every sum is fixed by the data alone, so any permutation of the patches, and any way of cutting
-  them into blocks, gives a bitwise-identical canvas on any scheduler.
-- **Memory.** A route task holds one block and its piece; a tile task holds its patches (about
-  ``coverage · tile² · 8`` bytes, twice), its sums (24 bytes per tile pixel) and one scatter batch. No
-  task holds a canvas or a tile-sized partial per block (an earlier design did, and a random-order
-  scan then made one per (block, tile) pair: gigabytes). What waits between the two steps are the
-  pieces, i.e. the crops themselves (8 bytes per crop pixel): few when the patches come in scan order
-  (a tile completes once its few blocks are routed), at most all of them, once, in random order (320 MB
-  for 100,000 crops of 20²). :func:`task_memory` projects each kind of task from the constants below.
-- **One writer per chunk.** :func:`stitch_to_zarr` writes each touched tile as exactly one full Zarr
-  chunk, skips untouched tiles (they equal the fill value 0), and sets ``complete`` last.
+  positions: per tile, the sorted indices of its patches as runs ``[a, b)`` and each patch's shift and
+  weight (24 bytes per patch and tile it meets, kept in the graph).
+- **One task per tile.** A *tile* task reads its patches: from a Zarr array, one read per stored chunk
+  that its runs touch (runs in one chunk, with whatever gaps between them, are one call that selects just
+  their rows, so a task decodes each chunk at most once and holds one at a time); from a numpy array, a
+  plain take; from a dask array, the task depends on the input blocks its runs lie in. It then orders
+  its patches by their placement in the tile (then, for equal placements, by their bytes), spreads each
+  patch's four taps over its ``(M+1)²`` footprint and adds them with ``np.add.at`` (unbuffered, in index
+  order) into a float64 real, imaginary and weight sum over the bounding box of its patches, divides,
+  and (in :func:`stitch_to_zarr`) writes the tile as its chunk. The order of every sum is fixed by the
+  data alone, so any permutation of the patches, and any way of storing or blocking them, gives a
+  bitwise-identical canvas on any scheduler.
+- **Memory.** A tile task holds its patches (about ``coverage · (tile+M+1)² · 8`` bytes), one decoded
+  chunk while reading, its sums (24 bytes per tile pixel) and one scatter batch, then the tile while
+  writing. Nothing passes between tasks: no route pieces, no partial canvases, so peak memory does not
+  depend on the number of patches or their order (an earlier design routed crops to the tiles through
+  dask; in random order they all waited in memory). The price of random order is time: every tile then
+  decodes most chunks of the patches. The patches the pipeline writes are in curve order, where a
+  tile's patches lie in a few chunks. :func:`task_memory` projects a tile task from the constants below.
+  A dask input is not flat in this way: its blocks stay in memory until the last tile that needs them.
+- **One writer per chunk.** :func:`stitch_to_zarr` writes every tile as exactly one full Zarr chunk,
+  tiles no patch touches included (zeros), so that a missing chunk means a lost write, never the fill
+  value; it sets ``complete`` only after the last chunk.
 
 Positions are object pixels in ``(x, y)`` order (spec §1.3); crop pixel ``(i, j)`` of a patch at
 ``(x, y)`` sees object pixel ``(y + i - M/2, x + j - M/2)``. :class:`CanvasFrame` maps canvas indices
@@ -56,7 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -66,18 +68,20 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
+from ptychozarr.io.store import array_options
 
 __all__ = ["CanvasFrame", "stitch", "stitch_to_zarr", "task_memory"]
 
 _EPS = 1e-9  # added to the weight before dividing, as reassemble_position does
-_BLOCK_BYTES = 32 * 2**20  # default block, in bytes of patches (few route tasks, bounded memory)
-_VALUES_PER_BATCH = 2**19  # footprint pixels scattered at once inside one tile task
+_VALUES_PER_BATCH = 2**17  # footprint pixels scattered at once inside one tile task
 _PATCH_BYTES = 8  # bytes per crop pixel (complex64, the patches the engine writes)
-_PLACEMENT_BYTES = 5 * 8  # per routed patch: integer corner (2 × int64), fraction (2), weight
+_INDEX_BYTES = 4 * 8  # per patch of a tile: its index, shift (2 × float64) and weight, float64
+_PLACEMENT_BYTES = 5 * 8  # per patch while summing: integer corner (2 × int64), fraction (2), weight
+_READ_BYTES = 4 * _PATCH_BYTES  # per crop pixel of a chunk read: encoded, unchecksummed, decoded, a copy
 _SUM_BYTES = 3 * 8  # per tile pixel: real, imaginary and weight sums, float64
 _FINISH_BYTES = _SUM_BYTES + 3 * 8  # … and, while dividing, the shifted weight, a quotient, the result
 _BATCH_BYTES = 12 * 8  # per footprint value of a batch: index, weight, taps, spreads, masked copies
-_WRITE_BYTES = 5 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through zarr's codecs
+_WRITE_BYTES = 6 * _PATCH_BYTES  # per tile pixel while writing: the tile and its copies through the codecs
 
 
 @dataclass(frozen=True)
@@ -115,25 +119,30 @@ class CanvasFrame:
         return cls((float(y0), float(x0)), (int(rows), int(cols)))
 
 
-class _Piece(NamedTuple):
-    """Patches of one block routed to one tile, with their tile-local placements."""
-
-    z: np.ndarray  # (b, M, M) crops
-    k: np.ndarray  # (b, 2) int64 tile-local (row, col) of each footprint's top-left
-    frac: np.ndarray  # (b, 2) fractional part of each shift
-    w: np.ndarray  # (b,) weights
-
-
 @dataclass(frozen=True)
 class _Plan:
-    """A stitched canvas as a graph: the tiles that hold data and the array itself."""
+    """A stitched canvas as tile tasks: where the patches are and, per tile, which of them it sums."""
 
-    array: da.Array
     frame: CanvasFrame
     tile: int
     patch_size: int
     n_patches: int
-    touched: tuple[tuple[int, int], ...]
+    chunks: tuple[tuple[int, ...], tuple[int, ...]]
+    token: str
+    source: dict  # graph entries of the patches (a Zarr or numpy array under one key), may be empty
+    dependencies: tuple  # collections the tile tasks depend on (a dask input)
+    tiles: dict  # (ty, tx) → (source argument, block offsets or None, starts, stops, shifts, weights)
+
+    def graph(self, name: str, target: zarr.Array | None = None) -> dict:
+        """One task per tile, ``(name, ty, tx)``: the tile itself, or (with ``target``) its write."""
+        dsk = dict(self.source)
+        empty = (None, None, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0))
+        for ty, th in enumerate(self.chunks[0]):
+            for tx, tw in enumerate(self.chunks[1]):
+                args = self.tiles.get((ty, tx), empty)
+                corner = (ty * self.tile, tx * self.tile)
+                dsk[(name, ty, tx)] = (_tile, *args, corner, (th, tw), target)
+        return dsk
 
 
 def stitch(
@@ -149,8 +158,10 @@ def stitch(
 
     Parameters
     ----------
-    patches : array_like or dask.array.Array
-        ``(n, M, M)`` complex crops, ``M`` even. A dask array keeps its blocks along ``n``.
+    patches : zarr.Array, array_like or dask.array.Array
+        ``(n, M, M)`` complex crops, ``M`` even. Each tile task reads its own patches from a Zarr array
+        (best in curve order, as the pipeline stores them) or a numpy array; with a dask array, a tile
+        task depends on the input blocks that hold its patches.
     positions : array_like
         ``(n, 2)`` scan positions in object pixels, ``(x, y)`` order.
     weights : array_like, optional
@@ -166,9 +177,8 @@ def stitch(
         ``pad`` the ceiling of the largest ``|position - com|`` rounded up to even, square side
         ``P = M + 2·pad``.
     block : int, optional
-        Patches per block. By default about 32 MiB of patches: a numpy input is split so, and a dask
-        input's blocks (e.g. Zarr chunks of a block of groups) are merged whole up to that size. One
-        route task holds one block; fewer, larger blocks make fewer route tasks.
+        Patches per block of a dask input (it is rechunked to this along ``n``; by default its own
+        blocks are kept). Zarr and numpy inputs are read as they are stored, and ignore it.
 
     Returns
     -------
@@ -189,7 +199,10 @@ def stitch(
     docstring).
     """
     plan = _plan(patches, positions, weights, tile=tile, canvas=canvas, block=block)
-    return plan.array, plan.frame
+    name = f"stitch-tile-{plan.token}"
+    graph = HighLevelGraph.from_collections(name, plan.graph(name), dependencies=plan.dependencies)
+    array = da.Array(graph, name, plan.chunks, meta=np.empty((0, 0), dtype=np.complex64))
+    return array, plan.frame
 
 
 def stitch_to_zarr(
@@ -208,11 +221,12 @@ def stitch_to_zarr(
 ) -> zarr.Array:
     """Stitch (as :func:`stitch`) straight into a Zarr v3 array chunked in tiles.
 
-    Each tile that a patch touches is computed and written as exactly one whole chunk by one task; the
-    others are never written and read as the fill value 0. The array is not sharded (chunks are tiles),
-    so no two writers ever share a stored object. The array's attributes carry the canvas frame
-    (``canvas``), ``tile``, ``patch_size``, ``n_patches`` and ``attrs``; ``complete`` is set to true only
-    after the last chunk is written.
+    Every tile is computed and written as exactly one whole chunk by one task, which reads its patches,
+    sums them and writes; tiles no patch touches are written too (zeros: the array keeps empty chunks),
+    so every chunk of a complete array is stored. The array is not sharded (chunks are tiles), so no two
+    writers ever share a stored object. The array's attributes carry the canvas frame (``canvas``),
+    ``tile``, ``patch_size``, ``n_patches`` and ``attrs``; ``complete`` is set to true only after the
+    last chunk is written.
 
     Parameters
     ----------
@@ -221,7 +235,8 @@ def stitch_to_zarr(
     name : str
         Array name inside ``group`` (e.g. ``"object"``).
     patches, positions, weights, tile, canvas, block
-        As for :func:`stitch`.
+        As for :func:`stitch`. Pass the stored patches as the ``zarr.Array`` itself (not
+        ``da.from_zarr`` of it): tile tasks then read them, and memory does not grow with the scan.
     attrs : mapping, optional
         More attributes to record (stage parameters, input fingerprint).
     overwrite : bool
@@ -254,6 +269,7 @@ def stitch_to_zarr(
         fill_value=0,
         overwrite=overwrite,
         dimension_names=dimension_names,
+        **array_options(),
         attributes={
             **dict(attrs or {}),
             "canvas": plan.frame.to_attrs(),
@@ -263,17 +279,11 @@ def stitch_to_zarr(
             "complete": False,
         },
     )
-    name_w = "stitch-write-" + tokenize(plan.array.name, out.store_path)
-    dsk = {}
-    for i, j in plan.touched:
-        region = tuple(
-            slice(t * plan.tile, t * plan.tile + c[t]) for t, c in zip((i, j), plan.array.chunks, strict=True)
-        )
-        dsk[(name_w, i, j)] = (_write_tile, out, (plan.array.name, i, j), region)
-    done = "stitch-done-" + tokenize(name_w)
-    dsk[done] = (len, list(dsk))
-    graph = HighLevelGraph.from_collections(done, dsk, dependencies=[plan.array])
-    Delayed(done, graph).compute()
+    tiles = "stitch-tile-" + tokenize(plan.token, str(out.store_path))
+    dsk = plan.graph(tiles, out)
+    done = "stitch-done-" + tokenize(tiles)
+    dsk[done] = (len, [key for key in dsk if isinstance(key, tuple)])
+    Delayed(done, HighLevelGraph.from_collections(done, dsk, dependencies=plan.dependencies)).compute()
     out.attrs["complete"] = True
     return out
 
@@ -288,7 +298,7 @@ def task_memory(*, patch_size: int, tile: int, block_patches: int, coverage: flo
     tile : int
         Canvas tile side.
     block_patches : int
-        Patches per block of the input.
+        Patches per stored chunk of the patches (a read decodes a whole chunk).
     coverage : float
         Mean number of patches over a canvas pixel where the scan lies (``n·M²`` over the scanned area;
         a raster at a step of ``M/2`` gives 4). A tile task holds the patches that meet its tile.
@@ -296,77 +306,70 @@ def task_memory(*, patch_size: int, tile: int, block_patches: int, coverage: flo
     Returns
     -------
     dict of str to int
-        ``stitch-route``: one block and the piece it routes to one tile (at most the whole block) with
-        the pieces' placements. ``stitch-tile``: its patches (the routed pieces and one gathered copy),
-        the sums over the tile, and the larger of one scatter batch and the division.
-        ``stitch-write``: the tile and its encoded copies. Inputs a task receives are included.
+        ``stitch-tile``, the only kind: the task's index and patches, with the largest of what it holds
+        beside them while it reads (one decoded chunk, its encoded bytes and the rows taken from it),
+        sums (the tile's sums and one scatter batch) and divides; or, once the patches are freed, the
+        tile and its encoded copies while it is written. It does not depend on the number of patches.
     """
     _check_count("patch_size", patch_size, "the crop side M")
     _check_count("tile", tile, "the tile side")
-    _check_count("block_patches", block_patches, "patches per block")
+    _check_count("block_patches", block_patches, "patches per stored chunk")
     if not (isinstance(coverage, (int, float)) and math.isfinite(coverage) and coverage > 0):
         raise InvalidParameterError(f"coverage={coverage!r}: must be a positive number of patches per pixel")
     crop = patch_size * patch_size * _PATCH_BYTES
     area = tile * tile
     near = coverage * (tile + patch_size + 1) ** 2 / patch_size**2  # patches whose footprint meets a tile
     batch = min(_VALUES_PER_BATCH, math.ceil(near) * (patch_size + 1) ** 2)
-    return {
-        "stitch-route": block_patches * (2 * crop + _PLACEMENT_BYTES),
-        "stitch-tile": math.ceil(2 * near * (crop + _PLACEMENT_BYTES))
-        + max(_SUM_BYTES * area + _BATCH_BYTES * batch, _FINISH_BYTES * area),
-        "stitch-write": _WRITE_BYTES * area,
-    }
+    held = near * (crop + _INDEX_BYTES)
+    reading = block_patches * patch_size**2 * _READ_BYTES + min(block_patches, near) * crop
+    summing = near * _PLACEMENT_BYTES + max(_SUM_BYTES * area + _BATCH_BYTES * batch, _FINISH_BYTES * area)
+    return {"stitch-tile": math.ceil(max(held + max(reading, summing), _WRITE_BYTES * area))}
 
 
 # --------------------------------------------------------------------------- planning (host, small)
 
 
 def _plan(patches, positions, weights, *, tile, canvas, block) -> _Plan:
-    patches, m = _as_patch_blocks(patches, block)
+    patches, m = _as_patches(patches, block)
     n = patches.shape[0]
     pos = _as_positions(positions, n)
     w = _as_weights(weights, n)
     tile = _check_count("tile", tile, "the tile side (e.g. 1024)")
     shift, frame = _shifts(pos, w, m, canvas)
-    # The footprint of a patch is (M+1)² pixels from the integer part of its shift (the +1 is the
-    # second bilinear tap); the fraction gives the tap weights.
-    k = np.floor(shift)
-    frac = shift - k
-    k = k.astype(np.int64)
-    starts = np.cumsum((0, *patches.chunks[0]))
     rows, cols = frame.shape
     chunks = (_tile_chunks(rows, tile), _tile_chunks(cols, tile))
+    if isinstance(patches, da.Array):
+        token = tokenize(patches.name, shift, w, tile, frame)
+        offsets = np.cumsum((0, *patches.chunks[0]))
+        source, dependencies = {}, (patches,)
+    else:
+        token = tokenize(patches, shift, w, tile, frame)
+        key = f"stitch-patches-{token}"
+        source, dependencies = {key: patches}, ()
+    tiles = {}
+    for ty, tx, idx in _tile_index(np.floor(shift).astype(np.int64), w, m, tile, (rows, cols)):
+        cut = np.flatnonzero(np.diff(idx) != 1) + 1
+        starts, stops = idx[np.r_[0, cut]], idx[np.r_[cut - 1, len(idx) - 1]] + 1
+        if source:
+            where, first = key, None
+        else:  # the input blocks that hold the tile's patches, and the index of each one's first patch
+            blocks = np.unique(np.searchsorted(offsets, idx, side="right") - 1)
+            where, first = [(patches.name, int(b), 0, 0) for b in blocks], offsets[blocks]
+        tiles[ty, tx] = (where, first, starts, stops, shift[idx], w[idx])
+    return _Plan(frame, tile, m, n, chunks, token, source, dependencies, tiles)
 
-    token = tokenize(patches, shift, w, tile, frame)
-    route, final = f"stitch-route-{token}", f"stitch-tile-{token}"
-    dsk: dict = {}
-    pieces: dict[tuple[int, int], list[tuple]] = {}
-    for b, ty, tx, idx in _route(k, w, m, starts, tile, (rows, cols)):
-        local_k = k[idx] - (ty * tile, tx * tile)
-        key = (route, b, ty, tx)
-        dsk[key] = (_take, (patches.name, b, 0, 0), idx - starts[b], local_k, frac[idx], w[idx])
-        pieces.setdefault((ty, tx), []).append(key)
-    for ty, th in enumerate(chunks[0]):
-        for tx, tw in enumerate(chunks[1]):
-            if (ty, tx) in pieces:
-                dsk[(final, ty, tx)] = (_sum_tile, pieces[ty, tx], (th, tw))
-            else:
-                dsk[(final, ty, tx)] = (np.zeros, (th, tw), np.complex64)
-    graph = HighLevelGraph.from_collections(final, dsk, dependencies=[patches])
-    array = da.Array(graph, final, chunks, meta=np.empty((0, 0), dtype=np.complex64))
-    return _Plan(array, frame, tile, m, n, tuple(sorted(pieces)))
 
-
-def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
-    """Patches as a dask array blocked along ``n`` only, and the crop size ``M``."""
+def _as_patches(patches, block):
+    """Patches as a Zarr array, a numpy array or a dask array blocked along ``n`` only; and ``M``."""
     if block is not None:
         _check_count("block", block, "patches per block")
-    if not isinstance(patches, da.Array):
+    if isinstance(patches, da.Array):
+        if np.isnan(patches.shape).any():
+            raise InvalidParameterError(
+                "patches have unknown block sizes; call patches.compute_chunk_sizes() before stitching"
+            )
+    elif not isinstance(patches, zarr.Array):
         patches = np.asarray(patches)
-    elif np.isnan(patches.shape).any():
-        raise InvalidParameterError(
-            "patches have unknown block sizes; call patches.compute_chunk_sizes() before stitching"
-        )
     if patches.ndim != 3 or patches.shape[1] != patches.shape[2]:
         raise InvalidParameterError(
             f"patches have shape {patches.shape}; expected (n, M, M) square crops (crop them first)"
@@ -381,13 +384,9 @@ def _as_patch_blocks(patches, block) -> tuple[da.Array, int]:
         )
     if not (np.issubdtype(patches.dtype, np.complexfloating) or np.issubdtype(patches.dtype, np.floating)):
         raise InvalidParameterError(f"patches have dtype {patches.dtype}; expected complex (or real) floats")
-    default = max(1, _BLOCK_BYTES // (m * m * patches.dtype.itemsize))
     if isinstance(patches, da.Array):
-        if block is None:  # merge whole input blocks (e.g. Zarr chunks) up to the default size
-            first = patches.chunks[0][0]
-            block = max(1, default // first) * first
-        return patches.rechunk((block, m, m)), m
-    return da.from_array(patches, chunks=(block or default, m, m)), m
+        patches = patches.rechunk((block or patches.chunks[0], m, m))
+    return patches, m
 
 
 def _check_count(name: str, value, what: str) -> int:
@@ -467,8 +466,8 @@ def _as_frame(canvas) -> CanvasFrame:
     return CanvasFrame(origin, shape)
 
 
-def _route(k: np.ndarray, w: np.ndarray, m: int, starts: np.ndarray, tile: int, shape):
-    """Yield ``(block, tile_row, tile_col, patch_indices)`` for every pair with routed patches."""
+def _tile_index(k: np.ndarray, w: np.ndarray, m: int, tile: int, shape):
+    """Yield ``(tile_row, tile_col, patch_indices)`` (ascending) for every tile some footprint meets."""
     rows, cols = shape
     lo = np.maximum(k, 0)
     hi = np.minimum(k + m, (rows - 1, cols - 1))  # last footprint pixel inside the canvas
@@ -484,13 +483,12 @@ def _route(k: np.ndarray, w: np.ndarray, m: int, starts: np.ndarray, tile: int, 
             tys.append(ty[hit])
             txs.append(tx[hit])
     pidx, tys, txs = np.concatenate(pidx), np.concatenate(tys), np.concatenate(txs)
-    blk = np.searchsorted(starts, pidx, side="right") - 1
-    order = np.lexsort((pidx, txs, tys, blk))
-    pidx, tys, txs, blk = pidx[order], tys[order], txs[order], blk[order]
-    cuts = np.flatnonzero(np.diff(blk) | np.diff(tys) | np.diff(txs)) + 1
+    order = np.lexsort((pidx, txs, tys))
+    pidx, tys, txs = pidx[order], tys[order], txs[order]
+    cuts = np.flatnonzero(np.diff(tys) | np.diff(txs)) + 1
     for a, b in zip((0, *cuts), (*cuts, len(pidx)), strict=True):
         if b > a:
-            yield int(blk[a]), int(tys[a]), int(txs[a]), pidx[a:b]
+            yield int(tys[a]), int(txs[a]), pidx[a:b]
 
 
 def _tile_chunks(size: int, tile: int) -> tuple[int, ...]:
@@ -500,18 +498,53 @@ def _tile_chunks(size: int, tile: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- tasks (workers)
 
 
-def _take(block, rows, k, frac, w) -> _Piece:
-    """Route ``block[rows]`` (with their tile-local placements) to one tile."""
-    return _Piece(np.asarray(block[rows]), k, frac, w)
+def _tile(source, first, starts, stops, shift, w, corner, shape, target) -> np.ndarray | None:
+    """One tile: read its patches, sum them (:func:`_sum_tile`); return it, or write it to ``target``."""
+    if len(starts):
+        k = np.floor(shift)
+        frac = shift - k
+        k = k.astype(np.int64) - corner
+        value = _sum_tile(_read(source, first, starts, stops), k, frac, w, shape)
+    else:
+        value = np.zeros(shape, dtype=np.complex64)
+    if target is None:
+        return value
+    target[tuple(slice(c, c + s) for c, s in zip(corner, shape, strict=True))] = value
+    return None
 
 
-def _sum_tile(pieces: list[_Piece], shape: tuple[int, int]) -> np.ndarray:
-    """``num / (den + 1e-9)`` of one tile from the pieces routed to it, complex64.
+def _read(source, first, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """Patches ``[a, b)`` for each run, in index order, from a Zarr array, a numpy array or input blocks.
+
+    A Zarr array is read one stored chunk at a time: the rows of every run in that chunk by one call, so
+    each chunk is decoded once and only one is held decoded.
+    """
+    idx = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops, strict=True)])
+    if isinstance(source, np.ndarray):
+        return source[idx]
+    if isinstance(source, zarr.Array):
+        where = idx // source.chunks[0]
+        cuts = np.flatnonzero(np.diff(where)) + 1
+        out = np.empty((len(idx), *source.shape[1:]), dtype=source.dtype)
+        for a, b in zip((0, *cuts), (*cuts, len(idx)), strict=True):
+            lo, hi = int(idx[a]), int(idx[b - 1]) + 1
+            out[a:b] = source[lo:hi] if hi - lo == b - a else source.oindex[idx[a:b]]
+        return out
+    # input blocks: ``source[j]`` holds patches ``first[j]`` onwards
+    out = np.empty((len(idx), *source[0].shape[1:]), dtype=source[0].dtype)
+    where = np.searchsorted(first, idx, side="right") - 1
+    cuts = np.flatnonzero(np.diff(where)) + 1
+    for a, b in zip((0, *cuts), (*cuts, len(idx)), strict=True):
+        out[a:b] = source[where[a]][idx[a:b] - first[where[a]]]
+    return out
+
+
+def _sum_tile(z: np.ndarray, k: np.ndarray, frac: np.ndarray, w: np.ndarray, shape) -> np.ndarray:
+    """``num / (den + 1e-9)`` of one tile from its patches (corners ``k`` in the tile), complex64.
 
     The patches are splatted in :func:`_canonical_order`, in batches of about ``_VALUES_PER_BATCH``
     footprint pixels, into sums over the bounding box of their footprints inside the tile.
     """
-    z, k, frac, w = (np.concatenate(parts) for parts in zip(*pieces, strict=True))
     order = _canonical_order(z, k, frac, w)
     m = z.shape[1]
     y0, x0 = np.maximum(k.min(axis=0), 0)
@@ -590,7 +623,3 @@ def _spread(x: np.ndarray, f: np.ndarray, axis: int, scale) -> np.ndarray:
 def _edges(f: np.ndarray, m: int) -> np.ndarray:
     """Summed tap weights of a unit patch along one axis: ``(1-f, 1, …, 1, f)``, shape ``(b, M+1)``."""
     return np.concatenate([1 - f[:, None], np.ones((len(f), m - 1)), f[:, None]], axis=1)
-
-
-def _write_tile(target: zarr.Array, value: np.ndarray, region: tuple[slice, slice]) -> None:
-    target[region] = value

@@ -3,8 +3,9 @@
 The shipped models (``weights/``) were trained on the upper half of the simulated object
 (:data:`TRAIN_SCAN`); the demo compares them on the lower half (:data:`DEMO_SCAN`), new positions and
 noise. :func:`held_out_scores` scores a comparison's aligned reconstructions the way
-``weights/README.md`` reports them, and :func:`describe_models` gives the one line the demo prints
-before its table, from the scores recorded in ``weights/scores.json``.
+``weights/README.md`` reports them (``benchmarks/heldout.py`` runs the comparison and records them), and
+:func:`describe_models` gives the one line the demo prints before its table, from the scores recorded in
+``weights/scores.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import numpy as np
 __all__ = [
     "DEMO_SCAN",
     "SCORES_FILE",
+    "SHIPPED",
     "TRAIN_SCAN",
     "describe_models",
     "held_out_scores",
     "pearson",
     "plane_removed",
-    "score_models",
 ]
 
 DEMO_SCAN: dict = {
@@ -43,7 +44,8 @@ TRAIN_SCAN: dict = DEMO_SCAN | {"n_points": 3000, "seed": 1, "split": "train"}
 SCORES_FILE = Path(__file__).parent / "weights" / "scores.json"
 """Held-out scores of the shipped models on :data:`DEMO_SCAN`, as :func:`held_out_scores` gives them."""
 
-_ARMS = {"PtychoPINN": "pinn_gs2_n64", "Baseline": "baseline_n64"}
+SHIPPED = {"PtychoPINN": "pinn_gs2_n64", "Baseline": "baseline_n64"}
+"""The shipped models' names (:func:`ptychozarr.models.demo_weights`), by arm label."""
 
 
 def plane_removed(image: np.ndarray) -> np.ndarray:
@@ -116,41 +118,6 @@ def held_out_scores(aligned: str | Path, labels: Iterable[str]) -> dict[str, dic
     return {label: _scores(*arm) for label, arm in (scored | {"constant": (*constant, *shared)}).items()}
 
 
-def score_models(output_dir: str | Path, models: dict | None = None, record: bool = False) -> dict:
-    """Simulate :data:`DEMO_SCAN`, compare the models on it and score them (:func:`held_out_scores`).
-
-    Parameters
-    ----------
-    output_dir : str or Path
-        Where the scan and the comparison go.
-    models : dict of str to path, optional
-        Arms, label → model; default the shipped PINN and Baseline.
-    record : bool
-        Write the scores to :data:`SCORES_FILE`, where :func:`describe_models` reads them.
-
-    Returns
-    -------
-    dict
-        ``{"scan": DEMO_SCAN, "scores": held_out_scores(...)}``.
-    """
-    from ptychozarr.models import demo_weights
-    from ptychozarr.pipeline import compare
-    from ptychozarr.simulate import simulate
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    models = models or {label: demo_weights(stem) for label, stem in _ARMS.items()}
-    scan = simulate(output_dir / "scan_test.npz", **DEMO_SCAN)
-    compare(scan, models, output_dir=output_dir / "compare", quiet=True, force=True)
-    result = {
-        "scan": DEMO_SCAN,
-        "scores": held_out_scores(output_dir / "compare" / "reconstructions_aligned.npz", models),
-    }
-    if record:
-        SCORES_FILE.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
 def describe_models(scores_file: str | Path = SCORES_FILE) -> str:
     """One line naming the shipped models and their held-out scores, for the demo to print."""
     scores = json.loads(Path(scores_file).read_text())["scores"]
@@ -158,7 +125,7 @@ def describe_models(scores_file: str | Path = SCORES_FILE) -> str:
     def arm(label: str, how: str) -> str:
         s = scores[label]
         return (
-            f"{label} ({_ARMS[label]}, {how}) r {s['r_amplitude']:.2f} / {s['r_phase']:.2f}, "
+            f"{label} ({SHIPPED[label]}, {how}) r {s['r_amplitude']:.2f} / {s['r_phase']:.2f}, "
             f"SSIM {s['ssim_amplitude']:.2f} / {s['ssim_phase']:.2f}"
         )
 

@@ -7,11 +7,11 @@ pixels (the canvas frame's origin plus the index), so that xarray opens the obje
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import zarr
 
 from ptychozarr import memory
+from ptychozarr.io.store import array_options
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame, stitch_to_zarr, task_memory
@@ -21,16 +21,17 @@ __all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "
 DIMS = ("object_y", "object_x")
 """Dimension names of a stitched object (and the names of its coordinate arrays)."""
 
-TASK_KINDS = ("stitch-route", "stitch-tile", "stitch-write")
+TASK_KINDS = ("stitch-tile",)
 """Layer names of the stitch graph (``ptychozarr.stitch``): the task kinds :func:`project_memory` projects
-and the run measures apart."""
+and the run measures apart. One kind: a tile task reads its patches from the store, sums and writes them."""
 
 
 def project_memory(
     *, patch_size: int, tile: int, block_patches: int, coverage: float = 4.0
 ) -> tuple[memory.TaskMemory, ...]:
     """Projected host memory of one task of each kind (:func:`ptychozarr.stitch.task_memory`), sized by
-    the tile; ``coverage`` is the scan's mean number of patches over a scanned pixel."""
+    the tile; ``block_patches`` is the patches per stored chunk (a block of the infer stage) and
+    ``coverage`` the scan's mean number of patches over a scanned pixel."""
     projected = task_memory(patch_size=patch_size, tile=tile, block_patches=block_patches, coverage=coverage)
     return tuple(memory.TaskMemory(kind, {"task": projected[kind]}, "tile") for kind in TASK_KINDS)
 
@@ -50,7 +51,7 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
             "stitch",
             write_object,
             node,
-            da.from_zarr(patches["patches"]),
+            patches["patches"],  # the Zarr array itself: each tile task reads its own patches
             patches["positions"][:],
             patches["weights"][:],
             tile=tile,
@@ -106,4 +107,5 @@ def write_coordinates(node: zarr.Group, obj: zarr.Array) -> None:
         node.create_array(
             dim, data=values.astype(np.float64), dimension_names=(dim,), overwrite=True,
             attributes={"units": "object pixels", "long_name": f"object {dim[-1]} of the pixel"},
+            **array_options(),
         )  # fmt: skip
