@@ -392,16 +392,20 @@ def test_a_model_fifo_is_refused(small_npz, tmp_path, capsys):
 
 
 def test_reuse_needs_every_chunk_of_a_checksummed_output(tmp_path):
-    from ptychozarr.stages._common import lost_chunks, matches
+    from ptychozarr.io.store import lost_chunks
+    from ptychozarr.runtime import Runtime
 
     root = zarr.open_group(zarr.storage.LocalStore(tmp_path / "s.zarr"), mode="w")
     out = root.create_array("object", shape=(4, 4), chunks=(2, 2), dtype="c8", **array_options())
     out[:] = 0
     out.attrs.update({"params": {"tile": 2}, "complete": True})
-    assert matches(out, {"tile": 2}) and not matches(out, {"tile": 3})
+    rt = Runtime(quiet=True)
+    assert rt.reusable("stitch", out, {"tile": 2}) and not rt.reusable("stitch", out, {"tile": 3})
+    assert not Runtime(quiet=True, force=True).reusable("stitch", out, {"tile": 2})
     (tmp_path / "s.zarr/object/c/1/1").unlink()
     assert lost_chunks(root) == {"object": [(1, 1)]}
-    assert not matches(out, {"tile": 2})
+    assert not rt.reusable("stitch", out, {"tile": 2})
+    assert rt.reused == ["stitch"]
 
 
 def test_groups_with_damaged_metadata_are_made_again(fresh, small_npz, pinn, tmp_path):

@@ -41,6 +41,8 @@ from dask.callbacks import Callback
 
 from ptychozarr import memory
 from ptychozarr.errors import StoreError
+from ptychozarr.io.store import holds_result
+from ptychozarr.report.runjson import to_jsonable
 
 __all__ = ["LOCK_NAME", "Runtime", "output_lock"]
 
@@ -325,6 +327,16 @@ class Runtime:
         finally:
             memory.release_freed()
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+    def reusable(self, name: str, node: Any, params: dict, where: Any = "") -> bool:
+        """The one reuse rule of every stage: ``node`` is reused (and the reuse recorded) when the run is
+        not forced and ``node`` is complete with ``params`` — the stage's parameters with the content
+        fingerprints of what it read, never paths — holding every chunk it wrote
+        (:func:`ptychozarr.io.store.holds_result`)."""
+        if self.force or not holds_result(node, to_jsonable(params)):
+            return False
+        self.reuse(name, where)
+        return True
 
     def reuse(self, name: str, where: Any = "") -> None:
         """Record that stage ``name`` reused a complete result."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,6 +69,8 @@ from ptychozarr.io.validate import (
     diffraction_layout,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ARRAY_CONFIG",
     "DEFAULT_CHUNK_BYTES",
@@ -79,9 +82,12 @@ __all__ = [
     "check_chunks",
     "codecs",
     "consolidate",
+    "file_stat",
+    "holds_result",
     "ingest",
     "is_complete",
     "is_complete_with",
+    "lost_chunks",
     "mark_complete",
     "missing_chunks",
     "open_array",
@@ -414,6 +420,36 @@ def is_complete_with(node: zarr.Group | zarr.Array | None, attrs: dict) -> bool:
     """Whether ``node`` exists, is marked complete and was made with ``attrs`` (its attrs hold each
     of them, equal): the check every stage makes before reusing its output."""
     return node is not None and is_complete(node) and all(node.attrs.get(k) == v for k, v in attrs.items())
+
+
+def lost_chunks(node) -> dict[str, list]:
+    """The arrays of ``node`` (an array, or a group's arrays, recursively) that miss chunks, by path.
+
+    Only arrays that store every chunk (:func:`stores_every_chunk`) are checked: in others (written by an
+    older version) a chunk equal to the fill value was never stored.
+    """
+    if node is None:
+        return {}
+    arrays = [node] if isinstance(node, zarr.Array) else [a for _, a in node.arrays()]
+    lost = {a.path: missing_chunks(a) for a in arrays if stores_every_chunk(a)}
+    if isinstance(node, zarr.Group):
+        for _, child in node.groups():
+            lost |= lost_chunks(child)
+    return {path: chunks for path, chunks in lost.items() if chunks}
+
+
+def holds_result(node, params: dict) -> bool:
+    """Whether ``node`` is a complete stage output made with ``params`` (JSON values: the stage's
+    parameters with the content fingerprints of what it read) that still holds every chunk it wrote.
+    A lost chunk is never read as its fill value: the stage computes its output again."""
+    if not is_complete_with(node, {"params": params}):
+        return False
+    lost = lost_chunks(node)
+    if lost:
+        path, chunks = next(iter(lost.items()))
+        log.warning("%s: %d chunk(s) missing (first: %s); computing it again", path, len(chunks), chunks[0])
+        return False
+    return True
 
 
 def file_stat(path: str | os.PathLike) -> list[int]:

@@ -10,17 +10,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ptychozarr.io.store import CheckedStore, is_complete_with, missing_chunks, sha256, stores_every_chunk
+from ptychozarr.io.store import CheckedStore, sha256
 from ptychozarr.models.keras_model import sidecar_path
-from ptychozarr.report import to_jsonable
 
 __all__ = [
     "arm_key",
     "fingerprint",
     "groups_digest",
     "groups_key",
-    "lost_chunks",
-    "matches",
     "open_run_store",
     "unconsolidate",
 ]
@@ -67,35 +64,6 @@ def groups_digest(groups) -> str:
         digest.update(repr(groups.attrs.get("normaliser")).encode())
         groups.attrs["content_sha256"] = digest.hexdigest()
     return groups.attrs["content_sha256"]
-
-
-def lost_chunks(node) -> dict[str, list]:
-    """The arrays of ``node`` (an array, or a group's arrays, recursively) that miss chunks, by path.
-
-    Only arrays that store every chunk (:func:`ptychozarr.io.store.stores_every_chunk`) are checked: in
-    others (written by an older version) a chunk equal to the fill value was never stored.
-    """
-    if node is None:
-        return {}
-    arrays = [node] if isinstance(node, zarr.Array) else [a for _, a in node.arrays()]
-    lost = {a.path: missing_chunks(a) for a in arrays if stores_every_chunk(a)}
-    if isinstance(node, zarr.Group):
-        for _, child in node.groups():
-            lost |= lost_chunks(child)
-    return {path: chunks for path, chunks in lost.items() if chunks}
-
-
-def matches(node, params: dict) -> bool:
-    """Whether ``node`` is a complete stage output made with ``params`` that still holds every chunk it
-    wrote (a lost chunk is never read as its fill value: the stage recomputes instead)."""
-    if not is_complete_with(node, {"params": to_jsonable(params)}):
-        return False
-    lost = lost_chunks(node)
-    if lost:
-        path, chunks = next(iter(lost.items()))
-        log.warning("%s: %d chunk(s) missing (first: %s); recomputing it", path, len(chunks), list(chunks[0]))
-        return False
-    return True
 
 
 def open_run_store(path: Path) -> zarr.Group:

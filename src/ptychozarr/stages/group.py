@@ -20,8 +20,9 @@ from ptychozarr.config import GroupOptions, ScanOptions
 from ptychozarr.errors import StoreError
 from ptychozarr.grouping import group
 from ptychozarr.io import consolidate, open_store
+from ptychozarr.io.store import lost_chunks
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import groups_digest, lost_chunks, unconsolidate
+from ptychozarr.stages._common import groups_digest, unconsolidate
 
 __all__ = ["run"]
 

@@ -28,7 +28,7 @@ from ptychozarr.io import mark_complete
 from ptychozarr.io.store import DamagedScanError, array_options, missing_chunks, read_errors, writable
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import fingerprint, groups_key, matches
+from ptychozarr.stages._common import fingerprint, groups_key
 
 __all__ = ["project_memory", "run"]
 
@@ -81,8 +81,7 @@ def run(
     }
     with rt.timed(name):
         out = node.get("patches")
-        if not rt.force and matches(out, params):
-            rt.reuse(name, model.name)
+        if rt.reusable(name, out, params, model.name):
             rt.blocks[name] = {"computed": 0, "reused": int(out["patches"].cdata_shape[0])}
             return out
         log.info("stage infer: %s with %s", node.basename, model.name)

@@ -21,8 +21,9 @@ from ptychozarr import align
 from ptychozarr.errors import InvalidScanError, PtychozarrError
 from ptychozarr.io import mark_complete
 from ptychozarr.io.npz import NpzReader
+from ptychozarr.io.store import array_options
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import arm_key, fingerprint, matches
+from ptychozarr.stages._common import arm_key, fingerprint
 
 __all__ = ["check_frame", "check_metadata", "read_reconstruction", "run"]
 
@@ -34,12 +35,10 @@ def run(rt: Runtime, root: zarr.Group, path: Path) -> tuple[str, str, float | No
     node = root.require_group(f"arms/{key}")
     params = {"recon": fingerprint(path)}
     with rt.timed(f"import:{key}"):
-        if not rt.force and matches(node.get("object"), params):
-            rt.reuse(f"import:{key}")
-        else:
+        if not rt.reusable(f"import:{key}", node.get("object"), params):
             out = node.create_array(
                 "object", shape=obj.shape, dtype=np.complex64, chunks=obj.shape, overwrite=True,
-                attributes={"complete": False}, dimension_names=("obj_y", "obj_x"),
+                attributes={"complete": False}, dimension_names=("obj_y", "obj_x"), **array_options(),
             )  # fmt: skip
             out[...] = obj
             mark_complete(out, params=params, label=label, seconds=seconds)

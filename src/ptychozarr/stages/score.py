@@ -33,7 +33,6 @@ from ptychozarr.io.store import array_options
 from ptychozarr.metrics import evaluate, task_memory
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame
 
 __all__ = ["DIMS", "Aligned", "align_arm", "project_memory", "score_arms"]
@@ -185,9 +184,7 @@ def score_arms(rt: Runtime, arms: Sequence[Aligned]) -> list[zarr.Array]:
         params = {"align": arm.params, "box": list(recon.shape)}
         name = f"score:{arm.node.basename}"
         with rt.timed(name):
-            if not rt.force and matches(arm.node.get("aligned"), params):
-                rt.reuse(name)
-            else:
+            if not rt.reusable(name, arm.node.get("aligned"), params):
                 _score(rt, arm, recon, truth, params)
         out.append(arm.node["aligned"])
     return out

@@ -13,7 +13,6 @@ import zarr
 from ptychozarr import memory
 from ptychozarr.io.store import array_options
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import matches
 from ptychozarr.stitch import CanvasFrame, stitch_to_zarr, task_memory
 
 __all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "write_object"]
@@ -42,8 +41,7 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
     patches = node["patches"]
     params = {"patches": dict(patches.attrs["params"]), "tile": tile, "dims": DIMS}
     with rt.timed(name):
-        if not rt.force and matches(node.get("object"), params):
-            rt.reuse(name)
+        if rt.reusable(name, node.get("object"), params):
             if not all(dim in node for dim in DIMS):  # a run stopped between the object and its coordinates
                 write_coordinates(node, node["object"])
             return node["object"]
