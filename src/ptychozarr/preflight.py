@@ -155,15 +155,17 @@ def check_positions(test_data: Path, crop: int, n_pix: int) -> int:
     """
     from ptychozarr.io.validate import check_coordinates
 
-    coordinates, n_points, object_shape = _read_positions(test_data)
+    try:
+        coordinates, n_points, object_shape = _read_positions(test_data)
+        pairs = [
+            (pair, np.stack([check_coordinates(key, coordinates[key], n_points) for key in pair], axis=-1))
+            for pair in (("xcoords", "ycoords"), ("xcoords_start", "ycoords_start"))
+            if all(key in coordinates for key in pair)
+        ]
+    except InvalidScanError as exc:
+        raise InvalidScanError(f"{test_data}: {exc}" if str(test_data) not in str(exc) else str(exc)) from None
     side, worst = crop, None
-    for pair in (("xcoords", "ycoords"), ("xcoords_start", "ycoords_start")):
-        if not all(key in coordinates for key in pair):
-            continue
-        try:
-            xy = np.stack([check_coordinates(key, coordinates[key], n_points) for key in pair], axis=-1)
-        except InvalidScanError as exc:
-            raise InvalidScanError(f"{test_data}: {exc}") from None
+    for pair, xy in pairs:
         with np.errstate(over="ignore", invalid="ignore"):
             reach = float(np.abs(xy - xy.mean(axis=0)).max(initial=0.0))
         pad = math.inf if not math.isfinite(reach) else math.ceil(reach)
