@@ -163,7 +163,9 @@ def check_positions(test_data: Path, crop: int, n_pix: int) -> int:
             if all(key in coordinates for key in pair)
         ]
     except InvalidScanError as exc:
-        raise InvalidScanError(f"{test_data}: {exc}" if str(test_data) not in str(exc) else str(exc)) from None
+        raise InvalidScanError(
+            f"{test_data}: {exc}" if str(test_data) not in str(exc) else str(exc)
+        ) from None
     side, worst = crop, None
     for pair, xy in pairs:
         with np.errstate(over="ignore", invalid="ignore"):

@@ -228,8 +228,37 @@ def _check_target(path: Path) -> None:
         return
     existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
     if existing.exists() and not existing.is_dir():
-        raise InvalidParameterError(f"{path}: {existing} is a file, not a folder; give a path inside a folder")
+        raise InvalidParameterError(
+            f"{path}: {existing} is a file, not a folder; give a path inside a folder"
+        )
     raise InvalidParameterError(
         f"{path}: its folder {folder} does not exist (no such file or folder); "
         "create the folder first or give another path"
     )
+
+
+def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: int, scratch: Path) -> None:
+    """Write pattern blocks (M, N, N) as one (N, N, M) member, through a temporary Zarr array.
+
+    The (N, N, M) layout is stored row by row, so no pattern is complete before the last row: the blocks
+    go to a scratch array chunked (rows, N, batch) in a temporary directory under ``scratch`` and come
+    back one band of rows at a time.
+    """
+    from ptychozarr.io.store import scratch_array
+
+    n_patterns, n = shape[0], shape[1]
+    rows = min(n, max(1, _BATCH_BYTES // (n * n_patterns * np.dtype(dtype).itemsize)))
+    with tempfile.TemporaryDirectory(prefix=".ptychozarr-scratch-", dir=scratch) as tmp:
+        staged = scratch_array(tmp, (n, n, n_patterns), dtype, (rows, n, batch))
+        start, limit = 0, np.iinfo(dtype).max
+        for block in blocks:
+            if block.max(initial=0) > limit:
+                raise InvalidParameterError(
+                    f"legacy=True: a pixel holds more than {limit} photons, beyond {np.dtype(dtype)}; "
+                    "lower the dose"
+                )
+            staged[:, :, start : start + len(block)] = block.astype(dtype).transpose(1, 2, 0)
+            start += len(block)
+        with npz.stream(name, (n, n, n_patterns), dtype) as append:
+            for row in range(0, n, rows):
+                append(staged[row : row + rows])
