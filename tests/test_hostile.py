@@ -626,6 +626,9 @@ def test_an_output_dir_below_a_file_names_the_file(models, small_npz, tmp_path, 
         with pytest.raises(StoreError, match=f"{afile} is a file"):
             with output_lock(below):
                 pass
-    line = _in_process(capsys, _compare(small_npz, models["pinn"], afile), 2, "is a file, not a folder")
-    assert f"output dir {afile} is a file" in line
-    assert afile.read_text() == "x"
+    line = _in_process(capsys, _compare(small_npz, models["pinn"], afile), 2, "is a file")
+    assert str(afile) in line
+    with pytest.raises(StoreError, match=f"output dir {afile} is a file, not a folder"):
+        with output_lock(afile):
+            pass
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
