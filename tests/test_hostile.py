@@ -532,3 +532,103 @@ def _worded(errno_code: int):
 def test_a_fault_a_stage_words_keeps_its_words_and_exit_1(code, exit_code, needle, monkeypatch, capsys):
     monkeypatch.setattr(cli, "simulate", _raising(_worded(code)))
     _in_process(capsys, ["simulate", "out.npz"], exit_code, needle)
+
+
+# -- refused before any work: positions, iterative metadata, paths in the way -------------------------
+
+
+def _scan_with(small_npz: Path, path: Path, *, drop=(), scale: float = 1.0, **replace) -> Path:
+    """A copy of ``small_npz`` without the keys ``drop``, its coordinates times ``scale``."""
+    with np.load(small_npz) as f:
+        members = {k: f[k] for k in f.files if k not in drop}
+    for key in ("xcoords", "ycoords", "xcoords_start", "ycoords_start"):
+        members[key] = members[key] * scale
+    members.update(replace)
+    np.savez(path, **members)
+    return path
+
+
+@pytest.mark.parametrize("truth", [True, False], ids=["with-objectGuess", "without-objectGuess"])
+def test_positions_far_outside_the_object_are_refused_before_any_work(truth, models, small_npz, tmp_path):
+    far = _scan_with(small_npz, tmp_path / "far.npz", scale=1e12, drop=() if truth else ("objectGuess",))
+    out = tmp_path / "out"
+    done = _cli(_compare(far, models["pinn"], out))
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = _one_line(done.stderr, "positions must be in object pixels")
+    assert str(far) in line and "xcoords/ycoords" in line and " px canvas" in line
+    assert ("objectGuess" in line) and (("8×" in line) == truth)
+    assert not out.exists()  # refused before the lock, the store or any arm
+
+
+def test_positions_that_are_not_finite_are_refused_naming_the_key(models, small_npz, tmp_path, capsys):
+    with np.load(small_npz) as f:
+        x = f["xcoords"].copy()
+    x[5] = np.inf
+    bad = _scan_with(small_npz, tmp_path / "inf.npz", xcoords=x)
+    line = _in_process(capsys, _compare(bad, models["pinn"], tmp_path / "out"), 2, "NaN or inf")
+    assert str(bad) in line and "'xcoords'" in line and "index 5" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_far_positions_in_a_store_are_refused_too(small_npz, tmp_path):
+    from ptychozarr.errors import InvalidScanError as ScanError
+    from ptychozarr.io import ingest
+    from ptychozarr.preflight import MAX_CANVAS, check_positions
+
+    store = ingest(_scan_with(small_npz, tmp_path / "far.npz", scale=1e9), tmp_path / "far.zarr")
+    with pytest.raises(ScanError, match=r"px canvas, more than 8× the 160 px side of objectGuess"):
+        check_positions(store, M, 32)
+    side = check_positions(small_npz, M, 32)  # the scan as simulated: within its 160 px object
+    assert M < side <= 160 + M and side < MAX_CANVAS
+
+
+def test_bad_iterative_metadata_without_ground_truth_is_refused_before_ingest(
+    models, small_npz, tmp_path, capsys
+):
+    scan = _scan_with(small_npz, tmp_path / "no_truth.npz", drop=("objectGuess",))
+    out = tmp_path / "out"
+    for members, needle in BAD_RECONS.values():
+        recon = _recon(tmp_path / "recon.npz", small_npz, **members)
+        _in_process(capsys, [*_compare(scan, models["pinn"], out), "--ptychi-recon", recon], 2, needle)
+        assert not out.exists()  # no lock, no store.zarr, no data
+
+
+def test_ingest_overwrite_from_python_replaces_only_a_store(small_npz, tmp_path):
+    from ptychozarr.errors import InvalidParameterError
+    from ptychozarr.io import ingest
+
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    (tmp_path / "notes.txt").write_text("precious")
+    os.symlink(folder, tmp_path / "link")
+    for target in (folder, tmp_path / "notes.txt", tmp_path / "link"):
+        with pytest.raises(InvalidParameterError, match=r"is not one \(no zarr.json\)") as caught:
+            ingest(small_npz, target, overwrite=True)
+        assert str(target) in str(caught.value) and "\n" not in str(caught.value)
+    assert (folder / "thesis.tex").read_text() == (tmp_path / "notes.txt").read_text() == "precious"
+    assert (tmp_path / "link").is_symlink()
+    store = ingest(small_npz, tmp_path / "s.zarr")
+    (store / "stale").write_text("old")
+    assert ingest(small_npz, store, overwrite=True) == store  # a store is replaced
+    assert (store / "zarr.json").is_file() and not (store / "stale").exists()
+
+
+def test_an_output_dir_below_a_file_names_the_file(models, small_npz, tmp_path, capsys):
+    from ptychozarr.errors import StoreError
+    from ptychozarr.runtime import output_lock
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for below in (afile / "out", afile / "a" / "b"):
+        line = _in_process(capsys, _compare(small_npz, models["pinn"], below), 2, "is a file, not a folder")
+        assert f"{afile} is a file" in line and f"{below} is a file" not in line
+        with pytest.raises(StoreError, match=f"{afile} is a file"):
+            with output_lock(below):
+                pass
+    line = _in_process(capsys, _compare(small_npz, models["pinn"], afile), 2, "is a file")
+    assert str(afile) in line
+    with pytest.raises(StoreError, match=f"output dir {afile} is a file, not a folder"):
+        with output_lock(afile):
+            pass
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

@@ -1,6 +1,7 @@
 """The simulator follows the study's data contract (spec §1.3, §1.5) and the frame of DESIGN.md."""
 
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,58 @@ def test_legacy_overflow_is_refused_and_leaves_nothing(tmp_path):
     with pytest.raises(InvalidParameterError, match="lower the dose"):
         simulate(tmp_path / "hot.npz", legacy=True, **{**SMALL, "n_points": 4, "dose": 1e9})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_target_that_is_not_a_regular_file_is_refused_and_kept(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "kept").write_text("x")
+    targets = [tmp_path / "fifo", tmp_path / "folder"]
+    if os.path.exists("/dev/full"):
+        targets.append(Path("/dev/full"))  # as root, a rename would replace the device
+    for target in targets:
+        with pytest.raises(InvalidParameterError, match="exists and is not a regular file") as caught:
+            simulate(target, n_points=4, patch_size=8, object_size=16)
+        assert str(caught.value).startswith(f"{target}: ") and ".partial" not in str(caught.value)
+    assert (tmp_path / "folder" / "kept").read_text() == "x"
+    assert not (tmp_path / "fifo").is_file() and (tmp_path / "fifo").exists()
+    assert not Path("/dev/full").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "folder"]  # no .partial left
+
+
+def test_a_target_whose_folder_is_missing_or_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cases = {
+        tmp_path / "missing" / "s.npz": f"its folder {tmp_path / 'missing'} does not exist",
+        tmp_path / "afile" / "s.npz": f"{tmp_path / 'afile'} is a file, not a folder",
+        tmp_path / "afile" / "deeper" / "s.npz": f"{tmp_path / 'afile'} is a file, not a folder",
+    }
+    for target, needle in cases.items():
+        with pytest.raises(InvalidParameterError) as caught:
+            simulate(target, n_points=4, patch_size=8, object_size=16)
+        assert str(caught.value).startswith(f"{target}: ") and needle in str(caught.value)
+        assert ".partial" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_regular_file_is_replaced_and_a_write_error_names_the_target(tmp_path, monkeypatch):
+    import errno
+
+    from ptychozarr.io import npz
+
+    target = tmp_path / "s.npz"
+    target.write_text("old")
+    simulate(target, n_points=4, patch_size=8, object_size=16)
+    with np.load(target) as z:
+        assert z["diffraction"].shape == (4, 8, 8)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self._zip.filename))
+
+    monkeypatch.setattr(npz.NpzWriter, "write", full)
+    with pytest.raises(OSError, match="No space left") as caught:
+        simulate(target, n_points=4, patch_size=8, object_size=16)
+    assert caught.value.filename == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # the old file kept, no .partial

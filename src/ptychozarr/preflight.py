@@ -8,6 +8,7 @@ command line) before anything is ingested, inferred or marked complete.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,12 @@ from ptychozarr.config import CompareConfig, check_crop
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, ModelMismatchError, PtychozarrError
 from ptychozarr.models.base import ModelSpec
 
-__all__ = ["ScanHeader", "model_spec", "validate"]
-"""File name of a PtychoPINN model bundle."""
+__all__ = ["ScanHeader", "check_positions", "model_spec", "validate"]
+
+MAX_CANVAS = 2**20
+"""Largest canvas side (pixels) a scan without ``objectGuess`` may stitch to."""
+TRUTH_FACTOR = 8
+"""With ``objectGuess``, the canvas side may reach this many times the object's (or pattern's) side."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,9 @@ def validate(config: CompareConfig) -> ScanHeader:
     PtychozarrError
         One line naming the flag or file and the fix: a missing input, nothing to compare, a crop M
         that is odd or larger than N, a model of another N or gridsize, a bundle without
-        ``--trust-bundle``, an iterative NPZ without a 2-D complex ``reconstructed_object``.
+        ``--trust-bundle``, an iterative NPZ without a 2-D complex ``reconstructed_object`` or with a
+        ``reconstruction_time`` or ``algorithm`` that is not one number or one string, positions that are
+        not finite or span a canvas far larger than the object (:func:`check_positions`).
     """
     from ptychozarr.models import check_compatible
 
@@ -103,7 +110,8 @@ def validate(config: CompareConfig) -> ScanHeader:
                 "give a model file"
             )
     patterns, n_pix, has_truth, is_store = _scan_header(config.test_data)
-    check_crop(config.infer.stitch_crop_size, n_pix)
+    crop = check_crop(config.infer.stitch_crop_size, n_pix)
+    check_positions(config.test_data, crop, n_pix)
     specs = [model_spec(path, trust_bundle=config.infer.trust_bundle) for _, path in config.models]
     gridsize = max((s.gridsize for s in specs), default=1)
     for spec in specs:
@@ -130,9 +138,93 @@ def _scan_header(test_data: Path) -> tuple[int, int, bool, bool]:
         return layout.n_patterns, layout.size, "objectGuess" in npz.members, False
 
 
-def check_reconstruction(path: Path) -> None:
-    """Refuse an iterative NPZ whose header lacks a 2-D complex ``reconstructed_object``."""
+def check_positions(test_data: Path, crop: int, n_pix: int) -> int:
+    """Refuse scan positions that cannot be stitched: not finite, or spanning a canvas far too large.
+
+    The canvas is the one PtychoPINN's ``reassemble_position`` makes (:func:`ptychozarr.stitch.stitch`):
+    side ``M + 2·ceil(max |position − centre|)``, estimated here about the mean position. With
+    ``objectGuess`` it may be at most :data:`TRUTH_FACTOR` times the object's side (or the pattern's, if
+    larger); without, at most :data:`MAX_CANVAS` pixels. Positions scaled by a wrong unit (metres read
+    as pixels, or pixels multiplied by 1e12) are refused here, before any work, instead of exhausting
+    memory while stitching. Reads the coordinates only (a few small 1-D arrays) and the object's header.
+
+    Returns
+    -------
+    int
+        The estimated canvas side in pixels.
+    """
+    from ptychozarr.io.validate import check_coordinates
+
+    try:
+        coordinates, n_points, object_shape = _read_positions(test_data)
+        pairs = [
+            (pair, np.stack([check_coordinates(key, coordinates[key], n_points) for key in pair], axis=-1))
+            for pair in (("xcoords", "ycoords"), ("xcoords_start", "ycoords_start"))
+            if all(key in coordinates for key in pair)
+        ]
+    except InvalidScanError as exc:
+        raise InvalidScanError(
+            f"{test_data}: {exc}" if str(test_data) not in str(exc) else str(exc)
+        ) from None
+    side, worst = crop, None
+    for pair, xy in pairs:
+        with np.errstate(over="ignore", invalid="ignore"):
+            reach = float(np.abs(xy - xy.mean(axis=0)).max(initial=0.0))
+        pad = math.inf if not math.isfinite(reach) else math.ceil(reach)
+        candidate = crop + 2 * (pad + pad % 2) if math.isfinite(pad) else math.inf
+        if candidate > side:
+            side, worst = candidate, pair
+    if object_shape is not None:
+        reference = max((*object_shape, n_pix))
+        limit = TRUTH_FACTOR * reference
+        bound = f"{TRUTH_FACTOR}× the {reference} px side of objectGuess"
+    else:
+        limit, bound = MAX_CANVAS, f"the {MAX_CANVAS} px bound for a scan without objectGuess"
+    if side > limit:
+        extent = "an unbounded" if not math.isfinite(side) else f"a {side:.0f}×{side:.0f} px"
+        raise InvalidScanError(
+            f"{test_data}: positions {worst[0]}/{worst[1]} span {extent} canvas, more than {bound}; "
+            "positions must be in object pixels: convert them (e.g. divide metres by the pixel size) "
+            "and save the scan again"
+        )
+    return int(side)
+
+
+def _read_positions(test_data: Path) -> tuple[dict[str, np.ndarray], int, tuple[int, ...] | None]:
+    """The coordinate arrays present, the number of positions, and the object's shape (None if absent)."""
+    keys = ("xcoords", "ycoords", "xcoords_start", "ycoords_start")
+    if test_data.suffix != ".npz":
+        from ptychozarr.io import open_dataset
+
+        ds = open_dataset(test_data)
+        coordinates = {key: np.asarray(ds[key].values) for key in keys if key in ds}
+        shape = tuple(int(v) for v in ds["objectGuess"].shape) if "objectGuess" in ds else None
+        return coordinates, int(ds.sizes["pattern"]), shape
     from ptychozarr.io.npz import NpzReader
+
+    with NpzReader(test_data) as npz:
+        shape = npz.members["xcoords"].shape
+        n_points = shape[0] if shape else 0
+        coordinates = {}
+        for key in keys:
+            if key not in npz.members:
+                continue
+            if tuple(npz.members[key].shape) != (n_points,):  # checked before reading: never a huge member
+                raise InvalidScanError(
+                    f"key {key!r} has shape {tuple(npz.members[key].shape)}; expected ({n_points},), one "
+                    "entry per scan position"
+                )
+            coordinates[key] = npz.read(key)
+        member = npz.members.get("objectGuess")
+        shape = None if member is None else tuple(int(v) for v in member.shape)
+        return coordinates, n_points, shape
+
+
+def check_reconstruction(path: Path) -> None:
+    """Refuse an iterative NPZ whose header lacks a 2-D complex ``reconstructed_object``, or whose
+    ``reconstruction_time`` or ``algorithm`` is not one number or one string."""
+    from ptychozarr.io.npz import NpzReader
+    from ptychozarr.stages.iterative import check_metadata
 
     if not path.is_file():
         raise InvalidParameterError(f"--ptychi-recon {path}: no such file")
@@ -152,3 +244,4 @@ def check_reconstruction(path: Path) -> None:
             f"--ptychi-recon {path}: 'reconstructed_object' must be a 2-D complex array, "
             f"got {member.dtype} {member.shape}"
         )
+    check_metadata(path)

@@ -82,9 +82,7 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise StoreError(
-            f"output dir {output_dir} is a file, not a folder; give another --output-dir"
-        ) from None
+        raise StoreError(_in_the_way(output_dir)) from None
     except OSError as exc:
         raise StoreError(f"cannot create the output dir {output_dir}: {exc.strerror or exc}") from None
     path = output_dir / LOCK_NAME
@@ -106,6 +104,18 @@ def output_lock(output_dir: Path) -> Iterator[Path]:
     finally:
         if _holder(path) == me:
             path.unlink()
+
+
+def _in_the_way(output_dir: Path) -> str:
+    """The message for an output dir that cannot be a folder: it, or the folder above it, is a file."""
+    blocking = next(
+        (p for p in (output_dir, *output_dir.parents) if p.exists() or p.is_symlink()), output_dir
+    )
+    if blocking == output_dir:
+        return f"output dir {output_dir} is a file, not a folder; give another --output-dir"
+    return (
+        f"output dir {output_dir}: {blocking} is a file, not a folder; remove it or give another --output-dir"
+    )
 
 
 _TRIES = 8  # attempts to link the lock (each either wins, refuses, or removed a stale lock first)

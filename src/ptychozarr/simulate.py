@@ -140,7 +140,8 @@ def simulate(
     Parameters
     ----------
     path : str or Path
-        The NPZ file to write (overwritten).
+        The NPZ file to write: a regular file there is replaced once the new one is complete; anything
+        else there (a folder, a device, a FIFO) is refused, and so is a folder that does not exist.
     n_points : int
         Scan positions written to the file, *after* the split: ``split="test"`` with 5216 points gives a
         file like the study's ``patched_test.npz``.
@@ -164,9 +165,16 @@ def simulate(
     -------
     Path
         ``path``.
+
+    Raises
+    ------
+    InvalidParameterError
+        An impossible parameter, a target that exists and is not a regular file, or a target whose
+        folder does not exist or is a file (one line naming the target and the fix).
     """
     _check(n_points, patch_size, object_size, dose, seed, split)
     path = Path(path)
+    _check_target(path)
     rng = np.random.default_rng(seed)
     obj, probe = make_object(object_size), make_probe(patch_size)
     xy = _positions(rng, n_points, patch_size, object_size, split)
@@ -195,11 +203,38 @@ def simulate(
             npz.write("scan_index", np.zeros(n_points, np.int64))
             npz.write("probeGuess", probe)
             npz.write("objectGuess", obj)
-    except BaseException:
+        _check_target(path)  # again: something may have been put there while simulating
+        os.replace(partial, path)  # only a finished file ever has the requested name
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (str(partial), partial):
+            exc.filename = str(path)  # name the requested file, not the hidden one beside it
         raise
-    os.replace(partial, path)  # only a finished file ever has the requested name
     return path
+
+
+def _check_target(path: Path) -> None:
+    """Refuse a target that exists and is not a regular file, or whose folder is missing or a file.
+
+    Only ``stat`` is used: a FIFO or a device is never opened, and a symbolic link to a regular file
+    counts as one (the link is replaced).
+    """
+    if path.exists() and not path.is_file():
+        raise InvalidParameterError(
+            f"{path}: exists and is not a regular file (a folder, a device or a FIFO); give a file path"
+        )
+    folder = path.parent
+    if folder.is_dir():
+        return
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    if existing.exists() and not existing.is_dir():
+        raise InvalidParameterError(
+            f"{path}: {existing} is a file, not a folder; give a path inside a folder"
+        )
+    raise InvalidParameterError(
+        f"{path}: its folder {folder} does not exist (no such file or folder); "
+        "create the folder first or give another path"
+    )
 
 
 def _write_transposed(npz: NpzWriter, name: str, blocks, shape, dtype, batch: int, scratch: Path) -> None:

@@ -530,7 +530,8 @@ def ingest(
     store_path : str or Path
         The store to create.
     overwrite : bool
-        Replace an existing ``store_path`` (only once the new store is complete).
+        Replace an existing ``store_path`` (only once the new store is complete). Only a Zarr store (a
+        folder holding ``zarr.json``) is ever replaced: any other file or folder there is refused.
     chunk_bytes : int
         Target bytes of one diffraction chunk (whole patterns, at least one) and of one read.
 
@@ -545,12 +546,20 @@ def ingest(
         The file breaks the data contract (the message names the key).
     StoreError
         ``store_path`` exists and ``overwrite`` is false.
+    InvalidParameterError
+        ``overwrite`` is true and ``store_path`` is something other than a Zarr store.
     """
     npz_path, store_path = Path(npz_path), Path(store_path)
-    if (store_path.exists() or store_path.is_symlink()) and not overwrite:
-        raise StoreError(
-            f"{store_path} already exists; choose another path or pass overwrite=True (--overwrite)"
-        )
+    if store_path.exists() or store_path.is_symlink():
+        if not overwrite:
+            raise StoreError(
+                f"{store_path} already exists; choose another path or pass overwrite=True (--overwrite)"
+            )
+        if not (store_path / "zarr.json").is_file():
+            raise InvalidParameterError(
+                f"overwrite=True (--overwrite) replaces a Zarr store only, and {store_path} is not one "
+                "(no zarr.json); remove it yourself or give another output path"
+            )
     if chunk_bytes < 1:
         raise InvalidParameterError(f"chunk_bytes={chunk_bytes}: must be a positive number of bytes")
     store_path.parent.mkdir(parents=True, exist_ok=True)
