@@ -32,10 +32,6 @@ __all__ = ["describe", "main"]
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    if args.output.exists() and not args.output.is_file():
-        raise InvalidParameterError(
-            f"{args.output}: exists and is not a regular file (a folder or a device); give a file path"
-        )
     path = simulate(
         args.output,
         n_points=args.n_points,
@@ -56,12 +52,6 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     if not 0 < args.chunk_mb < float("inf"):
         raise InvalidParameterError(f"--chunk-mb {args.chunk_mb:g}: give a positive number of MiB")
-    output = args.output
-    if args.overwrite and (output.exists() or output.is_symlink()) and not (output / "zarr.json").is_file():
-        raise InvalidParameterError(
-            f"--overwrite replaces a Zarr store only, and {output} is not one (no zarr.json); "
-            "remove it yourself or give another output path"
-        )
     store = ingest(args.input, args.output, overwrite=args.overwrite, chunk_bytes=int(args.chunk_mb * 2**20))
     print(describe(open_dataset(store)))
     return 0
