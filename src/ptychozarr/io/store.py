@@ -57,7 +57,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, PtychozarrError, StoreError
-from ptychozarr.io.npz import NpzReader, NpzWriter
+from ptychozarr.io.npz import NpzMember, NpzReader, NpzWriter
 from ptychozarr.io.order import curve_order
 from ptychozarr.io.validate import (
     COORDINATE_KEYS,
@@ -108,6 +108,8 @@ SCHEMA_VERSION = 3  # 3: every chunk stored and checksummed (crc32c)
 # 4 MiB (64 patterns of 128²): in curve order a block of 256 groups then decodes about 3× its own patterns
 # (32 MiB chunks: 7×), and gathering every block costs less than one read of the whole array.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+OBJECT_TILE = 1024
+"""Side of the stored ground truth's square chunks (as the stitched objects' default tile)."""
 ARRAY_CONFIG = {"write_empty_chunks": True}
 """Zarr array config of every array the engine writes: every chunk is stored, even one equal to the fill
 value, so that a chunk absent from the store means a chunk lost (:func:`missing_chunks`)."""
@@ -618,17 +620,17 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
     per_pattern["scan_index"] = scan_index.astype(np.int64)
     probe = _complex("probeGuess", npz.read("probeGuess"))
     check_square("probeGuess", probe.shape, size)
-    obj = _complex("objectGuess", npz.read("objectGuess")) if "objectGuess" in keys else None
-    if obj is not None and obj.ndim != 2:
-        raise InvalidScanError(f"key 'objectGuess' has shape {obj.shape}; expected a 2-D (H, W) object")
+    truth = npz.member("objectGuess") if "objectGuess" in keys else None
+    if truth is not None and len(truth.shape) != 2:
+        raise InvalidScanError(f"key 'objectGuess' has shape {truth.shape}; expected a 2-D (H, W) object")
+    if truth is not None:  # before the diffraction: a damaged object is refused early
+        _write_object(npz, truth, data)
     order = curve_order(*(per_pattern[name] for name in (*COORDINATE_KEYS, "scan_index")))
     _write(data, "intensity_sum", _write_diffraction(npz, layout, data, chunk_bytes, scratch, order))
     _write(data, "input_index", order)
     for name, values in per_pattern.items():
         _write(data, name, values[order])
     _write(data, "probeGuess", probe)
-    if obj is not None:
-        _write(data, "objectGuess", obj)
     used = {key, *COORDINATE_KEYS, "scan_index", "probeGuess", "objectGuess"}
     return {
         "diffraction_key": key,
@@ -639,6 +641,27 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
         "defaults": sorted(defaults),
         "skipped_keys": sorted(keys - used),
     }
+
+
+def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group) -> None:
+    """Stream ``objectGuess`` into ``data`` in slabs of about :data:`DEFAULT_CHUNK_BYTES`, stored in
+    :data:`OBJECT_TILE`² chunks: an object of any size is never held whole (a Fortran-ordered member
+    streams by columns)."""
+    shape = tuple(member.shape)
+    out = data.create_array(
+        "objectGuess", shape=shape, dtype=np.complex64, chunks=tuple(min(OBJECT_TILE, n) for n in shape),
+        dimension_names=_DIMS["objectGuess"], attributes=_attributes("objectGuess"), **array_options(),
+    )  # fmt: skip
+    stored = member.storage_shape
+    rows = max(1, DEFAULT_CHUNK_BYTES // (stored[1] * member.dtype.itemsize))
+    start = 0
+    for block in npz.iter_blocks("objectGuess", rows):
+        block = _complex("objectGuess", block)
+        if member.fortran_order:
+            out[:, start : start + len(block)] = block.T
+        else:
+            out[start : start + len(block)] = block
+        start += len(block)
 
 
 def _complex(key: str, values: np.ndarray) -> np.ndarray:
