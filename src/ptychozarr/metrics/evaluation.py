@@ -23,7 +23,7 @@ from ptychozarr.metrics.structural import _PAD, WIN_SIZE, _scoring_bytes, _ssim_
 __all__ = ["evaluate", "task_memory"]
 
 #: compare_models' metrics in the order evaluate's fused passes produce them.
-_COMPUTED = ("mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7")
+_COMPUTED = registry.COMPARE_MODELS
 
 #: Bytes per pixel of one input (complex128; complex64 inputs take half).
 _INPUT_BYTES = 16

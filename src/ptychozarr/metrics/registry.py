@@ -20,7 +20,7 @@ from typing import Literal
 
 import dask
 
-__all__ = ["Metric", "Scored", "compare_models_names", "extra_names", "metric", "metrics", "register",
+__all__ = ["COMPARE_MODELS", "Metric", "Scored", "compare_models_names", "extra_names", "metric", "metrics", "register",
            "unregister"]
 
 
@@ -111,6 +111,19 @@ class Metric:
             raise ValueError(f"metric {self.name}: give compute(scored) -> (amplitude, phase)")
 
 
+#: compare_models' metrics (name, display name, better, unit), in its CSV order; fixed.
+_COMPARE_MODELS = (
+    ("mae", "MAE", "lower", ""),
+    ("mse", "MSE", "lower", ""),
+    ("psnr", "PSNR (dB)", "higher", ""),
+    ("ssim", "SSIM", "higher", ""),
+    ("ms_ssim", "MS-SSIM", "higher", ""),
+    ("frc50", "FRC 0.5 (rings)", "higher", "rings"),
+    ("frc1over7", "FRC 1/7 (rings)", "higher", "rings"),
+)
+#: Their names: the first rows of every arm in ``comparison_metrics.csv``.
+COMPARE_MODELS = tuple(row[0] for row in _COMPARE_MODELS)
+
 _REGISTRY: dict[str, Metric] = {}
 _LOADED = False
 
@@ -163,15 +176,7 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for name, display, better, unit in (
-        ("mae", "MAE", "lower", ""),
-        ("mse", "MSE", "lower", ""),
-        ("psnr", "PSNR (dB)", "higher", ""),
-        ("ssim", "SSIM", "higher", ""),
-        ("ms_ssim", "MS-SSIM", "higher", ""),
-        ("frc50", "FRC 0.5 (rings)", "higher", "rings"),
-        ("frc1over7", "FRC 1/7 (rings)", "higher", "rings"),
-    ):
+    for name, display, better, unit in _COMPARE_MODELS:
         _REGISTRY[name] = Metric(name, display, better, unit=unit, compare_models=True)
     from ptychozarr.metrics.fourier import apodised_entries
 
