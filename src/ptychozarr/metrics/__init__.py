@@ -3,7 +3,8 @@
 One function per metric (:func:`mae`, :func:`mse`, :func:`psnr`, :func:`ssim`, :func:`ms_ssim`,
 :func:`frc` and :func:`frc_cutoff`), phase-plane removal, and :func:`evaluate`, which composes them like
 PtychoPINN's ``eval_reconstruction``, plus every metric registered in :mod:`.registry` (one entry per
-metric, read by evaluate and every report: :func:`metrics`, :func:`register`); :func:`task_memory` projects the host memory of one of its
+metric, read by evaluate and every report: :func:`metrics`, :func:`register`); :func:`task_memory`
+projects the host memory of one of its
 tasks. Each metric takes numpy or dask 2-D arrays; dask in gives dask out. Submodules are imported on
 first use.
 """

@@ -152,7 +152,8 @@ def evaluate(
     - MS-SSIM on (t, p') with the pre-filter and on the scaled phases without it;
     - FRC curves on (t, p') and on the phases; frc50 and frc1over7 interpolated (:func:`frc_cutoff`).
 
-    Eagerly, the work runs in eight passes plus the registered metrics' over the inputs, each over one image pair so that it streams
+    Eagerly, the work runs in eight passes plus the registered metrics' over the inputs, each over one
+    image pair so that it streams
     through memory: global statistics; pointwise; SSIM with the pre-filtered range (amplitude, phase);
     every MS-SSIM level at once (amplitude, phase); FRC (amplitude, phase); then the registered
     metrics' own (the Hann-windowed FRC: amplitude, phase). :func:`task_memory`

@@ -20,8 +20,17 @@ from typing import Literal
 
 import dask
 
-__all__ = ["COMPARE_MODELS", "Metric", "Scored", "compare_models_names", "extra_names", "metric", "metrics", "register",
-           "unregister"]
+__all__ = [
+    "COMPARE_MODELS",
+    "Metric",
+    "Scored",
+    "compare_models_names",
+    "extra_names",
+    "metric",
+    "metrics",
+    "register",
+    "unregister",
+]
 
 
 @dataclass

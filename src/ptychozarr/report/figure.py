@@ -269,6 +269,9 @@ def _nm(ring, n: int, pixel_size_m: float, entry: Metric) -> str:
     return f"≤{text}" if bound else text
 
 
+_NONE = (None, None)
+
+
 def _table_column(result: ArmResult | None, n: int, pixel_size_m) -> list[str]:
     """One arm's cells of the metrics table, in the order of :func:`_table_rows`."""
     metrics = result.metrics if result is not None and result.metrics else None
@@ -278,11 +281,11 @@ def _table_column(result: ArmResult | None, n: int, pixel_size_m) -> list[str]:
         cells = ["—"] * (len(entries) + len(crossings))
     else:
         cells = [
-            " / ".join(_rings(v, n, m) if m.unit == "rings" else _fmt(v) for v in metrics.get(m.name, (None,) * 2))
+            " / ".join(_rings(v, n, m) if m.unit == "rings" else _fmt(v) for v in metrics.get(m.name, _NONE))
             for m in entries
         ]
         cells += [
-            " / ".join(_nm(v, n, pixel_size_m, m) for v in metrics.get(m.name, (None,) * 2)) for m in crossings
+            " / ".join(_nm(v, n, pixel_size_m, m) for v in metrics.get(m.name, _NONE)) for m in crossings
         ]
     status = (result.registration.split(":")[0] if result is not None else "") or "—"
     return [*cells, status, _fmt(result.computation_time_s if result is not None else None)]
@@ -330,7 +333,8 @@ def _draw_frc(ax, part: int, labels, by_label: dict, sides: dict, thresholds: di
             r50, rhb = (_crossing(result, k, part) for k in ("frc50_hann", "frc_halfbit_hann"))
             detail = f"0.5 at {_rings(r50, n, hann_entry)}, ½-bit at {_rings(rhb, n, hann_entry)} rings"
             if pixel_size_m:
-                detail += f" ({_nm(r50, n, pixel_size_m, hann_entry)}, {_nm(rhb, n, pixel_size_m, hann_entry)} nm)"
+                nm = (_nm(r, n, pixel_size_m, hann_entry) for r in (r50, rhb))
+                detail += " ({}, {} nm)".format(*nm)
             (line,) = ax.plot(np.arange(hann.size), hann, lw=1.4, label=f"{label}, Hann: {detail}")
             colour = line.get_color()
         else:

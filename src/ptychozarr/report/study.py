@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ptychozarr.metrics import registry
 from ptychozarr.report._files import replacing
 from ptychozarr.report.runjson import write_json
-from ptychozarr.metrics import registry
 from ptychozarr.report.tables import ArmResult, metrics_rows
 
 __all__ = [

@@ -108,8 +108,9 @@ class ArmResult:
 
     def metrics_table(self) -> dict:
         """``{metric: {"amplitude": a, "phase": p}}`` of every registered metric (None when missing)."""
+        values = self.metrics or {}
         return {
-            m.name: dict(zip(("amplitude", "phase"), (self.metrics or {}).get(m.name, (None, None)), strict=True))
+            m.name: dict(zip(("amplitude", "phase"), values.get(m.name, (None, None)), strict=True))
             for m in registry.metrics()
         }
 
