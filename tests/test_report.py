@@ -121,6 +121,9 @@ def test_console_table_says_how_each_arm_was_scored(arms):
     assert "Baseline: rejected: weak peak (2.1)" in lines
     ssim = next(line for line in lines if line.startswith("SSIM"))
     assert ssim.split()[-4:] == ["3.3", "/", "3.35", "—"]  # PtyChi amplitude / phase; Tike none
+    arms[0].metrics["frc_halfbit_hann"] = (math.nan, 21.5)
+    halfbit = next(line for line in format_table(arms).splitlines() if line.startswith("FRC ½-bit, Hann"))
+    assert "none / 21.5" in halfbit  # never crosses: none, not the curve's length nor 1e-16
 
 
 def test_registration_status_is_derived_from_the_offset_when_not_given():

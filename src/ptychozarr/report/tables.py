@@ -173,10 +173,12 @@ def write_frc_curves(path: str | os.PathLike, label: str, curves) -> Path:
     return Path(path)
 
 
-def _pair(values) -> str:
+def _pair(values, entry: registry.Metric) -> str:
     amp, phase = values
     if amp is None and phase is None:
         return "—"
+    if entry.unit == "rings" and not entry.compare_models:  # NaN: a crossing that never happens
+        return " / ".join("none" if v is not None and math.isnan(float(v)) else _fmt(v) for v in values)
     return f"{_fmt(amp)} / {_fmt(phase)}"
 
 
@@ -187,12 +189,13 @@ def _fmt(x) -> str:
 def format_table(arms: Sequence[ArmResult]) -> str:
     """The comparison as a plain-text table: one column per arm, one row per metric.
 
-    Each metric cell is ``amplitude / phase``; the ``registration`` row says how each arm was scored
+    One row per registered metric; each cell is ``amplitude / phase`` (``none``: a windowed FRC that
+    never crosses its threshold; ``—``: not scored); the ``registration`` row says how each arm was scored
     (with the applied offset in px), and rejected registrations are explained below the table.
     """
     header = ["metric (amplitude / phase)", *(a.label for a in arms)]
     tables = [a.metrics_table() for a in arms]
-    body = [[m.display, *(_pair(t[m.name].values()) for t in tables)] for m in registry.metrics()]
+    body = [[m.display, *(_pair(t[m.name].values(), m) for t in tables)] for m in registry.metrics()]
     body.append(["registration", *(_registration_cell(a) for a in arms)])
     body.append(["computation time (s)", *(_fmt(a.computation_time_s) for a in arms)])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
