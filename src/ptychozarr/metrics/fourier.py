@@ -10,6 +10,12 @@ final spectrum for its frequencies; it computes its ring index (signed frequenci
 ``fftshift``) and adds its products to three ``bincount`` ring sums with Hermitian weights 2 (1 for the
 self-conjugate columns 0 and n/2). The per-slab sums are a tree reduction. No task holds more than one
 slab per image; with ``workdir`` no step holds more than a few slabs, the transposed spectrum lives on disk.
+
+A fourth ring sum counts each ring's pixels, from which the half-bit and 1-bit thresholds follow. With
+``window="hann"`` each input block is first multiplied by its rows' and columns' part of the separable
+2-D window (an outer product of two 1-D Hann windows), so apodisation costs no extra pass; with
+``nyquist=True`` the curve ends at ring n//2. :func:`apodised_entries` registers the windowed crossings
+(``frc50_hann`` …) in :mod:`ptychozarr.metrics.registry`.
 """
 
 from __future__ import annotations
