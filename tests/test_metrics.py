@@ -13,17 +13,22 @@ from skimage.metrics import structural_similarity
 
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.metrics import (
+    Metric,
     evaluate,
     fourier,
     frc,
+    frc_crossing,
     frc_cutoff,
     frc_length,
+    frc_rings,
     gaussian_prefilter,
     mae,
     ms_ssim,
     mse,
     phase_plane,
     psnr,
+    register,
+    registry,
     remove_phase_plane,
     ssim,
     structural,
@@ -89,6 +94,56 @@ def ref_cutoff(curve, threshold):
     return 0.0 if i == 0 else (i - 1) + (threshold - curve[i - 1]) / (curve[i] - curve[i - 1])
 
 
+def ref_frc_windowed(a, b):
+    """Hann-windowed FRC to Nyquist and ring pixel counts: np.fft.fft2 of the windowed images, ring sums
+    with np.bincount (integer frequencies, no fftshift needed)."""
+    n = min(a.shape)
+    r0, c0 = (a.shape[0] - n) // 2, (a.shape[1] - n) // 2
+    a, b = a[r0 : r0 + n, c0 : c0 + n], b[r0 : r0 + n, c0 : c0 + n]
+    w = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)  # periodic Hann
+    window = w[:, None] * w[None, :]
+    f1, f2 = np.fft.fft2(a * window), np.fft.fft2(b * window)
+    k = np.fft.fftfreq(n, 1.0 / n)
+    ring = np.rint(np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)).astype(int)
+    keep = ring <= n // 2
+
+    def ring_sum(z):
+        return np.bincount(ring[keep], weights=z[keep], minlength=n // 2 + 1)
+
+    c12 = ring_sum((f1 * f2.conj()).real)
+    curve = np.abs(c12) / np.sqrt(ring_sum(np.abs(f1) ** 2) * ring_sum(np.abs(f2) ** 2))
+    return curve, np.bincount(ring[keep])
+
+
+def ref_crossing(curve, threshold):
+    """First ring i >= 1 below the threshold, interpolated from ring i - 1 (>= 1); NaN if none."""
+    threshold = np.broadcast_to(threshold, np.shape(curve))
+    for i in range(1, len(curve)):
+        if curve[i] < threshold[i]:
+            if i == 1:
+                return 0.0
+            d0, d1 = curve[i - 1] - threshold[i - 1], curve[i] - threshold[i]
+            return (i - 1) + d0 / (d0 - d1)
+    return np.nan
+
+
+def ref_half_bit(counts):
+    return (0.2071 + 1.9102 / np.sqrt(counts)) / (1.2071 + 0.9102 / np.sqrt(counts))
+
+
+def ref_one_bit(counts):
+    return (0.5 + 2.4142 / np.sqrt(counts)) / (1.5 + 1.4142 / np.sqrt(counts))
+
+
+def ref_windowed_crossings(pairs):
+    rings = [ref_frc_windowed(*pair) for pair in pairs]
+    thresholds = {"frc50_hann": lambda c: 0.5, "frc1over7_hann": lambda c: 1 / 7,
+                  "frc_halfbit_hann": ref_half_bit, "frc_onebit_hann": ref_one_bit}
+    out = {name: tuple(ref_crossing(curve, th(counts)) for curve, counts in rings)
+           for name, th in thresholds.items()}
+    return out | {"frc_hann": tuple(curve for curve, _ in rings)}
+
+
 def ref_evaluate(recon, gt, ms_ssim_sigma=1.0):
     t = np.abs(gt)[2:-2, 2:-2]
     p = np.abs(recon)[2:-2, 2:-2]
@@ -107,7 +162,7 @@ def ref_evaluate(recon, gt, ms_ssim_sigma=1.0):
         "frc50": tuple(ref_cutoff(c, 0.5) for c in curves),
         "frc1over7": tuple(ref_cutoff(c, 1 / 7) for c in curves),
         "frc": curves,
-    }
+    } | ref_windowed_crossings(((t, p), (phi_t, phi_p)))
 
 
 # ---------------------------------------------------------------- images
@@ -235,6 +290,135 @@ def test_frc_cutoff_golden_values(curve, threshold, expected):
         expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("name", PAIRS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_windowed_frc_to_nyquist_equals_numpy(name, chunks, tmp_path):
+    a, b = PAIRS[name]
+    curve, counts = ref_frc_windowed(a, b)
+    assert curve.size == min(a.shape) // 2 + 1
+    for workdir in (None, tmp_path):
+        got = frc_rings(_dask(a, chunks), _dask(b, chunks), window="hann", nyquist=True, workdir=workdir,
+                        slab_bytes=2**15).compute()
+        np.testing.assert_allclose(got[0], curve, rtol=RTOL)
+        np.testing.assert_array_equal(got[1], counts)
+
+
+def test_plain_frc_to_nyquist_is_the_corner_curve_cut_at_nyquist():
+    a, b = PAIRS["camera"]
+    n = min(a.shape)
+    np.testing.assert_allclose(frc(a, b, nyquist=True), ref_frc(a, b)[: n // 2 + 1], rtol=RTOL)
+
+
+def test_unknown_window_raises():
+    a, b = PAIRS["random"]
+    with pytest.raises(InvalidParameterError, match="window"):
+        frc(a, b, window="tukey")
+
+
+@pytest.mark.parametrize(
+    ("curve", "threshold", "expected"),
+    [
+        ([0.1, 0.9, 0.7, 0.3], 0.5, 2.5),  # ring 0 (the means) is ignored: no crossing before ring 1
+        ([1.0, 0.9, 0.8, 0.7], 0.5, np.nan),  # never crosses: NaN (an empty cell), not the length
+        ([1.0, 0.4, 0.3], 0.5, 0.0),  # below at ring 1 already: nothing resolved, not 0.0 + ε
+        ([1.0, 0.8, 0.2, 0.1], 1 / 7, 2.5714285714285716),
+        ([1.0, 0.8, 0.6], [1.0, 0.5, 0.7], 1.75),  # a per-ring threshold
+    ],
+)
+def test_frc_crossing_golden_values(curve, threshold, expected):
+    rings = np.array([curve, np.ones(len(curve))])
+    got = frc_crossing(rings, threshold)
+    assert got == pytest.approx(expected, rel=1e-12, nan_ok=True)
+    assert got == pytest.approx(ref_crossing(np.array(curve), threshold), rel=1e-12, nan_ok=True)
+    lazy = frc_crossing(da.from_array(rings, chunks=1), threshold).compute()
+    assert lazy == pytest.approx(expected, rel=1e-12, nan_ok=True)
+
+
+def test_named_thresholds_follow_the_ring_pixel_counts():
+    counts = np.array([1.0, 8, 16, 24, 1e4])
+    curve = np.array([1.0, 0.95, 0.9, 0.5, 0.1])
+    rings = np.array([curve, counts])
+    for name, reference in (("halfbit", ref_half_bit), ("onebit", ref_one_bit)):
+        assert frc_crossing(rings, name) == pytest.approx(ref_crossing(curve, reference(counts)))
+    assert ref_half_bit(1.0) == pytest.approx(1.0, abs=1e-4)
+    assert ref_one_bit(1.0) == pytest.approx(1.0, abs=1e-4)
+
+
+def _blurred_pair(n=128, sigma=3.0):
+    """A non-periodic textured object with a ramp and its Gaussian blur (σ = 3 px) plus a little noise:
+    the blur's transfer is below 2 % past ring 20 of 128, so nothing there is resolved."""
+    rng = np.random.default_rng(4)
+    rows, cols = np.mgrid[:n, :n]
+    truth = 1 + 0.004 * rows - 0.003 * cols + 0.3 * gaussian_filter(rng.standard_normal((n, n)), 1.0)
+    recon = gaussian_filter(truth, sigma) + 0.01 * rng.standard_normal((n, n))
+    return truth, recon
+
+
+def test_apodised_frc_falls_past_the_true_resolution_where_the_plain_one_stays_high():
+    truth, recon = _blurred_pair()
+    n = truth.shape[0]
+    plain, windowed = frc(truth, recon), frc(truth, recon, window="hann", nyquist=True)
+    past = slice(30, n // 2 + 1)
+    assert plain[past].mean() > 0.5  # the box edges correlate with themselves at every ring
+    assert windowed[past].max() < 0.2 and windowed[past].mean() < 0.1
+    assert windowed.size == n // 2 + 1
+    # through evaluate: the windowed crossings fall where the blur cuts off, the plain 1/7 never does
+    scored = evaluate(recon * np.exp(0.3j * truth), truth * np.exp(0.3j * truth))
+    assert 12 < scored["frc50_hann"][0] < scored["frc1over7_hann"][0] < 30
+    assert 12 < scored["frc_halfbit_hann"][0] < 30 and 12 < scored["frc_onebit_hann"][0] < 30
+    assert len(scored["frc_hann"][0]) == (n - 4) // 2 + 1
+
+
+# ---------------------------------------------------------------- the registry
+
+@pytest.fixture
+def toy_metric():
+    """A metric registered for one test: the mean of recon − truth, amplitude and phase."""
+    entry = Metric(
+        "mean_bias", "mean bias", "lower",
+        lambda scored: scored.resolve(*((p - t).mean() for t, p in (scored.amplitude, scored.phase))),
+        memory=lambda shape, chunk: {"mean_bias": 1},
+    )
+    register(entry)
+    yield entry
+    registry.unregister("mean_bias")
+
+
+def test_a_registered_metric_is_evaluated_and_projected(toy_metric):
+    recon, gt = _complex_pair((60, 70))
+    got = evaluate(recon, gt)
+    t = np.abs(gt)[2:-2, 2:-2]
+    p = np.abs(recon)[2:-2, 2:-2]
+    assert got["mean_bias"][0] == pytest.approx(np.mean(p * t.mean() / p.mean() - t), abs=1e-12)
+    assert list(got)[-2:] == ["mean_bias", "frc_hann"]
+    assert task_memory((64, 64))["mean_bias"] == 1
+    with pytest.raises(ValueError, match="registered already"):
+        register(toy_metric)
+    with pytest.raises(ValueError, match="compare_models"):
+        registry.unregister("ssim")
+
+
+def test_a_registered_metric_reaches_the_csv_the_tables_and_the_deltas(toy_metric, tmp_path):
+    import pandas as pd
+
+    from ptychozarr.report import ArmResult, StudyRun, deltas, format_table, write_metrics_csv
+
+    arms = [ArmResult("pinn", "PtychoPINN", {"mean_bias": (0.1, 0.2)}),
+            ArmResult("baseline", "Baseline", {"mean_bias": (0.3, 0.1)})]
+    frame = pd.read_csv(write_metrics_csv(tmp_path / "m.csv", arms))
+    rows = frame[frame["metric"] == "mean_bias"]
+    assert list(rows["model"]) == ["PtychoPINN", "Baseline"] and list(rows["amplitude"]) == [0.1, 0.3]
+    assert list(frame["metric"])[:7] == list(registry.COMPARE_MODELS)  # compare_models' rows first
+    assert frame.index[frame["metric"] == "mean_bias"].min() > frame.index[
+        frame["metric"] == "computation_time_s"].max()
+    line = next(x for x in format_table(arms).splitlines() if x.startswith("mean bias"))
+    assert line.split()[-6:] == ["0.1", "/", "0.2", "0.3", "/", "0.1"]
+    table = deltas([StudyRun(1, "dense", "test", 0, arms)])
+    bias = table[table["metric"] == "mean_bias"].set_index("part")
+    assert bias.loc["amplitude", "vs_baseline"] == "better" and bias.loc["phase", "vs_baseline"] == "worse"
+    assert set(bias["better"]) == {"lower"}
+
+
 # ---------------------------------------------------------------- evaluate
 
 @pytest.mark.parametrize("chunks", [None, (37, 23), (4, 60)])
@@ -244,9 +428,10 @@ def test_evaluate_equals_in_memory_reference(chunks):
     if chunks is not None:
         recon, gt = _dask(recon, chunks), _dask(gt, chunks)
     got = evaluate(recon, gt)
-    assert list(got) == ["mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7", "frc"]
+    assert list(got) == ["mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7", "frc",
+                         "frc50_hann", "frc1over7_hann", "frc_halfbit_hann", "frc_onebit_hann", "frc_hann"]
     for key in expected:
-        if key == "frc":
+        if key in ("frc", "frc_hann"):
             for curve, ref in zip(got[key], expected[key], strict=True):
                 np.testing.assert_allclose(curve, ref, rtol=RTOL)
         else:
@@ -261,8 +446,8 @@ def test_evaluate_lazy_is_one_graph_with_the_same_values():
     assert isinstance(lazy["ssim"][0], da.Array)
     (computed,) = dask.compute(lazy)
     for key in eager:
-        if key != "frc":
-            np.testing.assert_allclose(computed[key], eager[key], rtol=RTOL, err_msg=key)
+        np.testing.assert_allclose(np.concatenate([np.ravel(v) for v in computed[key]]),
+                                   np.concatenate([np.ravel(v) for v in eager[key]]), rtol=RTOL, err_msg=key)
     phi, phi_t = np.angle(recon)[2:-2, 2:-2], np.angle(gt)[2:-2, 2:-2]
     expected_mae = np.mean(np.abs((phi_t - phi_t.mean()) - (phi - phi.mean())))
     assert eager["mae"][1] == pytest.approx(expected_mae, rel=RTOL)
@@ -317,21 +502,23 @@ def test_task_memory_bounds_each_measured_pass(tmp_path):
     recon = gt * (1 + 0.1 * rng.random((n, n)))
     projected = task_memory((n, n), chunk=n)
     projected["frc"] = max(projected.pop("frc_rows"), projected.pop("frc_columns"))
+    projected["frc_hann"] = max(projected.pop("frc_rows_hann"), projected.pop("frc_columns_hann"))
     tracemalloc.start()
     try:
         with dask.config.set(scheduler="sync"), _PeakPerPass() as passes:
             evaluate(_dask(recon, n), _dask(gt, n), workdir=tmp_path)
     finally:
         tracemalloc.stop()
-    kinds = ["stats", "pointwise", "ssim", "ssim", "ms_ssim", "ms_ssim", "frc", "frc"]
+    kinds = ["stats", "pointwise", "ssim", "ssim", "ms_ssim", "ms_ssim", "frc", "frc", "frc_hann", "frc_hann"]
     assert len(passes.peaks) == len(kinds)
     for kind, measured in zip(kinds, passes.peaks, strict=True):
-        assert measured <= projected[kind] <= 3 * measured, kind
+        assert measured <= projected[kind] <= 3 * measured, (kind, measured, projected[kind])
 
 
 def test_task_memory_does_not_grow_with_the_width():
     narrow, wide = task_memory((8192, 8192), chunk=512), task_memory((8192, 65536), chunk=512)
-    assert set(narrow) == {"stats", "pointwise", "ssim", "ms_ssim", "frc_rows", "frc_columns"}
+    assert set(narrow) == {"stats", "pointwise", "ssim", "ms_ssim", "frc_rows", "frc_columns",
+                           "frc_rows_hann", "frc_columns_hann"}
     for kind in ("stats", "pointwise", "ssim", "ms_ssim"):
         assert wide[kind] == narrow[kind], kind
 

@@ -16,6 +16,7 @@ from skimage.metrics import structural_similarity
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
+from ptychozarr.metrics import registry
 from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
 from ptychozarr.pipeline import compare
 from ptychozarr.report import METRIC_ORDER
@@ -58,10 +59,11 @@ def test_metrics_csv_has_compare_models_schema_and_order(reference):
     assert {r["registration"] for r in rows} == {"unregistered"}  # --skip-registration
     expected = [(m, name) for m in ("PtychoPINN", "Baseline") for name in METRIC_ORDER]
     expected += [("PtychoPINN", "computation_time_s"), ("Baseline", "computation_time_s")]
-    assert [(r["model"], r["metric"]) for r in rows] == expected
+    expected += [(m, name) for m in ("PtychoPINN", "Baseline") for name in registry.extra_names()]
+    assert [(r["model"], r["metric"]) for r in rows] == expected  # compare_models' rows, then the engine's
     for r in rows[:14]:
         assert r["amplitude"] and r["phase"] and r["value"] == ""
-    assert all(float(r["value"]) > 0 for r in rows[14:])
+    assert all(float(r["value"]) > 0 for r in rows[14:16])
     for key in ("pinn", "baseline"):
         frc = _rows(reference.output_dir / f"{key}_frc_curves.csv")
         assert list(frc[0]) == ["model", "frequency_bin", "amplitude_frc", "phase_frc"]
@@ -389,7 +391,7 @@ baseline_model = "{tmp_path / "missing.keras"}"
     }  # empty row kept
     assert jobs["sparse", "test"]["PtychoPINN", "mae"]["amplitude"] > 0
     deltas = _rows(out / "study_deltas.csv")
-    assert len(deltas) == 2 * len(METRIC_ORDER) * 2
+    assert len(deltas) == 2 * len(registry.metrics()) * 2
     full = [r for r in deltas if r["run"] == "full" and r["metric"] == "mae" and r["part"] == "amplitude"][0]
     pinn, base = (jobs["dense", "test"][k, "mae"]["amplitude"] for k in ("PtychoPINN", "Baseline"))
     assert float(full["pinn_minus_baseline"]) == pytest.approx(pinn - base, abs=1e-6)

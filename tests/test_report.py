@@ -13,7 +13,7 @@ import zarr
 from scipy.ndimage import gaussian_filter
 
 from ptychozarr.errors import InvalidParameterError
-from ptychozarr.metrics import evaluate, frc, frc_cutoff
+from ptychozarr.metrics import evaluate, frc, frc_cutoff, registry
 from ptychozarr.report import (
     CSV_COLUMNS,
     METRIC_ORDER,
@@ -43,7 +43,8 @@ from ptychozarr.report._files import replacing
 
 def _metrics(seed: float) -> dict:
     """A metrics dict shaped like :func:`ptychozarr.metrics.evaluate` output, distinct per seed."""
-    values = {name: (seed + i / 10, seed + i / 10 + 0.05) for i, name in enumerate(METRIC_ORDER)}
+    names = [m.name for m in registry.metrics()]
+    values = {name: (seed + i / 10, seed + i / 10 + 0.05) for i, name in enumerate(names)}
     return values | {"frc": (np.linspace(1, 0, 5), np.linspace(1, 0.2, 5))}
 
 
@@ -70,6 +71,9 @@ def test_metrics_csv_keeps_compare_models_rows_and_marks_registration(arms, tmp_
     expected = [(lb, m) for lb in labels for m in METRIC_ORDER]
     expected += [("PtyChi", "registration_offset_dy"), ("PtyChi", "registration_offset_dx")]
     expected += [(lb, "computation_time_s") for lb in labels]
+    expected += [(lb, m) for lb in labels for m in registry.extra_names()]  # the engine's, after
+    hann = ("frc50_hann", "frc1over7_hann", "frc_halfbit_hann", "frc_onebit_hann")
+    assert registry.extra_names()[:4] == hann
     assert list(zip(frame["model"], frame["metric"], strict=True)) == expected
     status = dict(zip(frame["model"], frame["registration"], strict=False))
     assert status == {
@@ -95,7 +99,8 @@ def test_metrics_csv_reads_back_as_ptychopinn_study_summariser_reads_it(arms, tm
                 parsed.append((float(row["amplitude"]), float(row["phase"])))
             elif row["value"].strip():
                 parsed.append(float(row["value"]))
-    assert len(parsed) == 3 * len(METRIC_ORDER) + 2 + 2  # three scored arms, two offsets, two timings
+    # three scored arms, two offsets, two timings
+    assert len(parsed) == 3 * len(registry.metrics()) + 2 + 2
 
 
 def test_frc_curves_csv_pads_the_shorter_curve(tmp_path):
@@ -116,6 +121,9 @@ def test_console_table_says_how_each_arm_was_scored(arms):
     assert "Baseline: rejected: weak peak (2.1)" in lines
     ssim = next(line for line in lines if line.startswith("SSIM"))
     assert ssim.split()[-4:] == ["3.3", "/", "3.35", "—"]  # PtyChi amplitude / phase; Tike none
+    arms[0].metrics["frc_halfbit_hann"] = (math.nan, 21.5)
+    halfbit = next(line for line in format_table(arms).splitlines() if line.startswith("FRC ½-bit, Hann"))
+    assert "none / 21.5" in halfbit  # never crosses: none, not the curve's length nor 1e-16
 
 
 def test_registration_status_is_derived_from_the_offset_when_not_given():
@@ -234,16 +242,40 @@ def test_figure_draws_the_metrics_table_and_frc_thresholds(scene, figure):
     assert results[1].metrics["frc50"] == (43.0, 43.0)  # PtyChi's curves never fall below 0.5 ...
     assert cells[(row_of["FRC 0.5 (rings)"], 1)] == "≥43 / ≥43"  # ... which reads as a bound
     assert cells[(row_of["FRC 0.5 (nm)"], 1)] == f"≤{n * 10 / 43:.4g} / ≤{n * 10 / 43:.4g}"
+    nyquist = n // 2 + 1
+    r = np.arange(n) - n // 2
+    rings = np.round(np.sqrt(r[:, None] ** 2 + r[None, :] ** 2)).astype(int).ravel()
+    count = np.bincount(rings)[:nyquist]
     for ax, part in ((amp_ax, 0), (phase_ax, 1)):
         lines = {line.get_label(): line for line in ax.get_lines()}
-        assert {"0.5", "1/7", "half-bit"} <= set(lines)
-        r = np.arange(n) - n // 2
-        rings = np.round(np.sqrt(r[:, None] ** 2 + r[None, :] ** 2)).astype(int).ravel()
-        count = np.bincount(rings)
+        assert {"0.5", "1/7", "half-bit", "1-bit"} <= set(lines)
         expected = (0.2071 + 1.9102 / np.sqrt(count)) / (1.2071 + 0.9102 / np.sqrt(count))
         np.testing.assert_allclose(lines["half-bit"].get_ydata(), expected)
-        curves = [line for label, line in lines.items() if label.startswith("PtychoPINN")]
-        np.testing.assert_allclose(curves[0].get_ydata(), results[0].metrics["frc"][part])
+        one_bit = (0.5 + 2.4142 / np.sqrt(count)) / (1.5 + 1.4142 / np.sqrt(count))
+        np.testing.assert_allclose(lines["1-bit"].get_ydata(), one_bit)
+        plain = lines["PtychoPINN, no window (compare_models)"]
+        np.testing.assert_allclose(plain.get_ydata(), results[0].metrics["frc"][part][:nyquist])
+        hann = [line for label, line in lines.items() if label.startswith("PtychoPINN, Hann")]
+        np.testing.assert_allclose(hann[0].get_ydata(), results[0].metrics["frc_hann"][part])
+        assert all(len(line.get_xdata()) <= nyquist for line in lines.values())
+        assert ax.get_xlim()[1] == n // 2
+    # the windowed crossings, in rings and nm: blurred PtyChi now crosses 0.5 well before Nyquist
+    r50_hann = results[1].metrics["frc50_hann"]
+    assert all(0 < v < n // 2 for v in r50_hann)
+    assert cells[(row_of["FRC 0.5, Hann (rings)"], 1)] == f"{r50_hann[0]:.4g} / {r50_hann[1]:.4g}"
+    assert cells[(row_of["FRC 0.5, Hann (nm)"], 1)].split(" / ")[0] == f"{n * 10 / r50_hann[0]:.4g}"
+    assert "FRC ½-bit, Hann (rings)" in row_of and "FRC 1-bit, Hann (nm)" in row_of
+
+
+def test_figure_writes_none_for_a_windowed_curve_that_never_crosses(scene):
+    truth, arms, results = scene
+    never = ArmResult("pinn", "PtychoPINN", results[0].metrics | {"frc50_hann": (math.nan, 3.0)})
+    fig = comparison_figure(truth, {"PtychoPINN": arms["PtychoPINN"]}, [never], title="t", max_side=16)
+    fig.canvas.draw()
+    table = fig.subfigs[1].axes[0].tables[0]
+    cells = {(r, c): cell.get_text().get_text() for (r, c), cell in table.get_celld().items()}
+    row = next(r for (r, c), text in cells.items() if c == -1 and text == "FRC 0.5, Hann (rings)")
+    assert cells[(row, 0)] == "none / 3"
 
 
 def test_figure_strides_large_images(figure):
@@ -424,14 +456,16 @@ def test_study_manifest_and_summary_follow_ptychopinns_schema(runs, tmp_path):
 
 
 def test_deltas_say_which_side_is_better_for_each_metric():
-    pinn_better = {m: (0.2, 0.2) if m in ("mae", "mse") else (0.9, 0.9) for m in METRIC_ORDER}
-    pinn_worse = {m: (0.9, 0.9) if m in ("mae", "mse") else (0.2, 0.2) for m in METRIC_ORDER}
-    middle = {m: (0.5, 0.5) for m in METRIC_ORDER}
+    names = [m.name for m in registry.metrics()]
+    pinn_better = {m: (0.2, 0.2) if m in ("mae", "mse") else (0.9, 0.9) for m in names}
+    pinn_worse = {m: (0.9, 0.9) if m in ("mae", "mse") else (0.2, 0.2) for m in names}
+    middle = {m: (0.5, 0.5) for m in names}
     run = StudyRun(1, "dense", "test", 0, [
         ArmResult("pinn", "PtychoPINN", pinn_better), ArmResult("baseline", "Baseline", middle),
         ArmResult("tike", "Tike", middle),
     ])  # fmt: skip
     table = deltas([run])
+    assert list(dict.fromkeys(table["metric"])) == names
     assert set(table["vs_baseline"]) == {"better"} and set(table["vs_iterative"]) == {"better"}
     assert set(table["iterative_label"]) == {"Tike"}
     lower = table["metric"].isin(["mae", "mse"])

@@ -416,6 +416,9 @@ def _write_report(
         written["metrics_csv"] = str(report.write_metrics_csv(out / "comparison_metrics.csv", arms))
         for arm in scored:
             report.write_frc_curves(out / f"{arm.key}_frc_curves.csv", arm.label, arm.metrics["frc"])
+            if "frc_hann" in arm.metrics:  # the Hann-windowed curves, to Nyquist
+                hann = out / f"{arm.key}_frc_curves_hann.csv"
+                report.write_frc_curves(hann, arm.label, arm.metrics["frc_hann"])
     else:
         log.warning(
             "the scan has no objectGuess (ground truth): reconstructions and plot only, no "

@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
+from ptychozarr.metrics import registry
 from ptychozarr.metrics._blocks import Window, halo_map
 from ptychozarr.metrics._common import _NUMPY_CHUNK, _checked, _pair, _require_min_side
 from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, _task_bytes, frc, frc_cutoff
@@ -20,6 +21,9 @@ from ptychozarr.metrics.pointwise import mae, mse, phase_plane, psnr, remove_pha
 from ptychozarr.metrics.structural import _PAD, WIN_SIZE, _scoring_bytes, _ssim_count, _ssim_sum
 
 __all__ = ["evaluate", "task_memory"]
+
+#: compare_models' metrics in the order evaluate's fused passes produce them.
+_COMPUTED = registry.COMPARE_MODELS
 
 #: Bytes per pixel of one input (complex128; complex64 inputs take half).
 _INPUT_BYTES = 16
@@ -65,7 +69,9 @@ def task_memory(shape: tuple[int, int], *, chunk: int | None = None) -> dict[str
     dict
         ``stats`` (means, ranges, phase planes), ``pointwise`` (MAE, MSE, PSNR), ``ssim`` (SSIM and the
         pre-filtered range, halo 3), ``ms_ssim`` (every level, halo ``3·2**(levels−1)`` + pre-filter
-        radius), ``frc_rows`` and ``frc_columns`` (the two FFT passes): bytes of one task.
+        radius), ``frc_rows`` and ``frc_columns`` (the two FFT passes), then the passes registered
+        metrics add (:attr:`Metric.memory <ptychozarr.metrics.registry.Metric>`; the Hann-windowed FRC:
+        ``frc_rows_hann``, ``frc_columns_hann``): bytes of one task.
 
     Notes
     -----
@@ -81,13 +87,17 @@ def task_memory(shape: tuple[int, int], *, chunk: int | None = None) -> dict[str
         ext_rows, ext_cols = (min(c + 2 * halo, n) for c, n in zip((rows, cols), shape, strict=True))
         return inputs + 2 * _BLOCK_COPIES * 8 * ext_rows * ext_cols + _scoring_bytes(ext_rows, ext_cols)
 
-    return {
+    passes = {
         "stats": inputs + _STATS_FLOATS * 8 * rows * cols,
         "pointwise": inputs + _POINTWISE_FLOATS * 8 * rows * cols,
         "ssim": windowed(max(_PAD, _radius(1.0))),
         "ms_ssim": windowed(_ms_halo(1.0, _levels(shape))),
         **_task_bytes(min(shape), _INPUT_BYTES),
     }
+    for entry in registry.metrics():
+        if entry.memory is not None:
+            passes |= entry.memory(tuple(shape), chunk)
+    return passes
 
 
 def evaluate(
@@ -125,7 +135,11 @@ def evaluate(
     -------
     dict
         ``mae``, ``mse``, ``psnr``, ``ssim``, ``ms_ssim``, ``frc50``, ``frc1over7``: (amplitude, phase)
-        tuples of floats; ``frc``: (amplitude curve, phase curve). Dask objects when ``lazy``.
+        tuples of floats; ``frc``: (amplitude curve, phase curve); then every other registered metric
+        (:mod:`ptychozarr.metrics.registry`; built in: ``frc50_hann``, ``frc1over7_hann``,
+        ``frc_halfbit_hann``, ``frc_onebit_hann``, NaN where a curve never crosses) and the curves they
+        publish (``frc_hann``: curves of the Hann-windowed images, to Nyquist). Dask objects when
+        ``lazy``.
 
     Notes
     -----
@@ -138,9 +152,11 @@ def evaluate(
     - MS-SSIM on (t, p') with the pre-filter and on the scaled phases without it;
     - FRC curves on (t, p') and on the phases; frc50 and frc1over7 interpolated (:func:`frc_cutoff`).
 
-    Eagerly, the work runs in eight passes over the inputs, each over one image pair so that it streams
+    Eagerly, the work runs in eight passes plus the registered metrics' over the inputs, each over one
+    image pair so that it streams
     through memory: global statistics; pointwise; SSIM with the pre-filtered range (amplitude, phase);
-    every MS-SSIM level at once (amplitude, phase); FRC (amplitude, phase). :func:`task_memory`
+    every MS-SSIM level at once (amplitude, phase); FRC (amplitude, phase); then the registered
+    metrics' own (the Hann-windowed FRC: amplitude, phase). :func:`task_memory`
     projects one task of each. Give inputs backed by storage (e.g. ``dask.array.from_zarr``) rather
     than expensive graphs: every pass re-reads them.
     NaN in either input raises :class:`~ptychozarr.errors.InvalidParameterError` (when the graph runs,
@@ -182,15 +198,19 @@ def evaluate(
     multiscale = [_resolve(lazy, _ms_ssim_of(x, y, sg, r))[0]
                   for (x, y, sg, _), r in zip(ms_pairs, ms_ranges, strict=True)]
     temporary = workdir is None and not (lazy or numpy_in)
+    extras = [m for m in registry.metrics() if not m.compare_models]
     with tempfile.TemporaryDirectory() if temporary else nullcontext(workdir) as directory:
         curves = [_resolve(lazy, frc(*pair, sigma=frc_sigma, workdir=directory))[0]
                   for pair in (amplitude, phase)]
+        scored = registry.Scored(amplitude, phase, (s_t, s_p), lazy=lazy, workdir=directory,
+                                 frc_sigma=frc_sigma)
+        extra_values = {m.name: tuple(m.compute(scored)) for m in extras}
     values = [*pointwise, *ssims, *multiscale]
     if not lazy:
         values = [float(v) for v in values]
     cutoffs = [frc_cutoff(c, th) for th in (FRC50, FRC1OVER7) for c in curves]
-    names = ("mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7")
     values += cutoffs
-    out = {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(names)}
+    out = {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(_COMPUTED)}
+    out = {name: out[name] for name in registry.compare_models_names()}
     out["frc"] = tuple(curves)
-    return out
+    return out | extra_values | scored.curves

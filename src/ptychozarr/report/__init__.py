@@ -10,7 +10,7 @@ and paths, and writes one file under a unique temporary name before renaming it 
 - :mod:`~ptychozarr.report.study`: the study's files in PtychoPINN's study-pipeline schema, deltas
   and mean ± spread beside them, the study's printed table;
 - :mod:`~ptychozarr.report.runjson`: ``run.json`` and the project's one JSON normaliser;
-- :mod:`~ptychozarr.report.resolution`: FRC ring counts, the half-bit threshold, crossings.
+- :mod:`~ptychozarr.report.resolution`: FRC ring counts, the half-bit and 1-bit thresholds, crossings.
 """
 
 from ptychozarr.report.figure import comparison_figure, write_comparison_figure, write_objects_plot
@@ -18,6 +18,7 @@ from ptychozarr.report.npz import npz_prefix, write_aligned_npz, write_reconstru
 from ptychozarr.report.resolution import (
     frc_side,
     half_bit_threshold,
+    one_bit_threshold,
     resolution_m,
     ring_counts,
     threshold_crossing,
@@ -63,6 +64,7 @@ __all__ = [
     "metrics_summary",
     "metrics_summary_markdown",
     "npz_prefix",
+    "one_bit_threshold",
     "resolution_m",
     "ring_counts",
     "run_dir",

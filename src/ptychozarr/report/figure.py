@@ -10,11 +10,14 @@ Layout (one column per image, the ground truth first)::
 
 Each arm is shown as it was scored: its amplitude scaled to the truth's mean amplitude and its
 constant phase offset to the truth removed (the phase of Σ recon·conj(truth)), so that arms compare
-by colour. The error maps are ``| |recon| − |truth| |`` and the wrapped phase difference. The FRC
-panels draw every arm's curve with the 0.5, 1/7 and half-bit thresholds (the half-bit curve from the
-ring pixel counts, :mod:`ptychozarr.report.resolution`); given a pixel size, resolutions are also
-given in nm and a top axis shows spatial frequency; a curve that never crosses a threshold reads
-``≥ L`` rings (``≤`` the finest period in nm). Images larger than ``max_side`` are strided.
+by colour. The error maps are ``| |recon| − |truth| |`` and the wrapped phase difference. The table
+has one row per registered metric (:mod:`ptychozarr.metrics.registry`). The FRC panels draw, to
+Nyquist, every arm's curve of the Hann-windowed images (solid, with its 0.5 and half-bit crossings)
+and compare_models' unwindowed curve (thin, dashed), with the 0.5, 1/7, half-bit and 1-bit thresholds
+(the last two from the ring pixel counts, :mod:`ptychozarr.report.resolution`); given a pixel size,
+crossings are also given in nm and a top axis shows spatial frequency. compare_models' crossing
+``L`` (never crossed) reads ``≥ L`` rings (``≤`` the finest period in nm); a windowed curve that never
+crosses reads ``none``. Images larger than ``max_side`` are strided.
 Built with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot state.
 """
 
@@ -29,16 +32,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
-from ptychozarr.metrics import FRC1OVER7, FRC50, frc_length
+from ptychozarr.metrics import FRC1OVER7, FRC50, frc_length, one_bit_threshold, registry
+from ptychozarr.metrics.registry import Metric
 from ptychozarr.report._files import replacing
-from ptychozarr.report.resolution import (
-    frc_side,
-    half_bit_threshold,
-    resolution_m,
-    ring_counts,
-    threshold_crossing,
-)
-from ptychozarr.report.tables import METRIC_ORDER, ArmResult
+from ptychozarr.report.resolution import frc_side, half_bit_threshold, resolution_m, ring_counts
+from ptychozarr.report.tables import ArmResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,17 +51,6 @@ _ROWS = (
     ("amplitude_error", "magma", "|Δ amplitude|"),
     ("phase_error", "RdBu_r", "Δ phase (rad, wrapped)"),
 )
-_NAMES = {
-    "mae": "MAE",
-    "mse": "MSE",
-    "psnr": "PSNR (dB)",
-    "ssim": "SSIM",
-    "ms_ssim": "MS-SSIM",
-    "frc50": "FRC 0.5 (rings)",
-    "frc1over7": "FRC 1/7 (rings)",
-}
-
-
 def _step(shape, max_side: int) -> int:
     return max(1, -(-max(shape) // max_side))
 
@@ -160,10 +147,10 @@ def comparison_figure(
     from matplotlib.figure import Figure
 
     ncols = len(labels) + 1
-    fig = Figure(figsize=(_PANEL_IN * ncols + 1.5, 4 * _PANEL_IN + 5.3), layout="constrained")
+    fig = Figure(figsize=(_PANEL_IN * ncols + 3.0, 4 * _PANEL_IN + 6.3), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(title, fontsize=14)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 4.8])
+    top, bottom = fig.subfigures(2, 1, height_ratios=[4 * _PANEL_IN, 5.8])
     top.suptitle(
         "arms as scored: amplitude scaled to the truth's mean, constant phase offset removed"
         + (f"; 1 pixel in {step} per axis shown" if step > 1 else "")
@@ -171,13 +158,13 @@ def comparison_figure(
         fontsize=9,
     )
     _draw_images(top, labels, shown_truth, panels, by_label)
-    thresholds: dict = {}
-    half_bits = _half_bits(labels, by_label, sides, thresholds)
+    _check_curves(labels, by_label, sides)
+    thresholds = {n: _thresholds(n) for n in set(sides.values())}
     grid = bottom.add_gridspec(1, 3, width_ratios=[1.5, 1, 1])
-    _draw_table(bottom.add_subplot(grid[0]), labels, by_label, sides, half_bits, pixel_size_m)
+    _draw_table(bottom.add_subplot(grid[0]), labels, by_label, sides, pixel_size_m)
     for part in (0, 1):
         ax = bottom.add_subplot(grid[part + 1])
-        _draw_frc(ax, part, labels, by_label, sides, half_bits, thresholds, pixel_size_m)
+        _draw_frc(ax, part, labels, by_label, sides, thresholds, pixel_size_m)
     return fig
 
 
@@ -233,71 +220,85 @@ def _arm_title(label: str, result: ArmResult | None) -> str:
     return f"{label}\n{result.registration.split(':')[0]}"
 
 
-def _curve(result: ArmResult | None, part: int) -> np.ndarray | None:
-    if result is None or not result.metrics or "frc" not in result.metrics:
+def _curve(result: ArmResult | None, part: int, key: str = "frc") -> np.ndarray | None:
+    if result is None or not result.metrics or key not in result.metrics:
         return None
-    return np.asarray(result.metrics["frc"][part], dtype=np.float64)
+    return np.asarray(result.metrics[key][part], dtype=np.float64)
 
 
-def _half_bits(labels, by_label: dict, sides: dict, thresholds: dict) -> dict:
-    """Half-bit crossing (rings) per arm label and part; curves checked against their image side."""
-    out = {}
+def _check_curves(labels, by_label: dict, sides: dict) -> None:
+    """Each arm's curves match its image side: corner-length plain curves, Nyquist-length windowed ones."""
     for label in labels:
-        n, crossings = sides[label], []
-        for part in (0, 1):
-            curve = _curve(by_label.get(label), part)
-            if curve is not None and curve.size != frc_length(n):
-                raise InvalidParameterError(
-                    f"arm {label}: its FRC curve has {curve.size} rings, an image of side {n} gives "
-                    f"{frc_length(n)}; pass the trim the arm was scored with"
-                )
-            if curve is not None and n not in thresholds:
-                thresholds[n] = half_bit_threshold(ring_counts(n))
-            crossings.append(math.nan if curve is None else threshold_crossing(curve, thresholds[n]))
-        out[label] = tuple(crossings)
-    return out
+        n = sides[label]
+        for key, length in (("frc", frc_length(n)), ("frc_hann", n // 2 + 1)):
+            for part in (0, 1):
+                curve = _curve(by_label.get(label), part, key)
+                if curve is not None and curve.size != length:
+                    raise InvalidParameterError(
+                        f"arm {label}: its {key} curve has {curve.size} rings, an image of side {n} gives "
+                        f"{length}; pass the trim the arm was scored with"
+                    )
+
+
+def _thresholds(n: int) -> dict[str, np.ndarray]:
+    """The half-bit and 1-bit thresholds of an n×n FRC, to Nyquist, from its rings' pixel counts."""
+    counts = ring_counts(n)[: n // 2 + 1]
+    return {"half-bit": half_bit_threshold(counts), "1-bit": one_bit_threshold(counts)}
 
 
 def _fmt(value) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def _rings(ring: float, n: int) -> str:
-    """A crossing in rings; ``≥ L`` when the curve (of L rings) never crosses."""
-    return f"≥{frc_length(n)}" if ring >= frc_length(n) else _fmt(ring)
+def _rings(ring, n: int, entry: Metric) -> str:
+    """A crossing in rings: compare_models' ``L`` (never crossed) reads ``≥ L``; a registered
+    crossing that never happens (NaN) reads ``none``."""
+    if ring is None:
+        return "—"
+    if not math.isfinite(ring):
+        return "—" if entry.compare_models else "none"
+    return f"≥{frc_length(n)}" if entry.compare_models and ring >= frc_length(n) else _fmt(ring)
 
 
-def _nm(ring: float, n: int, pixel_size_m: float) -> str:
-    """A crossing as a period in nm; ``≤`` the finest period when the curve never crosses."""
+def _nm(ring, n: int, pixel_size_m: float, entry: Metric) -> str:
+    """A crossing as a period in nm; ``≤`` the finest period for compare_models' ``L``."""
+    if ring is None or not math.isfinite(ring):
+        return _rings(ring, n, entry)
+    bound = entry.compare_models and ring >= frc_length(n)
     text = _fmt(resolution_m(min(ring, frc_length(n)), n, pixel_size_m) * 1e9)
-    return f"≤{text}" if ring >= frc_length(n) else text
+    return f"≤{text}" if bound else text
 
 
-def _table_column(result: ArmResult | None, n: int, half_bit: tuple, pixel_size_m) -> list[str]:
+_NONE = (None, None)
+
+
+def _table_column(result: ArmResult | None, n: int, pixel_size_m) -> list[str]:
     """One arm's cells of the metrics table, in the order of :func:`_table_rows`."""
     metrics = result.metrics if result is not None and result.metrics else None
+    entries = registry.metrics()
+    crossings = [m for m in entries if m.unit == "rings"] if pixel_size_m else []
     if metrics is None:
-        cells = ["—"] * (len(METRIC_ORDER) + 1 + (3 if pixel_size_m else 0))
+        cells = ["—"] * (len(entries) + len(crossings))
     else:
         cells = [
-            " / ".join(_rings(v, n) if m.startswith("frc") else _fmt(v) for v in metrics[m])
-            for m in METRIC_ORDER
+            " / ".join(_rings(v, n, m) if m.unit == "rings" else _fmt(v) for v in metrics.get(m.name, _NONE))
+            for m in entries
         ]
-        cells.append(" / ".join(_rings(v, n) for v in half_bit))
-        if pixel_size_m:
-            for rings in (metrics["frc50"], metrics["frc1over7"], half_bit):
-                cells.append(" / ".join(_nm(v, n, pixel_size_m) for v in rings))
+        cells += [
+            " / ".join(_nm(v, n, pixel_size_m, m) for v in metrics.get(m.name, _NONE)) for m in crossings
+        ]
     status = (result.registration.split(":")[0] if result is not None else "") or "—"
     return [*cells, status, _fmt(result.computation_time_s if result is not None else None)]
 
 
 def _table_rows(pixel_size_m) -> list[str]:
-    nm = ["FRC 0.5 (nm)", "FRC 1/7 (nm)", "FRC half-bit (nm)"] if pixel_size_m else []
-    return [*(_NAMES[m] for m in METRIC_ORDER), "FRC half-bit (rings)", *nm, "registration", "time (s)"]
+    entries = registry.metrics()
+    nm = [m.display.replace("(rings)", "(nm)") for m in entries if m.unit == "rings"] if pixel_size_m else []
+    return [*(m.display for m in entries), *nm, "registration", "time (s)"]
 
 
-def _draw_table(ax, labels, by_label: dict, sides: dict, half_bits: dict, pixel_size_m) -> None:
-    columns = [_table_column(by_label.get(lb), sides[lb], half_bits[lb], pixel_size_m) for lb in labels]
+def _draw_table(ax, labels, by_label: dict, sides: dict, pixel_size_m) -> None:
+    columns = [_table_column(by_label.get(lb), sides[lb], pixel_size_m) for lb in labels]
     ax.axis("off")
     table = ax.table(
         cellText=[list(row) for row in zip(*columns, strict=True)],
@@ -307,42 +308,53 @@ def _draw_table(ax, labels, by_label: dict, sides: dict, half_bits: dict, pixel_
         cellLoc="center",
     )
     table.auto_set_font_size(False)
-    table.set_fontsize(8)
-    table.scale(1.0, 1.3)
+    table.set_fontsize(7)
+    table.scale(1.0, 1.15)
     ax.set_title("metrics (amplitude / phase)", fontsize=10)
 
 
-def _draw_frc(
-    ax, part: int, labels, by_label: dict, sides: dict, half_bits: dict, thresholds: dict, pixel_size_m
-) -> None:
+def _crossing(result: ArmResult, name: str, part: int):
+    values = (result.metrics or {}).get(name)
+    return None if values is None else values[part]
+
+
+def _draw_frc(ax, part: int, labels, by_label: dict, sides: dict, thresholds: dict, pixel_size_m) -> None:
+    """Every arm's curves to Nyquist: the Hann-windowed one solid with its crossings, the plain one
+    (compare_models') thin; the 0.5, 1/7, half-bit and 1-bit thresholds."""
     drawn = []
     for label in labels:
         result, n = by_label.get(label), sides[label]
-        curve = _curve(result, part)
-        if curve is None:
+        plain, hann = _curve(result, part), _curve(result, part, "frc_hann")
+        nyquist = n // 2 + 1
+        if plain is None and hann is None:
             continue
-        r50, rhb = result.metrics["frc50"][part], half_bits[label][part]
-        detail = f"0.5 at {_rings(r50, n)}, ½-bit at {_rings(rhb, n)} rings"
-        if pixel_size_m:
-            detail += f" ({_nm(r50, n, pixel_size_m)}, {_nm(rhb, n, pixel_size_m)} nm)"
-        ax.plot(np.arange(curve.size), curve, lw=1.3, label=f"{label}: {detail}")
+        if hann is not None:
+            hann_entry = registry.metric("frc50_hann")
+            r50, rhb = (_crossing(result, k, part) for k in ("frc50_hann", "frc_halfbit_hann"))
+            detail = f"0.5 at {_rings(r50, n, hann_entry)}, ½-bit at {_rings(rhb, n, hann_entry)} rings"
+            if pixel_size_m:
+                nm = (_nm(r, n, pixel_size_m, hann_entry) for r in (r50, rhb))
+                detail += " ({}, {} nm)".format(*nm)
+            (line,) = ax.plot(np.arange(hann.size), hann, lw=1.4, label=f"{label}, Hann: {detail}")
+            colour = line.get_color()
+        else:
+            colour = None
+        if plain is not None:
+            ax.plot(np.arange(nyquist), plain[:nyquist], lw=0.8, alpha=0.6, ls="--", color=colour,
+                    label=f"{label}, no window (compare_models)")
         if n not in drawn:
             drawn.append(n)
     for n in drawn:
         suffix = f" (n={n})" if len(drawn) > 1 else ""
-        ax.plot(
-            np.arange(thresholds[n].size),
-            thresholds[n],
-            color="0.35",
-            ls="-.",
-            lw=0.9,
-            label=f"half-bit{suffix}",
-        )
-        ax.axvline(n // 2, color="0.6", lw=0.7, ls=(0, (1, 3)))
+        for name, style in (("half-bit", "-."), ("1-bit", (0, (3, 1, 1, 1, 1, 1)))):
+            curve = thresholds[n][name]
+            ax.plot(np.arange(curve.size), curve, color="0.35", ls=style, lw=0.9, label=f"{name}{suffix}")
     ax.axhline(FRC50, color="k", ls="--", lw=0.8, label="0.5")
     ax.axhline(FRC1OVER7, color="k", ls=":", lw=0.8, label="1/7")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("spatial frequency (rings; dotted line: Nyquist)")
+    if drawn:
+        ax.set_xlim(0, max(drawn) // 2)
+    ax.set_xlabel("spatial frequency (rings, to Nyquist)")
     ax.set_ylabel("FRC")
     ax.set_title(f"{('amplitude', 'phase')[part]} FRC", fontsize=10)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=1, frameon=False)

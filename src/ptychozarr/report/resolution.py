@@ -1,4 +1,8 @@
-"""FRC thresholds and resolutions: the half-bit curve from ring pixel counts, crossings, lengths.
+"""FRC thresholds and resolutions: the half-bit / 1-bit curves from ring pixel counts, crossings, lengths.
+
+The thresholds themselves live in :mod:`ptychozarr.metrics.fourier` (re-exported here); the crossings
+``evaluate`` reports are :func:`ptychozarr.metrics.frc_crossing` (ring 0 ignored, NaN when never
+crossed). :func:`threshold_crossing` is the legacy form (the curve's length when never crossed).
 
 The rings are those of :func:`ptychozarr.metrics.frc`: on the n×n image (the scored image, centre-
 cropped to its shorter side), ring ``r`` holds the spectrum's pixels whose integer frequencies
@@ -11,9 +15,16 @@ import math
 
 import numpy as np
 
-from ptychozarr.metrics import frc_length
+from ptychozarr.metrics import frc_length, half_bit_threshold, one_bit_threshold
 
-__all__ = ["frc_side", "half_bit_threshold", "resolution_m", "ring_counts", "threshold_crossing"]
+__all__ = [
+    "frc_side",
+    "half_bit_threshold",
+    "one_bit_threshold",
+    "resolution_m",
+    "ring_counts",
+    "threshold_crossing",
+]
 
 _ROW_BLOCK = 256
 
@@ -32,22 +43,6 @@ def ring_counts(n: int) -> np.ndarray:
         ring = np.rint(np.sqrt(ky * ky + k[None, :] ** 2)).astype(np.intp)
         counts += np.bincount(ring.ravel(), minlength=counts.size)
     return counts
-
-
-def half_bit_threshold(counts) -> np.ndarray:
-    """The half-bit threshold per ring from its pixel count (van Heel & Schatz 2005).
-
-    ``T(r) = (0.2071 + 1.9102 / sqrt(n_r)) / (1.2071 + 0.9102 / sqrt(n_r))``; NaN for an empty ring.
-
-    References
-    ----------
-    M. van Heel and M. Schatz, "Fourier shell correlation threshold criteria", J. Struct. Biol. 151
-    (2005) 250–262.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        root = 1.0 / np.sqrt(np.where(counts > 0, counts, np.nan))
-    return (0.2071 + 1.9102 * root) / (1.2071 + 0.9102 * root)
 
 
 def threshold_crossing(curve, threshold) -> float:

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ptychozarr.metrics import registry
 from ptychozarr.report._files import replacing
 from ptychozarr.report.runjson import write_json
-from ptychozarr.report.tables import BETTER, METRIC_ORDER, ArmResult, metrics_rows
+from ptychozarr.report.tables import ArmResult, metrics_rows
 
 __all__ = [
     "StudyRun",
@@ -261,7 +262,7 @@ def _value(arm: ArmResult | None, metric: str, part: int) -> float:
 
 
 def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
-    """PINN − Baseline and PINN − iterative per run, metric and part, with a better/worse verdict.
+    """PINN − Baseline and PINN − iterative per run, registered metric and part, with a verdict.
 
     Columns: ``run``, ``dose``, ``view``, ``split``, ``repeat``, ``metric``, ``part``, ``better``
     (``higher`` or ``lower``: which way the metric improves), ``PtychoPINN``, ``Baseline``,
@@ -273,12 +274,12 @@ def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
     for run in runs:
         by_label = {a.label: a for a in run.arms}
         iterative = next((a for a in run.arms if a.label not in _MODELS), None)
-        for metric in METRIC_ORDER:
+        for entry in registry.metrics():
+            metric, better = entry.name, entry.better
             for part, part_name in enumerate(("amplitude", "phase")):
                 pinn = _value(by_label.get("PtychoPINN"), metric, part)
                 base = _value(by_label.get("Baseline"), metric, part)
                 it = _value(iterative, metric, part)
-                better = BETTER[metric]
                 rows.append(
                     {"run": run.name, **_condition(run), "repeat": run.repeat, "metric": metric,
                      "part": part_name, "better": better, "PtychoPINN": pinn, "Baseline": base,

@@ -2,7 +2,10 @@
 
 ``comparison_metrics.csv`` keeps compare_models' tidy rows and order (spec §5.1): every tuple metric
 of every arm, then ``registration_offset_dy`` / ``_dx`` of the registered arms, then
-``computation_time_s`` of every arm. It adds one trailing column, ``registration``, that marks every
+``computation_time_s`` of every arm. After all of those come the engine's own metrics (every other
+entry of :mod:`ptychozarr.metrics.registry`, e.g. ``frc50_hann``), one row per arm and metric, so
+that compare_models' rows stay a prefix a reader of its CSV sees unchanged; a crossing that never
+happens is an empty cell. It adds one trailing column, ``registration``, that marks every
 row of an arm ``registered``, ``unregistered`` or ``rejected: <reason>``.
 
 Why a column and not a row: PtychoPINN's study summariser reads each row's ``value`` with
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ptychozarr.metrics import registry
 from ptychozarr.report._files import replacing
 
 __all__ = [
@@ -35,27 +39,26 @@ __all__ = [
     "write_metrics_csv",
 ]
 
-METRIC_ORDER = ("mae", "mse", "psnr", "ssim", "ms_ssim", "frc50", "frc1over7")
-#: Which way each metric improves.
-BETTER = {
-    "mae": "lower",
-    "mse": "lower",
-    "psnr": "higher",
-    "ssim": "higher",
-    "ms_ssim": "higher",
-    "frc50": "higher",
-    "frc1over7": "higher",
-}
+#: compare_models' metrics in its CSV order (the registry's ``compare_models`` entries; fixed).
+METRIC_ORDER = registry.COMPARE_MODELS
 CSV_COLUMNS = ("model", "metric", "amplitude", "phase", "value", "registration")
-_NAMES = {
-    "mae": "MAE",
-    "mse": "MSE",
-    "psnr": "PSNR",
-    "ssim": "SSIM",
-    "ms_ssim": "MS-SSIM",
-    "frc50": "FRC 0.5 (rings)",
-    "frc1over7": "FRC 1/7 (rings)",
-}
+
+
+class _Better(Mapping):
+    """Which way each registered metric improves, read from the registry at every access."""
+
+    def __getitem__(self, name: str) -> str:
+        return registry.metric(name).better
+
+    def __iter__(self):
+        return (m.name for m in registry.metrics())
+
+    def __len__(self) -> int:
+        return len(registry.metrics())
+
+
+#: Which way each metric improves (a view of :mod:`ptychozarr.metrics.registry`).
+BETTER = _Better()
 
 
 @dataclass
@@ -104,10 +107,11 @@ class ArmResult:
         return "unregistered"
 
     def metrics_table(self) -> dict:
-        """``{metric: {"amplitude": a, "phase": p}}`` of the tuple metrics (None when missing)."""
+        """``{metric: {"amplitude": a, "phase": p}}`` of every registered metric (None when missing)."""
+        values = self.metrics or {}
         return {
-            name: dict(zip(("amplitude", "phase"), (self.metrics or {}).get(name, (None, None)), strict=True))
-            for name in METRIC_ORDER
+            m.name: dict(zip(("amplitude", "phase"), values.get(m.name, (None, None)), strict=True))
+            for m in registry.metrics()
         }
 
 
@@ -127,18 +131,24 @@ def _row(arm: ArmResult, metric: str, amplitude=None, phase=None, value=None) ->
 
 
 def metrics_rows(arms: Sequence[ArmResult]) -> list[dict]:
-    """Rows of ``comparison_metrics.csv`` in compare_models' order (see the module docstring).
+    """Rows of ``comparison_metrics.csv`` in compare_models' order (see the module docstring), then
+    every other registered metric of every arm.
 
     A missing or failed arm keeps its rows with empty values.
     """
     rows = [
-        _row(arm, name, *(arm.metrics or {}).get(name, (None, None))) for arm in arms for name in METRIC_ORDER
+        _row(arm, name, *(arm.metrics or {}).get(name, (None, None)))
+        for arm in arms for name in registry.compare_models_names()
     ]
     for arm in arms:
         if arm.offset is not None:
             offsets = zip(("dy", "dx"), arm.offset, strict=True)
             rows += [_row(arm, f"registration_offset_{axis}", value=v) for axis, v in offsets]
     rows += [_row(arm, "computation_time_s", value=arm.computation_time_s) for arm in arms]
+    rows += [
+        _row(arm, name, *(arm.metrics or {}).get(name, (None, None)))
+        for arm in arms for name in registry.extra_names()
+    ]
     return rows
 
 
@@ -163,10 +173,12 @@ def write_frc_curves(path: str | os.PathLike, label: str, curves) -> Path:
     return Path(path)
 
 
-def _pair(values) -> str:
+def _pair(values, entry: registry.Metric) -> str:
     amp, phase = values
     if amp is None and phase is None:
         return "—"
+    if entry.unit == "rings" and not entry.compare_models:  # NaN: a crossing that never happens
+        return " / ".join("none" if v is not None and math.isnan(float(v)) else _fmt(v) for v in values)
     return f"{_fmt(amp)} / {_fmt(phase)}"
 
 
@@ -177,11 +189,13 @@ def _fmt(x) -> str:
 def format_table(arms: Sequence[ArmResult]) -> str:
     """The comparison as a plain-text table: one column per arm, one row per metric.
 
-    Each metric cell is ``amplitude / phase``; the ``registration`` row says how each arm was scored
+    One row per registered metric; each cell is ``amplitude / phase`` (``none``: a windowed FRC that
+    never crosses its threshold; ``—``: not scored); the ``registration`` row says how each arm was scored
     (with the applied offset in px), and rejected registrations are explained below the table.
     """
     header = ["metric (amplitude / phase)", *(a.label for a in arms)]
-    body = [[_NAMES[m], *(_pair(a.metrics_table()[m].values()) for a in arms)] for m in METRIC_ORDER]
+    tables = [a.metrics_table() for a in arms]
+    body = [[m.display, *(_pair(t[m.name].values(), m) for t in tables)] for m in registry.metrics()]
     body.append(["registration", *(_registration_cell(a) for a in arms)])
     body.append(["computation time (s)", *(_fmt(a.computation_time_s) for a in arms)])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
