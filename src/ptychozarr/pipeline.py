@@ -20,8 +20,6 @@ the next call with the same outputs; ``force=True`` redoes everything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -31,28 +29,26 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import psutil
 import xarray as xr
 import zarr
 
-from ptychozarr import _tf, align, cluster, memory, report, stages
+from ptychozarr import _tf, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import PtychozarrError
-from ptychozarr.inference import cached_model, load_count, oom_events
+from ptychozarr.inference import load_count, oom_events
 from ptychozarr.io import consolidate
 from ptychozarr.io.store import DamagedScanError
-from ptychozarr.preflight import ScanHeader, validate
+from ptychozarr.plan import RunPlan, digest, resolve
+from ptychozarr.preflight import ScanHeader
 from ptychozarr.report import ArmResult
 from ptychozarr.runtime import Runtime, output_lock
-from ptychozarr.stages._common import arm_key, fingerprint, open_run_store, unconsolidate
+from ptychozarr.stages._common import fingerprint, open_run_store, unconsolidate
 from ptychozarr.stitch import CanvasFrame
 
 __all__ = ["Comparison", "compare", "run_compare"]
 
 log = logging.getLogger(__name__)
 
-_MAX_BLOCK = 256  # groups per task at most: larger blocks add memory and no speed (batches are 32)
-_ITERATIVE = ("PtyChi", "Tike")
 
 
 @dataclass
@@ -122,43 +118,34 @@ def run_compare(config: CompareConfig) -> Comparison:
 
     A run whose every stage is complete with the same inputs and parameters costs only its checks: the
     memory plan recorded by the run that made it is reused (no model is loaded, TensorFlow is not
-    imported) and so are the report's files. When the plan must be made without a memory budget to
-    check it against, TensorFlow is imported while the scan is ingested and grouped.
+    imported) and so are the report's files. When the memory plan must be made and no budget asks for a
+    refusal before any work, TensorFlow is imported while the scan is ingested and grouped.
     """
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
     with rt.timed("validate"):
-        header = validate(config)
-        if config.ptychi_recon is not None and header.has_truth:
-            frame = stages.iterative.check_frame(
-                config.ptychi_recon, config.test_data, config.infer.stitch_crop_size
-            )
-            log.info("iterative reconstruction %s: %s frame", config.ptychi_recon.name, frame)
+        plan = resolve(config)
     local = config.run.scheduler in ("processes", "cuda")
     with output_lock(config.output_dir), memory.PeakMemory(children=local) as peak:
         rt.memory = peak
-        store = config.output_dir / "store.zarr"
-        scheduler = cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers)
-        with scheduler as client:
-            unconsolidate(store)
-            plan_key = _plan_key(config, header)
-            plan = None if rt.force else _recorded_plan(store, plan_key)
-            if plan is None and config.run.memory_budget is not None:  # refuse before any work
+        with cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers) as client:
+            unconsolidate(plan.store)
+            if config.run.memory_budget is not None:  # an over-budget plan is refused before any work
                 with rt.timed("plan"):
-                    plan = _memory_plan(config, header, client)
-            with _tf.preloading(plan is None and bool(config.models)):
-                ds = stages.ingest.run(rt, config.test_data, store)
-                groups = stages.group.run(rt, ds, header.gridsize, config.group, config.scan)
-                if plan is None:
+                    plan = plan.with_memory(client)
+            with _tf.preloading(plan.memory is None and bool(plan.arms)):
+                ds = stages.ingest.run(rt, config.test_data, plan.store)
+                groups = stages.group.run(rt, ds, plan.scan.gridsize, config.group, config.scan)
+                if plan.memory is None:
                     with rt.timed("plan"):
-                        plan = _memory_plan(config, header, client)
-            root = open_run_store(store)
-            root.attrs["plan"] = {"key": plan_key, "params": report.to_jsonable(plan.params)}
-            arms, errors = _model_arms(rt, root, ds, groups, config, plan.params["block_groups"])
+                        plan = plan.with_memory(client)
+            root = open_run_store(plan.store)
+            plan.record(root)
+            arms, errors = _model_arms(rt, root, ds, groups, plan)
             if config.ptychi_recon is not None:
                 key, label, seconds = stages.iterative.run(rt, root, config.ptychi_recon)
                 arms.append(ArmResult(key, label, computation_time_s=seconds))
-            if header.has_truth:
-                _score_arms(rt, root, ds, groups, arms, errors, config)
+            if plan.scan.has_truth:
+                _score_arms(rt, root, ds, groups, arms, errors, plan)
             measured = {"peak": peak.peak, **rt.task_peaks}
             loads = {"client": load_count()}
             if client is not None:
@@ -166,14 +153,14 @@ def run_compare(config: CompareConfig) -> Comparison:
                 measured["process"] = max(w["host"] for w in workers.values())
                 loads |= client.run(load_count)
         with rt.timed("report"):
-            written = _report(rt, root, arms, ds, config, header)
+            written = _report(rt, root, arms, ds, plan)
             provenance = {
                 "inputs": _inputs(config, ds),
                 "parameters": config.options(exclude=("quiet", "force")),
                 "versions": _versions(),
             }
             root.attrs.update(report.to_jsonable(provenance))
-            consolidate(store)
+            consolidate(plan.store)
         measured["peak"] = peak.peak
         payload = {
             **provenance,
@@ -182,7 +169,7 @@ def run_compare(config: CompareConfig) -> Comparison:
             "graphs": rt.graphs,
             "reused": rt.reused,
             "blocks": rt.blocks,
-            "memory": memory.report(plan, measured),
+            "memory": memory.report(plan.memory, measured),
             "model_loads": loads,
             "oom_retries": oom_events(),
             "errors": errors,
@@ -193,37 +180,35 @@ def run_compare(config: CompareConfig) -> Comparison:
     objects = {
         a.label: da.from_zarr(root[f"arms/{a.key}/object"]) for a in arms if f"arms/{a.key}/object" in root
     }
-    return Comparison(config.output_dir, store, arms, errors, objects, payload)
+    return Comparison(config.output_dir, plan.store, arms, errors, objects, payload)
 
 
-def _model_arms(rt, root, ds, groups, config, block_groups) -> tuple[list[ArmResult], dict[str, str]]:
+def _model_arms(rt: Runtime, root, ds, groups, plan: RunPlan) -> tuple[list[ArmResult], dict[str, str]]:
     """Infer and stitch every model arm; an arm that fails keeps empty rows and an error."""
     arms, errors = [], {}
-    for label, path in config.models:
-        arm = ArmResult(arm_key(label), label)
+    for arm in plan.arms:
+        result = ArmResult(arm.key, arm.label)
         node = root.require_group(f"arms/{arm.key}")
         try:
-            patches = stages.infer.run(rt, node, ds, groups, path, config.infer, block_groups)
-            arm.computation_time_s = patches.attrs["seconds"]
-            stages.stitch.run(rt, node, config.stitch.tile)
+            patches = stages.infer.run(rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups)
+            result.computation_time_s = patches.attrs["seconds"]
+            stages.stitch.run(rt, node, plan.tile)
         except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
             raise
         except PtychozarrError as exc:
-            errors[label] = str(exc)
-            log.warning("arm %s: %s", label, exc)
-        arms.append(arm)
+            errors[arm.label] = str(exc)
+            log.warning("arm %s: %s", arm.label, exc)
+        arms.append(result)
     return arms, errors
 
 
-def _score_arms(rt, root, ds, groups, arms, errors, config) -> None:
+def _score_arms(rt: Runtime, root, ds, groups, arms, errors, plan: RunPlan) -> None:
     """Align (and register) every arm that has an object, then score them all on one common box.
 
-    The registration mode picks which arms are registered; each arm is marked registered,
-    unregistered, or rejected (registration asked but its measurement not accepted, with the reason).
+    The plan says which arms are registered; each arm is marked registered, unregistered, or rejected
+    (registration asked but its measurement not accepted, with the reason).
     """
-    score = config.score
-    mode = "none" if score.skip_registration else "ptychi-only" if score.register_ptychi_only else "all"
-    registered = align.arms_to_register([a.label for a in arms], mode, iterative_arms=_ITERATIVE)
+    registered = plan.registered([a.label for a in arms])
     gt = ds["objectGuess"].data
     centres = np.asarray(groups["centres"].values)
     scan = np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=1)
@@ -235,8 +220,8 @@ def _score_arms(rt, root, ds, groups, arms, errors, config) -> None:
             continue
         try:
             aligned[arm.label] = stages.score.align_arm(
-                rt, node, gt, centres, scan, score, registered=arm.label in registered,
-                crop=config.infer.stitch_crop_size,
+                rt, node, gt, centres, scan, plan.config.score, registered=arm.label in registered,
+                crop=plan.crop,
             )  # fmt: skip
         except PtychozarrError as exc:
             errors[arm.label] = str(exc)
@@ -266,127 +251,25 @@ def _nan_for_none(value):
     return float("nan") if value is None else value
 
 
-def _plan_key(config: CompareConfig, header: ScanHeader) -> str:
-    """Digest of everything the memory plan depends on: the models' contents, the scan's shape and the
-    options of inference, stitching and the scheduler (the probes measured then are kept with it)."""
-    return _digest(
-        {
-            "models": [fingerprint(path) for _, path in config.models],
-            "scan": [header.patterns, header.N, config.scan.n_test_groups],
-            "infer": config.infer.__dict__,
-            "stitch": config.stitch.__dict__,
-            "run": [config.run.scheduler, config.run.n_workers, config.run.memory_budget],
-        }
-    )
-
-
-def _recorded_plan(store: Path, key: str) -> memory.Plan | None:
-    """The plan an earlier run in ``store`` made under the same :func:`_plan_key`, re-projected from
-    its recorded parameters (no model is loaded); None when there is none."""
-    if not (store / "zarr.json").is_file():
-        return None
-    recorded = open_run_store(store).attrs.get("plan")
-    if not isinstance(recorded, dict) or recorded.get("key") != key:
-        return None
-    return _project(**recorded["params"])
-
-
-def _digest(value) -> str:
-    """SHA-256 of a JSON-able value (keys sorted)."""
-    text = json.dumps(report.to_jsonable(value), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _memory_plan(config: CompareConfig, header: ScanHeader, client) -> memory.Plan:
-    """Project the run's memory, pick ``auto`` blocks, and refuse an over-budget plan before any work.
-
-    The models' working memory is probed with one batch each (the largest counts); the per-process
-    baseline is this process's RSS now on the threaded scheduler, the default on a cluster. On the
-    ``cuda`` scheduler the device side is the models' probe on the GPU.
-    """
-    infer, budget = config.infer, config.run.memory_budget
-    n_points = min(header.patterns, config.scan.n_test_groups or header.patterns)
-    conc = cluster.concurrency(client)
-    loaded = [cached_model(p, trust_bundle=infer.trust_bundle) for _, p in config.models]
-    on_gpu = config.run.scheduler == "cuda"
-    args = dict(
-        batch_size=infer.batch_size,
-        N=header.N,
-        channels=max((m.spec.channels for m in loaded), default=1),
-        crop=infer.stitch_crop_size,
-        model_probe=max((_probe(m, infer.batch_size) for m in loaded), default=0),
-        device=max((_probe(m, infer.batch_size, "GPU:0") for m in loaded), default=0) if on_gpu else None,
-        tile=config.stitch.tile,
-        threads=conc.threads,
-        processes=conc.processes,
-        reserved=memory.measure_reserved() if client is None else None,
-    )
-    block_groups = infer.block_groups
-    if block_groups == "auto":
-        auto_budget = budget or int(0.5 * psutil.virtual_memory().available)
-        block_groups = memory.choose_block_groups(auto_budget, max_groups=n_points, factory=_project, **args)
-        block_groups = min(block_groups, _MAX_BLOCK)
-    plan = _project(block_groups=block_groups, **args)
-    if budget is not None:
-        memory.check(plan, budget)
-    return plan
-
-
-def _project(
-    *, block_groups, batch_size, N, channels, crop, model_probe, device, tile, threads, processes, reserved
-) -> memory.Plan:
-    """The run's plan from each stage's own projection: inference, stitching, metrics on the tiles."""
-    params = dict(locals())
-    infer, held = stages.infer.project_memory(
-        block_groups=block_groups, batch_size=batch_size, N=N, channels=channels, crop=crop,
-        model_probe=model_probe,
-    )  # fmt: skip
-    tasks = (
-        infer,
-        *stages.stitch.project_memory(patch_size=crop, tile=tile, block_patches=block_groups),
-        stages.score.project_memory(tile=tile),
-    )
-    return memory.Plan(
-        tasks,
-        memory.DEFAULT_RESERVED if reserved is None else int(reserved),
-        threads,
-        processes,
-        device,
-        held,
-        params=params,
-        factory=_project,
-    )
-
-
-def _probe(model, batch_size: int, device: str = "cpu") -> int:
-    """Bytes of one batch through ``model`` on ``device`` (:func:`ptychozarr.memory.probe_model`)."""
-    spec = model.spec
-    shape = (min(batch_size, spec.max_batch or batch_size), spec.N, spec.N, spec.channels)
-    if spec.takes_positions:
-        return memory.probe_model(model.predict_batch, shape, (shape[0], 1, 2, spec.channels), device=device)
-    return memory.probe_model(lambda x: model.predict_batch(x, None), shape, device=device)
-
-
-def _report(
-    rt: Runtime, root: zarr.Group, arms: list[ArmResult], ds, config: CompareConfig, header: ScanHeader
-) -> dict:
+def _report(rt: Runtime, root: zarr.Group, arms: list[ArmResult], ds, plan: RunPlan) -> dict:
     """The files beside the store, reused when an earlier report wrote them from the same results.
 
     The results are the arms' scores and the attributes of every array the files are drawn from
     (which carry each stage's parameters and inputs), with the options of the report.
     """
+    config = plan.config
     sources = {
         a.key: {name: dict(node.attrs) for name, node in root[f"arms/{a.key}"].arrays()}
         for a in arms
         if f"arms/{a.key}" in root
     }
-    key = _digest(
+    key = digest(
         {
             "arms": [a.__dict__ for a in arms],
             "sources": sources,
             "output": config.output.__dict__,
             "title": _title(config, ds),
-            "truth": header.has_truth,
+            "truth": plan.scan.has_truth,
         }
     )
     recorded = root.attrs.get("report")
@@ -398,7 +281,7 @@ def _report(
     ):
         rt.reuse("report", config.output_dir)
         return dict(recorded["outputs"])
-    written = _write_report(root, arms, ds, config, header)
+    written = _write_report(root, arms, ds, config, plan.scan)
     root.attrs["report"] = {"key": key, "outputs": written}
     return written
 
