@@ -37,6 +37,7 @@ __all__ = [
     "formats",
     "is_out_of_memory",
     "load_model",
+    "load_keras",
     "load_onnx",
     "model_file",
     "read_spec",

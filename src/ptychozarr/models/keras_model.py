@@ -432,7 +432,9 @@ class TensorFlowFormat(ModelFormat):
                     tf.config.threading.set_intra_op_parallelism_threads(threads)
                     tf.config.threading.set_inter_op_parallelism_threads(threads)
                 except RuntimeError:
-                    _log.warning("TF threads could not be set to %d: TensorFlow is already initialised", threads)
+                    _log.warning(
+                        "TF threads could not be set to %d: TensorFlow is already initialised", threads
+                    )
             _TF_STATE["configured"] = True
 
     def is_out_of_memory(self, exc: BaseException) -> bool:

@@ -62,7 +62,9 @@ def providers() -> list:
     available = _ort().get_available_providers()
     chosen: list = []
     if "CUDAExecutionProvider" in available:
-        chosen.append(("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"}))
+        chosen.append(
+            ("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested"})
+        )
     chosen.append("CPUExecutionProvider")
     return chosen
 
@@ -127,7 +129,11 @@ class OnnxModel:
             )
         diffraction = (spec.N, spec.N, spec.channels)
         order = list(inputs)
-        if len(order) == 2 and _fits(order[1].shape[1:], diffraction) and not _fits(order[0].shape[1:], diffraction):
+        if (
+            len(order) == 2
+            and _fits(order[1].shape[1:], diffraction)
+            and not _fits(order[0].shape[1:], diffraction)
+        ):
             order.reverse()  # positions given first
         if not _fits(order[0].shape[1:], diffraction) or len(order[0].shape) != 4:
             raise ModelMismatchError(
@@ -184,7 +190,9 @@ class OnnxModel:
 def _fits(shape, want) -> bool:
     """Whether a graph's (possibly symbolic) shape agrees with ``want``: fixed sides equal, symbolic any."""
     shape = tuple(shape)
-    return len(shape) == len(want) and all(not isinstance(s, int) or s == w for s, w in zip(shape, want, strict=True))
+    return len(shape) == len(want) and all(
+        not isinstance(s, int) or s == w for s, w in zip(shape, want, strict=True)
+    )
 
 
 def load_onnx(path: str | Path) -> OnnxModel:

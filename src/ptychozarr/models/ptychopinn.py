@@ -89,10 +89,10 @@ def require_trust(path: str | Path, trust_bundle: bool) -> None:
 
 def _refuse_untrusted(path: str | Path) -> None:
     raise InvalidParameterError(
-            f"{path}: refusing to load a PtychoPINN bundle, because loading one unpickles its "
-            "manifest.dill and params.dill, which runs code from the file; if you trust it, pass "
-            "--trust-bundle (configuration: trust_bundle = true; Python: trust_bundle=True)"
-        )
+        f"{path}: refusing to load a PtychoPINN bundle, because loading one unpickles its "
+        "manifest.dill and params.dill, which runs code from the file; if you trust it, pass "
+        "--trust-bundle (configuration: trust_bundle = true; Python: trust_bundle=True)"
+    )
 
 
 def _check_layout(path: Path) -> None:
