@@ -43,7 +43,7 @@ __all__ = ["OnnxFormat", "OnnxModel", "load_onnx", "save_onnx"]
 _STATE: dict[str, Any] = {"threads": None}
 _OOM = re.compile(
     r"out of memory|failed to allocate|bad[_ ]alloc|ALLOC_FAILED|cudaErrorMemoryAllocation"
-    r"|smaller than requested bytes|MemoryError",
+    r"|smaller than requested|MemoryError",
     re.IGNORECASE,
 )
 
