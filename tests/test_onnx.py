@@ -313,6 +313,25 @@ def test_an_onnx_file_that_contradicts_its_sidecar_is_refused(models, tmp_path):
         load_model(bad)
 
 
+def test_an_onnx_file_reading_weights_outside_its_folder_is_refused(models, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    weight = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    entry = weight.external_data.add()
+    entry.key, entry.value = "location", "../secret.bin"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x], [y], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 9
+    path = save_onnx(proto, load_model(models["baseline"][1]).spec, tmp_path / "inner" / "m")
+    with pytest.raises(ModelMismatchError, match="ONNX Runtime cannot load.*escapes model directory"):
+        load_model(path)
+
+
 def test_bundles_still_need_trust_through_the_registry(tmp_path):
     bundle = _touch(tmp_path / "wts.h5.zip")
     with pytest.raises(InvalidParameterError, match="--trust-bundle"):

@@ -11,8 +11,9 @@ amplitude then phase, each ``(b, N, N, 1)`` (or ``(b, N, N)``); for ``"complex"`
 with a fixed batch dimension is called with exactly that many rows (the last call zero-padded).
 
 **Trust**: an ONNX file holds a graph of operators and tensors, never code; no custom-operator library is
-ever registered, so a graph naming an operator ONNX Runtime does not have is refused when it loads. The
-file is therefore always loaded, like a ``.keras`` file in safe mode.
+ever registered, so a graph naming an operator ONNX Runtime does not have is refused when it loads, and
+ONNX Runtime refuses external weight files outside the model's folder. The file is therefore always
+loaded, like a ``.keras`` file in safe mode.
 
 **Placement**: one :class:`onnxruntime.InferenceSession` per model per process (through the model cache
 of :mod:`ptychozarr.inference`), on the CUDA execution provider when ONNX Runtime has it (the
