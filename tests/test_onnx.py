@@ -237,6 +237,33 @@ def test_onnx_out_of_memory_halves_the_batch_and_gives_the_same_result(data, mod
     np.testing.assert_allclose(retried, clean, atol=1e-6, rtol=0)
 
 
+def test_a_real_onnx_runtime_allocation_failure_halves_the_batch(models):
+    """ONNX Runtime's own error, from a CPU arena capped at 1 MiB (process-wide: in a subprocess)."""
+    code = f"""
+import numpy as np, onnxruntime as ort
+from ptychozarr.inference import oom_events, predict_patches
+from ptychozarr.models import load_model
+model = load_model({str(models["baseline"][1])!r})
+n = model.spec.N
+patterns = np.random.default_rng(0).random((200, n, n), np.float32)
+members = np.arange(200)[:, None]
+clean = predict_patches(model, patterns, members, None, 1.0, {M}, 64)
+arena = ort.OrtArenaCfg(1 << 20, -1, -1, -1)
+info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+ort.create_and_register_allocator(info, arena)
+options = ort.SessionOptions()
+options.add_session_config_entry("session.use_env_allocators", "1")
+model.session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+got = predict_patches(model, patterns, members, None, 1.0, {M}, 64)
+assert oom_events() and oom_events()[0] == {{"batch": 64, "retry": 32}}, oom_events()
+np.testing.assert_array_equal(got, clean)
+print("ok", oom_events()[-1]["retry"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
 def test_other_onnx_errors_are_not_retried(data, models, before_model_call):
     ds, groups = data
 
