@@ -1,14 +1,17 @@
 """The engine beside a near-zero-cost model: what a GPU user waits for.
 
 Two models of one 1×1 convolution per output (``.keras`` + sidecar, amplitude and phase): a gridsize-2
-PINN-like arm taking positions and a gridsize-1 Baseline-like arm. The seed's size (5216 positions,
+PINN-like arm taking positions and a gridsize-1 Baseline-like arm; and their ONNX twins (the same weights,
+``.onnx`` + the same sidecar, run by ONNX Runtime on the CPU or CUDA), whose rows set the engine beside a
+bare ``InferenceSession.run`` on the same inputs. The seed's size (5216 positions,
 N=128), in random order (as ``ptychozarr simulate`` writes it) and in raster order (the same scan sorted
 by position). Each variant runs in a fresh process:
 
 - **infer**: per arm, the engine's inference stage as the pipeline runs it (:func:`ptychozarr.infer`
   stored into a Zarr array on the threaded scheduler) and, in the same process, the **bare**
   ``predict_on_batch`` of the network over the same inputs (held in memory, already normalised) at the
-  same batch size, the last batch padded: the speed limit. The model is loaded and traced first; the two
+  same batch size, the last batch padded: the speed limit (``InferenceSession.run`` for an ONNX arm).
+  The model is loaded and traced first; the two
   alternate ``--repeat`` times and the fastest of each is kept (robust to other load on the machine).
 - **compare**: the whole :func:`ptychozarr.compare` on the NPZ; the stages from ``run.json`` and the wall
   time outside them, against the bare passes of both arms.
@@ -31,7 +34,7 @@ import numpy as np
 
 from benchmarks._harness import measure, ratio, table, write_json
 
-__all__ = ["main", "make_models"]
+__all__ = ["main", "make_models", "onnx_twins"]
 
 SEED_POINTS, N, GRIDSIZE, CROP, BLOCK, BATCH = 5216, 128, 2, 20, 256, 32
 _OUTSIDE = ("validate", "plan", "report", "other", "total")
@@ -59,6 +62,49 @@ def make_models(folder: Path, n: int = N, gridsize: int = GRIDSIZE) -> dict[str,
     }
 
 
+def onnx_twins(models: dict[str, str]) -> dict[str, str]:
+    """ONNX twins of :func:`make_models`' networks: the same weights, NHWC inputs transposed to NCHW
+    around two 1×1 ``Conv`` nodes (the PINN twin keeps its unused positions input), the same sidecar;
+    ``"<label> (onnx)"`` → path."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ptychozarr.models import load_keras, save_onnx
+
+    out = {}
+    for label, path in models.items():
+        model = load_keras(path)
+        spec, network = model.spec, model.network
+        c, b = spec.channels, "batch"
+        convs = [layer for layer in network.layers if layer.__class__.__name__ == "Conv2D"]
+        names = [o.name for o in network.outputs]
+        inputs = [helper.make_tensor_value_info("diffraction", TensorProto.FLOAT, [b, spec.N, spec.N, c])]
+        if spec.takes_positions:
+            inputs.append(helper.make_tensor_value_info("positions", TensorProto.FLOAT, [b, 1, 2, c]))
+        nodes = [helper.make_node("Transpose", ["diffraction"], ["x"], perm=[0, 3, 1, 2])]
+        inits, outputs = [], []
+        for i, conv in enumerate(convs):
+            kernel, bias = conv.get_weights()
+            inits += [
+                numpy_helper.from_array(kernel.transpose(3, 2, 0, 1).astype(np.float32), f"w{i}"),
+                numpy_helper.from_array(bias.astype(np.float32), f"b{i}"),
+            ]
+            nodes += [
+                helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"y{i}"]),
+                helper.make_node("Transpose", [f"y{i}"], [f"out{i}"], perm=[0, 2, 3, 1]),
+            ]
+            outputs.append(
+                helper.make_tensor_value_info(f"out{i}", TensorProto.FLOAT, [b, spec.N, spec.N, 1])
+            )
+        assert len(convs) == len(names) == 2, "make_models' networks: one 1×1 convolution per output"
+        graph = helper.make_graph(nodes, spec.name, inputs, outputs, inits)
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        proto.ir_version = 9
+        onnx.checker.check_model(proto)
+        out[f"{label} (onnx)"] = str(save_onnx(proto, spec, Path(path).with_name(Path(path).stem + "_onnx")))
+    return out
+
+
 def prepare(folder: Path, points: int) -> dict[str, str]:
     """A simulated scan in random order and the same scan in raster order; order → NPZ."""
     from ptychozarr.simulate import simulate
@@ -76,8 +122,16 @@ def prepare(folder: Path, points: int) -> dict[str, str]:
 
 
 def _bare(model, x: np.ndarray, pos: np.ndarray | None, batch: int) -> float:
-    """Seconds of ``predict_on_batch`` over ``x`` in fixed batches (the last padded), inputs in memory."""
-    network = model.network
+    """Seconds of the framework's own batch call over ``x`` in fixed batches (the last padded), inputs in
+    memory: ``predict_on_batch`` for a Keras model, ``InferenceSession.run`` for an ONNX one."""
+    if getattr(model, "format", None) == "onnx":
+        session, feeds = model.session, model._feeds
+
+        def call(inputs):
+            arrays = inputs if isinstance(inputs, list) else [inputs]
+            return session.run(None, dict(zip(feeds, arrays, strict=True)))
+    else:
+        call = model.network.predict_on_batch
     spent = 0.0
     for start in range(0, len(x), batch):
         xb = np.zeros((batch, *x.shape[1:]), np.float32)
@@ -88,7 +142,7 @@ def _bare(model, x: np.ndarray, pos: np.ndarray | None, batch: int) -> float:
             pb[: len(pos[start : start + batch])] = pos[start : start + batch]
             inputs = [xb, pb]
         t0 = time.perf_counter()
-        network.predict_on_batch(inputs)
+        call(inputs)
         spent += time.perf_counter() - t0
     return spent
 
@@ -171,13 +225,19 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=BATCH)
     parser.add_argument("--repeat", type=int, default=3, help="engine and bare alternated; fastest kept")
     parser.add_argument("--skip-compare", action="store_true", help="measure the inference stage only")
+    parser.add_argument(
+        "--formats", nargs="+", default=["keras", "onnx"], choices=["keras", "onnx"], help="model formats"
+    )
     parser.add_argument("--json")
     parser.add_argument("--workdir", help="where to keep data (default: a temporary folder)")
     args = parser.parse_args(argv)
     rows, stage_rows = [], []
     with tempfile.TemporaryDirectory(prefix="ptychozarr-fastpath-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        models = measure(make_models, work).value
+        keras_models = measure(make_models, work).value
+        models = dict(keras_models) if "keras" in args.formats else {}
+        if "onnx" in args.formats:
+            models.update(onnx_twins(keras_models))
         scans = prepare(work, args.points)
         for order in args.orders:
             arms = measure(

@@ -2,8 +2,6 @@
 
 import json
 import pickle
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -168,13 +166,13 @@ def test_check_compatible():
 
 
 def test_zip_bundles_go_to_the_ptychopinn_adapter(tmp_path, monkeypatch):
+    from ptychozarr.models import format_named
+
     bundle = tmp_path / "wts.h5.zip"
     bundle.write_bytes(b"")
-    fake = types.ModuleType("ptychozarr.models.ptychopinn")
-    fake.load_bundle = lambda path, **kw: ("bundle", path)
-    fake.require_trust = lambda path, trust_bundle: None
-    monkeypatch.setitem(sys.modules, "ptychozarr.models.ptychopinn", fake)
+    monkeypatch.setattr(format_named("ptychopinn"), "load", lambda path: ("bundle", path))
     assert load_model(bundle, trust_bundle=True) == ("bundle", bundle)
+    assert load_model(tmp_path, trust_bundle=True) == ("bundle", bundle)  # a training output directory
     with pytest.raises(ModelMismatchError, match="unknown model format"):
         load_model(_touch(tmp_path / "w.h5"))
 

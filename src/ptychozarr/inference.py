@@ -41,16 +41,15 @@ import zarr
 from dask.base import tokenize
 from zarr.core.buffer import default_buffer_prototype
 
-from ptychozarr import _tf
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 from ptychozarr.io.store import DEFAULT_CHUNK_BYTES, open_array
-from ptychozarr.models import Model, ModelSpec, check_compatible, load_model, model_file, read_spec
-from ptychozarr.models.ptychopinn import require_trust
+from ptychozarr.models import Model, ModelSpec, check_compatible, is_out_of_memory, resolve, spec_of
 
 __all__ = [
     "cached_model",
     "infer",
     "load_count",
+    "model_spec",
     "oom_events",
     "predict_patches",
     "task_memory",
@@ -62,54 +61,43 @@ _F32, _F64, _C64, _I64 = 4, 8, 8, 8
 
 _MODELS: dict[str, Model] = {}
 _LOCK = threading.Lock()
-_STATE = {"loads": 0, "tf_configured": False}
+_STATE = {"loads": 0}
 _OOM_EVENTS: list[dict] = []
 
 
-def _configure_tf(threads: int | None) -> None:
-    """Set TF thread pools and GPU memory growth once per process, before TF initialises."""
-    if _STATE["tf_configured"]:
-        return
-    tf = _tf.tensorflow()
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # the runtime is already initialised: keep what it has
-            _log.warning("GPU memory growth could not be set: TensorFlow is already initialised")
-    if threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(threads)
-        except RuntimeError:
-            _log.warning("TF threads could not be set to %d: TensorFlow is already initialised", threads)
-    _STATE["tf_configured"] = True
-
-
 def cached_model(path: str | Path, tf_threads: int | None = None, *, trust_bundle: bool = False) -> Model:
-    """The model at ``path``, loaded at most once per process.
+    """The model at ``path``, loaded at most once per process through its format's entry.
 
     Parameters
     ----------
     path : str or Path
     tf_threads : int, optional
-        TensorFlow intra- and inter-op threads for this process (applied before the first load only).
+        Framework threads for this process (TensorFlow's intra- and inter-op pools, ONNX Runtime's
+        session threads), applied by the format's entry before its first load.
     trust_bundle : bool
         Allow a PtychoPINN bundle, whose loading runs code from the file (see
         :func:`ptychozarr.models.load_model`); checked on every call, cached or not.
     """
-    file = model_file(path)
-    require_trust(file, trust_bundle)
+    fmt, file = resolve(path)
+    fmt.check_trust(file, trust_bundle)
     key = str(file.resolve())
     model = _MODELS.get(key)
     if model is None:
         with _LOCK:
             model = _MODELS.get(key)
             if model is None:
-                _configure_tf(tf_threads)
-                model = load_model(key, trust_bundle=trust_bundle)
+                fmt.configure(tf_threads)
+                model = fmt.load(file)
                 _MODELS[key] = model
                 _STATE["loads"] += 1
     return model
+
+
+def model_spec(path: str | Path, *, trust_bundle: bool = False) -> ModelSpec:
+    """A model's spec: from its sidecar without loading it where the format allows (no framework), else
+    from the model loaded once through :func:`cached_model` (a trusted PtychoPINN bundle)."""
+    spec = spec_of(path, trust_bundle=trust_bundle)
+    return spec if spec is not None else cached_model(path, trust_bundle=trust_bundle).spec
 
 
 def load_count() -> int:
@@ -137,10 +125,11 @@ class _ModelRef:
         return cached_model(self.path, self.tf_threads, trust_bundle=self.trust_bundle)
 
     def spec(self) -> ModelSpec:
-        """The model's spec, read from a ``.keras`` sidecar without loading the network when possible."""
-        if self.model is None and model_file(self.path).suffix == ".keras":
-            return read_spec(model_file(self.path))[0]
-        return self.get().spec
+        """The model's spec, read from its sidecar without loading the network when the format allows."""
+        if self.model is not None:
+            return self.model.spec
+        spec = spec_of(self.path, trust_bundle=self.trust_bundle)
+        return spec if spec is not None else self.get().spec
 
     def __dask_tokenize__(self):
         return ("ptychozarr-model", self.path if self.path is not None else id(self.model))
@@ -376,8 +365,9 @@ def predict_patches(
     crop : int
         Side M of the kept centre.
     batch_size : int
-        Batch the model is called with (capped by ``model.spec.max_batch``); halved on
-        ``ResourceExhaustedError`` down to 1.
+        Batch the model is called with (capped by ``model.spec.max_batch``); halved down to 1 when the
+        model's format entry says the call ran out of device memory
+        (:func:`ptychozarr.models.is_out_of_memory`).
     ready : callable, optional
         Called with ``r`` before a batch that needs rows ``< r`` of ``patterns``; returns once they are
         filled (see :class:`_Reader`).
@@ -386,7 +376,6 @@ def predict_patches(
     -------
     ndarray, (b, M, M) complex64
     """
-    errors = _tf.tensorflow().errors
     spec = model.spec
     n, channels = members.shape
     batch_size = min(batch_size, spec.max_batch or batch_size)
@@ -410,7 +399,9 @@ def predict_patches(
                 pos[:k, 0] = np.swapaxes(offsets[start:stop], 1, 2)
         try:
             pred = model.predict_batch(x[:batch_size], None if pos is None else pos[:batch_size], crop=crop)
-        except errors.ResourceExhaustedError as exc:
+        except Exception as exc:
+            if not is_out_of_memory(exc, model):
+                raise
             if batch_size == 1:
                 raise MemoryBudgetError(
                     f"model {spec.name!r} runs out of device memory on a batch of 1 ({spec.N}×{spec.N}×"

@@ -38,7 +38,6 @@ import psutil
 from dask.callbacks import Callback
 from dask.utils import format_bytes, key_split
 
-from ptychozarr import _tf
 from ptychozarr.config import check_positive, parse_budget
 from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
@@ -258,6 +257,7 @@ def probe_model(
     *more_shapes: Sequence[int],
     device: str = "cpu",
     warmup: bool = True,
+    model: Any = None,
 ) -> int:
     """Measure the memory one batch through the model takes.
 
@@ -272,18 +272,23 @@ def probe_model(
     batch_shape, *more_shapes : tuple of int
         Shapes of the inputs.
     device : str
-        ``"cpu"``, or a TensorFlow device such as ``"GPU:0"``.
+        ``"cpu"``, or a device such as ``"GPU:0"``.
     warmup : bool
         Call ``predict_fn`` once before measuring, so that one-time costs (tracing, runtime start)
         stay out of the probe.
+    model : Model, optional
+        The model ``predict_fn`` calls, whose format entry measures the device
+        (:meth:`ptychozarr.models.ModelFormat.device_peak`); by default the object ``predict_fn`` is a
+        bound method of, and TensorFlow's probe for a model of no known format.
 
     Returns
     -------
     int
         On the CPU, the rise of this process's RSS during the measured call above its RSS before it
         (inputs already allocated, output included), sampled every 5 ms: a call lasting only a few
-        samples under-measures its transients. On a GPU, TensorFlow's peak device memory during the
-        measured call (weights included).
+        samples under-measures its transients. On a GPU, what the model's format entry measures for the
+        call: TensorFlow's peak device memory (weights included); for ONNX Runtime, the device's memory
+        in use after the call.
     """
     inputs = [np.ones(tuple(s), np.float32) for s in (batch_shape, *more_shapes)]
     if warmup:
@@ -293,11 +298,11 @@ def probe_model(
             output = predict_fn(*inputs)  # alive until the last sample, so the output counts
         del output
         return pm.increase
-    tf = _tf.tensorflow()
+    from ptychozarr.models.formats import format_named, format_of_model
 
-    tf.config.experimental.reset_memory_stats(device)
-    predict_fn(*inputs)
-    return int(tf.config.experimental.get_memory_info(device)["peak"])
+    fmt = format_of_model(model if model is not None else getattr(predict_fn, "__self__", None))
+    fmt = fmt or format_named("keras")
+    return int(fmt.device_peak(lambda: predict_fn(*inputs), device))
 
 
 class _Sampler:

@@ -233,5 +233,7 @@ def _probe(model, batch_size: int, device: str = "cpu") -> int:
     spec = model.spec
     shape = (min(batch_size, spec.max_batch or batch_size), spec.N, spec.N, spec.channels)
     if spec.takes_positions:
-        return memory.probe_model(model.predict_batch, shape, (shape[0], 1, 2, spec.channels), device=device)
-    return memory.probe_model(lambda x: model.predict_batch(x, None), shape, device=device)
+        return memory.probe_model(
+            model.predict_batch, shape, (shape[0], 1, 2, spec.channels), device=device, model=model
+        )
+    return memory.probe_model(lambda x: model.predict_batch(x, None), shape, device=device, model=model)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ptychozarr.config import CompareConfig, check_crop
-from ptychozarr.errors import InvalidParameterError, InvalidScanError, ModelMismatchError, PtychozarrError
+from ptychozarr.errors import InvalidParameterError, InvalidScanError, PtychozarrError
 from ptychozarr.models.base import ModelSpec
 
 __all__ = ["ScanHeader", "check_positions", "model_spec", "validate"]
@@ -52,22 +52,10 @@ class ScanHeader:
 
 
 def model_spec(path: Path, *, trust_bundle: bool) -> ModelSpec:
-    """A model's spec: from a ``.keras`` sidecar (no TensorFlow), or from a trusted bundle once loaded."""
-    from ptychozarr.models import model_file
-    from ptychozarr.models.keras_model import read_spec
-    from ptychozarr.models.ptychopinn import is_bundle, require_trust
+    """A model's spec through its format's entry: from its sidecar (no framework), or once loaded."""
+    from ptychozarr.inference import model_spec
 
-    if is_bundle(path):
-        require_trust(path, trust_bundle)
-        from ptychozarr.inference import cached_model
-
-        return cached_model(path, trust_bundle=True).spec
-    file = model_file(path)
-    if file.suffix != ".keras":
-        raise ModelMismatchError(
-            f"{path}: unknown model format; give a .keras file (with sidecar) or a wts.h5.zip"
-        )
-    return read_spec(file)[0]
+    return model_spec(path, trust_bundle=trust_bundle)
 
 
 def validate(config: CompareConfig) -> ScanHeader:

@@ -12,6 +12,8 @@ probe must be a plain (unpickled) array. The network itself is loaded in Keras's
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -21,8 +23,22 @@ import numpy as np
 from ptychozarr import _tf
 from ptychozarr.errors import ModelMismatchError
 from ptychozarr.models.base import ModelSpec, centre_crop
+from ptychozarr.models.formats import ModelFormat, zip_members
 
-__all__ = ["KerasModel", "check_keras_file", "load_keras", "read_spec", "save_keras", "sidecar_path"]
+__all__ = [
+    "KerasFormat",
+    "KerasModel",
+    "TensorFlowFormat",
+    "check_keras_file",
+    "load_keras",
+    "read_spec",
+    "save_keras",
+    "read_sidecar",
+    "sidecar_path",
+    "write_sidecar",
+]
+
+_log = logging.getLogger(__name__)
 
 _BUNDLE_MEMBERS = ("manifest.dill", "diffraction_to_obj/model.keras")
 _MAX_CONFIG = 64 * 2**20  # bytes of config.json read at most (a zip may unpack to far more)
@@ -30,7 +46,7 @@ _SAFE_MODULES = ("keras", "builtins")  # builtins: Keras's own names (e.g. an ac
 
 
 def sidecar_path(path: str | Path) -> Path:
-    """The JSON sidecar beside a ``.keras`` file."""
+    """The JSON sidecar beside a model file (``.keras``, ``.onnx``)."""
     return Path(path).with_suffix(".json")
 
 
@@ -56,6 +72,18 @@ def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
         One line naming the file and what it should hold.
     """
     check_keras_file(path)
+    return read_sidecar(path)
+
+
+def read_sidecar(path: str | Path) -> tuple[ModelSpec, dict]:
+    """The spec and provenance in the JSON sidecar beside a model file (any format), checked field by
+    field, with the probe beside it when there is one (a plain ``.npy``); no framework is imported.
+
+    Raises
+    ------
+    ModelMismatchError
+        One line naming the file and what it should hold.
+    """
     side = sidecar_path(path)
     try:
         meta = json.loads(side.read_text())
@@ -63,7 +91,7 @@ def read_spec(path: str | Path) -> tuple[ModelSpec, dict]:
     except FileNotFoundError as exc:
         raise ModelMismatchError(
             f"{path}: no sidecar {side.name}; write one with the ModelSpec fields "
-            "(ptychozarr.models.save_keras does)"
+            "(ptychozarr.models.save_keras or write_sidecar does)"
         ) from exc
     except (KeyError, TypeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise ModelMismatchError(
@@ -207,6 +235,34 @@ def _layer_name(node: dict) -> str:
     return str(config.get("name")) if isinstance(config, dict) else "unnamed"
 
 
+def write_sidecar(path: str | Path, spec: ModelSpec, probe=None, provenance: dict | None = None) -> Path:
+    """Write the JSON sidecar (and the probe, when given) beside a model file of any format.
+
+    Parameters
+    ----------
+    path : str or Path
+        The model file (``.keras``, ``.onnx``); the sidecar is ``<stem>.json``, the probe
+        ``<stem>.probe.npy``.
+    spec : ModelSpec
+    probe : ndarray, (N, N) complex, optional
+    provenance : dict, optional
+
+    Returns
+    -------
+    Path
+        The sidecar.
+    """
+    path = Path(path)
+    meta = {"spec": spec.to_dict(), "provenance": provenance or {}}
+    if probe is not None:
+        probe_file = path.with_suffix(".probe.npy")
+        np.save(probe_file, np.asarray(probe, np.complex64))
+        meta["probe"] = probe_file.name
+    side = sidecar_path(path)
+    side.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return side
+
+
 def save_keras(model, spec: ModelSpec, path: str | Path, probe=None, provenance: dict | None = None) -> Path:
     """Save a Keras model with its sidecar (and probe, when given).
 
@@ -228,12 +284,7 @@ def save_keras(model, spec: ModelSpec, path: str | Path, probe=None, provenance:
     path = Path(path).with_suffix(".keras")
     path.parent.mkdir(parents=True, exist_ok=True)
     model.save(path)
-    meta = {"spec": spec.to_dict(), "provenance": provenance or {}}
-    if probe is not None:
-        probe_file = path.with_suffix(".probe.npy")
-        np.save(probe_file, np.asarray(probe, np.complex64))
-        meta["probe"] = probe_file.name
-    sidecar_path(path).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    write_sidecar(path, spec, probe, provenance)
     return path
 
 
@@ -250,6 +301,8 @@ class KerasModel:
         The probe it was trained with.
     provenance : dict, optional
     """
+
+    format = "keras"
 
     def __init__(self, network, spec: ModelSpec, path: Path | None = None, probe=None, provenance=None):
         _check_network(network, spec, path)
@@ -351,3 +404,71 @@ def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- the format entry ----------------------------------------------------------------------------------
+
+_TF_STATE = {"configured": False}
+_TF_LOCK = threading.Lock()
+
+
+class TensorFlowFormat(ModelFormat):
+    """What the TensorFlow formats (``.keras`` files and PtychoPINN bundles) share: placement, threads,
+    out-of-memory errors and the device probe."""
+
+    def configure(self, threads: int | None) -> None:
+        """GPU memory growth on and TF thread pools set, once per process, before TF initialises."""
+        with _TF_LOCK:
+            if _TF_STATE["configured"]:
+                return
+            tf = _tf.tensorflow()
+            for gpu in tf.config.list_physical_devices("GPU"):
+                try:
+                    tf.config.experimental.set_memory_growth(gpu, True)
+                except RuntimeError:  # the runtime is already initialised: keep what it has
+                    _log.warning("GPU memory growth could not be set: TensorFlow is already initialised")
+            if threads:
+                try:
+                    tf.config.threading.set_intra_op_parallelism_threads(threads)
+                    tf.config.threading.set_inter_op_parallelism_threads(threads)
+                except RuntimeError:
+                    _log.warning(
+                        "TF threads could not be set to %d: TensorFlow is already initialised", threads
+                    )
+            _TF_STATE["configured"] = True
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """TensorFlow's ``ResourceExhaustedError`` (only if TensorFlow is imported: else it was not TF's)."""
+        tf = sys.modules.get("tensorflow")
+        errors = getattr(tf, "errors", None)
+        return errors is not None and isinstance(exc, errors.ResourceExhaustedError)
+
+    def device_peak(self, call, device: str) -> int:
+        """TensorFlow's peak memory on ``device`` during ``call()`` (weights included)."""
+        tf = _tf.tensorflow()
+        tf.config.experimental.reset_memory_stats(device)
+        call()
+        return int(tf.config.experimental.get_memory_info(device)["peak"])
+
+
+class KerasFormat(TensorFlowFormat):
+    """A Keras 3 ``.keras`` file with its JSON sidecar, loaded in Keras's safe mode (always trusted: no
+    code from the file runs)."""
+
+    name = "keras"
+    suffixes = (".keras",)
+    describe = ".keras file with its .json sidecar"
+
+    def sniff(self, path: Path) -> bool:
+        members = zip_members(path)
+        return members is not None and "config.json" in members
+
+    def read_spec(self, path: Path) -> ModelSpec:
+        return read_spec(path)[0]
+
+    def load(self, path: Path) -> KerasModel:
+        return load_keras(path)
+
+    def files(self, path: Path) -> list[Path]:
+        extra = [sidecar_path(path), Path(path).with_suffix(".probe.npy")]
+        return [Path(path), *(p for p in extra if p.exists())]

@@ -36,8 +36,10 @@ import numpy as np
 
 from ptychozarr.errors import InvalidParameterError, ModelMismatchError
 from ptychozarr.models.base import ModelSpec, centre_crop
+from ptychozarr.models.formats import zip_members
+from ptychozarr.models.keras_model import TensorFlowFormat
 
-__all__ = ["INSTALL_HINT", "PtychoPINNBundle", "is_bundle", "load_bundle", "require_trust"]
+__all__ = ["INSTALL_HINT", "BundleFormat", "PtychoPINNBundle", "is_bundle", "load_bundle", "require_trust"]
 
 INSTALL_HINT = (
     "install PtychoPINN into this environment: `pip install --no-deps -e <PtychoPINN checkout>` "
@@ -82,11 +84,15 @@ def require_trust(path: str | Path, trust_bundle: bool) -> None:
         If ``path`` is a bundle and ``trust_bundle`` is false.
     """
     if is_bundle(path) and not trust_bundle:
-        raise InvalidParameterError(
-            f"{path}: refusing to load a PtychoPINN bundle, because loading one unpickles its "
-            "manifest.dill and params.dill, which runs code from the file; if you trust it, pass "
-            "--trust-bundle (configuration: trust_bundle = true; Python: trust_bundle=True)"
-        )
+        _refuse_untrusted(path)
+
+
+def _refuse_untrusted(path: str | Path) -> None:
+    raise InvalidParameterError(
+        f"{path}: refusing to load a PtychoPINN bundle, because loading one unpickles its "
+        "manifest.dill and params.dill, which runs code from the file; if you trust it, pass "
+        "--trust-bundle (configuration: trust_bundle = true; Python: trust_bundle=True)"
+    )
 
 
 def _check_layout(path: Path) -> None:
@@ -166,11 +172,15 @@ class PtychoPINNBundle:
     spec : ModelSpec
         ``kind`` is ``"pinn"`` for gridsize > 1 and ``"baseline"`` for gridsize 1; ``intensity_scale`` is
         the bundle's trained ``exp(log_scale)``; ``max_batch`` is the largest call without batch collapse.
+    format : str
+        ``"ptychopinn"``, its entry in :mod:`ptychozarr.models.formats`.
     path : Path
         The bundle file.
     params : dict
         The bundle's ``params.cfg`` as saved, without tensors (``probe``).
     """
+
+    format = "ptychopinn"
 
     def __init__(self, path: Path, network: Any, cfg: dict, ptycho: tuple[Any, Any]) -> None:
         gridsize, n = int(cfg["gridsize"]), int(cfg["N"])
@@ -310,3 +320,26 @@ def load_bundle(path: str | Path, *, trust_bundle: bool = False) -> PtychoPINNBu
                 ) from exc
             cfg = dict(params.cfg)
     return PtychoPINNBundle(path, network, cfg, (params, model))
+
+
+class BundleFormat(TensorFlowFormat):
+    """A PtychoPINN ``wts.h5.zip`` (or the training output directory holding it): loaded only when
+    trusted, since loading unpickles files of the bundle; its spec is known only once loaded."""
+
+    name = "ptychopinn"
+    suffixes = (".zip",)
+    describe = f"PtychoPINN {_BUNDLE_NAME} (with --trust-bundle)"
+
+    def candidates(self, folder: Path) -> list[Path]:
+        return [folder / _BUNDLE_NAME] if (folder / _BUNDLE_NAME).is_file() else []
+
+    def sniff(self, path: Path) -> bool:
+        members = zip_members(path)
+        return members is not None and all(m in members for m in _REQUIRED_MEMBERS)
+
+    def check_trust(self, path: Path, trust_bundle: bool) -> None:
+        if not trust_bundle:
+            _refuse_untrusted(path)
+
+    def load(self, path: Path) -> PtychoPINNBundle:
+        return load_bundle(path, trust_bundle=True)

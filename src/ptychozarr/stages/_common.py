@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from ptychozarr.io.store import CheckedStore, sha256
-from ptychozarr.models.keras_model import sidecar_path
+from ptychozarr.models.formats import formats
 
 __all__ = [
     "arm_key",
@@ -34,11 +34,13 @@ def arm_key(label: str) -> str:
 
 
 def fingerprint(path: Path) -> dict:
-    """Name, size and hash of a file (with a ``.keras`` model's sidecar) or of a directory's files."""
+    """Name, size and hash of a file — a model with every file it is made of (its format entry's
+    :meth:`~ptychozarr.models.formats.ModelFormat.files`: sidecar, probe) — or of a directory's files."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     else:
-        files = [path, *(p for p in [sidecar_path(path)] if path.suffix == ".keras" and p.exists())]
+        entry = next((f for f in formats() if f.claims(path)), None)
+        files = entry.files(path) if entry is not None else [path]
     digest = hashlib.sha256()
     for f in files:
         digest.update(sha256(f).encode())
