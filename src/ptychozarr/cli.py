@@ -91,7 +91,9 @@ def _add_compare(sub) -> None:
     inputs = p.add_argument_group("inputs")
     inputs.add_argument("--test-data", required=True, type=Path, help="scan NPZ or ingested .zarr store")
     inputs.add_argument("--output-dir", required=True, type=Path, help="where the store and files go")
-    inputs.add_argument("--pinn-model", type=Path, help="PINN model (.keras or .onnx with sidecar, or wts.h5.zip)")
+    inputs.add_argument(
+        "--pinn-model", type=Path, help="PINN model (.keras or .onnx with sidecar, or wts.h5.zip)"
+    )
     inputs.add_argument(
         "--baseline-model", type=Path, help="Baseline model (.keras or .onnx with sidecar, or wts.h5.zip)"
     )
