@@ -7,7 +7,7 @@ measures, each in a fresh process:
   patterns/s, peak RSS and per-stage times from ``run.json``;
 - **bare**: the same models' forward passes over exactly the distinct inputs they need (one per group for
   the PINN, one per distinct pattern for the Baseline), inputs already in memory: the speed limit;
-- **in-memory**: the way of spec §7 — the whole scan loaded, the whole grouped stack built, full N×N
+- **in-memory**: compare_models' way — the whole scan loaded, the whole grouped stack built, full N×N
   outputs kept for every group and for the flattened B·C Baseline stack, then cropped and stitched in
   memory — only where its projected size fits in RAM.
 
@@ -130,7 +130,7 @@ def run_in_memory(npz: str, models: dict) -> dict:
 
 
 def _stitch(crops: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Plain in-memory bilinear scatter-add (spec §3.2)."""
+    """Plain in-memory bilinear scatter-add (``reassemble_position``)."""
     m = crops.shape[1]
     pos = positions.astype(np.float32)
     rel = pos - pos.mean(axis=0)

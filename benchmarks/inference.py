@@ -1,11 +1,11 @@
-"""Blockwise inference against the speed limit and against the in-memory way of spec §7.
+"""Blockwise inference against the speed limit and against the in-memory way of compare_models.
 
 Three variants over the same simulated scan, grouped with gridsize 2, and the same reference PINN
 (random weights), each in a fresh process:
 
 - ``engine``: :func:`ptychozarr.infer` on the threaded scheduler, crops computed into memory;
 - ``bare``: the grouped stack held in memory, ``predict_on_batch`` over it (the speed limit);
-- ``in-memory``: spec §7's way — the whole grouped stack, its scaled copy, full N×N outputs of every
+- ``in-memory``: compare_models' way — the whole grouped stack, its scaled copy, full N×N outputs of every
   group, cropped at the end (the memory anchor).
 
 Throughput counts diffraction patterns (groups × C) per second of the work itself (TensorFlow import,
@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = {
             "engine": measure(run_engine, store, model, args.block_groups, args.batch_size, args.crop),
             "bare predict_on_batch": measure(run_bare, store, model, args.batch_size),
-            "in-memory (spec §7)": measure(run_in_memory, store, model, args.batch_size, args.crop),
+            "in-memory (as compare_models)": measure(run_in_memory, store, model, args.batch_size, args.crop),
         }
     channels = args.gridsize**2
     bare = runs["bare predict_on_batch"]
-    anchor = runs["in-memory (spec §7)"]
+    anchor = runs["in-memory (as compare_models)"]
     rows = []
     for name, m in runs.items():
         rate = m.value["outputs"] * channels / m.value["work_s"]

@@ -3,7 +3,7 @@
 For each square size, a synthetic complex ground truth and reconstruction are written to Zarr
 (complex64, square chunks of ``--chunk``). The engine reads them with ``dask.array.from_zarr`` and runs
 every metric (MAE, MSE, PSNR, SSIM, MS-SSIM, FRC curves and cut-offs, amplitude and phase). The in-memory
-way loads both into numpy and applies spec §5 plainly with numpy, scipy and scikit-image, where it fits
+way loads both into numpy and applies PtychoPINN's evaluation with numpy, scipy, scikit-image where it fits
 (``--max-in-memory``: about 170 bytes per pixel, 11 GB at 8192², so ~24 GB at 12,000²). Each variant runs in a
 fresh process (benchmarks/_harness.py), so the peak RSS is its own; the engine's peak should stay near
 one task per thread plus a row of chunks (targets: ≤ 1.5 GB at 12,000², ≤ 1 GB at 16,000²).

@@ -1,4 +1,4 @@
-"""Alignment of a stitched object to the ground-truth grid, and fine registration (spec §4).
+"""Alignment of a stitched object to the ground-truth grid, and fine registration.
 
 Three ways to put a reconstruction on the ground truth's grid:
 
@@ -197,7 +197,7 @@ def align_fixed_canvas(recon, ground_truth, scan_positions_xy, patch_size: int):
 def register(
     image, reference, *, upsample_factor: int = 50, border_crop: int = 2, max_window: int = 1024, **options
 ):
-    """Measure, apply and crop: the fine registration of one arm (spec §4.2).
+    """Measure, apply and crop: the fine registration of one arm.
 
     ``options`` go to :func:`find_offset` (``component``, ``max_blur``, ``min_confidence``,
     ``max_shift``).

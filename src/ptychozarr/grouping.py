@@ -1,4 +1,4 @@
-"""Global, seeded neighbour groups and the diffraction normaliser (spec §1.4).
+"""Global, seeded neighbour groups and the diffraction normaliser (PtychoPINN's intensity scale).
 
 Each scan point seeds one group. Its C = gridsize² members are drawn without replacement from its K
 nearest neighbours, the point itself excluded (a ``cKDTree`` queried with K + 1, first hit dropped,
@@ -94,7 +94,7 @@ def neighbour_groups(x: np.ndarray, y: np.ndarray, gridsize: int, k: int = 7, se
 
 
 def normaliser(diffraction, nn_indices: np.ndarray, intensity_sum: np.ndarray | None = None) -> float:
-    """f of spec §1.4 over the grouped stack, computed in float64.
+    """PtychoPINN's normaliser f over the grouped stack, computed in float64.
 
     Parameters
     ----------

@@ -22,7 +22,7 @@ Two arms:
   ``nn_indices`` is predicted once, with zero offsets, at its true position, and carries as weight the
   number of times it appears. Stitching with these weights gives exactly what predicting the flattened
   ``B·C`` stack would, for ``1/C`` of the compute. PtychoPINN's ``compare_models`` instead predicts the
-  flattened stack and stitches it at point-reflected positions ``2·centre − position`` (spec §0.4).
+  flattened stack and stitches it at point-reflected positions ``2·centre − position``.
 """
 
 from __future__ import annotations

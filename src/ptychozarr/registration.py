@@ -1,4 +1,4 @@
-"""Fine registration of a reconstruction to the ground truth, and the common scoring box (spec §4.2).
+"""Fine registration of a reconstruction to the ground truth, and the common scoring box.
 
 :func:`find_offset` measures the sub-pixel shift between a reconstruction and the ground truth with
 scikit-image's ``phase_cross_correlation`` used as a plain (unnormalised) cross-correlation. Three

@@ -1,4 +1,4 @@
-"""Synthetic ptychography scans that follow the study's data contract (spec §1.3, §1.5).
+"""Synthetic ptychography scans that follow the study's data contract (PtychoPINN's keys, dtypes, frame).
 
 The object is complex and structured (amplitude from scikit-image's ``camera``, phase from the detail
 of ``astronaut``), the probe a strongly defocused soft aperture, the positions uniform within the
@@ -135,7 +135,7 @@ def simulate(
     stored: bool = False,
     legacy: bool = False,
 ) -> Path:
-    """Simulate a scan and write it as an NPZ file with the keys and dtypes of spec §1.5.
+    """Simulate a scan and write it as an NPZ file with the keys and dtypes of PtychoPINN's scans.
 
     Parameters
     ----------
@@ -154,7 +154,7 @@ def simulate(
     seed : int
         Seed of the positions and the Poisson noise (the object and the probe are fixed).
     split : {"none", "train", "test"}
-        Half of the object to scan, split by y at the midpoint of the position range (spec §1.5 step 4):
+        Half of the object to scan, split by y at the midpoint of the position range (as the study):
         train ``y < mid``, test ``y ≥ mid``, none: the whole range.
     stored : bool
         Store the members uncompressed (``np.savez``) instead of deflating them.

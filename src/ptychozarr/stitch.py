@@ -1,6 +1,6 @@
 """Lazy, tile-owned scatter-add stitching of cropped patches into one object.
 
-Semantics are those of PtychoPINN's ``reassemble_position`` (spec §3.2): a crop pixel ``(i, j)`` of a
+Semantics are those of PtychoPINN's ``reassemble_position``: a crop pixel ``(i, j)`` of a
 patch whose top-left lands at canvas ``(s_y, s_x) = k + f`` (``k`` integer, ``f`` in ``[0, 1)``) adds
 its value with bilinear weights ``(1-f_y)(1-f_x), (1-f_y)f_x, f_y(1-f_x), f_y f_x`` to canvas
 ``(i + k_y + {0, 1}, j + k_x + {0, 1})``; taps outside the canvas are dropped; the same taps of a unit
@@ -48,7 +48,7 @@ writes itself. In words::
   tiles no patch touches included (zeros), so that a missing chunk means a lost write, never the fill
   value; it sets ``complete`` only after the last chunk.
 
-Positions are object pixels in ``(x, y)`` order (spec §1.3); crop pixel ``(i, j)`` of a patch at
+Positions are object pixels in ``(x, y)`` order, as PtychoPINN's; crop pixel ``(i, j)`` of a patch at
 ``(x, y)`` sees object pixel ``(y + i - M/2, x + j - M/2)``. :class:`CanvasFrame` maps canvas indices
 to that object grid.
 """
@@ -166,7 +166,7 @@ def stitch(
         ``(n, 2)`` scan positions in object pixels, ``(x, y)`` order.
     weights : array_like, optional
         ``(n,)`` non-negative multiplicities; each patch counts this many times, in the numerator, the
-        weight and the canvas centre. Ones (the default) give exactly spec §3.2. Patches of weight 0
+        weight and the canvas centre. Ones (the default) give ``reassemble_position``. Patches of weight 0
         are left out.
     tile : int
         Side of the square canvas tiles, which are the chunks of the result.
@@ -185,7 +185,7 @@ def stitch(
     object : dask.array.Array
         ``(rows, cols)`` complex64, chunked in tiles.
     frame : CanvasFrame
-        The canvas ↔ object mapping (spec §3.2 item 7 in the default mode).
+        The canvas ↔ object mapping (``reassemble_position``'s canvas in the default mode).
 
     Notes
     -----

@@ -525,7 +525,7 @@ def ingest(
     Parameters
     ----------
     npz_path : str or Path
-        The scan (spec §1.2): ``diff3d`` or ``diffraction`` as (M, N, N), (M, N, N, 1) or legacy (N, N, M);
+        The scan: ``diff3d`` or ``diffraction`` as (M, N, N), (M, N, N, 1) or legacy (N, N, M);
         ``xcoords``, ``ycoords``, ``probeGuess``; optional ``xcoords_start``, ``ycoords_start``,
         ``scan_index``, ``objectGuess``. Integer diffraction is photon counts and is stored as its square
         root. Other keys (``Y``, ``_metadata``, …) are skipped and listed in the attrs.
@@ -596,7 +596,10 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
     key = diffraction_key(keys)
     for required in ("xcoords", "ycoords", "probeGuess"):
         if required not in keys:
-            raise InvalidScanError(f"missing required key {required!r}; see the data contract (spec §1.2)")
+            raise InvalidScanError(
+                f"missing required key {required!r}; a scan NPZ holds diffraction (or diff3d), xcoords, "
+                "ycoords and probeGuess"
+            )
     coordinates = {name: npz.read(name) for name in ("xcoords", "ycoords")}
     if coordinates["xcoords"].ndim != 1:
         raise InvalidScanError(f"key 'xcoords' has shape {coordinates['xcoords'].shape}; expected (M,)")
@@ -691,7 +694,7 @@ def _attributes(name: str) -> dict:
 
 
 def pattern_intensity(patterns) -> np.ndarray:
-    """Σ_hw d² of each pattern of a (k, N, N) block, in float64 (the normaliser's input, spec §1.4).
+    """Σ_hw d² of each pattern of a (k, N, N) block, in float64 (the normaliser's input).
 
     Each pattern's sum depends on its values only (not on the block around it), so ingestion and a later
     recomputation over other blocks agree bitwise.

@@ -1,4 +1,4 @@
-"""The scan data contract (spec §1.2): which keys, which layouts, which values are accepted.
+"""The scan data contract (PtychoPINN's NPZ keys): which keys, which layouts, which values are accepted.
 
 Every check raises :class:`~ptychozarr.errors.InvalidScanError` with the key, the problem and the fix.
 The checks of diffraction values run on one block at a time, as the blocks stream past.

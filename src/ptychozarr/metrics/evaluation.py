@@ -143,7 +143,7 @@ def evaluate(
 
     Notes
     -----
-    As ``ptycho.evaluation.eval_reconstruction`` (spec §5), computed in float64:
+    As ``ptycho.evaluation.eval_reconstruction``, computed in float64:
 
     - amplitude: ``t = |gt|``, ``p' = |recon| · mean(t) / mean(|recon|)``; phase: ``np.angle`` of each,
       then its own plane (or mean) removed, after the trim;

@@ -38,7 +38,7 @@ class ModelSpec:
         A label for logs and reports.
     max_batch : int or None
         Largest batch the model may be called with (PtychoPINN bundles merge a whole call into one
-        canvas above a size, spec §0.3); None means no limit.
+        canvas above a size); None means no limit.
     """
 
     kind: Literal["pinn", "baseline"]

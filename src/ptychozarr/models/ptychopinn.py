@@ -1,4 +1,4 @@
-"""Adapter for trained PtychoPINN bundles (``wts.h5.zip``, spec §2.4).
+"""Adapter for trained PtychoPINN bundles (``wts.h5.zip``).
 
 A bundle holds PtychoPINN's inference network ``diffraction_to_obj`` with the whole ``params.cfg`` it was
 trained under. It is loaded through PtychoPINN's own ``ModelManager``, so the ``ptycho`` package must be
@@ -12,14 +12,14 @@ comes before anything in the file is read beyond its zip directory.
 Choices that differ from PtychoPINN's ``compare_models``, on purpose:
 
 - Calls never exceed :attr:`ModelSpec.max_batch` groups (``groups · C < 64``): above that,
-  ``ReassemblePatchesLayer`` sums every group of a call into one canvas (spec §0.3). ``max_batch`` is a
+  ``ReassemblePatchesLayer`` sums every group of a call into one canvas. ``max_batch`` is a
   ceiling, not a size to pad to: a call of up to ``max_batch`` groups runs as it is.
-- A gridsize-1 bundle (the study's "Baseline" arm, spec §0.5) gets ``kind="baseline"`` and
+- A gridsize-1 bundle (the study's "Baseline" arm) gets ``kind="baseline"`` and
   ``takes_positions=False``: it sees one pattern, whose offset from its own centre is zero, which is what
   it was trained with. The adapter feeds that zero offset itself; compare_models instead feeds it
-  re-centred, point-reflected global positions (spec §0.4).
+  re-centred, point-reflected global positions.
 - PtychoPINN keeps per-model state in globals: loading sets ``params.cfg`` and every model built in a
-  process shares one ``log_scale`` variable (spec §2.1, §2.4). Loading and each call set both to the
+  process shares one ``log_scale`` variable. Loading and each call set both to the
   bundle's own values under one lock and put the previous values back, so bundles of different gridsize
   live side by side in one process and PtychoPINN code running beside them sees no change.
 """
@@ -50,7 +50,7 @@ INSTALL_HINT = (
 _BUNDLE_NAME = "wts.h5.zip"
 _MODEL_DIR = "diffraction_to_obj"
 _REQUIRED_MEMBERS = ("manifest.dill", f"{_MODEL_DIR}/model.keras", f"{_MODEL_DIR}/params.dill")
-# ReassemblePatchesLayer merges a whole call into one canvas once groups · C reaches this (spec §0.3).
+# ReassemblePatchesLayer merges a whole call into one canvas once groups · C reaches this.
 _COLLAPSE_PATCHES = 64
 # PtychoPINN's globals are process-wide; one lock guards every use of them by this module.
 _PTYCHO_LOCK = threading.Lock()

@@ -1,6 +1,6 @@
 """``reconstructions.npz`` and ``reconstructions_aligned.npz``, streamed in row slabs.
 
-Members follow compare_models (spec §6): ``<prefix>_amplitude`` / ``_phase`` (float32) and
+Members follow compare_models: ``<prefix>_amplitude`` / ``_phase`` (float32) and
 ``_complex`` (complex64) per arm, the PINN arm under the prefix ``ptychopinn``, and numeric members
 only (a missing registration offset is NaN, never an object array). Beyond compare_models:
 

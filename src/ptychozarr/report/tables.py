@@ -1,6 +1,6 @@
 """The metrics of one comparison as compare_models' CSV, FRC curve CSVs and a console table.
 
-``comparison_metrics.csv`` keeps compare_models' tidy rows and order (spec §5.1): every tuple metric
+``comparison_metrics.csv`` keeps compare_models' tidy rows and order: every tuple metric
 of every arm, then ``registration_offset_dy`` / ``_dx`` of the registered arms, then
 ``computation_time_s`` of every arm. After all of those come the engine's own metrics (every other
 entry of :mod:`ptychozarr.metrics.registry`, e.g. ``frc50_hann``), one row per arm and metric, so
