@@ -151,6 +151,9 @@ def run_compare(config: CompareConfig) -> Comparison:
             if not kind.in_process:
                 workers = memory.worker_peaks(client)
                 measured["process"] = max(w["host"] for w in workers.values())
+                devices = [w["device"] for w in workers.values() if w["device"] is not None]
+                if devices:  # GPU workers: the largest device peak, beside the plan's projected device
+                    measured["device"] = max(devices)
                 loads |= client.run(load_count)
         with rt.timed("report"):
             written = _report(rt, root, arms, ds, plan)
