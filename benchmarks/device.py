@@ -1,6 +1,6 @@
 """The device check: one command on a machine with a GPU, its table in one file.
 
-What it measures, each part in a fresh process (:func:`benchmarks._harness.measure`):
+What it measures, each part in a fresh spawned process (as :func:`benchmarks._harness.measure`):
 
 - **throughput**: per model, the engine's inference stage as the pipeline runs it (:func:`ptychozarr.infer`
   stored into Zarr, threaded scheduler) beside the bare framework call over the same inputs in memory
@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing as mp
 import os
+import queue
 import tempfile
 import time
 from functools import partial
@@ -39,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._harness import measure, ratio, table, write_json
+from benchmarks import _harness
+from benchmarks._harness import ratio, table, write_json
 from benchmarks.fastpath import _bare, _engine, make_models, onnx_twins
 
 __all__ = ["main"]
@@ -53,7 +56,36 @@ SMOKE = {"points": 48, "n": 32, "block_groups": 16, "batch_size": 8, "repeat": 1
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 
+def _isolated(func, *args):
+    """``func(*args)`` in a fresh spawned process (as :func:`benchmarks._harness.measure`); a child that
+    dies without an answer raises here instead of leaving the parent waiting."""
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    proc = ctx.Process(target=_harness._child, args=(answers, func, args, {}))
+    proc.start()
+    while True:
+        try:
+            value = answers.get(timeout=1.0)[3]
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                try:
+                    value = answers.get(timeout=5.0)[3]
+                    break
+                except queue.Empty:
+                    raise RuntimeError(f"{func.__name__} exited with {proc.exitcode}") from None
+    proc.join()
+    return value
+
+
+def _failed(exc: BaseException) -> str:
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _mib(b) -> float | str:
+    """Bytes in MiB; a note (a failure) as it is; ``–`` for none."""
+    if isinstance(b, str):
+        return b
     return round(b / 2**20, 1) if isinstance(b, int | float) else "–"
 
 
@@ -123,9 +155,11 @@ def run_throughput(
         diffraction, nn = ds["diffraction"].values, groups["nn_indices"].values
         f = np.float32(groups.attrs["normaliser"])
         if spec.gridsize == 1:
-            x, pos = diffraction[np.unique(nn), ..., None] * f, None
+            x = diffraction[np.unique(nn), ..., None] * f
         else:
             x = np.moveaxis(diffraction[nn], 1, -1) * f
+        pos = None
+        if spec.takes_positions:
             pos = np.swapaxes(groups["offsets"].values, 1, 2)[:, None].astype(np.float32)
         engine, bare, inputs = [], [], 0
         for _ in range(repeat):
@@ -136,10 +170,13 @@ def run_throughput(
         del x, pos
         row = {"inputs": inputs, "engine": min(engine), "bare": min(bare), "where": _where(model, on_gpu)}
         if on_gpu:
-            row["probe"] = _probe(model, batch, GPU)
-            with dask.config.set(scheduler="threads"):
-                stage = partial(_engine, ds, groups, path, block_groups, batch)
-                row["stage_peak"] = format_of_model(model).device_peak(stage, GPU)
+            try:
+                row["probe"] = _probe(model, batch, GPU)
+                with dask.config.set(scheduler="threads"):
+                    stage = partial(_engine, ds, groups, path, block_groups, batch)
+                    row["stage_peak"] = format_of_model(model).device_peak(stage, GPU)
+            except Exception as exc:  # e.g. no NVML for ONNX Runtime's measure: the row says so
+                row["probe"], row["stage_peak"] = _failed(exc), None
         out[label] = row
     return out
 
@@ -211,15 +248,15 @@ def main(argv=None) -> dict:
     sections: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="ptychozarr-device-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        info = measure(device_info).value
+        info = _isolated(device_info)
         sections["machine"] = [
             {"gpus": ", ".join(info["gpus"]) or "none", "tensorflow": info["tensorflow"],
              "onnxruntime": info["onnxruntime"], "ort providers": ", ".join(info["ort_providers"]),
              "dask_cuda": info["dask_cuda"], "smoke": args.cpu_smoke}
         ]  # fmt: skip
-        fast = measure(make_models, work / "fast", args.n).value
+        fast = _isolated(make_models, work / "fast", args.n)
         fast = {f"1×1 {k}": v for k, v in fast.items()}
-        models = {**fast, **measure(onnx_twins, fast).value}
+        models = {**fast, **_isolated(onnx_twins, fast)}
         from ptychozarr.models import demo_weights
         from ptychozarr.models.demo import DEMO_SCAN, SHIPPED
         from ptychozarr.simulate import simulate
@@ -235,13 +272,18 @@ def main(argv=None) -> dict:
             )  # fmt: skip
 
         rows, memory_rows = [], []
+        arms = {}
         if reason := late():
             rows.append({"model": "all", "note": reason})
         else:
-            arms = measure(
-                run_throughput, scans, models, str(work / "infer"), args.block_groups, args.batch_size,
-                args.repeat,
-            ).value  # fmt: skip
+            try:
+                arms = _isolated(
+                    run_throughput, scans, models, str(work / "infer"), args.block_groups, args.batch_size,
+                    args.repeat,
+                )  # fmt: skip
+            except Exception as exc:  # one part failing leaves the others to run
+                rows.append({"model": "all", "note": _failed(exc)})
+        if arms:
             for label, a in arms.items():
                 rows.append(
                     {
@@ -262,7 +304,9 @@ def main(argv=None) -> dict:
                             "runs on": a["where"],
                             "projected (one-batch probe) MiB": _mib(a["probe"]),
                             "measured (infer stage peak) MiB": _mib(a["stage_peak"]),
-                            "measured / projected": ratio(a["stage_peak"], a["probe"]),
+                            "measured / projected": ratio(a["stage_peak"], a["probe"])
+                            if isinstance(a["probe"], int)
+                            else "–",
                         }
                     )
         sections["throughput"] = rows
@@ -274,8 +318,13 @@ def main(argv=None) -> dict:
             if reason:
                 compare_rows.append({"scheduler": scheduler, "errors": reason})
                 continue
-            run = measure(run_compare, scans[64], shipped, str(work / f"compare-{scheduler}"), scheduler)
-            compare_rows.append(_compare_row(scheduler, run.value))
+            try:
+                run = _isolated(
+                    run_compare, scans[64], shipped, str(work / f"compare-{scheduler}"), scheduler
+                )
+                compare_rows.append(_compare_row(scheduler, run))
+            except Exception as exc:
+                compare_rows.append({"scheduler": scheduler, "errors": _failed(exc)})
         sections["compare"] = compare_rows
 
     wall = time.monotonic() - t0
