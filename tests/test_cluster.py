@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from dask.system import CPU_COUNT
 
-from ptychozarr.cluster import GPU_EXTRA, Concurrency, concurrency, scheduler
+from ptychozarr.cluster import GPU_EXTRA, KINDS, Concurrency, SchedulerKind, concurrency, kind, scheduler
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.memory import worker_peaks
 
@@ -103,6 +103,68 @@ def test_worker_peaks_reports_every_worker(client):
     peaks = worker_peaks(client)
     assert set(peaks) == set(client.scheduler_info()["workers"])
     assert all(p["host"] > 10 * 2**20 and p["device"] is None for p in peaks.values())
+
+
+@pytest.mark.parametrize(
+    "spec, name, local_workers, on_gpu, in_process",
+    [
+        ("threads", "threads", False, False, True),
+        ("processes", "processes", True, False, False),
+        ("cuda", "cuda", True, True, False),
+        ("tcp://127.0.0.1:8786", "address", False, False, False),
+        ("tls://scheduler:8786", "address", False, False, False),
+    ],
+)
+def test_each_spec_names_one_kind_that_answers_the_engines_questions(
+    spec, name, local_workers, on_gpu, in_process
+):
+    k = kind(spec)
+    assert isinstance(k, SchedulerKind) and k.name == name and k.accepts(spec)
+    assert (k.local_workers, k.on_gpu, k.in_process) == (local_workers, on_gpu, in_process)
+    assert [other.name for other in KINDS if other.accepts(spec)][0] == name  # the first that accepts
+
+
+def test_every_registered_kind_answers_every_question(client):
+    assert len({k.name for k in KINDS}) == len(KINDS) >= 4
+    for k in KINDS:
+        assert callable(k.open) and callable(k.accepts) and k.usage
+        assert all(isinstance(v, bool) for v in (k.local_workers, k.on_gpu, k.in_process))
+        assert not (k.in_process and k.local_workers)  # tasks in this process have no worker children
+        conc = k.concurrency(None if k.in_process else client)
+        assert isinstance(conc, Concurrency) and conc.tasks >= 1
+        with pytest.raises(AttributeError):  # frozen: the registry cannot be changed by a caller
+            k.on_gpu = not k.on_gpu  # type: ignore[misc]
+    assert kind("threads").concurrency(None) == concurrency(None)
+    assert kind("processes").concurrency(client) == concurrency(client) == Concurrency(2, 1)
+
+
+@pytest.mark.parametrize("spec", ["gpu", "", "Threads", "host:8786", None])
+def test_an_unknown_spec_is_refused_in_one_line_naming_every_kind(spec):
+    with pytest.raises(InvalidParameterError) as e:
+        kind(spec)
+    message = str(e.value)
+    assert "\n" not in message and f"scheduler {spec!r} is not one of" in message
+    assert all(k.usage in message for k in KINDS)
+
+
+def test_no_module_but_cluster_compares_scheduler_names():
+    import pathlib
+    import re
+
+    import ptychozarr
+
+    names = "|".join(re.escape(k.name) for k in KINDS)
+    compares = rf"scheduler\b[^\n]*(==|!=|\bin\b)\s*[(\[{{]?[^\n]*[\"']({names})[\"']"
+    pattern = re.compile(compares + "|client is (not )?None")
+    root = pathlib.Path(ptychozarr.__file__).parent
+    found = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "cluster.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, "branch on cluster.kind(spec) instead:\n" + "\n".join(found)
 
 
 def test_threads_sets_tf_threads_only_inside_the_block():

@@ -7,6 +7,12 @@ once and computes inside it::
         conc = concurrency(client)              # processes × threads, for the memory plan
         dask.compute(...)
 
+Each kind of scheduler is one :class:`SchedulerKind` in :data:`KINDS` (threads, processes, cuda, an
+address): how to open it and what the rest of the engine asks of it (whether its workers are child
+processes of this one, whether models run on a GPU, whether this process's RSS is the per-process
+baseline, how many tasks run at once). The pipeline and the memory plan ask :func:`kind` and never
+compare scheduler names, so a new kind of scheduler is one entry here.
+
 TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and ``TF_NUM_INTEROP_THREADS`` when its runtime starts, and
 ``TF_FORCE_GPU_ALLOW_GROWTH`` when it first touches a GPU, so this module sets them in each worker's
 environment (dask's ``distributed.nanny.environ``) and every worker gets them before any task imports
@@ -29,8 +35,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,14 +46,12 @@ from dask.system import CPU_COUNT
 from ptychozarr.errors import InvalidParameterError, PtychozarrError
 
 __all__ = [
-    "CONNECT_TIMEOUT", "GPU_EXTRA", "NO_WORKERS_TIMEOUT", "ClusterError", "Concurrency", "concurrency",
-    "scheduler",
+    "CONNECT_TIMEOUT", "GPU_EXTRA", "KINDS", "NO_WORKERS_TIMEOUT", "ClusterError", "Concurrency",
+    "SchedulerKind", "concurrency", "kind", "scheduler",
 ]  # fmt: skip
 
 GPU_EXTRA = "pip install 'ptychozarr[gpu]'"
 """The command that installs what ``scheduler("cuda")`` needs (dask-cuda and TensorFlow with CUDA)."""
-
-_SPECS = ("threads", "processes", "cuda")
 
 CONNECT_TIMEOUT = 5.0
 """Seconds to wait for a scheduler address to answer (``Client(timeout=...)`` given wins)."""
@@ -84,12 +88,82 @@ def concurrency(client: Any = None) -> Concurrency:
         The client :func:`scheduler` yielded; None for the threaded scheduler (one process with dask's
         ``num_workers`` threads, all cores by default).
     """
-    if client is None:
-        return Concurrency(1, dask.config.get("num_workers", None) or CPU_COUNT)
+    return _threads_concurrency(client) if client is None else _workers_concurrency(client)
+
+
+def _threads_concurrency(client: None = None) -> Concurrency:
+    """One process with dask's ``num_workers`` threads (all cores by default)."""
+    return Concurrency(1, dask.config.get("num_workers", None) or CPU_COUNT)
+
+
+def _workers_concurrency(client: Any) -> Concurrency:
+    """The client's workers × the most threads any one of them has."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     if not workers:
         raise InvalidParameterError(f"the cluster at {client.scheduler.address} has no workers; start some")
     return Concurrency(len(workers), max(w["nthreads"] for w in workers))
+
+
+Opener = Callable[[str, "int | None", int, "int | None", dict[str, Any]], AbstractContextManager[Any]]
+"""How a kind opens its scheduler: ``(spec, n_workers, threads_per_worker, tf_threads, cluster_kwargs)``
+→ a context manager yielding the client (None for dask's threads)."""
+
+
+@dataclass(frozen=True)
+class SchedulerKind:
+    """One kind of scheduler: how to open it and what the engine needs to know about it.
+
+    Attributes
+    ----------
+    name : str
+        The kind's name (``threads``, ``processes``, ``cuda``, ``address``).
+    usage : str
+        How a ``--scheduler`` value names it, for messages (e.g. ``'tcp://host:8786'``).
+    accepts : callable
+        Whether a scheduler spec names this kind.
+    open : callable
+        :data:`Opener`: the context manager :func:`scheduler` enters.
+    local_workers : bool
+        Its workers are child processes of this one, so this process's peak RSS samples its children.
+    on_gpu : bool
+        Models run on a GPU device, so the memory plan probes their device memory.
+    in_process : bool
+        Tasks run in this process (no workers): this process's RSS now is the per-process baseline of
+        the memory plan, and there are no worker peaks or model loads to collect from workers.
+    count : callable
+        How many processes and threads per process run tasks, given the client :func:`scheduler`
+        yielded (see :func:`concurrency`).
+    """
+
+    name: str
+    usage: str
+    accepts: Callable[[str], bool]
+    open: Opener
+    local_workers: bool
+    on_gpu: bool
+    in_process: bool
+    count: Callable[[Any], Concurrency]
+
+    def concurrency(self, client: Any = None) -> Concurrency:
+        """Processes and threads per process this kind's ``client`` runs tasks on."""
+        return self.count(client)
+
+
+def kind(spec: str) -> SchedulerKind:
+    """The :class:`SchedulerKind` a scheduler spec names; one line naming the valid ones otherwise.
+
+    Raises
+    ------
+    InvalidParameterError
+        No kind in :data:`KINDS` accepts ``spec``.
+    """
+    for k in KINDS:
+        if isinstance(spec, str) and k.accepts(spec):
+            return k
+    raise InvalidParameterError(
+        f"scheduler {spec!r} is not one of {', '.join(k.usage for k in KINDS[:-1])} or an address such as "
+        f"{KINDS[-1].usage}"
+    )
 
 
 @contextmanager
@@ -141,30 +215,70 @@ def scheduler(
     ):
         if value is not None and value < 1:
             raise InvalidParameterError(f"{name} is {value}; give a positive integer or leave it unset")
-    if spec == "threads":
-        env = _tf_env(tf_threads) if tf_threads else {}
-        config = {"scheduler": "threads"} | ({"num_workers": n_workers} if n_workers else {})
-        with dask.config.set(config), _environ(env):
-            yield None
-    elif spec in ("processes", "cuda"):
-        with _local_cluster(spec, n_workers, threads_per_worker, tf_threads, cluster_kwargs) as cluster:
+    with kind(spec).open(spec, n_workers, threads_per_worker, tf_threads, cluster_kwargs) as client:
+        yield client
+
+
+@contextmanager
+def _open_threads(
+    spec: str, n_workers: int | None, threads_per_worker: int, tf_threads: int | None, kwargs: dict
+) -> Iterator[None]:
+    """dask's threaded scheduler in this process, ``n_workers`` threads; TF threads set for the block."""
+    env = _tf_env(tf_threads) if tf_threads else {}
+    config = {"scheduler": "threads"} | ({"num_workers": n_workers} if n_workers else {})
+    with dask.config.set(config), _environ(env):
+        yield None
+
+
+def _open_local(gpu: bool) -> Opener:
+    """Opens a local cluster of processes (``gpu``: one per GPU) and a client of it."""
+
+    @contextmanager
+    def open_local(
+        spec: str, n_workers: int | None, threads_per_worker: int, tf_threads: int | None, kwargs: dict
+    ) -> Iterator[Any]:
+        with _local_cluster(gpu, n_workers, threads_per_worker, tf_threads, kwargs) as cluster:
             from distributed import Client
 
             with Client(cluster) as client, _bounded(client, watch=False):
                 yield client
-    elif "://" in spec:
-        if n_workers is not None or tf_threads is not None:
-            raise InvalidParameterError(
-                f"n_workers and tf_threads apply to local clusters, not to the scheduler at {spec}; "
-                "configure its workers where they are started"
-            )
-        with _connect(spec, cluster_kwargs) as client, _bounded(client, watch=True):
-            yield client
-    else:
+
+    return open_local
+
+
+@contextmanager
+def _open_address(
+    spec: str, n_workers: int | None, threads_per_worker: int, tf_threads: int | None, kwargs: dict
+) -> Iterator[Any]:
+    """A client of the existing scheduler at ``spec``, watched for losing all its workers."""
+    if n_workers is not None or tf_threads is not None:
         raise InvalidParameterError(
-            f"scheduler {spec!r} is not one of {', '.join(map(repr, _SPECS))} or an address such as "
-            "'tcp://host:8786'"
+            f"n_workers and tf_threads apply to local clusters, not to the scheduler at {spec}; "
+            "configure its workers where they are started"
         )
+    with _connect(spec, kwargs) as client, _bounded(client, watch=True):
+        yield client
+
+
+KINDS: tuple[SchedulerKind, ...] = (
+    SchedulerKind(
+        "threads", "'threads'", lambda s: s == "threads", _open_threads,
+        local_workers=False, on_gpu=False, in_process=True, count=_threads_concurrency,
+    ),
+    SchedulerKind(
+        "processes", "'processes'", lambda s: s == "processes", _open_local(gpu=False),
+        local_workers=True, on_gpu=False, in_process=False, count=_workers_concurrency,
+    ),
+    SchedulerKind(
+        "cuda", "'cuda'", lambda s: s == "cuda", _open_local(gpu=True),
+        local_workers=True, on_gpu=True, in_process=False, count=_workers_concurrency,
+    ),
+    SchedulerKind(  # last: messages name it as the address form
+        "address", "'tcp://host:8786'", lambda s: "://" in s, _open_address,
+        local_workers=False, on_gpu=False, in_process=False, count=_workers_concurrency,
+    ),
+)  # fmt: skip
+"""Every kind of scheduler, in the order :func:`kind` tries them; the first that accepts a spec wins."""
 
 
 def _connect(address: str, kwargs: dict[str, Any]) -> Any:
@@ -271,16 +385,16 @@ def _environ(env: dict[str, str]) -> Iterator[None]:
 
 @contextmanager
 def _local_cluster(
-    spec: str,
+    gpu: bool,
     n_workers: int | None,
     threads_per_worker: int,
     tf_threads: int | None,
     cluster_kwargs: dict[str, Any],
 ) -> Iterator[Any]:
-    """A LocalCluster (``processes``) or LocalCUDACluster (``cuda``) whose workers carry the TF env."""
+    """A LocalCluster (processes) or, with ``gpu``, a LocalCUDACluster whose workers carry the TF env."""
     from distributed import LocalCluster  # also loads distributed's configuration defaults
 
-    if spec == "cuda":
+    if gpu:
         n_gpus = _visible_gpus()
         n_workers = n_workers or n_gpus
         env = {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}
@@ -292,7 +406,7 @@ def _local_cluster(
     kwargs = {"n_workers": n_workers, "threads_per_worker": threads_per_worker, "dashboard_address": None}
     bounded = {"distributed.scheduler.no-workers-timeout": f"{NO_WORKERS_TIMEOUT}s"}
     with dask.config.set({"distributed.nanny.environ": environ} | bounded):
-        if spec == "cuda":
+        if gpu:
             from dask_cuda import LocalCUDACluster
 
             cluster = LocalCUDACluster(**(kwargs | {"rmm_pool_size": None} | cluster_kwargs))

@@ -124,8 +124,8 @@ def run_compare(config: CompareConfig) -> Comparison:
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
     with rt.timed("validate"):
         plan = resolve(config)
-    local = config.run.scheduler in ("processes", "cuda")
-    with output_lock(config.output_dir), memory.PeakMemory(children=local) as peak:
+    kind = cluster.kind(config.run.scheduler)
+    with output_lock(config.output_dir), memory.PeakMemory(children=kind.local_workers) as peak:
         rt.memory = peak
         with cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers) as client:
             unconsolidate(plan.store)
@@ -148,9 +148,12 @@ def run_compare(config: CompareConfig) -> Comparison:
                 _score_arms(rt, root, ds, groups, arms, errors, plan)
             measured = {"peak": peak.peak, **rt.task_peaks}
             loads = {"client": load_count()}
-            if client is not None:
+            if not kind.in_process:
                 workers = memory.worker_peaks(client)
                 measured["process"] = max(w["host"] for w in workers.values())
+                devices = [w["device"] for w in workers.values() if w["device"] is not None]
+                if devices:  # GPU workers: the largest device peak, beside the plan's projected device
+                    measured["device"] = max(devices)
                 loads |= client.run(load_count)
         with rt.timed("report"):
             written = _report(rt, root, arms, ds, plan)

@@ -176,9 +176,10 @@ def _project_run(plan: RunPlan, client) -> memory.Plan:
     """
     config, infer, budget = plan.config, plan.config.infer, plan.config.run.memory_budget
     n_points = min(plan.scan.patterns, config.scan.n_test_groups or plan.scan.patterns)
-    conc = cluster.concurrency(client)
+    kind = cluster.kind(config.run.scheduler)
+    conc = kind.concurrency(client)
     loaded = [cached_model(arm.model, trust_bundle=infer.trust_bundle) for arm in plan.arms]
-    on_gpu = config.run.scheduler == "cuda"
+    on_gpu = kind.on_gpu
     args = dict(
         batch_size=infer.batch_size,
         N=plan.scan.N,
@@ -189,7 +190,7 @@ def _project_run(plan: RunPlan, client) -> memory.Plan:
         tile=plan.tile,
         threads=conc.threads,
         processes=conc.processes,
-        reserved=memory.measure_reserved() if client is None else None,
+        reserved=memory.measure_reserved() if kind.in_process else None,
     )
     block_groups = infer.block_groups
     if block_groups == "auto":
