@@ -129,7 +129,8 @@ def run_compare(config: CompareConfig) -> Comparison:
         rt.memory = peak
         with cluster.scheduler(config.run.scheduler, n_workers=config.run.n_workers) as client:
             unconsolidate(plan.store)
-            if config.run.memory_budget is not None:  # an over-budget plan is refused before any work
+            plan = plan.with_recorded_memory()
+            if plan.memory is None and config.run.memory_budget is not None:  # refused before any work
                 with rt.timed("plan"):
                     plan = plan.with_memory(client)
             with _tf.preloading(plan.memory is None and bool(plan.arms)):

@@ -112,12 +112,20 @@ class RunPlan:
         """Which of ``labels`` are registered before scoring."""
         return align.arms_to_register(labels, self.register, iterative_arms=ITERATIVE)
 
-    def with_memory(self, client=None) -> RunPlan:
-        """This plan with its memory plan: the one recorded in the store under :attr:`key` when there is
-        one (and the run is not forced), else projected now — which loads and probes the models — and
-        checked against ``--memory-budget`` (:class:`~ptychozarr.errors.MemoryBudgetError`)."""
+    def with_recorded_memory(self) -> RunPlan:
+        """This plan with the memory plan an earlier run recorded in the store under :attr:`key`
+        (re-projected from its parameters: no model is loaded), when there is one and the run is not
+        forced; else this plan as it is."""
         recorded = None if self.config.run.force else _recorded(self.store, self.key)
-        return dataclasses.replace(self, memory=recorded or _project_run(self, client))
+        return dataclasses.replace(self, memory=recorded) if recorded is not None else self
+
+    def with_memory(self, client=None) -> RunPlan:
+        """This plan with a memory plan: the one it has, else one projected now — which loads and probes
+        the models — and checked against ``--memory-budget`` (:class:`~ptychozarr.errors.MemoryBudgetError`
+        when over it)."""
+        if self.memory is not None:
+            return self
+        return dataclasses.replace(self, memory=_project_run(self, client))
 
     def record(self, root: zarr.Group) -> None:
         """Keep the memory plan's parameters in the store under :attr:`key`, for the next run."""
