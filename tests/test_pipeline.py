@@ -14,7 +14,6 @@ import pytest
 import zarr
 from skimage.metrics import structural_similarity
 
-from ptychozarr.cli import main
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.models import ModelSpec, build_pinn, save_keras
@@ -168,11 +167,6 @@ def _cli(args, env=None, cwd=None):
     )
 
 
-def _in_process(args) -> int:
-    """The command line's exit code, run in this process (resuming needs no new process: only a kill does)."""
-    return main([str(a) for a in args])
-
-
 def _compare_args(npz, models, out):
     return ["compare", "--test-data", npz, "--pinn-model", models["PtychoPINN"],
             "--baseline-model", models["Baseline"], "--output-dir", out, *CLI_FLAGS]  # fmt: skip
@@ -186,7 +180,8 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "comparison_metrics.csv").exists()
-    assert _in_process(_compare_args(small_npz, models, tmp_path)) == 0
+    resumed = _cli(_compare_args(small_npz, models, tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     run = json.loads((tmp_path / "run.json").read_text())
     assert "ingest" in run["reused"]
     strip = lambda rows: [r for r in rows if r["metric"] != "computation_time_s"]  # noqa: E731
@@ -203,7 +198,8 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
 
 @pytest.mark.slow
 def test_a_finished_run_imports_no_tensorflow_and_redraws_nothing(small_npz, models, tmp_path):
-    assert _in_process(_compare_args(small_npz, models, tmp_path)) == 0
+    first = _cli(_compare_args(small_npz, models, tmp_path))
+    assert first.returncode == 0, first.stderr[-2000:]
     plot = tmp_path / "comparison_plot.png"
     drawn = plot.stat().st_mtime_ns
     measured = json.loads((tmp_path / "run.json").read_text())["stage_memory"]
@@ -470,17 +466,16 @@ def test_early_refusals_exit_2_before_any_work(small_npz, models, tmp_path, caps
 
 @pytest.mark.slow
 def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
-    reference, small_npz, models, tmp_path, capfd
+    reference, small_npz, models, tmp_path
 ):
     args = _compare_args(small_npz, models, tmp_path)
     killed = _cli(args, env={"PTYCHOZARR_KILL_AFTER_BLOCKS": "2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     done = zarr.open_group(str(tmp_path / "store.zarr"), mode="r")["arms/pinn/patches/done"][:]
     assert 2 <= done.sum() < len(done)
-    capfd.readouterr()
-    assert _in_process(args) == 0  # the dead run's lock is stale and taken over
-    err = capfd.readouterr().err
-    assert not [line for line in err.splitlines() if line.startswith("ptychozarr")], err[-2000:]  # --quiet
+    resumed = _cli(args)  # the dead run's lock is stale and taken over
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not [line for line in resumed.stderr.splitlines() if line.startswith("ptychozarr")]  # --quiet
     run = json.loads((tmp_path / "run.json").read_text())
     blocks = run["blocks"]["infer:pinn"]
     assert blocks == {"computed": len(done) - done.sum(), "reused": done.sum()}
