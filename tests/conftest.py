@@ -9,7 +9,15 @@
   (``small_groups.attrs["store"]``, data identical to ``small_store``), so that a test grouping
   ``small_store`` differently cannot replace them under a lazy reader.
 
+- ``tiny_models``: an untrained gridsize-2 PINN and a Baseline for the 32×32 scan (``filters=4, depth=2``,
+  fixed random weights: Keras seed 0), saved once as ``{"pinn": path, "baseline": path}``.
+- ``tiny_run``: one uninterrupted :func:`ptychozarr.pipeline.compare` of ``small_npz`` with both
+  ``tiny_models`` and ``TINY_FLAGS`` (crop 8, 96 groups a block, no registration, quiet).
+
 They are session-scoped and shared: treat them as read-only (copy a store before writing into it).
+
+Tests marked ``slow`` (each > ~5 s: training, subprocess runs that import TensorFlow, kill/resume, clusters,
+lock races, large canvases, the notebook) are left out by ``make test-fast`` (``pytest -m "not slow"``).
 """
 
 import os
@@ -24,6 +32,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 SMALL = {"n_points": 400, "patch_size": 32, "object_size": 160, "dose": 1e3, "seed": 0}
+TINY_FLAGS = {"stitch_crop_size": 8, "block_groups": 96, "skip_registration": True, "quiet": True}
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +56,30 @@ def small_groups(small_store):
 
     private = shutil.copytree(small_store, small_store.with_name("small-grouped.zarr"))
     return group(open_dataset(private), gridsize=2, k=7, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    import keras
+
+    from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
+
+    keras.utils.set_random_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-models")
+    pinn = ModelSpec("pinn", 32, 2, False, None, "amp_phase", name="tiny-pinn")
+    base = ModelSpec("baseline", 32, 1, False, None, "amp_phase", name="tiny-baseline")
+    return {
+        "pinn": save_keras(build_pinn(32, 2, filters=4, depth=2), pinn, folder / "pinn"),
+        "baseline": save_keras(build_baseline(32, filters=4, depth=2), base, folder / "baseline"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_npz, tiny_models, tmp_path_factory):
+    from ptychozarr.pipeline import compare
+
+    models = {"PtychoPINN": tiny_models["pinn"], "Baseline": tiny_models["baseline"]}
+    return compare(small_npz, models, output_dir=tmp_path_factory.mktemp("tiny-run"), **TINY_FLAGS)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ def test_help_on_each_subcommand(command, capsys):
     assert f"usage: ptychozarr {command}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_simulate_ingest_group_through_the_console_script(tmp_path):
     npz, store = tmp_path / "scan.npz", tmp_path / "scan.zarr"
     run = lambda *args: subprocess.run([SCRIPT, *map(str, args)], capture_output=True, text=True, check=True)  # noqa: E731
@@ -64,6 +65,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, small_npz, small_store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.npz"]
 
 
+@pytest.mark.slow
 def test_bad_scan_through_the_console_script_leaves_no_store(tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(
@@ -134,6 +136,7 @@ def test_study_help_shows_an_example_toml(capsys):
     assert tomllib.loads(EXAMPLE)["compare"]["stitch_crop_size"] == 20
 
 
+@pytest.mark.slow
 def test_import_is_light():
     """``import ptychozarr`` loads none of the heavy libraries (dask, zarr, xarray, pandas, TensorFlow)."""
     code = (

@@ -61,6 +61,7 @@ def _workload():
     return y, y.sum(), y.mean(axis=0), (y**2).sum(axis=1)
 
 
+@pytest.mark.slow
 def test_local_cluster_gives_the_threaded_results(client):
     on_cluster = dask.compute(*_workload())
     threaded = dask.compute(*_workload(), scheduler="threads")
@@ -68,6 +69,7 @@ def test_local_cluster_gives_the_threaded_results(client):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_each_worker_initialises_once_however_many_tasks(client):
     pids = da.zeros((40, 2), chunks=(1, 2), dtype=np.int64).map_blocks(
         _pid_block, dtype=np.int64, meta=np.empty((0, 0), np.int64)
@@ -80,12 +82,14 @@ def test_each_worker_initialises_once_however_many_tasks(client):
         assert inits[address] == (1 if pid in used else 0)
 
 
+@pytest.mark.slow
 def test_workers_get_the_tensorflow_thread_settings(client):
     expected = os.environ.get("TF_NUM_INTRAOP_THREADS", str(max(1, CPU_COUNT // 2)))
     assert set(client.run(_environ, "TF_NUM_INTRAOP_THREADS").values()) == {expected}
     assert set(client.run(_environ, "TF_NUM_INTEROP_THREADS").values()) == {expected}
 
 
+@pytest.mark.slow
 def test_concurrency_of_each_scheduler(client):
     assert concurrency(client) == Concurrency(2, 1)
     with scheduler("threads", n_workers=3) as none:
@@ -93,12 +97,14 @@ def test_concurrency_of_each_scheduler(client):
         assert dask.config.get("scheduler") == "threads"
 
 
+@pytest.mark.slow
 def test_an_existing_scheduler_address_connects(client):
     with scheduler(client.scheduler.address) as other:
         assert other is not client and concurrency(other) == Concurrency(2, 1)
         assert other.submit(_transform, np.ones((2, 2))).result()[0, 0] == np.sin(1) * 2 + 2
 
 
+@pytest.mark.slow
 def test_worker_peaks_reports_every_worker(client):
     peaks = worker_peaks(client)
     assert set(peaks) == set(client.scheduler_info()["workers"])
@@ -249,6 +255,7 @@ def _lose_workers_while_computing(cluster_to_empty) -> None:
         timer.join()
 
 
+@pytest.mark.slow
 def test_a_local_cluster_without_workers_ends_in_one_line(monkeypatch):
     import time
 
@@ -262,6 +269,7 @@ def test_a_local_cluster_without_workers_ends_in_one_line(monkeypatch):
     assert time.monotonic() - t0 < 30 and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_an_existing_cluster_without_workers_ends_in_one_line(monkeypatch):
     import time
 

@@ -284,6 +284,7 @@ def _file_size_limit(limit: int):
     return preexec
 
 
+@pytest.mark.slow
 def test_the_file_size_limit_is_one_line_exit_1_and_the_run_resumes(models, small_npz, tmp_path):
     out = tmp_path / "out"
     args = _compare(small_npz, models["pinn"], out)
@@ -315,6 +316,7 @@ def _private_tmpfs(mountpoint: Path, options: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_exit_1_naming_the_folder(models, small_npz, tmp_path):
     disk = tmp_path / "disk"
     wrap = _private_tmpfs(disk, "size=1400k")
@@ -325,6 +327,7 @@ def test_a_full_disk_is_one_line_exit_1_naming_the_folder(models, small_npz, tmp
     assert str(out) in line and "free space" in line
 
 
+@pytest.mark.slow
 def test_a_read_only_output_folder_is_one_line_exit_1(models, small_npz, tmp_path):
     if os.geteuid() != 0:  # permissions hold: a folder this user may not write
         parent = tmp_path / "locked"
@@ -350,6 +353,7 @@ def test_an_output_folder_that_is_a_file_is_refused(models, small_npz, tmp_path,
     assert (tmp_path / "file").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_positions_far_out_are_one_line_not_a_memory_error_traceback(models, small_npz, tmp_path):
     with np.load(small_npz) as f:
         members = {k: f[k] for k in f.files}
@@ -443,6 +447,7 @@ def test_attempt_seconds_run_from_each_start_to_its_last_block():
     assert attempt_seconds([10.0, 15.0, 20.0], ends, now=22.0) == [1.0, 0.0, 2.0]  # 15: killed before a block
 
 
+@pytest.mark.slow
 def test_computation_time_of_a_resumed_inference_sums_every_attempt(models, small_npz, tmp_path):
     args = _compare(small_npz, models["pinn"], tmp_path / "out")
     killed = _cli(args, env={"PTYCHOZARR_KILL_AFTER_BLOCKS": "2"})

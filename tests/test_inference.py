@@ -342,6 +342,7 @@ def test_keras_files_load_in_safe_mode(tmp_path, data):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_loading_and_predicting_prints_nothing(pinn):
     """TensorFlow's C++ start-up lines (cuInit, oneDNN, absl) and Python logs stay off stderr."""
     code = (

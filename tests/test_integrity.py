@@ -33,7 +33,6 @@ from ptychozarr.io.store import (
     remove_leftovers,
     stores_every_chunk,
 )
-from ptychozarr.models import ModelSpec, build_pinn, save_keras
 from ptychozarr.pipeline import compare
 
 M = 8
@@ -41,13 +40,9 @@ FLAGS = {"stitch_crop_size": M, "block_groups": 96, "skip_registration": True, "
 
 
 @pytest.fixture(scope="module")
-def pinn(tmp_path_factory) -> Path:
+def pinn(tiny_models) -> Path:
     """A tiny untrained gridsize-2 PINN (fixed random weights) for the 32×32 scan."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    spec = ModelSpec("pinn", 32, 2, False, None, "amp_phase", name="tiny-pinn")
-    return save_keras(build_pinn(32, 2, filters=4, depth=2), spec, tmp_path_factory.mktemp("m") / "pinn")
+    return tiny_models["pinn"]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +91,7 @@ def _compare_argv(test_data: Path, pinn: Path, out: Path) -> list[str]:
 # -- reuse by content ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_store_reused_with_another_seed_gives_the_fresh_result(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path / "a", **FLAGS)
     scan = first.store  # an earlier run's store (consolidated at its end) as --test-data
@@ -109,6 +105,7 @@ def test_a_store_reused_with_another_seed_gives_the_fresh_result(fresh, small_np
     assert groups.attrs["seed"] == 0
 
 
+@pytest.mark.slow
 def test_groups_deleted_from_a_consolidated_store_are_made_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path / "a", **FLAGS)
     shutil.rmtree(first.store / "groups")  # the consolidated metadata still lists them
@@ -117,6 +114,7 @@ def test_groups_deleted_from_a_consolidated_store_are_made_again(fresh, small_np
     assert _metrics(again) == _metrics(fresh)
 
 
+@pytest.mark.slow
 def test_groups_that_lost_an_array_are_made_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path / "a", **FLAGS)
     shutil.rmtree(first.store / "groups" / "nn_indices")
@@ -128,6 +126,7 @@ def test_groups_that_lost_an_array_are_made_again(fresh, small_npz, pinn, tmp_pa
 # -- missing chunks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_missing_patch_chunk_of_a_done_block_is_recomputed(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
     chunks = _chunk_files(first.store / "arms/pinn/patches/patches")
@@ -139,6 +138,7 @@ def test_a_missing_patch_chunk_of_a_done_block_is_recomputed(fresh, small_npz, p
     np.testing.assert_array_equal(_patches(again), _patches(fresh))
 
 
+@pytest.mark.slow
 def test_a_missing_object_chunk_is_stitched_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, tile=32, **FLAGS)
     obj = zarr.open_array(first.store / "arms/pinn/object", mode="r")
@@ -163,6 +163,7 @@ def test_a_missing_diffraction_chunk_is_refused(chunked_store, pinn, tmp_path, c
     assert not (tmp_path / "out" / "store.zarr" / "arms").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_diffraction_chunk_of_the_run_store_is_ingested_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
     _chunk_files(first.store / "data/diffraction")[0].unlink()
@@ -408,6 +409,7 @@ def test_reuse_needs_every_chunk_of_a_checksummed_output(tmp_path):
     assert rt.reused == ["stitch"]
 
 
+@pytest.mark.slow
 def test_groups_with_damaged_metadata_are_made_again(fresh, small_npz, pinn, tmp_path):
     first = compare(small_npz, {"PtychoPINN": pinn}, output_dir=tmp_path, **FLAGS)
     (first.store / "groups/offsets/zarr.json").write_text("{garbled")

@@ -338,6 +338,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_ingest_memory_is_bounded_by_blocks_not_file_size(tmp_path):
     """Ingest a 1.5 GB stored NPZ in a fresh process; its peak RSS stays far below the file size."""
     n, size, rows = 23_000, 128, 500

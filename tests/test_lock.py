@@ -82,6 +82,7 @@ def _races(tmp_path: Path, *, stale: bool) -> tuple[int, int, int]:
     return overlapping, empty, holders
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lock-present"])
 def test_racing_processes_never_hold_the_folder_together(tmp_path, stale):
     overlapping, empty, holders = _races(tmp_path, stale=stale)

@@ -212,6 +212,7 @@ def _loss_on(model, kind, store, gain):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, source", [("pinn", "small_store"), ("baseline", "small_npz")])
 def test_training_lowers_the_loss_and_saves_a_loadable_model(kind, source, small_store, tmp_path, request):
     """Same seed, same start: a few more steps lower the objective, measured here on the data."""
@@ -284,6 +285,7 @@ def _stitched(patches, centres, shape, m=20):
 HELD_OUT_FLOOR = {"pinn_gs2_n64": (0.9, 0.5), "baseline_n64": (0.9, 0.75)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HELD_OUT_FLOOR))
 def test_shipped_models_reconstruct_a_held_out_scan(name, tmp_path):
     """Fresh positions and noise on the held-out half of the object: the stitched centres match it."""

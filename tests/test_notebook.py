@@ -10,6 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_executes(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(

@@ -17,7 +17,7 @@ from skimage.metrics import structural_similarity
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.metrics import registry
-from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
+from ptychozarr.models import ModelSpec, build_pinn, save_keras
 from ptychozarr.pipeline import compare
 from ptychozarr.report import METRIC_ORDER
 from ptychozarr.study import study
@@ -28,24 +28,16 @@ CLI_FLAGS = ["--stitch-crop-size", str(M), "--block-groups", "96", "--skip-regis
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_models):
     """A tiny gridsize-2 PINN and a tiny Baseline for the 32×32 scan (untrained: fixed random weights)."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    folder = tmp_path_factory.mktemp("models")
-    pinn = ModelSpec("pinn", 32, 2, False, None, "amp_phase", name="tiny-pinn")
-    base = ModelSpec("baseline", 32, 1, False, None, "amp_phase", name="tiny-baseline")
-    return {
-        "PtychoPINN": save_keras(build_pinn(32, 2, filters=4, depth=2), pinn, folder / "pinn"),
-        "Baseline": save_keras(build_baseline(32, filters=4, depth=2), base, folder / "baseline"),
-    }
+    return {"PtychoPINN": tiny_models["pinn"], "Baseline": tiny_models["baseline"]}
 
 
 @pytest.fixture(scope="module")
-def reference(small_npz, models, tmp_path_factory):
-    """One uninterrupted run with the flags the CLI tests use."""
-    return compare(small_npz, models, output_dir=tmp_path_factory.mktemp("reference"), **FLAGS)
+def reference(tiny_run, models):
+    """One uninterrupted run with the flags the CLI tests use (shared with test_tree.py)."""
+    assert {a.label for a in tiny_run.arms} == set(models)
+    return tiny_run
 
 
 def _rows(path: Path) -> list[dict]:
@@ -182,6 +174,7 @@ def _compare_args(npz, models, out):
             "--baseline-model", models["Baseline"], "--output-dir", out, *CLI_FLAGS]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [3, 30, 90])
 def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_npz, models, tmp_path):
     killed = _cli(
@@ -205,6 +198,7 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
             np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
 
 
+@pytest.mark.slow
 def test_a_finished_run_imports_no_tensorflow_and_redraws_nothing(small_npz, models, tmp_path):
     first = _cli(_compare_args(small_npz, models, tmp_path))
     assert first.returncode == 0, first.stderr[-2000:]
@@ -226,6 +220,7 @@ def test_a_finished_run_imports_no_tensorflow_and_redraws_nothing(small_npz, mod
     assert plot.stat().st_mtime_ns == drawn
 
 
+@pytest.mark.slow
 def test_bad_flags_exit_2_with_one_line(small_npz, models, tmp_path):
     cases = [
         (["--stitch-crop-size", "7"], "--stitch-crop-size"),
@@ -254,6 +249,7 @@ def test_model_of_other_patch_size_is_refused_before_any_work(small_npz, tmp_pat
         compare(small_npz, {"PtychoPINN": tmp_path / "nope.keras"}, output_dir=tmp_path / "out", quiet=True)
 
 
+@pytest.mark.slow
 def test_memory_budget_refuses_before_writing_and_a_fitting_one_holds(small_npz, models, reference, tmp_path):
     with pytest.raises(MemoryBudgetError, match="--memory-budget"):
         compare(small_npz, models, output_dir=tmp_path / "small", memory_budget="50MB", **FLAGS)
@@ -266,6 +262,7 @@ def test_memory_budget_refuses_before_writing_and_a_fitting_one_holds(small_npz,
     assert run["memory"]["measured"]["peak"] < budget
 
 
+@pytest.mark.slow
 def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, reference, tmp_path):
     gt = open_dataset(reference.store)["objectGuess"].values
     recon = np.roll(gt, (1, -2), axis=(0, 1)).astype(np.complex64)
@@ -294,6 +291,7 @@ def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, refer
     assert result.arms[2].metrics["ssim"][0] > 0.95  # a shifted copy of the truth, registered back
 
 
+@pytest.mark.slow
 def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_frame(small_npz, tmp_path):
     from ptychozarr.align import gt_crop_box
 
@@ -328,6 +326,7 @@ def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_
     assert not (tmp_path / "neither" / "store.zarr").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_a_registration_without_a_clear_peak_is_refused_and_the_arm_scored_unregistered(small_npz, tmp_path):
     with np.load(small_npz) as f:
         shape = f["objectGuess"].shape
@@ -347,6 +346,7 @@ def test_a_registration_without_a_clear_peak_is_refused_and_the_arm_scored_unreg
     assert aligned.attrs["registration"]["confidence"] < 0.6
 
 
+@pytest.mark.slow
 def test_study_keeps_rows_of_a_missing_arm_and_reuses_finished_runs(small_npz, models, tmp_path):
     config = tmp_path / "study.toml"
     config.write_text(
@@ -404,6 +404,7 @@ baseline_model = "{tmp_path / "missing.keras"}"
     assert {"ingest", "infer:pinn", "stitch:pinn", "score:pinn"} <= set(rerun["reused"])
 
 
+@pytest.mark.slow
 def test_local_cluster_gives_identical_objects_and_loads_each_model_once_per_worker(
     small_npz, models, reference, tmp_path
 ):
@@ -465,6 +466,7 @@ def test_early_refusals_exit_2_before_any_work(small_npz, models, tmp_path, caps
     assert not (tmp_path / "study_out").exists()
 
 
+@pytest.mark.slow
 def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
     reference, small_npz, models, tmp_path
 ):
@@ -492,6 +494,7 @@ def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
     assert not (tmp_path / ".ptychozarr.lock").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_exit_130_with_the_lock_released(small_npz, models, tmp_path):
     import time
 
@@ -514,6 +517,7 @@ def test_ctrl_c_is_one_line_and_exit_130_with_the_lock_released(small_npz, model
     assert "comparison_metrics.csv" not in os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_an_ingested_store_gives_the_csv_of_its_npz(reference, small_store, models, tmp_path):
     import shutil
 

@@ -38,6 +38,7 @@ def test_readme_has_the_api_examples():
     assert "store=" in blocks[0] and "pz.evaluate" in blocks[0] and "pz.compare" in blocks[1]
 
 
+@pytest.mark.slow
 def test_readme_api_examples_run_each_stage_once(tmp_path, monkeypatch, model_calls):
     monkeypatch.chdir(tmp_path)
     first, second = _python_blocks()

@@ -344,6 +344,7 @@ def test_random_order_memory_stays_far_below_tile_partials(tmp_path):
     assert traced.peak < partials / 10
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_patches(tmp_path):
     """Four times the patches in random order onto the same tiles: the traced peak stays where it was
     (a design that holds the scan's crops, e.g. routed to the tiles between tasks, grows with them)."""
@@ -361,6 +362,7 @@ def test_peak_memory_does_not_grow_with_the_patches(tmp_path):
     assert peaks[900] <= 1.2 * peaks[225], peaks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("m", "tile", "block"), [(16, 128, 150), (20, 64, 400)])
 def test_task_memory_bounds_what_each_task_holds(tmp_path, m, tile, block):
     rng = np.random.default_rng(10)
@@ -431,6 +433,7 @@ print(json.dumps({"peak": peak, "stored": arr.nchunks_initialized}))
 """
 
 
+@pytest.mark.slow
 def test_canvas_far_bigger_than_memory_streams_to_zarr(tmp_path):
     rng = np.random.default_rng(9)
     m, side = 32, 40_000

@@ -148,6 +148,7 @@ def test_every_runs_inputs_are_checked_before_the_first_run(small_npz, recon, tm
     _refused(capsys, tmp_path, COMPARE + ok + bad, "run 'second'")
 
 
+@pytest.mark.slow
 def test_a_study_runs_normalised_conditions_and_keeps_another_studys_files(
     small_npz, recon, tmp_path, capsys
 ):

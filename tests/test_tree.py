@@ -13,8 +13,6 @@ import ptychozarr as pz
 from ptychozarr.errors import InvalidParameterError, StoreError
 from ptychozarr.io import open_dataset
 from ptychozarr.io.store import SCHEMA_VERSION
-from ptychozarr.models import ModelSpec, build_baseline, build_pinn, save_keras
-from ptychozarr.pipeline import compare
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages import ingest as ingest_stage
 from ptychozarr.stitch import CanvasFrame, stitch
@@ -24,24 +22,15 @@ UNNAMED = re.compile(r"dim_\d+")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tiny_models):
     """A tiny gridsize-2 PINN and a tiny Baseline for the 32×32 scan (untrained: fixed random weights)."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    folder = tmp_path_factory.mktemp("models")
-    pinn = ModelSpec("pinn", 32, 2, False, None, "amp_phase", name="tiny-pinn")
-    base = ModelSpec("baseline", 32, 1, False, None, "amp_phase", name="tiny-baseline")
-    return {
-        "PtychoPINN": save_keras(build_pinn(32, 2, filters=4, depth=2), pinn, folder / "pinn"),
-        "Baseline": save_keras(build_baseline(32, filters=4, depth=2), base, folder / "baseline"),
-    }
+    return {"PtychoPINN": tiny_models["pinn"], "Baseline": tiny_models["baseline"]}
 
 
 @pytest.fixture(scope="module")
-def run(small_npz, models, tmp_path_factory):
-    flags = {"stitch_crop_size": M, "block_groups": 96, "skip_registration": True, "quiet": True}
-    return compare(small_npz, models, output_dir=tmp_path_factory.mktemp("tree"), **flags)
+def run(tiny_run):
+    """One uninterrupted compare of the small scan with both models, crop M (shared with test_pipeline.py)."""
+    return tiny_run
 
 
 @pytest.fixture
