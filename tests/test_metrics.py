@@ -116,15 +116,17 @@ def ref_frc_windowed(a, b):
 
 
 def ref_crossing(curve, threshold):
-    """First ring i >= 1 below the threshold, interpolated from ring i - 1 (>= 1); NaN if none."""
+    """The first fall below the threshold after the curve was at or above it (ring 0 ignored),
+    interpolated from the ring before; 0.0 if never at or above, NaN if it never falls."""
     threshold = np.broadcast_to(threshold, np.shape(curve))
+    risen = False
     for i in range(1, len(curve)):
-        if curve[i] < threshold[i]:
-            if i == 1:
-                return 0.0
+        if curve[i] >= threshold[i]:
+            risen = True
+        elif risen:
             d0, d1 = curve[i - 1] - threshold[i - 1], curve[i] - threshold[i]
             return (i - 1) + d0 / (d0 - d1)
-    return np.nan
+    return np.nan if risen else 0.0
 
 
 def ref_half_bit(counts):
@@ -320,7 +322,8 @@ def test_unknown_window_raises():
     [
         ([0.1, 0.9, 0.7, 0.3], 0.5, 2.5),  # ring 0 (the means) is ignored: no crossing before ring 1
         ([1.0, 0.9, 0.8, 0.7], 0.5, np.nan),  # never crosses: NaN (an empty cell), not the length
-        ([1.0, 0.4, 0.3], 0.5, 0.0),  # below at ring 1 already: nothing resolved, not 0.0 + ε
+        ([1.0, 0.4, 0.3], 0.5, 0.0),  # never at or above past ring 0: nothing resolved, not 0.0 + ε
+        ([1.0, 0.2, 0.6, 0.9, 0.3], 0.5, 3 + 2 / 3),  # low rings below, then a rise: the fall after it
         ([1.0, 0.8, 0.2, 0.1], 1 / 7, 2.5714285714285716),
         ([1.0, 0.8, 0.6], [1.0, 0.5, 0.7], 1.75),  # a per-ring threshold
     ],

@@ -290,12 +290,14 @@ _BIT_THRESHOLDS = {"halfbit": half_bit_threshold, "onebit": one_bit_threshold}
 def _crossing(curve: np.ndarray, threshold: np.ndarray) -> float:
     c = np.asarray(curve, dtype=np.float64)
     d = c - np.broadcast_to(np.asarray(threshold, dtype=np.float64), c.shape)
-    below = np.flatnonzero(np.isfinite(d) & (d < 0) & (np.arange(d.size) >= 1))
+    rings = np.arange(d.size)
+    above = np.flatnonzero(np.isfinite(d) & (d >= 0) & (rings >= 1))
+    if above.size == 0:
+        return 0.0  # never above past ring 0: nothing resolved
+    below = np.flatnonzero(np.isfinite(d) & (d < 0) & (rings > above[0]))
     if below.size == 0:
         return math.nan
     i = int(below[0])
-    if i == 1:
-        return 0.0
     if not np.isfinite(d[i - 1]) or d[i - 1] == d[i]:
         return float(i)
     return float(np.clip(i - 1 + d[i - 1] / (d[i - 1] - d[i]), i - 1, i))
@@ -320,10 +322,13 @@ def frc_crossing(rings, threshold):
 
     Returns
     -------
-    float (0-d dask array for dask ``rings``): for the first ring i ≥ 1 with ``c[i] < t[i]``,
-    ``d = c − t`` interpolated linearly to zero between rings i − 1 and i; 0.0 when ring 1 is already
-    below (nothing resolved: ring 0, the images' means, is never interpolated from); NaN when the curve
-    never crosses (written as an empty cell, never as the curve's length).
+    float (0-d dask array for dask ``rings``): where the curve first falls below the threshold after
+    it was at or above it — the first ring i with ``c[i] < t[i]`` past the first ring ≥ 1 with
+    ``c ≥ t`` — ``d = c − t`` interpolated linearly to zero between rings i − 1 and i. Ring 0 (the
+    images' means) is ignored, and so are low rings below the threshold before the curve rises (a
+    phase whose offset or ramp was removed correlates little there). 0.0 when the curve is never at or
+    above the threshold (nothing resolved); NaN when it never falls below it (written as an empty cell,
+    never as the curve's length).
     """
     if isinstance(rings, da.Array):
         return da.from_delayed(dask.delayed(_crossing_of_rings)(rings, threshold), (), np.float64)
