@@ -26,6 +26,7 @@ FULL = {
     "inference": [],
     "compare": ["--scales", "1", "2", "4"],
     "schedulers": [],
+    "scale": ["--points", "8000", "32000", "128000", "--shipped", "8000", "32000"],
 }
 QUICK = {
     "ingest": ["--sizes", "1000"],
@@ -34,6 +35,7 @@ QUICK = {
     "inference": ["--groups", "512"],
     "compare": ["--scales", "0.1"],
     "schedulers": ["--points", "500"],
+    "scale": ["--points", "2000", "4000"],
 }
 
 
