@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import platform
+import queue as queue_module
 import resource
 import time
 from collections.abc import Callable
@@ -62,7 +63,18 @@ def measure(func: Callable, *args, **kwargs) -> Measurement:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, func, args, kwargs))
     proc.start()
-    wall, peak, base, value = queue.get()
+    while True:  # a child that dies never puts its result: stop waiting when it is gone
+        try:
+            wall, peak, base, value = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # a result put just before the end
+                    wall, peak, base, value = queue.get(timeout=5.0)
+                    break
+                except queue_module.Empty:
+                    died = f"benchmark variant {func.__name__} died with {proc.exitcode}"
+                    raise RuntimeError(died) from None
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"benchmark variant {func.__name__} exited with {proc.exitcode}")

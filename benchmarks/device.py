@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import multiprocessing as mp
 import os
-import queue
 import tempfile
 import time
 from functools import partial
@@ -41,8 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import _harness
-from benchmarks._harness import ratio, table, write_json
+from benchmarks._harness import measure, ratio, table, write_json
 from benchmarks.fastpath import _bare, _engine, make_models, onnx_twins
 
 __all__ = ["main"]
@@ -54,28 +51,6 @@ SMOKE = {"points": 48, "n": 32, "block_groups": 16, "batch_size": 8, "repeat": 1
 
 # No process takes the whole GPU when TensorFlow starts; spawned children inherit it.
 os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-
-
-def _isolated(func, *args):
-    """``func(*args)`` in a fresh spawned process (as :func:`benchmarks._harness.measure`); a child that
-    dies without an answer raises here instead of leaving the parent waiting."""
-    ctx = mp.get_context("spawn")
-    answers = ctx.Queue()
-    proc = ctx.Process(target=_harness._child, args=(answers, func, args, {}))
-    proc.start()
-    while True:
-        try:
-            value = answers.get(timeout=1.0)[3]
-            break
-        except queue.Empty:
-            if not proc.is_alive():
-                try:
-                    value = answers.get(timeout=5.0)[3]
-                    break
-                except queue.Empty:
-                    raise RuntimeError(f"{func.__name__} exited with {proc.exitcode}") from None
-    proc.join()
-    return value
 
 
 def _failed(exc: BaseException) -> str:
@@ -248,15 +223,15 @@ def main(argv=None) -> dict:
     sections: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="ptychozarr-device-", dir=args.workdir) as tmp:
         work = Path(tmp)
-        info = _isolated(device_info)
+        info = measure(device_info).value
         sections["machine"] = [
             {"gpus": ", ".join(info["gpus"]) or "none", "tensorflow": info["tensorflow"],
              "onnxruntime": info["onnxruntime"], "ort providers": ", ".join(info["ort_providers"]),
              "dask_cuda": info["dask_cuda"], "smoke": args.cpu_smoke}
         ]  # fmt: skip
-        fast = _isolated(make_models, work / "fast", args.n)
+        fast = measure(make_models, work / "fast", args.n).value
         fast = {f"1×1 {k}": v for k, v in fast.items()}
-        models = {**fast, **_isolated(onnx_twins, fast)}
+        models = {**fast, **measure(onnx_twins, fast).value}
         from ptychozarr.models import demo_weights
         from ptychozarr.models.demo import DEMO_SCAN, SHIPPED
         from ptychozarr.simulate import simulate
@@ -277,10 +252,10 @@ def main(argv=None) -> dict:
             rows.append({"model": "all", "note": reason})
         else:
             try:
-                arms = _isolated(
+                arms = measure(
                     run_throughput, scans, models, str(work / "infer"), args.block_groups, args.batch_size,
                     args.repeat,
-                )  # fmt: skip
+                ).value  # fmt: skip
             except Exception as exc:  # one part failing leaves the others to run
                 rows.append({"model": "all", "note": _failed(exc)})
         if arms:
@@ -319,9 +294,9 @@ def main(argv=None) -> dict:
                 compare_rows.append({"scheduler": scheduler, "errors": reason})
                 continue
             try:
-                run = _isolated(
+                run = measure(
                     run_compare, scans[64], shipped, str(work / f"compare-{scheduler}"), scheduler
-                )
+                ).value
                 compare_rows.append(_compare_row(scheduler, run))
             except Exception as exc:
                 compare_rows.append({"scheduler": scheduler, "errors": _failed(exc)})
