@@ -170,3 +170,44 @@ def test_the_study_command_line_runs_as_written(small_npz, tiny_models, tmp_path
     assert before.startswith("NPZ File Contents:\n") and "Arrays saved in reconstructions.npz:" in before
     assert f"- ground_truth_complex: {gt.shape} complex64" in before
     assert "Data saved BEFORE registration correction" in before
+
+
+def test_aligned_npz_of_differing_crops_has_compare_models_truth_and_each_arms(tmp_path):
+    from ptychozarr.report import write_aligned_npz
+    from ptychozarr.report.npz import metadata_path
+
+    rng = np.random.default_rng(0)
+    a, b, gt_a, gt_b = (rng.standard_normal(s).astype(np.complex64) for s in [(20, 20), (18, 20)] * 2)
+    path = write_aligned_npz(tmp_path / "reconstructions_aligned.npz", {"pinn": a, "baseline": b},
+                             {"pinn": gt_a, "baseline": gt_b}, offsets={"baseline": (0.5, -1.5)})  # fmt: skip
+    with np.load(path) as npz:
+        np.testing.assert_array_equal(npz["ground_truth_complex"], gt_a)  # the PINN's crop, as compare_models
+        np.testing.assert_array_equal(npz["ground_truth_ptychopinn_complex"], gt_a)
+        np.testing.assert_array_equal(npz["ground_truth_baseline_complex"], gt_b)
+    text = metadata_path(path).read_text()
+    assert metadata_path(path).name == "reconstructions_aligned_metadata.txt"
+    assert "- ground_truth_amplitude: (20, 20) float32" in text
+    assert "- ground_truth_baseline_phase: (18, 20) float32" in text
+    assert "- baseline_offset_dy: 0.5 (scalar)" in text and "- pinn_offset_dx: None (not available)" in text
+
+
+@pytest.mark.slow
+def test_n_test_subsample_and_its_seed_draw_the_scan_points(small_npz, tiny_models, tmp_path):
+    import zarr
+
+    def run(out, *flags):
+        argv = ["compare", "--pinn_dir", str(_model_dir(tiny_models["pinn"], tmp_path / f"{out}-gs2")),
+                "--test_data", str(small_npz), "--output_dir", str(tmp_path / out), "--stitch-crop-size", "8",
+                "--skip-registration", "--quiet", *flags]  # fmt: skip
+        assert main(argv) == 0
+        run = json.loads((tmp_path / out / "run.json").read_text())
+        centres = zarr.open_group(str(tmp_path / out / "store.zarr"), mode="r")["groups/centres"][:]
+        return run["parameters"], centres
+
+    params, one = run("a", "--n-test-subsample", "100", "--test-subsample-seed", "3")
+    assert (params["n_test_subsample"], params["n_test_groups"], params["subsample_seed"]) == (100, 100, 3)
+    assert len(one) == 100
+    _, same = run("b", "--n-subsample", "100", "--subsample-seed", "3")
+    np.testing.assert_array_equal(one, same)
+    _, other = run("c", "--n-test-subsample", "100", "--test-subsample-seed", "4")
+    assert len(other) == 100 and not np.array_equal(one, other)
