@@ -15,7 +15,8 @@ from ptychozarr.errors import InvalidParameterError
 COMPARE_MODELS_ARGV = [
     "--pinn_dir", "gs2", "--baseline_dir", "gs1", "--test_data", "patched_test.npz", "--output_dir", "out",
     "--p_min", "5", "--p_max", "95",
-    "--pinn_phase_vmin", "-3", "--pinn_phase_vmax", "3", "--baseline_phase_vmin", "-2", "--baseline_phase_vmax", "2",
+    "--pinn_phase_vmin", "-3", "--pinn_phase_vmax", "3",
+    "--baseline_phase_vmin", "-2", "--baseline_phase_vmax", "2",
     "--skip-registration", "--register-ptychi-only", "--save-npz", "--no-save-npz-aligned",
     "--phase-align-method", "mean", "--frc-sigma", "0.5", "--save-debug-images", "--ms-ssim-sigma", "1.0",
     "--n-test-groups", "64", "--n-test-subsample", "64", "--test-subsample-seed", "7",
@@ -45,7 +46,11 @@ def test_every_compare_models_flag_is_accepted_with_its_meaning():
     assert [p.name for _, p in config.models] == ["gs2", "gs1"]
     assert config.test_data.name == "patched_test.npz" and config.output_dir.name == "out"
     assert config.ptychi_recon.name == "ptychi_reconstruction.npz"
-    assert (config.scan.n_test_groups, config.scan.n_test_subsample, config.scan.subsample_seed) == (64, 64, 7)
+    assert (config.scan.n_test_groups, config.scan.n_test_subsample, config.scan.subsample_seed) == (
+        64,
+        64,
+        7,
+    )
     out = config.output
     assert (out.p_min, out.p_max) == (5.0, 95.0)
     assert (out.pinn_phase_vmin, out.pinn_phase_vmax, out.baseline_phase_vmin, out.baseline_phase_vmax) == (
@@ -63,12 +68,18 @@ def test_every_compare_models_flag_is_accepted_with_its_meaning():
 def test_legacy_spellings_and_the_dashed_ones_are_the_same_options():
     _, legacy = _config(["--test-data", "a.npz", "--output-dir", "o", "--n-test-images", "30",
                          "--subsample-seed", "3"])  # fmt: skip
-    assert (legacy.scan.n_test_groups, legacy.scan.n_test_subsample, legacy.scan.subsample_seed) == (30, None, 3)
+    assert (legacy.scan.n_test_groups, legacy.scan.n_test_subsample, legacy.scan.subsample_seed) == (
+        30,
+        None,
+        3,
+    )
     _, legacy = _config(["--test-data", "a.npz", "--output-dir", "o", "--n-subsample", "30"])
     assert (legacy.scan.n_test_groups, legacy.scan.n_test_subsample) == (30, 30)
     _, dashed = _config(["--test-data", "a.npz", "--output-dir", "o", "--pinn-dir", "p", "--tike-recon-path",
                          "r.npz", "--p-min", "1"])  # fmt: skip
-    assert dashed.models[0][1].name == "p" and dashed.ptychi_recon.name == "r.npz" and dashed.output.p_min == 1
+    assert (
+        dashed.models[0][1].name == "p" and dashed.ptychi_recon.name == "r.npz" and dashed.output.p_min == 1
+    )
 
 
 def test_n_test_subsample_and_n_test_groups_stay_apart():
@@ -131,7 +142,10 @@ def test_the_study_command_line_runs_as_written(small_npz, tiny_models, tmp_path
     with caplog.at_level(logging.WARNING, logger="ptychozarr"):
         assert main(STUDY_ARGV) == 0
     said = caplog.text
-    assert "--baseline-chunk-size is not needed" in said and "--baseline-predict-batch-size is not needed" in said
+    assert (
+        "--baseline-chunk-size is not needed" in said
+        and "--baseline-predict-batch-size is not needed" in said
+    )
 
     out = tmp_path / "out"
     for name in (

@@ -331,7 +331,11 @@ def test_reconstructions_npz_holds_canvases_with_their_origin(tmp_path):
         np.testing.assert_array_equal(npz["ptychopinn_origin"], [3.5, -2.0])
         assert np.isnan(npz["ptychi_origin"]).all()
         np.testing.assert_array_equal(npz["ground_truth_origin"], [0.0, 0.0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "reconstructions.npz", "reconstructions_metadata.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.zarr",
+        "reconstructions.npz",
+        "reconstructions_metadata.txt",
+    ]
 
 
 def test_aligned_npz_keeps_each_arms_truth_when_the_crops_differ(tmp_path):

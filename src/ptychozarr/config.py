@@ -379,10 +379,16 @@ class OutputOptions(_Options):
         aliases=("--p_max",),
     )  # fmt: skip
     pinn_phase_vmin: float | None = option(
-        None, "PINN phase colour minimum (compare_models)" + _RECORDED, _opt_real, aliases=("--pinn_phase_vmin",)
+        None,
+        "PINN phase colour minimum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--pinn_phase_vmin",),
     )
     pinn_phase_vmax: float | None = option(
-        None, "PINN phase colour maximum (compare_models)" + _RECORDED, _opt_real, aliases=("--pinn_phase_vmax",)
+        None,
+        "PINN phase colour maximum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--pinn_phase_vmax",),
     )
     baseline_phase_vmin: float | None = option(
         None,
@@ -400,7 +406,9 @@ class OutputOptions(_Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.p_min >= self.p_max:
-            raise InvalidParameterError(f"--p-min {self.p_min:g} ≥ --p-max {self.p_max:g}: give p_min < p_max")
+            raise InvalidParameterError(
+                f"--p-min {self.p_min:g} ≥ --p-max {self.p_max:g}: give p_min < p_max"
+            )
         for arm in ("pinn", "baseline"):
             lo, hi = getattr(self, f"{arm}_phase_vmin"), getattr(self, f"{arm}_phase_vmax")
             if lo is not None and hi is not None and lo >= hi:

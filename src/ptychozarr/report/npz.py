@@ -122,7 +122,9 @@ def _write_metadata(path: Path, title: str, listing: _Listing, description: tupl
     return target
 
 
-def _stream_parts(npz: NpzWriter, prefix: str, array, slab_bytes: int, listing: _Listing | None = None) -> None:
+def _stream_parts(
+    npz: NpzWriter, prefix: str, array, slab_bytes: int, listing: _Listing | None = None
+) -> None:
     """``<prefix>_amplitude``, ``_phase`` and ``_complex`` of a 2-D complex array, slab by slab."""
     if len(array.shape) != 2:
         raise InvalidParameterError(f"{prefix}: expected a 2-D image, got shape {tuple(array.shape)}")
