@@ -70,12 +70,22 @@ def _cmd_group(args: argparse.Namespace) -> int:
     return 0
 
 
+# compare_models' flags that only worked around its own memory use: accepted, not needed here
 _CHUNK_FLAGS = (
     "--pinn-chunk-size",
     "--baseline-chunk-size",
     "--pinn-predict-batch-size",
     "--baseline-predict-batch-size",
 )
+# compare_models' debugging flags, accepted with one line saying what they do here
+_DEBUG_FLAGS = {
+    "save_debug_images": "--save-debug-images: not supported, no MS-SSIM/FRC preprocessing images are "
+    "written (the scored crops are in reconstructions_aligned.npz)",
+    "baseline_debug_limit": "--baseline-debug-limit: not supported, every group is inferred "
+    "(use --n-test-groups for a smaller run)",
+    "baseline_debug_dir": "--baseline-debug-dir: not supported, no baseline_debug.npz is written "
+    "(the Baseline's patches are in the store under arms/baseline)",
+}
 
 
 def _add_compare(sub) -> None:
@@ -86,25 +96,70 @@ def _add_compare(sub) -> None:
         help="run models on a scan, stitch, align and score them (compare_models, out of core)",
         description="PtychoPINN's compare_models out of core: infer per block, stitch, align, score, and "
         "write comparison_metrics.csv, FRC curves, comparison_plot.png, NPZs and run.json. The options are "
-        "those of a study's [compare] table, with dashes for underscores.",
+        "those of a study's [compare] table, with dashes for underscores. compare_models' command line is "
+        "accepted as written (--pinn_dir, --baseline_dir, --test_data, --output_dir, --tike_recon_path, "
+        "--p_min, …).",
     )
     inputs = p.add_argument_group("inputs")
-    inputs.add_argument("--test-data", required=True, type=Path, help="scan NPZ or ingested .zarr store")
-    inputs.add_argument("--output-dir", required=True, type=Path, help="where the store and files go")
     inputs.add_argument(
-        "--pinn-model", type=Path, help="PINN model (.keras or .onnx with sidecar, or wts.h5.zip)"
+        "--test-data", "--test_data", required=True, type=Path, help="scan NPZ or ingested .zarr store"
     )
     inputs.add_argument(
-        "--baseline-model", type=Path, help="Baseline model (.keras or .onnx with sidecar, or wts.h5.zip)"
+        "--output-dir", "--output_dir", required=True, type=Path, help="where the store and files go"
+    )
+    inputs.add_argument(
+        "--pinn-model",
+        "--pinn-dir",
+        "--pinn_dir",
+        type=Path,
+        help="PINN model: a .keras or .onnx with its sidecar, a wts.h5.zip, or a directory holding one "
+        "(compare_models' --pinn_dir)",
+    )
+    inputs.add_argument(
+        "--baseline-model",
+        "--baseline-dir",
+        "--baseline_dir",
+        type=Path,
+        help="Baseline model: a .keras or .onnx with its sidecar, a wts.h5.zip, or a directory holding one "
+        "(compare_models' --baseline_dir)",
     )
     inputs.add_argument(
         "--model", action="append", default=[], metavar="LABEL=PATH", help="one more model arm (repeatable)"
     )
-    inputs.add_argument("--ptychi-recon", type=Path, help="iterative reconstruction NPZ (pty-chi or tike)")
+    inputs.add_argument(
+        "--ptychi-recon",
+        "--tike-recon-path",
+        "--tike_recon_path",
+        type=Path,
+        help="iterative reconstruction NPZ, pty-chi or tike (compare_models' --tike_recon_path)",
+    )
+    compat = p.add_argument_group(
+        "compare_models compatibility", "Accepted so that compare_models' command lines run unchanged."
+    )
     for flag in _CHUNK_FLAGS:
-        inputs.add_argument(flag, type=int, help="accepted for compatibility; the engine chunks by itself")
+        compat.add_argument(flag, type=int, help="not needed: the engine sizes its blocks by itself")
+    compat.add_argument("--save-debug-images", action="store_true", help="not supported (one line says so)")
+    compat.add_argument("--baseline-debug-limit", type=int, help="not supported (one line says so)")
+    compat.add_argument("--baseline-debug-dir", type=Path, help="not supported (one line says so)")
+    compat.add_argument("--verbose", action="store_true", help="debug lines on the console")
+    compat.add_argument(
+        "--console-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="console level (default INFO; ignored with --quiet or --verbose)",
+    )
     add_arguments(p)
     p.set_defaults(func=_cmd_compare)
+
+
+def _compat_lines(args) -> list[str]:
+    """One line for each compare_models flag given that is not needed or not supported here."""
+    lines = [
+        f"{flag} is not needed here: the engine sizes its blocks by itself (see --block-groups and "
+        "--memory-budget); ignored"
+        for flag in _CHUNK_FLAGS
+        if getattr(args, flag.strip("-").replace("-", "_")) is not None
+    ]
+    return lines + [line for name, line in _DEBUG_FLAGS.items() if getattr(args, name) not in (None, False)]
 
 
 def _models(args) -> dict[str, Path]:
@@ -127,13 +182,8 @@ def _cmd_compare(args) -> int:
     from ptychozarr.config import CompareConfig, given_options
     from ptychozarr.pipeline import run_compare
 
-    for flag in _CHUNK_FLAGS:
-        if getattr(args, flag.strip("-").replace("-", "_")) is not None:
-            logging.getLogger("ptychozarr").warning(
-                "%s is accepted for compatibility; the engine chunks by itself "
-                "(see --block-groups and --memory-budget)",
-                flag,
-            )
+    for line in _compat_lines(args):
+        logging.getLogger("ptychozarr").warning("%s", line)
     _check_output_dir(args.output_dir)
     config = CompareConfig.from_options(
         args.test_data, _models(args), args.output_dir, args.ptychi_recon, given_options(args), where="flag"
@@ -408,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.ERROR if getattr(args, "quiet", False) else logging.INFO)
+    logger.setLevel(_console_level(args))
     # Past the file-size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process unless
     # ignored; ignored, the write fails with EFBIG and becomes one line below.
     xfsz = getattr(signal, "SIGXFSZ", None)
@@ -439,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if xfsz is not None:
             signal.signal(xfsz, previous)
+
+
+def _console_level(args: argparse.Namespace) -> int:
+    """The console's logging level: --quiet, then --verbose, then --console-level (compare_models')."""
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    if getattr(args, "verbose", False):
+        return logging.DEBUG
+    return getattr(logging, getattr(args, "console_level", None) or "INFO")
 
 
 def _one_line(exc: BaseException) -> str:

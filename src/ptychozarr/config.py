@@ -6,12 +6,12 @@ A :class:`CompareConfig` is made of one frozen options dataclass per stage. Each
 are both generated from these fields, so a name, a default or a check lives in one place::
 
     CompareConfig
-      ├─ scan    ScanOptions     which scan points      (n_test_groups, subsample_seed)
+      ├─ scan    ScanOptions     which scan points      (n_test_groups, n_test_subsample, subsample_seed)
       ├─ group   GroupOptions    neighbour groups       (group_seed, neighbours)
       ├─ infer   InferOptions    model inputs per task  (stitch_crop_size, block_groups, batch_size, …)
       ├─ stitch  StitchOptions   object tiles           (tile)
       ├─ score   ScoreOptions    alignment and metrics  (phase_align_method, …)
-      ├─ output  OutputOptions   files written          (save_npz, save_npz_aligned)
+      ├─ output  OutputOptions   files written          (save_npz, save_npz_aligned, p_min, p_max, …)
       └─ run     RunOptions      where and how it runs  (scheduler, n_workers, memory_budget, quiet, force)
 
 Options are checked on their own when the config is built (:class:`~ptychozarr.errors.InvalidParameterError`
@@ -230,12 +230,57 @@ class _Options:
 
 @dataclass(frozen=True)
 class ScanOptions(_Options):
-    """Which scan points a run uses."""
+    """Which scan points a run uses (compare_models' --n-test-subsample and --n-test-groups)."""
+
+    # n_test_subsample draws that many scan points at random (seeded by subsample_seed) before grouping;
+    # n_test_groups is the number of groups, one per drawn point. As in compare_models, n_test_groups
+    # alone also draws that many points, and n_test_subsample alone forms one group per drawn point
+    # (n_test_groups is set to it). Given both, fewer groups than points is refused (the grouping forms
+    # one group per point), and more groups than points as compare_models refuses it at gridsize > 1.
 
     n_test_groups: int | None = option(
-        None, "use a random subsample of this many scan points", _opt_int, aliases=("--n-test-subsample",)
+        None,
+        "groups to form, one per drawn scan point; given alone, it also draws this many points at random",
+        _opt_int,
+        aliases=("--n-test-images",),
     )
-    subsample_seed: int | None = option(None, "seed of the subsample", _seed)
+    n_test_subsample: int | None = option(
+        None,
+        "scan points drawn at random before grouping (None: --n-test-groups, else every point)",
+        _opt_int,
+        aliases=("--n-subsample",),
+    )
+    subsample_seed: int | None = option(
+        None,
+        "seed of the random draw of scan points (None: unseeded)",
+        _seed,
+        aliases=("--test-subsample-seed",),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        points, groups = self.n_test_subsample, self.n_test_groups
+        if points is None:
+            return
+        if groups is None:  # compare_models forms one group per drawn point
+            object.__setattr__(self, "n_test_groups", points)
+        elif groups < points:
+            raise InvalidParameterError(
+                f"--n-test-groups {groups} with --n-test-subsample {points}: fewer groups than drawn "
+                "points is not supported (the grouping forms one group per point); give one of them, "
+                "or the same number"
+            )
+        elif groups > points:
+            raise InvalidParameterError(
+                f"--n-test-groups {groups} > --n-test-subsample {points}: more groups than points needs "
+                "K-choose-C oversampling, which compare_models refuses at gridsize > 1; give at most "
+                f"--n-test-groups {points}"
+            )
+
+    @property
+    def points(self) -> int | None:
+        """Scan points drawn before grouping (None: all)."""
+        return self.n_test_subsample if self.n_test_subsample is not None else self.n_test_groups
 
 
 @dataclass(frozen=True)
@@ -289,6 +334,30 @@ class ScoreOptions(_Options):
     frc_sigma: float = option(0.0, "smoothing of the FRC curves", _float)
 
 
+def _percentile(name: str, value: Any) -> float:
+    number = _float(name, value)
+    if number > 100:
+        raise InvalidParameterError(f"{flag(name)} {value!r}: give a percentile in [0, 100]")
+    return number
+
+
+def _opt_real(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{flag(name)} {value!r}: give a number") from None
+    if not np.isfinite(number):
+        raise InvalidParameterError(f"{flag(name)} {value!r}: give a finite number")
+    return number
+
+
+_RECORDED = "; recorded in run.json, the comparison plot does not use it yet"
+
+
 @dataclass(frozen=True)
 class OutputOptions(_Options):
     """Files written beside the store."""
@@ -301,6 +370,51 @@ class OutputOptions(_Options):
         "pixel_size_m attribute when it has one",
         _opt_length,
     )
+    p_min: float = option(
+        10.0, "lower colour percentile of the plot's panels (compare_models)" + _RECORDED, _percentile,
+        aliases=("--p_min",),
+    )  # fmt: skip
+    p_max: float = option(
+        90.0, "upper colour percentile of the plot's panels (compare_models)" + _RECORDED, _percentile,
+        aliases=("--p_max",),
+    )  # fmt: skip
+    pinn_phase_vmin: float | None = option(
+        None,
+        "PINN phase colour minimum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--pinn_phase_vmin",),
+    )
+    pinn_phase_vmax: float | None = option(
+        None,
+        "PINN phase colour maximum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--pinn_phase_vmax",),
+    )
+    baseline_phase_vmin: float | None = option(
+        None,
+        "Baseline phase colour minimum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--baseline_phase_vmin",),
+    )
+    baseline_phase_vmax: float | None = option(
+        None,
+        "Baseline phase colour maximum (compare_models)" + _RECORDED,
+        _opt_real,
+        aliases=("--baseline_phase_vmax",),
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.p_min >= self.p_max:
+            raise InvalidParameterError(
+                f"--p-min {self.p_min:g} ≥ --p-max {self.p_max:g}: give p_min < p_max"
+            )
+        for arm in ("pinn", "baseline"):
+            lo, hi = getattr(self, f"{arm}_phase_vmin"), getattr(self, f"{arm}_phase_vmax")
+            if lo is not None and hi is not None and lo >= hi:
+                raise InvalidParameterError(
+                    f"--{arm}-phase-vmin {lo:g} ≥ --{arm}-phase-vmax {hi:g}: give vmin < vmax"
+                )
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,14 @@ only (a missing registration offset is NaN, never an object array). Beyond compa
 
 - every array has ``<prefix>_origin``: float64 (y, x) of its pixel [0, 0] in ground-truth object
   pixels (NaN when unknown), so canvases of different extents can be overlaid;
-- the aligned file keeps each arm's own ground-truth crop (``ground_truth_<prefix>_*``) when the
-  arms' crops differ, and one ``ground_truth_*`` when they are all the same.
+- the aligned file always has compare_models' ``ground_truth_*`` (the first arm's crop, as
+  compare_models scores every arm on the PINN's), and also each arm's own crop
+  (``ground_truth_<prefix>_*``) when the arms' crops differ.
+
+Beside each file, ``reconstructions_metadata.txt`` / ``reconstructions_aligned_metadata.txt`` list its
+members as compare_models writes them (``- key: shape dtype``, a scalar's value, ``None (not
+available)`` for compare_models' PINN and Baseline members the run has not, and for a registration
+offset that is NaN), then compare_models' description lines.
 
 Each file is written under a unique temporary name and renamed into place. Inputs may be numpy,
 Zarr or dask arrays; at most one row slab of one array is in memory at a time: about ``slab_bytes``,
@@ -26,7 +32,7 @@ from ptychozarr.errors import InvalidParameterError
 from ptychozarr.io.npz import NpzWriter
 from ptychozarr.report._files import replacing
 
-__all__ = ["npz_prefix", "write_aligned_npz", "write_reconstructions_npz"]
+__all__ = ["metadata_path", "npz_prefix", "write_aligned_npz", "write_reconstructions_npz"]
 
 _SLAB_BYTES = 2**24
 _PREFIX = {"pinn": "ptychopinn"}
@@ -57,7 +63,68 @@ def _slabs(array, slab_bytes: int):
         yield np.asarray(array[start : start + rows])
 
 
-def _stream_parts(npz: NpzWriter, prefix: str, array, slab_bytes: int) -> None:
+_PARTS = ("amplitude", "phase", "complex")
+# compare_models' members for its two arms, listed as not available in the metadata when absent
+_COMPARE_MODELS_ARMS = ("ptychopinn", "baseline")
+_DESCRIPTION = (
+    "- *_amplitude: Real-valued amplitude data",
+    "- *_phase: Real-valued phase data in radians",
+    "- *_complex: Complex-valued reconstruction data",
+)
+
+
+def metadata_path(path: str | os.PathLike) -> Path:
+    """The metadata text file beside an NPZ (``reconstructions.npz`` → ``reconstructions_metadata.txt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_metadata.txt")
+
+
+class _Listing:
+    """The members written to an NPZ, in order, for its metadata file."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.names: set[str] = set()
+
+    def array(self, name: str, shape, dtype) -> None:
+        self.names.add(name)
+        self.lines.append(f"- {name}: {tuple(int(n) for n in shape)} {np.dtype(dtype).name}")
+
+    def scalar(self, name: str, value: float) -> None:
+        self.names.add(name)
+        shown = "None (not available)" if not np.isfinite(value) else f"{float(value)} (scalar)"
+        self.lines.append(f"- {name}: {shown}")
+
+    def absent_arms(self) -> list[str]:
+        return [
+            f"- {prefix}_{part}: None (not available)"
+            for prefix in _COMPARE_MODELS_ARMS
+            if f"{prefix}_complex" not in self.names
+            for part in _PARTS
+        ]
+
+
+def _write_metadata(path: Path, title: str, listing: _Listing, description: tuple[str, ...]) -> Path:
+    target = metadata_path(path)
+    lines = [
+        title,
+        "=" * len(title),
+        "",
+        f"Arrays saved in {Path(path).name}:",
+        *listing.absent_arms(),
+        *listing.lines,
+        "",
+        "Description:",
+        *description,
+    ]
+    with replacing(target) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+def _stream_parts(
+    npz: NpzWriter, prefix: str, array, slab_bytes: int, listing: _Listing | None = None
+) -> None:
     """``<prefix>_amplitude``, ``_phase`` and ``_complex`` of a 2-D complex array, slab by slab."""
     if len(array.shape) != 2:
         raise InvalidParameterError(f"{prefix}: expected a 2-D image, got shape {tuple(array.shape)}")
@@ -69,10 +136,15 @@ def _stream_parts(npz: NpzWriter, prefix: str, array, slab_bytes: int) -> None:
         with npz.stream(f"{prefix}_{part}", tuple(array.shape), dtype) as append:
             for slab in _slabs(array, slab_bytes):
                 append(func(slab).astype(dtype))
+        if listing is not None:
+            listing.array(f"{prefix}_{part}", array.shape, dtype)
 
 
-def _write_origin(npz: NpzWriter, prefix: str, origin) -> None:
-    npz.write(f"{prefix}_origin", np.asarray(_NAN_PAIR if origin is None else origin, dtype=np.float64))
+def _write_origin(npz: NpzWriter, prefix: str, origin, listing: _Listing | None = None) -> None:
+    value = np.asarray(_NAN_PAIR if origin is None else origin, dtype=np.float64)
+    npz.write(f"{prefix}_origin", value)
+    if listing is not None:
+        listing.array(f"{prefix}_origin", value.shape, value.dtype)
 
 
 def write_reconstructions_npz(
@@ -99,13 +171,20 @@ def write_reconstructions_npz(
     slab_bytes : int
         Approximate size of one row slab read at a time.
     """
+    listing = _Listing()
     with replacing(path) as tmp, NpzWriter(tmp, compress=True) as npz:
         for key, array in objects.items():
-            _stream_parts(npz, npz_prefix(key), array, slab_bytes)
-            _write_origin(npz, npz_prefix(key), origins.get(key))
+            _stream_parts(npz, npz_prefix(key), array, slab_bytes, listing)
+            _write_origin(npz, npz_prefix(key), origins.get(key), listing)
         if ground_truth is not None:
-            _stream_parts(npz, "ground_truth", ground_truth, slab_bytes)
-            _write_origin(npz, "ground_truth", (0.0, 0.0))
+            _stream_parts(npz, "ground_truth", ground_truth, slab_bytes, listing)
+            _write_origin(npz, "ground_truth", (0.0, 0.0), listing)
+    description = (
+        *_DESCRIPTION,
+        "- *_origin: (y, x) of pixel [0, 0] in ground-truth object pixels (NaN: unknown)",
+        "- Data saved BEFORE registration correction",
+    )
+    _write_metadata(Path(path), "NPZ File Contents:", listing, description)
     return Path(path)
 
 
@@ -128,8 +207,9 @@ def write_aligned_npz(
         Each arm after alignment (and registration), in the order to write them.
     ground_truth : 2-D complex array, or mapping of arm key to one
         The ground-truth crop each arm was scored against. A single array, or a mapping whose crops
-        are all equal, is written once as ``ground_truth_*``; crops that differ (in shape or
-        content, compared slab by slab) are written per arm as ``ground_truth_<prefix>_*``.
+        are all equal, is written once as ``ground_truth_*``; when crops differ (in shape or
+        content, compared slab by slab), ``ground_truth_*`` is the first arm's crop and every arm's
+        crop is also written as ``ground_truth_<prefix>_*``.
     offsets : mapping of arm key to (dy, dx) or None, optional
         Registration offsets, written as ``<key>_offset_dy`` / ``_dx`` (NaN when None or missing).
     origins : mapping of arm key to (y, x) or None, optional
@@ -140,23 +220,35 @@ def write_aligned_npz(
     """
     offsets, origins = offsets or {}, origins or {}
     shared, truths = _truths(ground_truth, list(aligned), slab_bytes)
+    listing = _Listing()
     with replacing(path) as tmp, NpzWriter(tmp, compress=True) as npz:
         for key, array in aligned.items():
             prefix = npz_prefix(key)
-            _stream_parts(npz, prefix, array, slab_bytes)
+            _stream_parts(npz, prefix, array, slab_bytes, listing)
             offset = offsets.get(key)
             for axis, value in zip(("dy", "dx"), _NAN_PAIR if offset is None else offset, strict=True):
                 npz.write(f"{key}_offset_{axis}", np.float64(value))
-            _write_origin(npz, prefix, origins.get(key))
+                listing.scalar(f"{key}_offset_{axis}", float(value))
+            _write_origin(npz, prefix, origins.get(key), listing)
             if truths is not None:
-                _stream_parts(npz, f"ground_truth_{prefix}", truths[key], slab_bytes)
+                _stream_parts(npz, f"ground_truth_{prefix}", truths[key], slab_bytes, listing)
         if shared is not None:
-            _stream_parts(npz, "ground_truth", shared, slab_bytes)
+            _stream_parts(npz, "ground_truth", shared, slab_bytes, listing)
+    description = (
+        *_DESCRIPTION,
+        "- *_offset_dy, *_offset_dx: Registration offsets in pixels (NaN: not registered)",
+        "- *_origin: (y, x) of pixel [0, 0] in ground-truth object pixels (NaN: unknown)",
+        "- ground_truth_*: the first arm's ground-truth crop; ground_truth_<arm>_*: each arm's own crop, "
+        "written when the crops differ",
+        "- Data saved AFTER registration correction and alignment",
+    )
+    _write_metadata(Path(path), "Aligned NPZ File Contents:", listing, description)
     return Path(path)
 
 
 def _truths(ground_truth, keys: list[str], slab_bytes: int) -> tuple[object, Mapping | None]:
-    """(the one truth serving every arm, None) or (None, the per-arm truths when they differ)."""
+    """(the one truth serving every arm, None) or (the first arm's truth, the per-arm truths) when
+    they differ."""
     if not isinstance(ground_truth, Mapping):
         return ground_truth, None
     missing = [k for k in keys if k not in ground_truth]
@@ -169,7 +261,7 @@ def _truths(ground_truth, keys: list[str], slab_bytes: int) -> tuple[object, Map
     first = ground_truth[keys[0]]
     if all(_equal(first, ground_truth[k], slab_bytes) for k in keys[1:]):
         return first, None
-    return None, ground_truth
+    return first, ground_truth
 
 
 def _equal(a, b, slab_bytes: int) -> bool:
