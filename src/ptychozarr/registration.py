@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,6 +74,9 @@ MIN_CONFIDENCE = 0.6
 _MAX_WINDOW = 1024
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
 _MAX_STEPS = 10
+_PULLED = 1.0
+"""A joint measurement farther (px, either axis) from the one channel that registers on its own is
+taken as pulled off by the other channel, and that channel's measurement is kept instead."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,13 @@ class Registration:
         Why the offset was not accepted (empty when it was), one readable line.
     blur : float
         σ (px) of the Gaussian blur of the reference that best matched the image.
+    component : str
+        What the offset was measured on: ``"channels"``, ``"amplitude"``, ``"complex"``, ``"real"``
+        (real input), or ``"amplitude only"`` / ``"phase only"`` when the other channel did not
+        register on its own (see the module notes); empty for a flat image.
+    channel_confidence : dict
+        When the channels were tried one at a time, each one's own confidence (``amplitude``,
+        ``phase``); empty otherwise.
     """
 
     offset: tuple[float, float]
@@ -106,6 +117,8 @@ class Registration:
     accepted: bool = True
     reason: str = ""
     blur: float = 0.0
+    component: str = ""
+    channel_confidence: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _load(x) -> np.ndarray:
@@ -130,7 +143,7 @@ class _Pair:
 
     def __init__(self, image: np.ndarray, reference: np.ndarray, component: Component):
         real = not (np.iscomplexobj(image) or np.iscomplexobj(reference))
-        parts = {"amplitude": np.abs, "complex": np.asarray, "channels": _channels}
+        parts = {"amplitude": np.abs, "complex": np.asarray, "channels": _channels, "phase": _phase}
         self.part = np.real if real else parts[component]
         self.image = self.part(image.astype(np.complex128))
         self.reference_spectrum = fft.fft2(reference.astype(np.complex128))
@@ -176,6 +189,11 @@ class _Pair:
         )
 
 
+def _phase(field: np.ndarray) -> np.ndarray:
+    """The phase about the field's mean phasor (a constant offset does not wrap it)."""
+    return np.angle(field * np.exp(-1j * np.angle(field.sum())))
+
+
 def _channels(field: np.ndarray) -> np.ndarray:
     """Amplitude and phase, each divided by its spread, as the real and imaginary parts of one image.
 
@@ -183,8 +201,7 @@ def _channels(field: np.ndarray) -> np.ndarray:
     correlation of two such images is the sum of the amplitude and the phase correlations (the cross
     terms are antisymmetric about the peak), unchanged by any affine change of either channel.
     """
-    amplitude = np.abs(field)
-    phase = np.angle(field * np.exp(-1j * np.angle(field.sum())))
+    amplitude, phase = np.abs(field), _phase(field)
     return amplitude / (amplitude.std() or 1.0) + 1j * phase / (phase.std() or 1.0)
 
 
@@ -315,21 +332,67 @@ def find_offset(
         centre = (slice((wh - sh) // 2, (wh - sh) // 2 + sh), slice((ww - sw) // 2, (ww - sw) // 2 + sw))
         blur = _Pair(moving[centre], fixed[centre], coarse).match_blur(offset, max_blur)
     offset, _, _ = pair.follow(pair.reference(blur), offset, upsample_factor)
+    magnitude = (pair, offset) if coarse == "amplitude" else None
+    used = coarse if np.iscomplexobj(moving) or np.iscomplexobj(fixed) else "real"
+    smoothed = None
     if component != "amplitude" and np.iscomplexobj(moving) and np.iscomplexobj(fixed):
-        field = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
-        pair = _Pair(fft.ifft2(ndimage.fourier_gaussian(field, blur)), fixed, component)
+        spectrum = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
+        smoothed = fft.ifft2(ndimage.fourier_gaussian(spectrum, blur))
+        pair = _Pair(smoothed, fixed, component)
         offset, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
+        used = component
     confidence = _confidence(pair.reference(0.0), pair.image_at(offset))
+    alone: dict[str, float] = {}
+    note = ""
+    if smoothed is not None and magnitude is not None and component == "channels":
+        offset, confidence, used, alone, note = _one_channel(
+            magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence
+        )
     dy, dx = float(offset[0]), float(offset[1])
     reason = ""
     if confidence < min_confidence:
         reason = (
             f"ambiguous correlation: confidence {confidence:.2f} < {min_confidence} (a second peak "
-            f"at {1 - confidence:.0%} of the main one)"
+            f"at {1 - confidence:.0%} of the main one){note}"
         )
     elif max_shift is not None and max(abs(dy), abs(dx)) > max_shift:
         reason = f"shift ({dy:.2f}, {dx:.2f}) px exceeds max_shift {max_shift}"
-    return Registration((dy, dx), window, windowed, confidence, not reason, reason, blur)
+    return Registration((dy, dx), window, windowed, confidence, not reason, reason, blur, used, alone)
+
+
+def _one_channel(magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence):
+    """The amplitude and the phase registered one at a time, after the two together were ambiguous.
+
+    A channel that does not register on its own (a learned reconstruction's phase that is a poor copy
+    of the truth's) adds only sidelobes to the sum of the two correlations. The amplitude's own
+    measurement is the magnitude stage's (``magnitude``: its pair and offset, None for a pure-phase
+    object), taken before the complex low-pass, which would mix a wrong phase into the amplitude; the
+    phase's is measured on the low-passed field. When exactly one channel is confident on its own, its
+    measurement is kept (``"amplitude only"`` / ``"phase only"``); otherwise the joint one stays, and
+    the note says what each channel gave.
+
+    Returns (offset, confidence, component, {channel: confidence}, note for the reason).
+    """
+    found = {}
+    if magnitude is not None:
+        pair, at = magnitude
+        found["amplitude"] = (at, _confidence(pair.reference(0.0), pair.image_at(at)))
+    pair = _Pair(smoothed, fixed, "phase")
+    at, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
+    found["phase"] = (at, _confidence(pair.reference(0.0), pair.image_at(at)))
+    alone = {part: float(c) for part, (_, c) in found.items()}
+    usable = [part for part, c in alone.items() if c >= min_confidence]
+    if len(usable) == 1 and len(alone) == 2:
+        at, c = found[usable[0]]
+        pulled = np.max(np.abs(np.asarray(at) - offset)) > _PULLED
+        if confidence < min_confidence or pulled:
+            return at, float(c), f"{usable[0]} only", alone, ""
+    if confidence >= min_confidence:
+        return offset, confidence, "channels", alone, ""
+    note = "; alone, " + ", ".join(
+        f"{part} {c:.2f} at ({found[part][0][0]:.2f}, {found[part][0][1]:.2f})" for part, c in alone.items()
+    )
+    return offset, confidence, "channels", alone, note
 
 
 def _ramp(n: int, shift: float) -> np.ndarray:
