@@ -37,7 +37,24 @@ outside the main lobe (farther than twice its half width at half maximum).
 Measured on a 240×260 crop of a structured object: a blurred (σ ≤ 8 px) match with complex noise up to
 0.3 per component gives 0.73–0.85; white or blurred noise 0.20–0.25, a periodic pattern ~0, a linear
 gradient 0.45, SNR < 1 at σ = 8 px 0.47, a flat image 0 (refused before correlating). Below
-:data:`MIN_CONFIDENCE` (0.6) the measurement is not accepted; ``max_shift`` is a second guard.
+``min_confidence`` (:data:`MIN_CONFIDENCE`, 0.6; a run's ``min_registration_confidence`` option) the
+measurement is not accepted; ``max_shift`` is a second guard.
+
+**One channel at a time.** In the default channels mode the amplitude (the magnitude stage's
+measurement, taken before the complex low-pass) and the phase are also registered alone. A learned
+reconstruction's phase can be a poor copy of the truth's: the demo's PtychoPINN phase correlates with
+the blur-matched truth phase at r ≈ 0.46 (its amplitude at 0.96) and does not register on its own
+(confidence 0.11, the measurement wandering 35 px), while its amplitude does (0.70 at (−0.16, −2.68));
+together they give 0.53 at (0.54, −0.18), the phase's sidelobes (47 % at (−3, −22) px) counted in
+the sum. When exactly one channel registers on its own and the joint offset lies more than
+:data:`_PULLED` (1 px) from it, the channels disagree and the measurement is refused, whatever the
+joint confidence: which one is right cannot be told from the images (on the demo, applying the
+amplitude's offset lowers the PINN's phase MS-SSIM from 0.45 to 0.39). When they agree and only the
+joint confidence is too low, the confident channel's measurement is kept (``component`` then says
+``"amplitude only"`` or ``"phase only"``). On the test object with its phase replaced by
+0.5 × its own plus an unrelated smooth phase (0.3 rad), three joint measurements that were accepted
+1.8–3.9 px off become two refusals and one (3.9 px) still accepted: a phase that registers confidently
+on its own at a wrong place is not caught.
 
 :func:`common_shape` / :func:`crop_to_common` cut every arm and its truth to one shape, so that
 FRC rings mean the same frequencies for every arm.
@@ -76,7 +93,7 @@ _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most thi
 _MAX_STEPS = 10
 _PULLED = 1.0
 """A joint measurement farther (px, either axis) from the one channel that registers on its own is
-taken as pulled off by the other channel, and that channel's measurement is kept instead."""
+pulled off by the other channel: the two disagree, and the measurement is refused."""
 
 
 @dataclass(frozen=True)
@@ -343,14 +360,20 @@ def find_offset(
         used = component
     confidence = _confidence(pair.reference(0.0), pair.image_at(offset))
     alone: dict[str, float] = {}
-    note = ""
+    note, disagree = "", False
     if smoothed is not None and magnitude is not None and component == "channels":
-        offset, confidence, used, alone, note = _one_channel(
+        offset, confidence, used, alone, note, disagree = _one_channel(
             magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence
         )
     dy, dx = float(offset[0]), float(offset[1])
     reason = ""
-    if confidence < min_confidence:
+    if disagree:
+        reason = (
+            f"amplitude and phase disagree: the joint offset ({dy:.2f}, {dx:.2f}) at confidence "
+            f"{confidence:.2f} is more than {_PULLED:g} px from the one channel that registers on its own"
+            f"{note}"
+        )
+    elif confidence < min_confidence:
         reason = (
             f"ambiguous correlation: confidence {confidence:.2f} < {min_confidence} (a second peak "
             f"at {1 - confidence:.0%} of the main one){note}"
@@ -361,39 +384,39 @@ def find_offset(
 
 
 def _one_channel(magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence):
-    """The amplitude and the phase registered one at a time, after the two together were ambiguous.
+    """The amplitude and the phase registered one at a time, to check the joint measurement.
 
     A channel that does not register on its own (a learned reconstruction's phase that is a poor copy
-    of the truth's) adds only sidelobes to the sum of the two correlations. The amplitude's own
-    measurement is the magnitude stage's (``magnitude``: its pair and offset, None for a pure-phase
-    object), taken before the complex low-pass, which would mix a wrong phase into the amplitude; the
-    phase's is measured on the low-passed field. When exactly one channel is confident on its own, its
-    measurement is kept (``"amplitude only"`` / ``"phase only"``); otherwise the joint one stays, and
-    the note says what each channel gave.
+    of the truth's) adds only sidelobes to the sum of the two correlations, and may pull its peak. The
+    amplitude's own measurement is the magnitude stage's (``magnitude``: its pair and offset), taken
+    before the complex low-pass, which would mix a wrong phase into the amplitude; the phase's is
+    measured on the low-passed field. When exactly one channel is confident on its own:
 
-    Returns (offset, confidence, component, {channel: confidence}, note for the reason).
+    - and the joint offset lies within :data:`_PULLED` px of it, a refused joint measurement is
+      replaced by that channel's (``"amplitude only"`` / ``"phase only"``);
+    - and the joint offset lies farther, the two channels disagree and the measurement is refused
+      whatever the joint confidence: which channel is right cannot be told from the images.
+
+    Returns (offset, confidence, component, {channel: confidence}, note for the reason, disagree).
     """
     found = {}
-    if magnitude is not None:
-        pair, at = magnitude
-        found["amplitude"] = (at, _confidence(pair.reference(0.0), pair.image_at(at)))
+    pair, at = magnitude
+    found["amplitude"] = (np.asarray(at), _confidence(pair.reference(0.0), pair.image_at(at)))
     pair = _Pair(smoothed, fixed, "phase")
     at, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
-    found["phase"] = (at, _confidence(pair.reference(0.0), pair.image_at(at)))
+    found["phase"] = (np.asarray(at), _confidence(pair.reference(0.0), pair.image_at(at)))
     alone = {part: float(c) for part, (_, c) in found.items()}
-    usable = [part for part, c in alone.items() if c >= min_confidence]
-    if len(usable) == 1 and len(alone) == 2:
-        at, c = found[usable[0]]
-        pulled = np.max(np.abs(np.asarray(at) - offset)) > _PULLED
-        if confidence < min_confidence or pulled:
-            return at, float(c), f"{usable[0]} only", alone, ""
-    if confidence >= min_confidence:
-        return offset, confidence, "channels", alone, ""
     note = "; alone, " + ", ".join(
         f"{part} {c:.2f} at ({found[part][0][0]:.2f}, {found[part][0][1]:.2f})" for part, c in alone.items()
     )
-    return offset, confidence, "channels", alone, note
-
+    usable = [part for part, c in alone.items() if c >= min_confidence]
+    if len(usable) == 1:
+        at, c = found[usable[0]]
+        if np.max(np.abs(at - offset)) > _PULLED:
+            return offset, confidence, "channels", alone, note, True
+        if confidence < min_confidence:
+            return at, float(c), f"{usable[0]} only", alone, "", False
+    return offset, confidence, "channels", alone, note, False
 
 def _ramp(n: int, shift: float) -> np.ndarray:
     return np.exp(-2j * np.pi * shift * np.fft.fftfreq(n))
