@@ -62,9 +62,9 @@ FRC rings mean the same frequencies for every arm.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -417,6 +417,7 @@ def _one_channel(magnitude, smoothed, fixed, offset, confidence, blur, upsample_
         if confidence < min_confidence:
             return at, float(c), f"{usable[0]} only", alone, "", False
     return offset, confidence, "channels", alone, note, False
+
 
 def _ramp(n: int, shift: float) -> np.ndarray:
     return np.exp(-2j * np.pi * shift * np.fft.fftfreq(n))

@@ -12,10 +12,10 @@ lays runs out as ``<output_dir>/dose_<dose>/<view>/<split>/`` with compare_model
   (``report_phase_g_dense_metrics.py``) read; and ``metrics_summary.md``.
 
 Those files keep that schema (extra keys only: a job's ``name``, ``repeat``, ``status``,
-``output_dir``, ``registration`` (per model ``registered``, ``unregistered`` or ``rejected: <reason>``) and
-``registration_detail`` (per model :func:`registration_state`: state, applied offset, confidence and
-reason, also a table under each job of ``metrics_summary.md``); the manifest's ``study_config``, the TOML that owns the
-folder). Beside them, under names of its own, the engine writes
+``output_dir``, ``registration`` (per model ``registered``, ``unregistered`` or ``rejected: <reason>``)
+and ``registration_detail`` (per model :func:`registration_state`: state, applied offset, confidence
+and reason, also a table under each job of ``metrics_summary.md``); the manifest's ``study_config``,
+the TOML that owns the folder). Beside them, under names of its own, the engine writes
 ``study_deltas.csv`` / ``.md`` (PINN − Baseline and PINN − iterative per run, metric and part, with
 which way is better and whether PINN is better or worse) and ``study_conditions.csv`` / ``.md`` (mean,
 sample standard deviation, min and max over the runs of each condition — repeats, e.g. seeds).
