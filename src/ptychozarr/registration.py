@@ -46,15 +46,19 @@ reconstruction's phase can be a poor copy of the truth's: the demo's PtychoPINN 
 the blur-matched truth phase at r ≈ 0.46 (its amplitude at 0.96) and does not register on its own
 (confidence 0.11, the measurement wandering 35 px), while its amplitude does (0.70 at (−0.16, −2.68));
 together they give 0.53 at (0.54, −0.18), the phase's sidelobes (47 % at (−3, −22) px) counted in
-the sum. When exactly one channel registers on its own and the joint offset lies more than
-:data:`_PULLED` (1 px) from it, the channels disagree and the measurement is refused, whatever the
-joint confidence: which one is right cannot be told from the images (on the demo, applying the
-amplitude's offset lowers the PINN's phase MS-SSIM from 0.45 to 0.39). When they agree and only the
-joint confidence is too low, the confident channel's measurement is kept (``component`` then says
-``"amplitude only"`` or ``"phase only"``). On the test object with its phase replaced by
-0.5 × its own plus an unrelated smooth phase (0.3 rad), three joint measurements that were accepted
-1.8–3.9 px off become two refusals and one (3.9 px) still accepted: a phase that registers confidently
-on its own at a wrong place is not caught.
+the sum. The complex low-pass (σ 4.7 px on an image already that blurred) deepens it — without it the
+phase alone gives 0.55 at (−0.54, 0.30) and the two together 0.64 at (−0.58, 0.00) — but in x the
+phase still sits 2.7–3 px from the amplitude, whatever the low-pass: the disagreement is the
+reconstruction's (amplitude r 0.952–0.960 over dx −3…+1, highest at −2; phase r 0.36–0.46, at 0).
+When exactly one channel registers on its own and the joint offset lies more than :data:`_PULLED` (1 px)
+from it, the channels disagree and the measurement is refused, whatever the joint confidence: which one
+is right cannot be told from the images (on the demo, applying the amplitude's offset lowers the PINN's
+phase MS-SSIM from 0.45 to 0.39, where the 2 px smaller box alone takes the Baseline's from 0.79 to
+0.75). When they agree and only the joint confidence is too low, the confident channel's measurement is
+kept (``component`` then says ``"amplitude only"`` or ``"phase only"``). On the test object with its
+phase replaced by 0.5 × its own plus an unrelated smooth phase (0.3 rad), three joint measurements that
+were accepted 1.8–3.9 px off become two refusals and one (3.9 px) still accepted: a phase that registers
+confidently on its own at a wrong place is not caught.
 
 :func:`common_shape` / :func:`crop_to_common` cut every arm and its truth to one shape, so that
 FRC rings mean the same frequencies for every arm.
