@@ -239,3 +239,47 @@ def test_iterative_arm_in_the_whole_object_frame_scores_like_the_scan_frame(obj)
     np.testing.assert_array_equal(r_pad, r_obj)
     with pytest.raises(InvalidScanError, match="neither accepted frame"):
         align.align_iterative(whole[:150, :90], obj, positions, 20)
+
+
+def test_registration_refuses_when_amplitude_and_phase_disagree(obj):
+    """A phase unrelated to the truth's pulls the joint peak away from the amplitude's own."""
+    image, truth = _blurred_shifted(obj, 4.0, (1.7, -0.8), noise=0.05, seed=0, ramp=0.0)
+    phase = ndimage.gaussian_filter(np.random.default_rng(100).standard_normal(image.shape), 2)
+    unrelated = np.abs(image) * np.exp(1j * 0.5 * phase / phase.std())
+    found = align.find_offset(unrelated, truth)
+    assert not found.accepted and "amplitude and phase disagree" in found.reason, found
+    assert found.channel_confidence["amplitude"] >= align.MIN_CONFIDENCE
+    assert found.channel_confidence["phase"] < align.MIN_CONFIDENCE
+    assert "amplitude 0.7" in found.reason  # each channel's own measurement is named
+    # the amplitude alone, asked for, registers it
+    amplitude = align.find_offset(unrelated, truth, component="amplitude")
+    assert amplitude.accepted and np.hypot(amplitude.offset[0] + 1.7, amplitude.offset[1] - 0.8) <= 0.25
+
+
+def test_registration_names_what_it_measured_on_and_takes_its_threshold(obj):
+    image, truth = _blurred_shifted(obj, 4.0, (2.3, -1.4), noise=0.05, seed=40)
+    found = align.find_offset(image, truth)
+    assert found.accepted and found.component == "channels"
+    assert set(found.channel_confidence) == {"amplitude", "phase"}
+    strict = align.find_offset(image, truth, min_confidence=0.95)
+    assert not strict.accepted and "< 0.95" in strict.reason
+    assert strict.offset == found.offset and strict.confidence == found.confidence
+    assert align.find_offset(np.abs(image), np.abs(truth)).component == "real"
+    assert align.find_offset(image, truth, component="amplitude").component == "amplitude"
+
+
+def test_the_threshold_is_a_score_option_passed_to_the_measurement(obj, capsys):
+    from ptychozarr.cli import main
+    from ptychozarr.config import ScoreOptions
+    from ptychozarr.stages import score
+
+    assert ScoreOptions().min_registration_confidence == align.MIN_CONFIDENCE
+    image, truth = _blurred_shifted(obj, 4.0, (2.3, -1.4), noise=0.05, seed=40)
+    params = {"max_registration_shift": 10.0, "min_registration_confidence": 0.6}
+    assert score._register(image, truth, params)["accepted"]
+    refused = score._register(image, truth, params | {"min_registration_confidence": 0.95})
+    assert not refused["accepted"] and refused["offset"] is None and "< 0.95" in refused["reason"]
+    assert refused["component"] == "channels" and set(refused["channel_confidence"]) == {"amplitude", "phase"}
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    assert "--min-registration-confidence" in capsys.readouterr().out

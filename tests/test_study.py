@@ -180,3 +180,58 @@ def test_a_study_runs_normalised_conditions_and_keeps_another_studys_files(
     assert (out / MANIFEST).read_text() == before
     assert main(["study", str(other), "--quiet", "--force"]) == 0
     assert json.loads((out / MANIFEST).read_text())["study_config"] == str(other)
+
+
+def _registration_runs():
+    from ptychozarr.report import ArmResult
+    from ptychozarr.report.study import StudyRun
+
+    metrics = {"ms_ssim": (0.6, 0.4), "mae": (0.05, 0.3)}
+    note = "ambiguous correlation: confidence 0.53 < 0.6 (a second peak at 47% of the main one)"
+    arms = [
+        ArmResult("pinn", "PtychoPINN", dict(metrics), None, registered=False, registration_note=note),
+        ArmResult("baseline", "Baseline", dict(metrics), (-0.6, -0.34), registered=True),
+        ArmResult("ptychi", "PtyChi", dict(metrics), None, registered=False),
+    ]
+    return [StudyRun(1000, "dense", "test", 0, arms, name="r1")]
+
+
+def test_every_arms_registration_state_is_in_the_summary_and_the_deltas(tmp_path):
+    from ptychozarr.report.study import deltas, write_study_outputs
+
+    runs = _registration_runs()
+    write_study_outputs(tmp_path, runs)
+    summary = json.loads((tmp_path / "metrics_summary.json").read_text())
+    job = summary["jobs"][0]
+    assert job["registration"]["Baseline"] == "registered"  # the short form stays as it was
+    detail = job["registration_detail"]
+    assert detail["Baseline"] == {
+        "state": "registered", "offset": [-0.6, -0.34], "confidence": None, "reason": None
+    }  # fmt: skip
+    assert detail["PtychoPINN"]["state"] == "rejected"
+    assert detail["PtychoPINN"]["confidence"] == pytest.approx(0.53)
+    assert "second peak" in detail["PtychoPINN"]["reason"]
+    assert detail["PtyChi"] == {"state": "unregistered", "offset": None, "confidence": None, "reason": None}
+    markdown = (tmp_path / "metrics_summary.md").read_text()
+    assert "| Model | State | Offset (dy, dx) px | Confidence | Reason |" in markdown
+    assert "| Baseline | registered | (-0.60, -0.34) |" in markdown
+    assert "| PtychoPINN | rejected |  | 0.5300 | ambiguous correlation" in markdown
+    table = deltas(runs)
+    row = table.iloc[0]
+    assert row["registration_PtychoPINN"] == "rejected (confidence 0.53)"
+    assert row["registration_Baseline"] == "registered (-0.60, -0.34) px"
+    assert row["registration_iterative"] == "unregistered"
+    assert "registration_PtychoPINN" in (tmp_path / "study_deltas.csv").read_text().splitlines()[0]
+
+
+def test_a_recorded_confidence_is_preferred_and_an_arm_without_scores_has_no_state():
+    from ptychozarr.report import ArmResult
+    from ptychozarr.report.study import registration_state
+
+    arm = ArmResult("baseline", "Baseline", {"mae": (0.1, 0.2)}, (0.5, 0.25), registered=True)
+    arm.registration_confidence = 0.73
+    assert registration_state(arm) == {
+        "state": "registered", "offset": [0.5, 0.25], "confidence": 0.73, "reason": None
+    }  # fmt: skip
+    assert registration_state(ArmResult("pinn", "PtychoPINN"))["state"] == ""
+    assert registration_state(None)["state"] == ""

@@ -330,6 +330,12 @@ class ScoreOptions(_Options):
     max_registration_shift: float = option(
         10.0, "larger registration shifts (px) count as failed: the arm is scored unregistered", _float
     )
+    min_registration_confidence: float = option(
+        0.6,
+        "smallest accepted registration confidence (1 − second / main correlation peak); a weaker "
+        "measurement is refused and the arm scored unregistered",
+        _float,
+    )
     ms_ssim_sigma: float = option(1.0, "Gaussian pre-filter of the amplitude MS-SSIM", _float)
     frc_sigma: float = option(0.0, "smoothing of the FRC curves", _float)
 

@@ -37,7 +37,28 @@ outside the main lobe (farther than twice its half width at half maximum).
 Measured on a 240×260 crop of a structured object: a blurred (σ ≤ 8 px) match with complex noise up to
 0.3 per component gives 0.73–0.85; white or blurred noise 0.20–0.25, a periodic pattern ~0, a linear
 gradient 0.45, SNR < 1 at σ = 8 px 0.47, a flat image 0 (refused before correlating). Below
-:data:`MIN_CONFIDENCE` (0.6) the measurement is not accepted; ``max_shift`` is a second guard.
+``min_confidence`` (:data:`MIN_CONFIDENCE`, 0.6; a run's ``min_registration_confidence`` option) the
+measurement is not accepted; ``max_shift`` is a second guard.
+
+**One channel at a time.** In the default channels mode the amplitude (the magnitude stage's
+measurement, taken before the complex low-pass) and the phase are also registered alone. A learned
+reconstruction's phase can be a poor copy of the truth's: the demo's PtychoPINN phase correlates with
+the blur-matched truth phase at r ≈ 0.46 (its amplitude at 0.96) and does not register on its own
+(confidence 0.11, the measurement wandering 35 px), while its amplitude does (0.70 at (−0.16, −2.68));
+together they give 0.53 at (0.54, −0.18), the phase's sidelobes (47 % at (−3, −22) px) counted in
+the sum. The complex low-pass (σ 4.7 px on an image already that blurred) deepens it — without it the
+phase alone gives 0.55 at (−0.54, 0.30) and the two together 0.64 at (−0.58, 0.00) — but in x the
+phase still sits 2.7–3 px from the amplitude, whatever the low-pass: the disagreement is the
+reconstruction's (amplitude r 0.952–0.960 over dx −3…+1, highest at −2; phase r 0.36–0.46, at 0).
+When exactly one channel registers on its own and the joint offset lies more than :data:`_PULLED` (1 px)
+from it, the channels disagree and the measurement is refused, whatever the joint confidence: which one
+is right cannot be told from the images (on the demo, applying the amplitude's offset lowers the PINN's
+phase MS-SSIM from 0.45 to 0.39, where the 2 px smaller box alone takes the Baseline's from 0.79 to
+0.75). When they agree and only the joint confidence is too low, the confident channel's measurement is
+kept (``component`` then says ``"amplitude only"`` or ``"phase only"``). On the test object with its
+phase replaced by 0.5 × its own plus an unrelated smooth phase (0.3 rad), three joint measurements that
+were accepted 1.8–3.9 px off become two refusals and one (3.9 px) still accepted: a phase that registers
+confidently on its own at a wrong place is not caught.
 
 :func:`common_shape` / :func:`crop_to_common` cut every arm and its truth to one shape, so that
 FRC rings mean the same frequencies for every arm.
@@ -45,6 +66,7 @@ FRC rings mean the same frequencies for every arm.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +95,9 @@ MIN_CONFIDENCE = 0.6
 _MAX_WINDOW = 1024
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
 _MAX_STEPS = 10
+_PULLED = 1.0
+"""A joint measurement farther (px, either axis) from the one channel that registers on its own is
+pulled off by the other channel: the two disagree, and the measurement is refused."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,13 @@ class Registration:
         Why the offset was not accepted (empty when it was), one readable line.
     blur : float
         σ (px) of the Gaussian blur of the reference that best matched the image.
+    component : str
+        What the offset was measured on: ``"channels"``, ``"amplitude"``, ``"complex"``, ``"real"``
+        (real input), or ``"amplitude only"`` / ``"phase only"`` when the other channel did not
+        register on its own (see the module notes); empty for a flat image.
+    channel_confidence : dict
+        When the channels were tried one at a time, each one's own confidence (``amplitude``,
+        ``phase``); empty otherwise.
     """
 
     offset: tuple[float, float]
@@ -106,6 +138,8 @@ class Registration:
     accepted: bool = True
     reason: str = ""
     blur: float = 0.0
+    component: str = ""
+    channel_confidence: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _load(x) -> np.ndarray:
@@ -130,7 +164,7 @@ class _Pair:
 
     def __init__(self, image: np.ndarray, reference: np.ndarray, component: Component):
         real = not (np.iscomplexobj(image) or np.iscomplexobj(reference))
-        parts = {"amplitude": np.abs, "complex": np.asarray, "channels": _channels}
+        parts = {"amplitude": np.abs, "complex": np.asarray, "channels": _channels, "phase": _phase}
         self.part = np.real if real else parts[component]
         self.image = self.part(image.astype(np.complex128))
         self.reference_spectrum = fft.fft2(reference.astype(np.complex128))
@@ -176,6 +210,11 @@ class _Pair:
         )
 
 
+def _phase(field: np.ndarray) -> np.ndarray:
+    """The phase about the field's mean phasor (a constant offset does not wrap it)."""
+    return np.angle(field * np.exp(-1j * np.angle(field.sum())))
+
+
 def _channels(field: np.ndarray) -> np.ndarray:
     """Amplitude and phase, each divided by its spread, as the real and imaginary parts of one image.
 
@@ -183,8 +222,7 @@ def _channels(field: np.ndarray) -> np.ndarray:
     correlation of two such images is the sum of the amplitude and the phase correlations (the cross
     terms are antisymmetric about the peak), unchanged by any affine change of either channel.
     """
-    amplitude = np.abs(field)
-    phase = np.angle(field * np.exp(-1j * np.angle(field.sum())))
+    amplitude, phase = np.abs(field), _phase(field)
     return amplitude / (amplitude.std() or 1.0) + 1j * phase / (phase.std() or 1.0)
 
 
@@ -315,21 +353,74 @@ def find_offset(
         centre = (slice((wh - sh) // 2, (wh - sh) // 2 + sh), slice((ww - sw) // 2, (ww - sw) // 2 + sw))
         blur = _Pair(moving[centre], fixed[centre], coarse).match_blur(offset, max_blur)
     offset, _, _ = pair.follow(pair.reference(blur), offset, upsample_factor)
+    magnitude = (pair, offset) if coarse == "amplitude" else None
+    used = coarse if np.iscomplexobj(moving) or np.iscomplexobj(fixed) else "real"
+    smoothed = None
     if component != "amplitude" and np.iscomplexobj(moving) and np.iscomplexobj(fixed):
-        field = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
-        pair = _Pair(fft.ifft2(ndimage.fourier_gaussian(field, blur)), fixed, component)
+        spectrum = fft.fft2(_remove_ramp(moving.astype(np.complex128), fixed, offset, blur))
+        smoothed = fft.ifft2(ndimage.fourier_gaussian(spectrum, blur))
+        pair = _Pair(smoothed, fixed, component)
         offset, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
+        used = component
     confidence = _confidence(pair.reference(0.0), pair.image_at(offset))
+    alone: dict[str, float] = {}
+    note, disagree = "", False
+    if smoothed is not None and magnitude is not None and component == "channels":
+        offset, confidence, used, alone, note, disagree = _one_channel(
+            magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence
+        )
     dy, dx = float(offset[0]), float(offset[1])
     reason = ""
-    if confidence < min_confidence:
+    if disagree:
+        reason = (
+            f"amplitude and phase disagree: the joint offset ({dy:.2f}, {dx:.2f}) at confidence "
+            f"{confidence:.2f} is more than {_PULLED:g} px from the one channel that registers on its own"
+            f"{note}"
+        )
+    elif confidence < min_confidence:
         reason = (
             f"ambiguous correlation: confidence {confidence:.2f} < {min_confidence} (a second peak "
-            f"at {1 - confidence:.0%} of the main one)"
+            f"at {1 - confidence:.0%} of the main one){note}"
         )
     elif max_shift is not None and max(abs(dy), abs(dx)) > max_shift:
         reason = f"shift ({dy:.2f}, {dx:.2f}) px exceeds max_shift {max_shift}"
-    return Registration((dy, dx), window, windowed, confidence, not reason, reason, blur)
+    return Registration((dy, dx), window, windowed, confidence, not reason, reason, blur, used, alone)
+
+
+def _one_channel(magnitude, smoothed, fixed, offset, confidence, blur, upsample_factor, min_confidence):
+    """The amplitude and the phase registered one at a time, to check the joint measurement.
+
+    A channel that does not register on its own (a learned reconstruction's phase that is a poor copy
+    of the truth's) adds only sidelobes to the sum of the two correlations, and may pull its peak. The
+    amplitude's own measurement is the magnitude stage's (``magnitude``: its pair and offset), taken
+    before the complex low-pass, which would mix a wrong phase into the amplitude; the phase's is
+    measured on the low-passed field. When exactly one channel is confident on its own:
+
+    - and the joint offset lies within :data:`_PULLED` px of it, a refused joint measurement is
+      replaced by that channel's (``"amplitude only"`` / ``"phase only"``);
+    - and the joint offset lies farther, the two channels disagree and the measurement is refused
+      whatever the joint confidence: which channel is right cannot be told from the images.
+
+    Returns (offset, confidence, component, {channel: confidence}, note for the reason, disagree).
+    """
+    found = {}
+    pair, at = magnitude
+    found["amplitude"] = (np.asarray(at), _confidence(pair.reference(0.0), pair.image_at(at)))
+    pair = _Pair(smoothed, fixed, "phase")
+    at, _, _ = pair.follow(pair.reference(math.sqrt(2) * blur), offset, upsample_factor)
+    found["phase"] = (np.asarray(at), _confidence(pair.reference(0.0), pair.image_at(at)))
+    alone = {part: float(c) for part, (_, c) in found.items()}
+    note = "; alone, " + ", ".join(
+        f"{part} {c:.2f} at ({found[part][0][0]:.2f}, {found[part][0][1]:.2f})" for part, c in alone.items()
+    )
+    usable = [part for part, c in alone.items() if c >= min_confidence]
+    if len(usable) == 1:
+        at, c = found[usable[0]]
+        if np.max(np.abs(at - offset)) > _PULLED:
+            return offset, confidence, "channels", alone, note, True
+        if confidence < min_confidence:
+            return at, float(c), f"{usable[0]} only", alone, "", False
+    return offset, confidence, "channels", alone, note, False
 
 
 def _ramp(n: int, shift: float) -> np.ndarray:

@@ -12,8 +12,10 @@ lays runs out as ``<output_dir>/dose_<dose>/<view>/<split>/`` with compare_model
   (``report_phase_g_dense_metrics.py``) read; and ``metrics_summary.md``.
 
 Those files keep that schema (extra keys only: a job's ``name``, ``repeat``, ``status``,
-``output_dir`` and ``registration``; the manifest's ``study_config``, the TOML that owns the
-folder). Beside them, under names of its own, the engine writes
+``output_dir``, ``registration`` (per model ``registered``, ``unregistered`` or ``rejected: <reason>``)
+and ``registration_detail`` (per model :func:`registration_state`: state, applied offset, confidence
+and reason, also a table under each job of ``metrics_summary.md``); the manifest's ``study_config``,
+the TOML that owns the folder). Beside them, under names of its own, the engine writes
 ``study_deltas.csv`` / ``.md`` (PINN − Baseline and PINN − iterative per run, metric and part, with
 which way is better and whether PINN is better or worse) and ``study_conditions.csv`` / ``.md`` (mean,
 sample standard deviation, min and max over the runs of each condition — repeats, e.g. seeds).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,7 @@ __all__ = [
     "format_study_table",
     "metrics_summary",
     "metrics_summary_markdown",
+    "registration_state",
     "run_dir",
     "write_study_outputs",
 ]
@@ -53,7 +57,9 @@ _QUANTITIES = ("PtychoPINN", "Baseline", "iterative", "pinn_minus_baseline", "pi
 _DELTA_COLUMNS = [
     "run", *_CONDITION, "repeat", "metric", "part", "better", "PtychoPINN", "Baseline", "iterative",
     "iterative_label", "pinn_minus_baseline", "vs_baseline", "pinn_minus_iterative", "vs_iterative",
+    "registration_PtychoPINN", "registration_Baseline", "registration_iterative",
 ]  # fmt: skip
+_CONFIDENCE = re.compile(r"confidence (\d+(?:\.\d+)?)")
 
 
 def _dose_name(dose) -> str:
@@ -154,6 +160,41 @@ def comparison_manifest(
     return manifest | ({"study_config": str(study_config)} if study_config is not None else {})
 
 
+def registration_state(arm: ArmResult | None) -> dict:
+    """How an arm was scored: ``{"state", "offset", "confidence", "reason"}``.
+
+    ``state`` is ``registered`` (``offset`` the applied (dy, dx) in px), ``unregistered`` (not asked),
+    ``rejected`` (asked, but the measurement was refused: ``reason`` says why) or ``""`` for an arm
+    without scores. ``confidence`` is the measurement's (``ArmResult.registration_confidence`` when the
+    run recorded it, else the one a refusal's reason names); None when unknown.
+    """
+    if arm is None:
+        return {"state": "", "offset": None, "confidence": None, "reason": None}
+    status = arm.registration
+    state = status.split(":", 1)[0]
+    reason = arm.registration_note if state == "rejected" else None
+    confidence = getattr(arm, "registration_confidence", None)
+    if confidence is None and reason:
+        found = _CONFIDENCE.search(reason)
+        confidence = float(found.group(1)) if found else None
+    offset = [float(v) for v in arm.offset] if state == "registered" and arm.offset is not None else None
+    return {
+        "state": state,
+        "offset": offset,
+        "confidence": None if confidence is None else float(confidence),
+        "reason": reason,
+    }
+
+
+def _state_text(state: dict) -> str:
+    """One cell: ``registered (+0.54, -0.18) px``, ``unregistered``, ``rejected (confidence 0.53)``."""
+    if state["state"] == "registered" and state["offset"] is not None:
+        return f"registered ({state['offset'][0]:+.2f}, {state['offset'][1]:+.2f}) px"
+    if state["state"] == "rejected" and state["confidence"] is not None:
+        return f"rejected (confidence {state['confidence']:.2f})"
+    return state["state"]
+
+
 def _summary_row(row: dict) -> dict:
     """A CSV row as PtychoPINN's summariser reads it back: empty cells dropped."""
     entry = {"model": row["model"], "metric": row["metric"]}
@@ -178,7 +219,12 @@ def metrics_summary(runs: Sequence[StudyRun], output_dir: str | os.PathLike | No
                 parts[0].append(row["amplitude"])
                 parts[1].append(row["phase"])
         registration = {a.label: a.registration for a in run.arms}
-        jobs.append(_condition(run) | run._extras(base) | {"registration": registration, "metrics": rows})
+        detail = {a.label: registration_state(a) for a in run.arms}
+        jobs.append(
+            _condition(run)
+            | run._extras(base)
+            | {"registration": registration, "registration_detail": detail, "metrics": rows}
+        )
     aggregate = {}
     for model in sorted(collected):
         aggregate[model] = {}
@@ -243,7 +289,20 @@ def metrics_summary_markdown(summary: dict) -> str:
             for m in job["metrics"]
         ]
         lines += _md_table(("Model", "Metric", "Amplitude", "Phase", "Value"), rows)
+        detail = job.get("registration_detail", {})
+        if detail:
+            rows = [
+                (label, state["state"] or "—", _offset_text(state["offset"]), state["confidence"],
+                 state["reason"] or "")
+                for label, state in detail.items()
+            ]  # fmt: skip
+            lines += ["Registration:", ""]
+            lines += _md_table(("Model", "State", "Offset (dy, dx) px", "Confidence", "Reason"), rows)
     return "\n".join(lines)
+
+
+def _offset_text(offset) -> str:
+    return "" if offset is None else f"({offset[0]:+.2f}, {offset[1]:+.2f})"
 
 
 def _verdict(delta: float, better: str) -> str:
@@ -268,12 +327,20 @@ def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
     (``higher`` or ``lower``: which way the metric improves), ``PtychoPINN``, ``Baseline``,
     ``iterative`` (the PtyChi or Tike arm, named in ``iterative_label``), ``pinn_minus_baseline``,
     ``vs_baseline`` and ``pinn_minus_iterative``, ``vs_iterative`` (``better``/``worse``/``same`` for
-    PINN; empty when a side is missing). Failed runs keep their rows, with NaN values.
+    PINN; empty when a side is missing), then ``registration_PtychoPINN``, ``registration_Baseline``
+    and ``registration_iterative``: how each side was scored (``registered (dy, dx) px``,
+    ``unregistered``, ``rejected (confidence c)``, empty without scores), since a registered and an
+    unregistered arm are not scored on the same footing. Failed runs keep their rows, with NaN values.
     """
     rows = []
     for run in runs:
         by_label = {a.label: a for a in run.arms}
         iterative = next((a for a in run.arms if a.label not in _MODELS), None)
+        states = {
+            f"registration_{name}": _state_text(registration_state(arm))
+            for name, arm in (("PtychoPINN", by_label.get("PtychoPINN")),
+                              ("Baseline", by_label.get("Baseline")), ("iterative", iterative))
+        }  # fmt: skip
         for entry in registry.metrics():
             metric, better = entry.name, entry.better
             for part, part_name in enumerate(("amplitude", "phase")):
@@ -285,7 +352,8 @@ def deltas(runs: Sequence[StudyRun]) -> pd.DataFrame:
                      "part": part_name, "better": better, "PtychoPINN": pinn, "Baseline": base,
                      "iterative": it, "iterative_label": iterative.label if iterative else None,
                      "pinn_minus_baseline": pinn - base, "vs_baseline": _verdict(pinn - base, better),
-                     "pinn_minus_iterative": pinn - it, "vs_iterative": _verdict(pinn - it, better)}
+                     "pinn_minus_iterative": pinn - it, "vs_iterative": _verdict(pinn - it, better),
+                     **states}
                 )  # fmt: skip
     return pd.DataFrame(rows, columns=_DELTA_COLUMNS)
 

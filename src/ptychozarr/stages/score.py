@@ -69,8 +69,10 @@ class Aligned:
     recon, truth : dask.array.Array
         The aligned (and shifted) object and its ground-truth crop, of equal shape.
     registration : dict or None
-        ``offset`` (applied, or None), ``measured``, ``confidence``, ``accepted`` and ``reason``; None
-        when the arm was not to be registered.
+        ``offset`` (applied, or None), ``measured``, ``confidence``, ``accepted``, ``reason``,
+        ``component`` (what the offset was measured on) and ``channel_confidence`` (the amplitude's and
+        the phase's own confidences, when they were tried alone); None when the arm was not to be
+        registered. The threshold is the ``min_registration_confidence`` option.
     frame : str or None
         ``"scan"`` or ``"object"``: the frame an imported iterative object was given in.
     """
@@ -156,7 +158,12 @@ def _stored_registration(node: zarr.Group, params: dict) -> dict | None:
 
 def _register(recon, truth, params: dict) -> dict:
     """Measure the arm's shift; the offset to apply is None when the measurement is not accepted."""
-    found = align.find_offset(recon, truth, max_shift=params["max_registration_shift"])
+    found = align.find_offset(
+        recon,
+        truth,
+        max_shift=params["max_registration_shift"],
+        min_confidence=params["min_registration_confidence"],
+    )
     return to_jsonable(
         {
             "offset": found.offset if found.accepted else None,
@@ -164,6 +171,8 @@ def _register(recon, truth, params: dict) -> dict:
             "confidence": found.confidence,
             "accepted": found.accepted,
             "reason": found.reason,
+            "component": found.component,
+            "channel_confidence": dict(found.channel_confidence),
         }
     )
 
