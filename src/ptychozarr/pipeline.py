@@ -242,8 +242,10 @@ def _score_arms(rt: Runtime, root, ds, groups, arms, errors, plan: RunPlan) -> N
         arm.metrics = _nan_for_none(done.attrs["metrics"])
         arm.offset = aligned[label].offset
         arm.registered = arm.offset is not None
-        if registration is not None and not registration["accepted"]:
-            arm.registration_note = registration["reason"]
+        if registration is not None:
+            arm.registration_confidence = registration["confidence"]
+            if not registration["accepted"]:
+                arm.registration_note = registration["reason"]
 
 
 def _nan_for_none(value):

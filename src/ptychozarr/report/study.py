@@ -173,7 +173,7 @@ def registration_state(arm: ArmResult | None) -> dict:
     status = arm.registration
     state = status.split(":", 1)[0]
     reason = arm.registration_note if state == "rejected" else None
-    confidence = getattr(arm, "registration_confidence", None)
+    confidence = arm.registration_confidence
     if confidence is None and reason:
         found = _CONFIDENCE.search(reason)
         confidence = float(found.group(1)) if found else None

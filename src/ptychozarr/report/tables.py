@@ -84,6 +84,8 @@ class ArmResult:
     registration_note : str or None
         Why registration was refused (e.g. a weak correlation peak) for an unregistered arm: the arm
         is then marked ``rejected: <note>``.
+    registration_confidence : float or None
+        The registration measurement's confidence, when the arm was measured.
     """
 
     key: str
@@ -93,6 +95,7 @@ class ArmResult:
     computation_time_s: float | None = None
     registered: bool | None = None
     registration_note: str | None = None
+    registration_confidence: float | None = None
 
     @property
     def registration(self) -> str:
