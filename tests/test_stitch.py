@@ -318,6 +318,8 @@ def _traced_stitch(tmp_path, patches, pos, *, block, **kwargs) -> _TracedTasks:
     """Stitch from a Zarr array of chunks of ``block`` patches into a Zarr array, traced."""
     stored = _stored(tmp_path, patches, block)
     group = zarr.open_group(tmp_path / "traced.zarr", mode="w")
+    with dask.config.set(scheduler="sync"):  # first use untraced: imports and caches are not the task's
+        stitch_to_zarr(group, "object", stored[: 2 * block], pos[: 2 * block], overwrite=True, **kwargs)
     tracemalloc.start()
     try:
         with dask.config.set(scheduler="sync"), _TracedTasks() as traced:
