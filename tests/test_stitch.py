@@ -1,9 +1,12 @@
 """Tests of ptychozarr.stitch against plain in-memory references written here."""
 
 import json
+import multiprocessing
 import subprocess
 import sys
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from types import SimpleNamespace
 
 import dask
 import dask.array as da
@@ -314,8 +317,16 @@ def _stored(tmp_path, patches, block) -> zarr.Array:
     return out
 
 
-def _traced_stitch(tmp_path, patches, pos, *, block, **kwargs) -> _TracedTasks:
-    """Stitch from a Zarr array of chunks of ``block`` patches into a Zarr array, traced."""
+def _traced_stitch(tmp_path, patches, pos, *, block, **kwargs) -> SimpleNamespace:
+    """Stitch from a Zarr array of chunks of ``block`` patches into a Zarr array, traced (``task``,
+    ``results``, ``peak`` of :class:`_TracedTasks`) in a fresh process: tracemalloc sees every thread, and
+    threads other tests leave running (a cluster's event loop) would be traced with the stitch."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        return SimpleNamespace(**pool.submit(_trace, tmp_path, patches, pos, block, kwargs).result())
+
+
+def _trace(tmp_path, patches, pos, block, kwargs) -> dict:
     stored = _stored(tmp_path, patches, block)
     group = zarr.open_group(tmp_path / "traced.zarr", mode="w")
     with dask.config.set(scheduler="sync"):  # first use untraced: imports and caches are not the task's
@@ -326,7 +337,7 @@ def _traced_stitch(tmp_path, patches, pos, *, block, **kwargs) -> _TracedTasks:
             stitch_to_zarr(group, "object", stored, pos, overwrite=True, **kwargs)
     finally:
         tracemalloc.stop()
-    return traced
+    return {"task": traced.task, "results": traced.results, "peak": traced.peak}
 
 
 def test_random_order_memory_stays_far_below_tile_partials(tmp_path):
