@@ -1,5 +1,6 @@
 """The command line: the three foundation subcommands, their help, and errors as exit code 2."""
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,25 @@ def test_every_flag_has_help():
     for name, command in _COMMANDS.items():
         for action in command._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.fixture
+def recon(tmp_path) -> Path:
+    """An iterative reconstruction of ``small_npz``'s whole object (a compare without models is fast)."""
+    path = tmp_path / "recon.npz"
+    np.savez(path, reconstructed_object=np.ones((160, 160), np.complex64))
+    return path
+
+
+def test_quiet_compare_prints_nothing_and_errors_stay_one_line(small_npz, recon, tmp_path, capsys, caplog):
+    argv = ["compare", "--test-data", str(small_npz), "--ptychi-recon", str(recon), "--stitch-crop-size", "8",
+            "--skip-registration", "--pinn-chunk-size", "64"]  # fmt: skip
+    assert main([*argv, "--output-dir", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert "MS-SSIM" in loud.out and "--pinn-chunk-size" in caplog.text  # what --quiet must hold back
+    caplog.clear()
+    assert main([*argv, "--output-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert [r.getMessage() for r in caplog.records if r.levelno < logging.ERROR] == []
+    assert (tmp_path / "quiet" / "comparison_metrics.csv").exists()
+    _one_line_error(capsys, [*argv, "--output-dir", str(tmp_path / "bad"), "--quiet", "--tile", "0"], "--tile")

@@ -235,3 +235,12 @@ def test_a_recorded_confidence_is_preferred_and_an_arm_without_scores_has_no_sta
     }  # fmt: skip
     assert registration_state(ArmResult("pinn", "PtychoPINN"))["state"] == ""
     assert registration_state(None)["state"] == ""
+
+
+def test_quiet_study_prints_nothing(small_npz, recon, tmp_path, capsys):
+    config = tmp_path / "study.toml"
+    config.write_text('output_dir = "out"\n' + COMPARE + _run("a", data=small_npz, recon=recon))
+    assert main(["study", str(config)]) == 0
+    assert "1 ok, 0 partial, 0 failed of 1 runs" in capsys.readouterr().out  # the summary table
+    assert main(["study", str(config), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
