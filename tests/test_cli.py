@@ -176,4 +176,5 @@ def test_quiet_compare_prints_nothing_and_errors_stay_one_line(small_npz, recon,
     assert capsys.readouterr() == ("", "")
     assert [r.getMessage() for r in caplog.records if r.levelno < logging.ERROR] == []
     assert (tmp_path / "quiet" / "comparison_metrics.csv").exists()
-    _one_line_error(capsys, [*argv, "--output-dir", str(tmp_path / "bad"), "--quiet", "--tile", "0"], "--tile")
+    bad = [*argv, "--output-dir", str(tmp_path / "bad"), "--quiet", "--tile", "0"]
+    _one_line_error(capsys, bad, "--tile")
