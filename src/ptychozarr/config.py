@@ -236,7 +236,8 @@ class ScanOptions(_Options):
     # n_test_groups is the number of groups, one per drawn point. As in compare_models, n_test_groups
     # alone also draws that many points, and n_test_subsample alone forms one group per drawn point
     # (n_test_groups is set to it). Given both, fewer groups than points is refused (the grouping forms
-    # one group per point), and more groups than points as compare_models refuses it at gridsize > 1.
+    # one group per point). More groups than points depends on the gridsize, known from the models:
+    # preflight.check_groups refuses it at gridsize > 1 and the group stage caps it at gridsize 1.
 
     n_test_groups: int | None = option(
         None,
@@ -269,12 +270,6 @@ class ScanOptions(_Options):
                 f"--n-test-groups {groups} with --n-test-subsample {points}: fewer groups than drawn "
                 "points is not supported (the grouping forms one group per point); give one of them, "
                 "or the same number"
-            )
-        elif groups > points:
-            raise InvalidParameterError(
-                f"--n-test-groups {groups} > --n-test-subsample {points}: more groups than points needs "
-                "K-choose-C oversampling, which compare_models refuses at gridsize > 1; give at most "
-                f"--n-test-groups {points}"
             )
 
     @property
