@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger = logging.getLogger("ptychozarr")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(_console_level(args))
@@ -500,6 +500,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if xfsz is not None:
             signal.signal(xfsz, previous)
+
+
+class _Stderr(logging.StreamHandler):
+    """The console's log handler: writes to ``sys.stderr`` as it is when a line is logged, not as it was
+    when the handler was made, so that a caller who replaced stderr for one call (a redirect, a test's
+    capture) leaves no handler writing to a closed stream."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
 
 
 def _console_level(args: argparse.Namespace) -> int:
