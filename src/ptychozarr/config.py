@@ -295,7 +295,7 @@ class GroupOptions(_Options):
 COMPATIBILITY: dict[str, dict[str, Any]] = {
     "none": {},
     # compare_models' defaults (scripts/compare_models.py parse_args; --max-registration-shift: it applies
-    # any shift), and its Baseline fed the normalised diffraction without the model's intensity_scale
+    # any shift); its unscaled Baseline input is the infer stage's (stages/infer.py)
     "compare_models": {
         "alignment": "coordinates",
         "stitch_crop_size": 20,
