@@ -45,7 +45,8 @@ PAIRS = {
     "compare_models vs itself": ("compare_models_again", "compare_models"),
 }
 INSTALL = (
-    "PtychoPINN (the `ptycho` package) is not importable: take its HEAD as an archive, add its ptycho/FRC "
+    "no PtychoPINN scripts/compare_models.py (the `ptycho` package is not importable, or --ptychopinn-root "
+    "has none): take its HEAD as an archive, add its ptycho/FRC "
     "submodule (github.com/hoidn/FRC), pip install tensorflow-probability tf-keras dill imageio "
     "opencv-python-headless scikit-learn pandas h5py pyyaml pathos ujson, and put its root on the path "
     "with a .pth file (README: Relation to compare_models); nothing was run"

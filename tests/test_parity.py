@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ptychozarr.cli import _build_parser
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import parity  # noqa: E402
 
@@ -120,3 +122,26 @@ def test_without_ptychopinn_it_says_what_to_install_and_exits_0(tmp_path, capsys
     printed = capsys.readouterr().out
     assert printed.count("\n") == 1 and "ptycho" in printed and "pip install" in printed
     assert not out.exists() and not (tmp_path / "empty").exists()
+
+
+def test_the_runs_are_compare_models_at_its_workaround_batches_and_ptychozarr_in_its_mode(tmp_path):
+    args = parity._parser().parse_args(["--test-data", "t.npz", "--pinn-dir", "gs2", "--baseline-dir", "gs1"])
+    script = tmp_path / "scripts" / "compare_models.py"
+    off = parity.run_commands(args, script, "off", tmp_path / "off")
+    on = parity.run_commands(args, script, "on", tmp_path / "on")
+    for commands, skip in ((off, True), (on, False)):
+        theirs, again, ours = (commands[run] for run in parity.RUNS)
+        for command in commands.values():
+            assert ("--skip-registration" in command) is skip and "--tike_recon_path" not in command
+            assert command[command.index("--test_data") + 1] == "t.npz"
+        for command in (theirs, again):
+            assert command[1] == str(script)
+            assert command[command.index("--pinn-predict-batch-size") + 1] == "15"
+            assert command[command.index("--baseline-predict-batch-size") + 1] == "1"
+        assert ours[1:4] == ["-m", "ptychozarr", "compare"]
+        assert ours[ours.index("--compatibility") + 1] == "compare_models" and "--trust-bundle" in ours
+        parsed = _build_parser().parse_args(ours[3:])  # ptychozarr's own command line takes it
+        assert parsed.compatibility == "compare_models"
+        assert parsed.skip_registration is (True if skip else None)
+        outputs = {command[command.index("--output_dir") + 1] for command in commands.values()}
+        assert len(outputs) == 3  # every run into its own folder
