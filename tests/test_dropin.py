@@ -344,3 +344,5 @@ def test_compatibility_feeds_the_baseline_unscaled_and_recomputes_only_its_infer
     np.testing.assert_allclose(fed["tiny-baseline"], scale, rtol=1e-5)
     blocks = record["blocks"]
     assert blocks["infer:pinn"]["computed"] == 0 and blocks["infer:baseline"]["computed"] > 0
+    assert {"infer:pinn", "stitch:pinn"} <= set(record["reused"])
+    assert not {"infer:baseline", "stitch:baseline"} & set(record["reused"])
