@@ -90,6 +90,16 @@ def test_registration_on_a_central_window(obj):
     assert found.offset == pytest.approx((-4, -3), abs=1e-6)
 
 
+def test_fourier_shift_through_a_work_directory_equals_numpy(obj, tmp_path, monkeypatch):
+    from ptychozarr import registration
+
+    monkeypatch.setattr(registration, "SLAB_BYTES", 16 * 7 * max(obj.shape))  # slabs of 7 rows / columns
+    expected = align.fourier_shift(obj, (0.4, -1.6))
+    got = align.fourier_shift(da.from_array(obj, chunks=(70, 45)), (0.4, -1.6), workdir=tmp_path)
+    np.testing.assert_allclose(got.compute(), expected, atol=1e-12)
+    assert len(list(tmp_path.glob("*.zarr"))) == 2  # the transposition and the result
+
+
 def test_fourier_shift_dask_equals_numpy(obj):
     expected = align.fourier_shift(obj, (0.4, -1.6))
     got = align.fourier_shift(da.from_array(obj, chunks=(70, 45)), (0.4, -1.6)).compute()

@@ -70,14 +70,18 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import dask.array as da
 import numpy as np
+import zarr
+from dask.graph_manipulation import bind
 from scipy import fft, ndimage, optimize
 from skimage.registration import phase_cross_correlation
 
 from ptychozarr.errors import InvalidParameterError
+from ptychozarr.io.store import array_options
 
 __all__ = [
     "MIN_CONFIDENCE",
@@ -91,6 +95,9 @@ __all__ = [
 
 Component = Literal["channels", "amplitude", "complex"]
 MIN_CONFIDENCE = 0.6
+#: Bytes of one slab (whole rows, then whole columns, complex128) of a dask Fourier shift with a work
+#: directory.
+SLAB_BYTES = 2**25
 """Smallest accepted :attr:`Registration.confidence`: a second peak under 40 % of the main one."""
 _MAX_WINDOW = 1024
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
@@ -433,13 +440,27 @@ def _shift_axis(block: np.ndarray, shift: float, axis: int) -> np.ndarray:
     return np.fft.ifft(np.fft.fft(block, axis=axis) * ramp, axis=axis)
 
 
-def fourier_shift(image, offset: tuple[float, float]):
+def _spilled(x: da.Array, directory: Path, chunks: tuple[int, int], read: tuple[int, int]) -> da.Array:
+    """``x`` written to a Zarr array in ``chunks`` (each of ``x``'s chunks fills whole ones) and read back
+    in ``read`` chunks, as one lazy graph: the reads wait for the write."""
+    target = zarr.create_array(
+        store=str(directory / f"{x.name}.zarr"), shape=x.shape, chunks=chunks, dtype=x.dtype, overwrite=True,
+        **array_options(compress=False),
+    )  # fmt: skip
+    return bind(da.from_zarr(target, chunks=read), [da.store(x, target, lock=False, compute=False)])
+
+
+def fourier_shift(image, offset: tuple[float, float], *, workdir: str | Path | None = None):
     """``image`` translated by ``offset = (dy, dx)`` pixels through the Fourier domain (periodic).
 
     Parameters
     ----------
     image : (H, W) numpy or dask array, real or complex.
     offset : (dy, dx); positive moves content down / right.
+    workdir : str or Path, optional
+        For dask input: a directory where the transposition between the two passes and the result go,
+        so that no step holds more than a slab of :data:`SLAB_BYTES` (without it, dask transposes in
+        memory: the whole image at once).
 
     Returns
     -------
@@ -454,11 +475,19 @@ def fourier_shift(image, offset: tuple[float, float]):
     dy, dx = offset
     if isinstance(image, da.Array):
         meta = np.empty((0, 0), np.complex128)
-        rows = image.rechunk({1: -1}).map_blocks(_shift_axis, dx, 1, dtype=np.complex128, meta=meta)
-        out = rows.rechunk({0: -1, 1: image.chunks[1]}).map_blocks(
-            _shift_axis, dy, 0, dtype=np.complex128, meta=meta
-        )
-        out = out.rechunk(image.chunks)
+        (h, w), tiles = image.shape, image.chunks
+        slab_rows, slab_cols = (max(1, SLAB_BYTES // (16 * n)) for n in (w, h))
+        rows = image.rechunk((slab_rows if workdir else image.chunks[0], -1))
+        rows = rows.map_blocks(_shift_axis, dx, 1, dtype=np.complex128, meta=meta)
+        if workdir is None:
+            columns = rows.rechunk({0: -1, 1: tiles[1]})
+        else:
+            columns = _spilled(rows, Path(workdir), (slab_rows, slab_cols), (h, slab_cols))
+        out = columns.map_blocks(_shift_axis, dy, 0, dtype=np.complex128, meta=meta)
+        if workdir is None:
+            out = out.rechunk(tiles)
+        else:
+            out = _spilled(out, Path(workdir), (tiles[0][0], slab_cols), tuple(c[0] for c in tiles))
     else:
         image = np.asarray(image)
         out = np.fft.ifft2(

@@ -19,6 +19,7 @@ included, is reused, without measuring its registration again.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ class Aligned:
     params : dict
         What the alignment and registration depend on (JSON values).
     recon, truth : dask.array.Array
-        The aligned (and shifted) object and its ground-truth crop, of equal shape.
+        The aligned object (before its registration shift: :meth:`shifted`) and its ground-truth crop,
+        of equal shape.
     registration : dict or None
         ``offset`` (applied, or None), ``measured``, ``confidence``, ``accepted``, ``reason``,
         ``component`` (what the offset was measured on) and ``channel_confidence`` (the amplitude's and
@@ -83,6 +85,13 @@ class Aligned:
     truth: da.Array
     registration: dict | None = None
     frame: str | None = None
+
+    def shifted(self, workdir) -> da.Array:
+        """The aligned object moved by the applied registration offset (through ``workdir``: flat in
+        memory, :func:`ptychozarr.align.fourier_shift`), or as it is when unregistered."""
+        if self.offset is None:
+            return self.recon
+        return align.fourier_shift(self.recon, self.offset, workdir=workdir)
 
     @property
     def offset(self) -> tuple[float, float] | None:
@@ -123,8 +132,6 @@ def align_arm(
                 rt.warn(
                     f"{node.basename}: registration refused ({registration['reason']}); scored unregistered"
                 )
-            if registration["offset"] is not None:
-                recon = align.fourier_shift(recon, tuple(registration["offset"]))
     return Aligned(node, params, da.asarray(recon), da.asarray(truth), registration, frame)
 
 
@@ -184,28 +191,28 @@ def score_arms(rt: Runtime, arms: Sequence[Aligned]) -> list[zarr.Array]:
     """
     if not arms:
         return []
-    pairs = align.crop_to_common(
-        {i: (a.recon, a.truth) for i, a in enumerate(arms)}, {i: a.offset for i, a in enumerate(arms)}
-    )
     out = []
-    for i, arm in enumerate(arms):
-        recon, truth = pairs[i]
-        params = {"align": arm.params, "box": list(recon.shape)}
-        name = f"score:{arm.node.basename}"
-        with rt.timed(name):
-            if not rt.reusable(name, arm.node.get("aligned"), params):
-                _score(rt, arm, recon, truth, params)
-        out.append(arm.node["aligned"])
+    with tempfile.TemporaryDirectory(prefix="ptychozarr-shift-") as workdir:
+        # a registered arm is shifted (periodically) before the common box cuts off the wrapped border
+        pairs = align.crop_to_common(
+            {i: (a.shifted(workdir), a.truth) for i, a in enumerate(arms)},
+            {i: a.offset for i, a in enumerate(arms)},
+        )
+        for i, arm in enumerate(arms):
+            recon, truth = pairs[i]
+            params = {"align": arm.params, "box": list(recon.shape)}
+            name = f"score:{arm.node.basename}"
+            with rt.timed(name):
+                if not rt.reusable(name, arm.node.get("aligned"), params):
+                    _score(rt, arm, recon, truth, params)
+            out.append(arm.node["aligned"])
     return out
 
 
 def _score(rt: Runtime, arm: Aligned, recon, truth, params: dict) -> None:
+    """Store the arm's ``aligned`` crop and its truth, then score what was stored (every pass of the
+    metrics reads the store, not the alignment's graph)."""
     log.info("stage score: scoring %s on a %s box", arm.node.basename, tuple(recon.shape))
-    options = params["align"]
-    metrics = rt.compute(
-        "metrics", evaluate, recon, truth, phase_align=options["phase_align_method"],
-        ms_ssim_sigma=options["ms_ssim_sigma"], frc_sigma=options["frc_sigma"], progress=False,
-    )  # fmt: skip
     node = arm.node
     for name, image in (("aligned_gt", truth), ("aligned", recon)):
         target = node.create_array(
@@ -213,6 +220,12 @@ def _score(rt: Runtime, arm: Aligned, recon, truth, params: dict) -> None:
             overwrite=True, attributes={"complete": False}, dimension_names=DIMS, **array_options(),
         )  # fmt: skip
         rt.compute("metrics", da.store, image.astype(np.complex64), target, lock=False, progress=False)
+    options = params["align"]
+    metrics = rt.compute(
+        "metrics", evaluate, da.from_zarr(node["aligned"]), da.from_zarr(node["aligned_gt"]),
+        phase_align=options["phase_align_method"], ms_ssim_sigma=options["ms_ssim_sigma"],
+        frc_sigma=options["frc_sigma"], progress=False,
+    )  # fmt: skip
     mark_complete(node["aligned_gt"])
     mark_complete(
         node["aligned"],
