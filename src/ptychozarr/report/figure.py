@@ -70,7 +70,7 @@ _FONT = {"title": 17, "subtitle": 12, "column": 13, "row": 13, "label": 11.5, "t
 # the page, in inches: four rows of images beside the FRC panels over the table, as tall as they are
 _FRC_IN = 4.2  # height of the FRC panels with their legend
 _ROW_IN = 0.22  # a table row
-_CURVES_IN = 6.2  # width of the FRC panels and the table
+_NAMES_IN, _ARM_IN, _CURVES_MIN_IN = 2.1, 2.0, 6.2  # table: metric names, one arm; least width
 _HEADER_IN, _GAP_IN = 1.9, 0.12  # the titles and column titles over the images; space between rows
 _BAR_IN, _BAR_WIDTH_IN = 0.6, 0.12  # a panel's colour bar with its tick labels; the bar alone
 _IMAGES_MIN_IN = 6.5  # narrowest image block (its title's lines)
@@ -253,19 +253,22 @@ def write_comparison_figure(path: str | os.PathLike, *args, dpi: int = 150, **kw
 
 
 def _canvas(ncols: int, aspect: float, table_rows: int) -> tuple[Figure, SubFigure, SubFigure]:
-    """A landscape figure sized to its content: on the right the FRC panels over a table of ``table_rows``,
-    which set the height; on the left four rows of ``ncols`` image panels of height/width ``aspect``
-    that fill it, in cells a little wider than the images so that each image is as tall as its cell
-    and its colour bar."""
+    """A landscape figure sized to its content: on the right the FRC panels over a table of ``table_rows``
+    and ``ncols − 1`` arms, which set the height; on the left four rows of ``ncols`` image panels of
+    height/width ``aspect`` that fill it, in cells a little wider than the images so that each image is as
+    tall as its cell and its colour bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     height = _FRC_IN + _ROW_IN * (table_rows + 1)
     panel_w = ((height - _HEADER_IN) / 4 - _GAP_IN) / aspect * 1.15
     left = max(_IMAGES_MIN_IN, 0.5 + ncols * (panel_w + _BAR_IN))
-    fig = Figure(figsize=(left + _CURVES_IN, height), layout="constrained")
+    right = max(_CURVES_MIN_IN, _NAMES_IN + (ncols - 1) * _ARM_IN)
+    fig = Figure(figsize=(left + right, height))
+    # a wider pad than the default 3 pt: an image anchored to its bar moves its row label with it
+    fig.set_layout_engine("constrained", w_pad=0.08)
     FigureCanvasAgg(fig)
-    images, curves = fig.subfigures(1, 2, width_ratios=[left, _CURVES_IN], wspace=0.02)
+    images, curves = fig.subfigures(1, 2, width_ratios=[left, right], wspace=0.02)
     curves.subfigures(2, 1, height_ratios=[_FRC_IN, height - _FRC_IN])
     return fig, images, curves
 
@@ -430,8 +433,9 @@ def _draw_curves(subfig, labels, by_label: dict, sides: dict, pixel_size_m) -> N
         _draw_frc(ax, part, labels, by_label, sides, thresholds, pixel_size_m)
     axes[1].tick_params(labelleft=False)
     axes[1].set_ylabel("")
-    top.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2,
-               fontsize=_FONT["tick"], frameon=False)  # fmt: skip
+    top.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3,
+               fontsize=_FONT["tick"], frameon=False, title_fontsize=_FONT["tick"],
+               title="solid: Hann-windowed images; dashed: no window (compare_models)")  # fmt: skip
     _draw_table(bottom.add_subplot(), labels, by_label, sides, pixel_size_m)
 
 
@@ -440,7 +444,7 @@ def _draw_table(ax, labels, by_label: dict, sides: dict, pixel_size_m) -> None:
     columns = [_table_column(by_label.get(lb), sides[lb], pixel_size_m) for lb in labels]
     rows = _table_rows(pixel_size_m)
     ax.axis("off")
-    name_width = 0.36
+    name_width = _NAMES_IN / (ax.bbox.width / ax.get_figure(root=True).dpi)
     table = ax.table(
         cellText=[[name, *cells] for name, *cells in zip(rows, *columns, strict=True)],
         colLabels=["amplitude / phase", *labels],
@@ -470,12 +474,13 @@ def _draw_frc(ax, part: int, labels, by_label: dict, sides: dict, thresholds: di
             continue
         colour = None
         if hann is not None:
-            (line,) = ax.plot(np.arange(hann.size), hann, lw=2.0, label=f"{label}, Hann window")
+            (line,) = ax.plot(np.arange(hann.size), hann, lw=2.0, label=label)
             colour = line.get_color()
         if plain is not None:
             nyquist = n // 2 + 1
+            shown = f"_{label}, no window" if hann is not None else f"{label}, no window"  # "_": no entry
             ax.plot(np.arange(nyquist), plain[:nyquist], lw=1.0, alpha=0.7, ls="--", color=colour,
-                    label=f"{label}, no window (compare_models)")  # fmt: skip
+                    label=shown)  # fmt: skip
         if n not in drawn:
             drawn.append(n)
     for n in drawn:
