@@ -62,16 +62,16 @@ __all__ = ["comparison_figure", "write_comparison_figure", "write_objects_plot"]
 
 _MAX_SIDE = 600  # larger images are strided: a 3-inch panel at 150 dpi shows 450 pixels
 _PHASE_ALIGN = {
-    "plane": (remove_phase_plane, "each phase less its own least-squares plane"),
-    "mean": (remove_phase_mean, "each phase less its own mean"),
+    "plane": (remove_phase_plane, "phase less its own least-squares plane"),
+    "mean": (remove_phase_mean, "phase less its own mean"),
 }
 # slide sizes (points): read from the back of a room at 16 in wide
-_FONT = {"title": 17, "subtitle": 12, "column": 13, "row": 13, "label": 11.5, "tick": 10, "table": 10}
+_FONT = {"title": 17, "subtitle": 11.5, "column": 13, "row": 13, "label": 11.5, "tick": 10, "table": 10}
 # the page, in inches: four rows of images beside the FRC panels over the table, as tall as they are
 _FRC_IN = 4.2  # height of the FRC panels with their legend
 _ROW_IN = 0.22  # a table row
 _NAMES_IN, _ARM_IN, _CURVES_MIN_IN = 2.1, 2.0, 6.2  # table: metric names, one arm; least width
-_HEADER_IN, _GAP_IN = 1.9, 0.12  # the titles and column titles over the images; space between rows
+_GAP_IN, _CELL_SLACK = 0.12, 1.15  # space between image rows; cell width over image width
 _BAR_IN, _BAR_WIDTH_IN = 0.6, 0.12  # a panel's colour bar with its tick labels; the bar alone
 _IMAGES_MIN_IN = 6.5  # narrowest image block (its title's lines)
 
@@ -230,13 +230,12 @@ def comparison_figure(
     sides = {lb: frc_side(tuple(arms[lb].shape), trim) for lb in labels}
     _check_curves(labels, by_label, sides)
 
-    shown = columns["Ground truth"]["amplitude"].shape
-    fig, images, curves = _canvas(len(columns), shown[0] / shown[1], len(_table_rows(pixel_size_m)))
     limits = (p_min, p_max, {lb: v for lb, v in (phase_limits or {}).items() if lb in arms})
+    said = _alignment_lines(phase_align, scored_shape, step, labels, by_label, limits)
+    rows, cols = columns["Ground truth"]["amplitude"].shape
+    fig, images, curves, said = _canvas(len(columns), rows / cols, len(_table_rows(pixel_size_m)), said)
     fig.suptitle(title, fontsize=_FONT["title"])
-    width_in = images.bbox.width / fig.dpi
-    text = _alignment_text(phase_align, scored_shape, step, labels, by_label, limits, width_in)
-    images.suptitle(text, fontsize=_FONT["subtitle"])
+    images.suptitle(said, fontsize=_FONT["subtitle"])
     titles = {"Ground truth": "Ground truth"} | {lb: _arm_title(lb, by_label.get(lb)) for lb in labels}
     _draw_images(images, columns, titles, limits)
     _draw_curves(curves, labels, by_label, sides, pixel_size_m)
@@ -252,17 +251,28 @@ def write_comparison_figure(path: str | os.PathLike, *args, dpi: int = 150, **kw
     return Path(path)
 
 
-def _canvas(ncols: int, aspect: float, table_rows: int) -> tuple[Figure, SubFigure, SubFigure]:
-    """A landscape figure sized to its content: on the right the FRC panels over a table of ``table_rows``
-    and ``ncols − 1`` arms, which set the height; on the left four rows of ``ncols`` image panels of
-    height/width ``aspect`` that fill it, in cells a little wider than the images so that each image is as
-    tall as its cell and its colour bar."""
+def _canvas(
+    ncols: int, aspect: float, table_rows: int, subtitle: Sequence[str]
+) -> tuple[Figure, SubFigure, SubFigure, str]:
+    """A landscape figure sized to its content, and ``subtitle`` wrapped to its image block.
+
+    On the right the FRC panels over a table of ``table_rows`` and ``ncols − 1`` arms set the height; on
+    the left four rows of ``ncols`` image panels of height/width ``aspect`` fill it under the titles, in
+    cells a little wider than the images so that each image is as tall as its cell and its colour bar.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     height = _FRC_IN + _ROW_IN * (table_rows + 1)
-    panel_w = ((height - _HEADER_IN) / 4 - _GAP_IN) / aspect * 1.15
-    left = max(_IMAGES_MIN_IN, 0.5 + ncols * (panel_w + _BAR_IN))
+
+    def block(lines: int) -> float:  # the image block's width under a subtitle of so many lines
+        header = (_FONT["title"] * 1.5 + _FONT["subtitle"] * 1.25 * lines + _FONT["column"] * 2.5) / 72 + 0.5
+        panel_w = ((height - header) / 4 - _GAP_IN) / aspect * _CELL_SLACK
+        return max(_IMAGES_MIN_IN, 0.5 + ncols * (panel_w + _BAR_IN))
+
+    # wrapped to the block under four lines; fewer would make it wider, more only narrower and shorter
+    wrapped = _wrap(subtitle, block(4) - 0.4, _FONT["subtitle"])
+    left = block(len(wrapped))
     right = max(_CURVES_MIN_IN, _NAMES_IN + (ncols - 1) * _ARM_IN)
     fig = Figure(figsize=(left + right, height))
     # a wider pad than the default 3 pt: an image anchored to its bar moves its row label with it
@@ -270,27 +280,45 @@ def _canvas(ncols: int, aspect: float, table_rows: int) -> tuple[Figure, SubFigu
     FigureCanvasAgg(fig)
     images, curves = fig.subfigures(1, 2, width_ratios=[left, right], wspace=0.02)
     curves.subfigures(2, 1, height_ratios=[_FRC_IN, height - _FRC_IN])
-    return fig, images, curves
+    return fig, images, curves, "\n".join(wrapped)
 
 
-def _alignment_text(
-    phase_align: str, shape, step: int, labels, by_label: dict, limits: tuple, width_in: float
-) -> str:
-    """How the arms are shown: the scored region, amplitude scaling, phase method and colour limits, then
-    each arm's registration; wrapped to ``width_in`` inches."""
-    import textwrap
+def _wrap(lines: Sequence[str], width_in: float, size: float) -> list[str]:
+    """``lines`` broken at spaces so that each fits ``width_in`` inches in the figure's font at ``size``."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
 
+    renderer, font = RendererAgg(1, 1, 72), FontProperties(size=size)  # at 72 dpi a pixel is a point
+
+    def fits(text: str) -> bool:
+        return renderer.get_text_width_height_descent(text, font, ismath=False)[0] <= width_in * 72
+
+    out = []
+    for line in lines:
+        current, *rest = line.split(" ")
+        for word in rest:
+            if fits(f"{current} {word}"):
+                current = f"{current} {word}"
+            else:
+                out.append(current)
+                current = word
+        out.append(current)
+    return out
+
+
+def _alignment_lines(phase_align: str, shape, step: int, labels, by_label: dict, limits: tuple) -> tuple:
+    """How the arms are shown: the scored region, amplitude scaling and phase method; each arm's
+    registration and the colour limits."""
     p_min, p_max, phase_limits = limits
     shown = f", 1 pixel in {step} per axis shown" if step > 1 else ""
     manual = "".join(f"; {lb} phase [{lo:g}, {hi:g}] rad" for lb, (lo, hi) in phase_limits.items())
     registration = "; ".join(f"{lb} {_registration(by_label.get(lb))}" for lb in labels)
-    lines = (
-        f"As scored ({shape[0]}×{shape[1]} px{shown}): amplitude scaled to the truth's mean; "
-        f"phase_align_method = {phase_align}: {_PHASE_ALIGN[phase_align][1]}",
-        f"Registration: {registration}. Colour: percentiles {p_min:g}–{p_max:g} of each panel{manual}",
+    return (
+        f"As scored ({shape[0]}×{shape[1]} px{shown}): amplitude scaled to the truth's mean, "
+        f"{_PHASE_ALIGN[phase_align][1]} (phase_align_method = {phase_align})",
+        f"Registration: {registration}",
+        f"Colour limits: percentiles {p_min:g}–{p_max:g} of each panel{manual}",
     )
-    chars = int(width_in * 72 / (0.6 * _FONT["subtitle"]))  # DejaVu Sans: under 0.6 em a character
-    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in lines)
 
 
 def _registration(result: ArmResult | None) -> str:
