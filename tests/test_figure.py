@@ -145,12 +145,12 @@ def test_title_states_the_alignment_and_each_arms_registration(scene, phase_alig
     np.testing.assert_allclose(phase, aligned, atol=1e-9)
 
 
-def test_title_says_when_registration_was_refused(scene):
+def test_title_says_when_registration_was_rejected(scene):
     truth, arms, results = scene
-    refused = ArmResult("pinn", "PtychoPINN", results[0].metrics, registered=False, registration_note="weak")
-    fig = comparison_figure(truth, {"PtychoPINN": arms["PtychoPINN"]}, [refused], title="t")
-    assert "PtychoPINN refused (scored unregistered)" in fig.subfigs[0].get_suptitle().replace("\n", " ")
-    assert _panels(fig)[0][1].get_title() == "PtychoPINN\nregistration refused"
+    rejected = ArmResult("pinn", "PtychoPINN", results[0].metrics, registered=False, registration_note="weak")
+    fig = comparison_figure(truth, {"PtychoPINN": arms["PtychoPINN"]}, [rejected], title="t")
+    assert "PtychoPINN rejected (scored unregistered)" in fig.subfigs[0].get_suptitle().replace("\n", " ")
+    assert _panels(fig)[0][1].get_title() == "PtychoPINN\nregistration rejected"
 
 
 def _drawn_texts(fig, monkeypatch) -> list:

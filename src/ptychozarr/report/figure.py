@@ -18,10 +18,10 @@ used when both are given). Percentiles are taken over the displayed pixels: imag
 ``max_side`` are strided, so only that many pixels are read.
 
 The column titles and the title of the image block say how each arm was aligned: the phase method,
-and per arm whether registration was applied, with its shift, or refused. The table has one row per
-registered metric (:mod:`ptychozarr.metrics.registry`). The FRC panels draw, to Nyquist, every arm's
-curve of the Hann-windowed images (solid) and compare_models' unwindowed curve (dashed), with the 0.5,
-1/7, half-bit and 1-bit thresholds (the last two from the ring pixel counts,
+and per arm whether registration was applied, with its shift, or rejected (the CSV's word). The table
+has one row per registered metric (:mod:`ptychozarr.metrics.registry`). The FRC panels draw, to
+Nyquist, every arm's curve of the Hann-windowed images (solid) and compare_models' unwindowed curve
+(dashed), with the 0.5, 1/7, half-bit and 1-bit thresholds (the last two from the ring pixel counts,
 :mod:`ptychozarr.report.resolution`); given a pixel size, crossings are also given in nm and a top
 axis shows spatial frequency. compare_models' crossing ``L`` (never crossed) reads ``≥ L`` rings
 (``≤`` the finest period in nm); a windowed curve that never crosses reads ``none``.
@@ -129,15 +129,6 @@ def _as_scored(recon: np.ndarray, truth: dict[str, np.ndarray], remove) -> dict[
     }
 
 
-def _percentiles(image: np.ndarray, p_min: float, p_max: float) -> tuple[float, float]:
-    """compare_models' colour limits of one panel: the ``p_min`` and ``p_max`` percentiles of its image."""
-    values = image[np.isfinite(image)]
-    if values.size == 0:
-        return 0.0, 1.0
-    lo, hi = np.percentile(values, [p_min, p_max])
-    return float(lo), float(hi)
-
-
 def _row_limits(quantity: str, images: list[np.ndarray]) -> tuple[float, float]:
     """One colour scale for an error row, to the 99th percentile of its magnitudes."""
     values = np.abs(np.concatenate([im[np.isfinite(im)].ravel() for im in images]))
@@ -149,10 +140,15 @@ def _row_limits(quantity: str, images: list[np.ndarray]) -> tuple[float, float]:
 def _panel_limits(
     quantity: str, image: np.ndarray, manual: tuple[float, float] | None, p_min: float, p_max: float
 ) -> tuple[float, float]:
-    """A phase panel's manual limits when its arm has them, else the panel's percentiles."""
+    """compare_models' colour limits of an amplitude or phase panel: its arm's manual phase limits when it
+    has them, else the ``p_min`` and ``p_max`` percentiles of the panel's own image."""
     if quantity == "phase" and manual is not None:
         return float(manual[0]), float(manual[1])
-    return _percentiles(image, p_min, p_max)
+    values = image[np.isfinite(image)]
+    if values.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(values, [p_min, p_max])
+    return float(lo), float(hi)
 
 
 def _truths(truth, labels: Sequence[str]) -> dict:
@@ -322,12 +318,12 @@ def _alignment_lines(phase_align: str, shape, step: int, labels, by_label: dict,
 
 
 def _registration(result: ArmResult | None) -> str:
-    """``shifted (dy, dx) px``, ``refused``, ``not applied`` or ``not scored``."""
+    """``shifted (dy, dx) px``, ``rejected``, ``not applied`` or ``not scored``."""
     status = result.registration if result is not None else ""
     if status == "registered" and result.offset is not None:
         return f"shifted ({result.offset[0]:+.2f}, {result.offset[1]:+.2f}) px"
     if status.startswith("rejected"):
-        return "refused (scored unregistered)"
+        return "rejected (scored unregistered)"
     return "not applied" if status else "not scored"
 
 
@@ -335,7 +331,7 @@ def _arm_title(label: str, result: ArmResult | None) -> str:
     status = result.registration if result is not None else ""
     if status == "registered" and result.offset is not None:
         return f"{label}\nshift ({result.offset[0]:+.2f}, {result.offset[1]:+.2f}) px"
-    return f"{label}\n" + ("registration refused" if status.startswith("rejected") else "unregistered")
+    return f"{label}\n" + ("registration rejected" if status.startswith("rejected") else "unregistered")
 
 
 def _draw_images(subfig, columns: dict[str, dict], titles: dict[str, str], limits: tuple) -> None:
