@@ -1,4 +1,5 @@
-"""The report package: CSV schema and registration marking, figure, NPZ round trips, study files, JSON."""
+"""The report package: CSV schema and registration marking, NPZ round trips, study files, JSON (the figure:
+test_figure.py)."""
 
 import csv
 import json
@@ -10,16 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from scipy.ndimage import gaussian_filter
 
-from ptychozarr.errors import InvalidParameterError
-from ptychozarr.metrics import evaluate, frc, frc_cutoff, registry
+from ptychozarr.metrics import frc, frc_cutoff, registry
 from ptychozarr.report import (
     CSV_COLUMNS,
     METRIC_ORDER,
     ArmResult,
     StudyRun,
-    comparison_figure,
     condition_stats,
     deltas,
     format_study_table,
@@ -31,7 +29,6 @@ from ptychozarr.report import (
     threshold_crossing,
     to_jsonable,
     write_aligned_npz,
-    write_comparison_figure,
     write_frc_curves,
     write_json,
     write_metrics_csv,
@@ -163,137 +160,6 @@ def test_a_constant_threshold_crosses_where_frc_cutoff_does(curve):
         assert threshold_crossing(curve, np.full(len(curve), level)) == pytest.approx(
             frc_cutoff(curve, level)
         )
-
-
-# --- the comparison figure ----------------------------------------------------------------------------
-
-
-def _scene(n: int = 64):
-    rng = np.random.default_rng(1)
-    amp = 0.7 + 0.3 * gaussian_filter(rng.random((n, n)), 2)
-    truth = amp * np.exp(1j * 1.5 * gaussian_filter(rng.standard_normal((n, n)), 3))
-    blurred = gaussian_filter(truth.real, 1.5) + 1j * gaussian_filter(truth.imag, 1.5)
-    noisy = truth + 0.05 * (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n)))
-    arms = {"PtychoPINN": 2.0 * np.exp(0.7j) * noisy, "PtyChi": blurred}
-    results = [
-        ArmResult("pinn", "PtychoPINN", evaluate(arms["PtychoPINN"], truth), computation_time_s=1.0),
-        ArmResult("ptychi", "PtyChi", evaluate(arms["PtyChi"], truth), offset=(0.5, -0.25)),
-    ]
-    return truth, arms, results
-
-
-@pytest.fixture(scope="module")
-def scene():
-    return _scene()
-
-
-@pytest.fixture(scope="module")
-def figure(scene):
-    """The figure of ``scene`` with a pixel size, 64² images strided to 32², drawn once."""
-    truth, arms, results = scene
-    fig = comparison_figure(
-        truth, arms, results, title="dose 1e3 dense test", pixel_size_m=10e-9, max_side=32
-    )
-    fig.canvas.draw()
-    return fig
-
-
-def _images_by_row(fig):
-    rows = {}
-    for ax in fig.subfigs[0].axes:
-        if ax.images and ax.get_subplotspec() is not None:
-            rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax)
-    return rows
-
-
-def test_figure_shares_colour_limits_and_sizes_colour_bars_to_the_panels(scene, figure):
-    truth, arms, _ = scene
-    fig = figure
-    rows = _images_by_row(fig)
-    n_arms = len(arms)
-    assert [len(rows[r]) for r in range(4)] == [n_arms + 1, n_arms + 1, n_arms, n_arms]
-    for axes in rows.values():
-        limits = {ax.images[0].get_clim() for ax in axes}
-        assert len(limits) == 1  # one scale per quantity, truth included
-    amp_lo, amp_hi = rows[0][0].images[0].get_clim()
-    assert amp_lo <= np.median(np.abs(truth)) <= amp_hi
-    bars = {bar: ax for axes in rows.values() for ax in axes for bar in ax.child_axes}
-    assert sorted(b.get_ylabel() for b in bars) == sorted(
-        ["amplitude (transmission)", "phase (rad)", "|Δ amplitude|", "Δ phase (rad, wrapped)"]
-    )
-    for bar, panel in bars.items():  # as tall as the image beside it, not its grid cell
-        assert bar.get_window_extent().height == pytest.approx(panel.get_window_extent().height, abs=1.0)
-        assert bar.get_window_extent().y0 == pytest.approx(panel.get_window_extent().y0, abs=1.0)
-    assert fig.get_suptitle() == "dose 1e3 dense test"
-
-
-def test_figure_draws_the_metrics_table_and_frc_thresholds(scene, figure):
-    results = scene[2]
-    table_ax, amp_ax, phase_ax = figure.subfigs[1].axes[:3]
-    cells = {(r, c): cell.get_text().get_text() for (r, c), cell in table_ax.tables[0].get_celld().items()}
-    row_of = {text: r for (r, c), text in cells.items() if c == -1}
-    ssim = results[1].metrics["ssim"]
-    assert cells[(row_of["SSIM"], 1)] == f"{ssim[0]:.4g} / {ssim[1]:.4g}"
-    assert cells[(row_of["registration"], 0)] == "unregistered"
-    assert cells[(row_of["registration"], 1)] == "registered"
-    n = 64 - 4  # the scored side after evaluate's 2 px trim
-    r50 = results[0].metrics["frc50"][0]
-    assert cells[(row_of["FRC 0.5 (nm)"], 0)].split(" / ")[0] == f"{n * 10 / r50:.4g}"
-    assert results[1].metrics["frc50"] == (43.0, 43.0)  # PtyChi's curves never fall below 0.5 ...
-    assert cells[(row_of["FRC 0.5 (rings)"], 1)] == "≥43 / ≥43"  # ... which reads as a bound
-    assert cells[(row_of["FRC 0.5 (nm)"], 1)] == f"≤{n * 10 / 43:.4g} / ≤{n * 10 / 43:.4g}"
-    nyquist = n // 2 + 1
-    r = np.arange(n) - n // 2
-    rings = np.round(np.sqrt(r[:, None] ** 2 + r[None, :] ** 2)).astype(int).ravel()
-    count = np.bincount(rings)[:nyquist]
-    for ax, part in ((amp_ax, 0), (phase_ax, 1)):
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        assert {"0.5", "1/7", "half-bit", "1-bit"} <= set(lines)
-        expected = (0.2071 + 1.9102 / np.sqrt(count)) / (1.2071 + 0.9102 / np.sqrt(count))
-        np.testing.assert_allclose(lines["half-bit"].get_ydata(), expected)
-        one_bit = (0.5 + 2.4142 / np.sqrt(count)) / (1.5 + 1.4142 / np.sqrt(count))
-        np.testing.assert_allclose(lines["1-bit"].get_ydata(), one_bit)
-        plain = lines["PtychoPINN, no window (compare_models)"]
-        np.testing.assert_allclose(plain.get_ydata(), results[0].metrics["frc"][part][:nyquist])
-        hann = [line for label, line in lines.items() if label.startswith("PtychoPINN, Hann")]
-        np.testing.assert_allclose(hann[0].get_ydata(), results[0].metrics["frc_hann"][part])
-        assert all(len(line.get_xdata()) <= nyquist for line in lines.values())
-        assert ax.get_xlim()[1] == n // 2
-    # the windowed crossings, in rings and nm: blurred PtyChi now crosses 0.5 well before Nyquist
-    r50_hann = results[1].metrics["frc50_hann"]
-    assert all(0 < v < n // 2 for v in r50_hann)
-    assert cells[(row_of["FRC 0.5, Hann (rings)"], 1)] == f"{r50_hann[0]:.4g} / {r50_hann[1]:.4g}"
-    assert cells[(row_of["FRC 0.5, Hann (nm)"], 1)].split(" / ")[0] == f"{n * 10 / r50_hann[0]:.4g}"
-    assert "FRC ½-bit, Hann (rings)" in row_of and "FRC 1-bit, Hann (nm)" in row_of
-
-
-def test_figure_writes_none_for_a_windowed_curve_that_never_crosses(scene):
-    truth, arms, results = scene
-    never = ArmResult("pinn", "PtychoPINN", results[0].metrics | {"frc50_hann": (math.nan, 3.0)})
-    fig = comparison_figure(truth, {"PtychoPINN": arms["PtychoPINN"]}, [never], title="t", max_side=16)
-    fig.canvas.draw()
-    table = fig.subfigs[1].axes[0].tables[0]
-    cells = {(r, c): cell.get_text().get_text() for (r, c), cell in table.get_celld().items()}
-    row = next(r for (r, c), text in cells.items() if c == -1 and text == "FRC 0.5, Hann (rings)")
-    assert cells[(row, 0)] == "none / 3"
-
-
-def test_figure_strides_large_images(figure):
-    shapes = {ax.images[0].get_array().shape for axes in _images_by_row(figure).values() for ax in axes}
-    assert shapes == {(32, 32)}
-
-
-def test_figure_is_written_atomically(scene, tmp_path):
-    truth, arms, results = scene
-    path = write_comparison_figure(tmp_path / "comparison_plot.png", truth, arms, results, title="t", dpi=30)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["comparison_plot.png"]
-
-
-def test_figure_refuses_an_arm_that_does_not_match_its_truth(scene):
-    truth, arms, results = scene
-    with pytest.raises(InvalidParameterError, match="PtyChi"):
-        comparison_figure(truth, arms | {"PtyChi": arms["PtyChi"][:-1]}, results, title="t")
 
 
 # --- NPZ files ----------------------------------------------------------------------------------------

@@ -380,9 +380,6 @@ def _opt_real(name: str, value: Any) -> float | None:
     return number
 
 
-_RECORDED = "; recorded in run.json, the comparison plot does not use it yet"
-
-
 @dataclass(frozen=True)
 class OutputOptions(_Options):
     """Files written beside the store."""
@@ -396,34 +393,38 @@ class OutputOptions(_Options):
         _opt_length,
     )
     p_min: float = option(
-        10.0, "lower colour percentile of the plot's panels (compare_models)" + _RECORDED, _percentile,
-        aliases=("--p_min",),
+        10.0, "lower colour limit of each amplitude and phase panel of the plot: this percentile of the "
+        "panel's own image (compare_models)", _percentile, aliases=("--p_min",),
     )  # fmt: skip
     p_max: float = option(
-        90.0, "upper colour percentile of the plot's panels (compare_models)" + _RECORDED, _percentile,
-        aliases=("--p_max",),
+        90.0, "upper colour limit of each amplitude and phase panel of the plot: this percentile of the "
+        "panel's own image (compare_models)", _percentile, aliases=("--p_max",),
     )  # fmt: skip
     pinn_phase_vmin: float | None = option(
         None,
-        "PINN phase colour minimum (compare_models)" + _RECORDED,
+        "PINN phase panel's colour minimum in rad, with --pinn-phase-vmax (compare_models); "
+        "default: the --p-min percentile",
         _opt_real,
         aliases=("--pinn_phase_vmin",),
     )
     pinn_phase_vmax: float | None = option(
         None,
-        "PINN phase colour maximum (compare_models)" + _RECORDED,
+        "PINN phase panel's colour maximum in rad, with --pinn-phase-vmin (compare_models); "
+        "default: the --p-max percentile",
         _opt_real,
         aliases=("--pinn_phase_vmax",),
     )
     baseline_phase_vmin: float | None = option(
         None,
-        "Baseline phase colour minimum (compare_models)" + _RECORDED,
+        "Baseline phase panel's colour minimum in rad, with --baseline-phase-vmax (compare_models); "
+        "default: the --p-min percentile",
         _opt_real,
         aliases=("--baseline_phase_vmin",),
     )
     baseline_phase_vmax: float | None = option(
         None,
-        "Baseline phase colour maximum (compare_models)" + _RECORDED,
+        "Baseline phase panel's colour maximum in rad, with --baseline-phase-vmin (compare_models); "
+        "default: the --p-max percentile",
         _opt_real,
         aliases=("--baseline_phase_vmax",),
     )
@@ -436,6 +437,11 @@ class OutputOptions(_Options):
             )
         for arm in ("pinn", "baseline"):
             lo, hi = getattr(self, f"{arm}_phase_vmin"), getattr(self, f"{arm}_phase_vmax")
+            if (lo is None) != (hi is None):
+                raise InvalidParameterError(
+                    f"--{arm}-phase-vmin and --{arm}-phase-vmax are used together (as compare_models): "
+                    "give both or neither"
+                )
             if lo is not None and hi is not None and lo >= hi:
                 raise InvalidParameterError(
                     f"--{arm}-phase-vmin {lo:g} ≥ --{arm}-phase-vmax {hi:g}: give vmin < vmax"

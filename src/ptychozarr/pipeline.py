@@ -275,6 +275,7 @@ def _report(rt: Runtime, root: zarr.Group, arms: list[ArmResult], ds, plan: RunP
             "sources": sources,
             "output": config.output.__dict__,
             "title": _title(config, ds),
+            "plot": _plot_limits(config, arms) | {"phase_align": config.score.phase_align_method},
             "truth": plan.scan.has_truth,
         }
     )
@@ -321,6 +322,7 @@ def _write_report(
                 out / "comparison_plot.png", {a.label: truths[a.key] for a in scored},
                 {a.label: aligned[a.key] for a in scored}, arms, title=_title(config, ds),
                 pixel_size_m=config.output.pixel_size or ds.attrs.get("pixel_size_m"),
+                phase_align=config.score.phase_align_method, **_plot_limits(config, scored),
             )
         )  # fmt: skip
         if config.output.save_npz_aligned:
@@ -332,7 +334,8 @@ def _write_report(
             )
     elif objects and not header.has_truth:
         panels = [(a.label, root[f"arms/{a.key}/object"]) for a in arms if a.key in objects]
-        written["plot"] = str(report.write_objects_plot(out / "comparison_plot.png", panels))
+        plot = report.write_objects_plot(out / "comparison_plot.png", panels, **_plot_limits(config, arms))
+        written["plot"] = str(plot)
     if config.output.save_npz:
         truth = ds["objectGuess"].data if header.has_truth else None
         origins = {key: _origin(root[f"arms/{key}"]) for key in objects}
@@ -342,6 +345,18 @@ def _write_report(
             )
         )
     return written
+
+
+def _plot_limits(config: CompareConfig, arms: list[ArmResult]) -> dict:
+    """The plot's colour limits from the run's options: compare_models' percentiles, and the manual phase
+    limits of the arms that have flags for them (``pinn``, ``baseline``)."""
+    out = config.output
+    limits = {}
+    for arm in arms:
+        lo, hi = (getattr(out, f"{arm.key}_phase_{end}", None) for end in ("vmin", "vmax"))
+        if lo is not None:  # the options hold both bounds or neither
+            limits[arm.label] = (lo, hi)
+    return {"p_min": out.p_min, "p_max": out.p_max, "phase_limits": limits}
 
 
 def _title(config: CompareConfig, ds: xr.Dataset) -> str:
