@@ -183,6 +183,21 @@ def test_groups_come_in_store_order_whatever_the_order_of_points(small_store):
     assert set(np.unique(ordered.nn_indices.values)) <= set(points)
 
 
+def test_fewer_groups_than_points_are_seeded_at_a_random_few_of_them(small_store):
+    # as compare_models' --n-test-groups below --n-test-subsample: the groups are some of those every
+    # point would seed, their members found among all the drawn points
+    ds = open_dataset(small_store).drop_attrs()
+    points = np.sort(np.random.default_rng(5).choice(SMALL["n_points"], 120, replace=False))
+    every = group(ds, 2, points=points).nn_indices.values
+    few = group(ds, 2, points=points, n_groups=30).nn_indices.values
+    rows = {tuple(r) for r in every}
+    assert few.shape == (30, 4) and all(tuple(r) in rows for r in few)
+    seeds = [np.flatnonzero((every == r).all(axis=1))[0] for r in few]
+    assert np.all(np.diff(seeds) > 0)  # in store order
+    assert set(np.unique(few)) <= set(points)
+    np.testing.assert_array_equal(group(ds, 2, points=points, n_groups=30).nn_indices.values, few)
+
+
 def test_grouping_never_reads_the_diffraction(store_copy, small_groups):
     shutil.rmtree(store_copy / "data" / "diffraction" / "c")  # the chunks: reading now fails
     with pytest.raises(MissingChunkError):

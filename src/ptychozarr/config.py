@@ -236,9 +236,10 @@ class ScanOptions(_Options):
     # n_test_subsample draws that many scan points at random (seeded by subsample_seed) before grouping;
     # n_test_groups is the number of groups, one per drawn point. As in compare_models, n_test_groups
     # alone also draws that many points, and n_test_subsample alone forms one group per drawn point
-    # (n_test_groups is set to it). Given both, fewer groups than points is refused (the grouping forms
-    # one group per point). More groups than points depends on the gridsize, known from the models:
-    # preflight.check_groups refuses it at gridsize > 1 and the group stage caps it at gridsize 1.
+    # (n_test_groups is set to it). Given both, fewer groups than points seeds the groups at that many
+    # of the drawn points, chosen at random, their members found among all the drawn points. More
+    # groups than points depends on the gridsize, known from the models: preflight.check_groups refuses
+    # it at gridsize > 1 and the group stage caps it at gridsize 1.
 
     n_test_groups: int | None = option(
         None,
@@ -266,12 +267,6 @@ class ScanOptions(_Options):
             return
         if groups is None:  # compare_models forms one group per drawn point
             object.__setattr__(self, "n_test_groups", points)
-        elif groups < points:
-            raise InvalidParameterError(
-                f"--n-test-groups {groups} with --n-test-subsample {points}: fewer groups than drawn "
-                "points is not supported (the grouping forms one group per point); give one of them, "
-                "or the same number"
-            )
 
     @property
     def points(self) -> int | None:

@@ -119,7 +119,12 @@ def normaliser(diffraction, nn_indices: np.ndarray, intensity_sum: np.ndarray | 
 
 
 def group(
-    ds: xr.Dataset, gridsize: int, k: int = 7, seed: int = 0, points: np.ndarray | None = None
+    ds: xr.Dataset,
+    gridsize: int,
+    k: int = 7,
+    seed: int = 0,
+    points: np.ndarray | None = None,
+    n_groups: int | None = None,
 ) -> xr.Dataset:
     """Group a scan and, when ``ds`` comes from a store, write the groups into its ``groups/``.
 
@@ -137,6 +142,10 @@ def group(
         order, see the module docstring; ``input_index[points]`` are their input indices). Neighbours are
         found among them only, groups come in store order whatever the order of ``points``, and
         ``nn_indices`` keep the indices of the whole scan. All points when None.
+    n_groups : int, optional
+        Form this many groups only, seeded by as many of the points drawn at random (with ``seed``);
+        their members are still drawn from the neighbours among all the points (compare_models'
+        ``--n-test-groups`` below ``--n-test-subsample``). One group per point when None.
 
     Returns
     -------
@@ -145,7 +154,8 @@ def group(
         ``b`` seeded by the ``b``-th chosen point in store order, with the parameters and ``normaliser``
         in ``attrs``.
     """
-    params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed), "points": _points_key(points)}
+    params = {"gridsize": int(gridsize), "k": int(k), "seed": int(seed), "points": _points_key(points),
+              "n_groups": None if n_groups is None else int(n_groups)}
     fingerprint = {"source_sha256": ds.attrs.get("source_sha256"), "n_points": int(ds.sizes["pattern"])}
     store = ds.attrs.get("store")
     wanted = {**params, "input": fingerprint}
@@ -154,6 +164,9 @@ def group(
     x, y = ds["xcoords"].values, ds["ycoords"].values
     chosen = np.arange(len(x)) if points is None else np.sort(_check_points(points, len(x)))
     nn = chosen[neighbour_groups(x[chosen], y[chosen], gridsize, k, seed)].astype(np.int32)
+    if n_groups is not None and n_groups < len(nn):
+        seeds = np.random.default_rng([seed, len(nn)]).choice(len(nn), n_groups, replace=False)
+        nn = nn[np.sort(seeds)]
     start = np.stack([ds["xcoords_start"].values, ds["ycoords_start"].values], axis=-1)[nn]
     arrays = {
         "nn_indices": nn,

@@ -42,7 +42,10 @@ def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan:
         _drop_damaged(store, force=rt.force)
         marker = store / "groups" / "zarr.json"
         before = _stamp(marker)
-        groups = group(ds, gridsize, k=options.neighbours, seed=options.group_seed, points=points)
+        n_points = ds.sizes["pattern"] if points is None else len(points)
+        n_groups = scan.n_test_groups if (scan.n_test_groups or n_points) < n_points else None
+        groups = group(ds, gridsize, k=options.neighbours, seed=options.group_seed, points=points,
+                       n_groups=n_groups)
         if before is not None and before == _stamp(marker):  # the grouping kept what it found
             rt.reuse("group", marker.parent)
         elif consolidated:
@@ -52,7 +55,8 @@ def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan:
 
 
 def _draw(rt: Runtime, patterns: int, scan: ScanOptions) -> np.ndarray | None:
-    """The scan points to group (a seeded draw, sorted), None for all; one group is formed per point.
+    """The scan points to group (a seeded draw, sorted), None for all; one group is formed per point,
+    or per ``--n-test-groups`` of them when fewer.
 
     Asked for more groups than that (possible at gridsize 1 only: preflight refuses it above), one
     warning line says that every point is used once, as compare_models does at gridsize 1.
