@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
@@ -42,7 +41,7 @@ from ptychozarr import stitch as _stitch
 from ptychozarr.errors import InvalidParameterError, StoreError
 from ptychozarr.io import consolidate, mark_complete
 from ptychozarr.io.store import FRAME_VERSION, array_options, holds_result, zarr_source
-from ptychozarr.models import Model
+from ptychozarr.models import Model, model_file
 from ptychozarr.report.runjson import to_jsonable
 from ptychozarr.stages._common import fingerprint, groups_key
 from ptychozarr.stages.stitch import DIMS as OBJECT_DIMS
@@ -265,7 +264,7 @@ def _model_key(model: str | os.PathLike | Model) -> dict | None:
     """The content fingerprint of a model's files (a loaded model: the file it was read from); None for
     a model built in memory, whose patches are then never reused."""
     path = getattr(model, "path", None) if isinstance(model, Model) else model
-    return None if path is None else fingerprint(Path(path))
+    return None if path is None else fingerprint(model_file(path))
 
 
 def _patches_key(patches: ArrayInput) -> dict:
