@@ -248,6 +248,8 @@ def test_a_store_is_reused_for_its_own_file_and_replaced_for_another_only_with_o
     assert ingest(path, store) == store
     again = (store / "data" / "zarr.json").stat()
     assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # nothing rewritten
+    with pytest.raises(StoreError, match="overwrite"):  # the same file in other chunks
+        ingest(path, store, chunk_bytes=2**16)
     other = _save(tmp_path / "t.npz", _scan(np.random.default_rng(5)))
     with pytest.raises(StoreError, match="already exists.*overwrite"):
         ingest(other, store)

@@ -597,12 +597,12 @@ def ingest(
     """
     npz_path, store_path = Path(npz_path), Path(store_path)
     if store_path.exists() or store_path.is_symlink():
-        if not overwrite and ingested_from(store_path, npz_path):
+        if not overwrite and ingested_from(store_path, npz_path, chunk_bytes):
             log.info("ingest: %s already holds %s; reusing it", store_path, npz_path.name)
             return store_path
         if not overwrite:
             raise StoreError(
-                f"{store_path} already exists and holds another scan (or another version's layout); choose "
+                f"{store_path} already exists and holds another scan, chunking or version's layout; choose "
                 "another path or pass overwrite=True (--overwrite)"
             )
         if not (store_path / "zarr.json").is_file():
@@ -630,6 +630,7 @@ def ingest(
                 source_sha256=digest.result(),
                 source_stat=stat,
                 schema_version=SCHEMA_VERSION,
+                chunk_bytes=chunk_bytes,
                 **attrs,
             )
         replace_path(temporary, store_path)
@@ -638,11 +639,12 @@ def ingest(
     return store_path
 
 
-def ingested_from(store_path: str | Path, npz_path: str | Path) -> bool:
+def ingested_from(store_path: str | Path, npz_path: str | Path, chunk_bytes: int | None = None) -> bool:
     """Whether ``store_path`` holds the complete ingestion of ``npz_path`` in this layout: its ``data`` is
     complete, of :data:`SCHEMA_VERSION`, made from a file of the same size and either the same
-    :func:`file_stat` or the same SHA-256, and holds every chunk (a lost one is logged). The one rule
-    by which :func:`ingest` and the pipeline's ingest stage reuse a store."""
+    :func:`file_stat` or the same SHA-256 (and, when given, with the same ``chunk_bytes``), and holds
+    every chunk (a lost one is logged). The one rule by which :func:`ingest` and the pipeline's ingest
+    stage reuse a store."""
     source = Path(npz_path)
     try:
         data = open_store(store_path)["data"]
@@ -653,6 +655,7 @@ def ingested_from(store_path: str | Path, npz_path: str | Path) -> bool:
         is_complete(data)
         and attrs.get("schema_version") == SCHEMA_VERSION
         and attrs.get("source_size") == source.stat().st_size
+        and (chunk_bytes is None or attrs.get("chunk_bytes") == chunk_bytes)
         and (attrs.get("source_stat") == file_stat(source) or attrs.get("source_sha256") == sha256(source))
     )
     if not same:
