@@ -98,8 +98,9 @@ def compare(
     models : mapping of str to path or Model
         Model arms, label → model path (``.keras`` with sidecar, or a PtychoPINN ``wts.h5.zip`` with
         ``trust_bundle=True``) or a model loaded from one (:func:`ptychozarr.load_model`,
-        :func:`ptychozarr.models.ptychopinn.load_bundle`: its file is run, trusted as it was loaded), in
-        report order, e.g. ``{"PtychoPINN": p, "Baseline": b}``.
+        :func:`ptychozarr.models.ptychopinn.load_bundle`), in report order, e.g.
+        ``{"PtychoPINN": p, "Baseline": b}``. A loaded model's file is what runs (loaded again by each
+        worker), so a loaded bundle needs ``trust_bundle=True`` here too.
     output_dir : path
         Where the store and the report files go (one run at a time: a lock refuses a second).
     ptychi_recon : path, optional
@@ -115,8 +116,6 @@ def compare(
     Comparison
     """
     paths = {label: _model_path(label, model) for label, model in models.items()}
-    if any(isinstance(model, Model) for model in models.values()):  # loaded: trusted by its loader
-        options.setdefault("trust_bundle", True)
     config = CompareConfig.from_options(_scan_path(test_data), paths, output_dir, ptychi_recon, options)
     return run_compare(config)
 
