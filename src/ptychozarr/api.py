@@ -25,6 +25,7 @@ with consolidated metadata, so ``xarray.open_datatree(store, engine="zarr")`` op
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Mapping
@@ -99,11 +100,12 @@ def infer(
     StoreError
         ``store`` holds patches made otherwise, and ``overwrite`` is false.
     """
-    run = lambda: inference.infer(  # noqa: E731
-        ds, groups, model, crop, block_groups, batch_size, tf_threads, trust_bundle=trust_bundle
-    )
+    predict = functools.partial(
+        inference.infer, ds, groups, model, crop, block_groups, batch_size, tf_threads,
+        trust_bundle=trust_bundle,
+    )  # fmt: skip
     if store is None:
-        return run()
+        return predict()
     root = _open(store)
     params = {
         "model": _model_key(model),
@@ -112,9 +114,9 @@ def infer(
         "batch_size": batch_size,
         "groups": groups_key(groups),
     }
-    if overwrite or not _holds(root, "patches", params):
+    if overwrite or params["model"] is None or not _holds(root, "patches", params):
         _clear(root, "patches", overwrite, what="patches")
-        _write_patches(root, run(), params)
+        _write_patches(root, predict(), params)
     return _read_patches(root["patches"])
 
 
