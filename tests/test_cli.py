@@ -1,10 +1,13 @@
 """The command line: the three foundation subcommands, their help, and errors as exit code 2."""
 
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -156,3 +159,61 @@ def test_every_flag_has_help():
     for name, command in _COMMANDS.items():
         for action in command._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+@pytest.fixture
+def recon(tmp_path) -> Path:
+    """An iterative reconstruction of ``small_npz``'s whole object (a compare without models is fast)."""
+    path = tmp_path / "recon.npz"
+    np.savez(path, reconstructed_object=np.ones((160, 160), np.complex64))
+    return path
+
+
+def test_quiet_compare_prints_nothing_and_errors_stay_one_line(small_npz, recon, tmp_path, capsys, caplog):
+    argv = ["compare", "--test-data", str(small_npz), "--ptychi-recon", str(recon), "--stitch-crop-size", "8",
+            "--skip-registration", "--pinn-chunk-size", "64"]  # fmt: skip
+    assert main([*argv, "--output-dir", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert "MS-SSIM" in loud.out and "--pinn-chunk-size" in caplog.text  # what --quiet must hold back
+    caplog.clear()
+    assert main([*argv, "--output-dir", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert [r.getMessage() for r in caplog.records if r.levelno < logging.ERROR] == []
+    assert (tmp_path / "quiet" / "comparison_metrics.csv").exists()
+    bad = [*argv, "--output-dir", str(tmp_path / "bad"), "--quiet", "--tile", "0"]
+    _one_line_error(capsys, bad, "--tile")
+
+
+def _table_cells(out: str, row: str) -> list[tuple[float, float]]:
+    """The (amplitude, phase) cells of one row of the printed metrics table, one per arm."""
+    line = next(line for line in out.splitlines() if line.startswith(row + "  "))
+    cells = re.findall(r"(-?[\d.]+) / (-?[\d.]+)", line[len(row) :])
+    return [(float(a), float(p)) for a, p in cells]
+
+
+@pytest.mark.slow
+def test_the_demo_header_names_its_scores_apart_from_the_table(tmp_path, capsys):
+    """The header's SSIM (recorded, scikit-image's plain SSIM) is not the table's (compare_models', this run):
+    the header gives its own numbers from the file it names, and never calls them the table's "SSIM"."""
+    import json
+
+    from ptychozarr.models.demo import SCORES_FILE
+
+    assert main(["demo", "--output-dir", str(tmp_path), "--n-points", "100"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("models:"))
+    recorded = json.loads(SCORES_FILE.read_text())
+    n = recorded["scan"]["n_points"]
+    assert f"recorded in weights/scores.json for the default {n}-point scan" in header
+    assert "not the table's compare_models SSIM" in header
+    assert header.count("SSIM") == header.count("plain SSIM") + 1  # + the one naming the table's
+    pairs = re.findall(r"plain SSIM (\d\.\d\d) / (-?\d\.\d\d)", header)
+    printed = [tuple(map(float, pair)) for pair in pairs]
+    scores = recorded["scores"]
+    assert printed == [
+        (round(scores[arm]["ssim_amplitude"], 2), round(scores[arm]["ssim_phase"], 2))
+        for arm in ("PtychoPINN", "Baseline", "constant")
+    ]
+    csv = pd.read_csv(tmp_path / "compare" / "comparison_metrics.csv").query("metric == 'ssim'")
+    table = _table_cells(out, "SSIM")  # this run's compare_models SSIM, as its CSV has it
+    np.testing.assert_allclose(table, csv[["amplitude", "phase"]].to_numpy(), rtol=5e-4)

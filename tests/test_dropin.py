@@ -89,8 +89,7 @@ def test_n_test_subsample_and_n_test_groups_stay_apart():
     assert ScanOptions(n_test_subsample=40, n_test_groups=40).points == 40
     with pytest.raises(InvalidParameterError, match="fewer groups than drawn points"):
         ScanOptions(n_test_subsample=40, n_test_groups=20)
-    with pytest.raises(InvalidParameterError, match="oversampling"):
-        ScanOptions(n_test_subsample=20, n_test_groups=40)
+    assert ScanOptions(n_test_subsample=20, n_test_groups=40).points == 20  # more groups: see test_grouping
     assert ScanOptions().points is None
 
 
@@ -225,3 +224,124 @@ def test_n_test_subsample_and_its_seed_draw_the_scan_points(small_npz, tiny_mode
     np.testing.assert_array_equal(one, same)
     _, other = run("c", "--n-test-subsample", "100", "--test-subsample-seed", "4")
     assert len(other) == 100 and not np.array_equal(one, other)
+
+
+# compare_models' defaults, as its argparse and its registration state them (reference spec §3.1, §4, §5)
+COMPARE_MODELS_DEFAULTS = {
+    ("infer", "stitch_crop_size"): 20,
+    ("score", "alignment"): "coordinates",  # it centre-crops the canvas and the truth
+    ("score", "ms_ssim_sigma"): 1.0,
+    ("score", "frc_sigma"): 0.0,
+    ("score", "phase_align_method"): "plane",
+}
+
+
+def test_compatibility_mode_sets_compare_models_defaults_and_given_flags_win():
+    base = ["--test-data", "s.npz", "--output-dir", "o"]
+    _, plain = _config(base)
+    _, compat = _config([*base, "--compatibility", "compare_models"])
+    for (section, name), value in COMPARE_MODELS_DEFAULTS.items():
+        assert getattr(getattr(compat, section), name) == value, name
+    assert plain.score.alignment == "placement" and plain.score.max_registration_shift == 10.0
+    assert compat.score.max_registration_shift >= 1000  # compare_models applies any shift it measures
+    assert compat.options()["compatibility"] == "compare_models"  # what run.json's parameters record
+
+    _, given = _config([*base, "--compatibility", "compare_models", "--alignment", "placement",
+                        "--stitch-crop-size", "8", "--max-registration-shift", "3"])  # fmt: skip
+    assert (given.score.alignment, given.infer.stitch_crop_size, given.score.max_registration_shift) == (
+        "placement", 8, 3.0,
+    )  # fmt: skip
+    assert given.score.ms_ssim_sigma == 1.0 and given.score.phase_align_method == "plane"
+    toml = CompareConfig.from_options("s.npz", {}, "o", options={"compatibility": "compare_models",
+                                                                 "frc_sigma": 2})  # fmt: skip
+    assert toml.score.frc_sigma == 2.0 and toml.score.alignment == "coordinates"
+
+
+def test_an_unknown_compatibility_mode_is_one_line(capsys):
+    argv = ["compare", "--test-data", "s.npz", "--output-dir", "o", "--compatibility", "compare-model"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compatibility" in err and "'compare_models'" in err
+
+
+def _scaled_copy(model, folder, scale):
+    """A copy of a tiny model whose sidecar gives it an ``intensity_scale``."""
+    import dataclasses
+
+    from ptychozarr.models import write_sidecar
+    from ptychozarr.models.keras_model import read_sidecar
+
+    folder.mkdir()
+    copy = shutil.copy(model, folder / model.name)
+    spec, _ = read_sidecar(model)
+    write_sidecar(copy, dataclasses.replace(spec, intensity_scale=scale))
+    return copy
+
+
+def _recorded_inputs(monkeypatch):
+    """``{model name: [batch, …]}`` of the diffraction every model call of inference receives."""
+    from ptychozarr import inference
+
+    calls, original = {}, inference.predict_patches
+
+    class Recording:
+        def __init__(self, model):
+            self._model, self.spec = model, model.spec
+
+        def predict_batch(self, x, *args, **kwargs):
+            calls.setdefault(self.spec.name, []).append(np.array(x))
+            return self._model.predict_batch(x, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_patches", lambda m, *a, **k: original(Recording(m), *a, **k))
+    return calls
+
+
+def _as_multiples(batches, raw):
+    """Each non-padding pattern the model received, divided by the raw pattern it is (nearest raw pattern
+    of the NPZ, after scaling both to unit norm); returns the ratios, one per pattern."""
+    fed = np.moveaxis(np.concatenate(batches), -1, 1).reshape(-1, raw.shape[1] * raw.shape[2])
+    fed = fed[np.abs(fed).sum(axis=1) > 0]  # the zero rows padding the last batch
+    flat = raw.reshape(len(raw), -1).astype(np.float64)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    match = np.argmax(unit(fed) @ unit(flat).T, axis=1)
+    ratio = np.linalg.norm(fed, axis=1) / np.linalg.norm(flat[match], axis=1)
+    np.testing.assert_allclose(fed, ratio[:, None] * flat[match], rtol=1e-5, atol=1e-6)
+    return ratio
+
+
+@pytest.mark.slow
+def test_compatibility_feeds_the_baseline_unscaled_and_recomputes_only_its_inference(
+    small_npz, tiny_models, tmp_path, monkeypatch
+):
+    import zarr
+
+    from ptychozarr.pipeline import compare
+
+    scale = 2.0
+    models = {"PtychoPINN": _scaled_copy(tiny_models["pinn"], tmp_path / "pinn", scale),
+              "Baseline": _scaled_copy(tiny_models["baseline"], tmp_path / "baseline", scale)}  # fmt: skip
+    with np.load(small_npz) as npz:
+        raw = npz["diffraction"]
+    out = tmp_path / "out"
+
+    def run(**options):
+        calls = _recorded_inputs(monkeypatch)
+        compare(small_npz, models, output_dir=out, stitch_crop_size=8, skip_registration=True, quiet=True,
+                **options)  # fmt: skip
+        f = zarr.open_group(str(out / "store.zarr"), mode="r")["groups"].attrs["normaliser"]
+        return {name: _as_multiples(batches, raw) / f for name, batches in calls.items()}, json.loads(
+            (out / "run.json").read_text()
+        )
+
+    fed, record = run(compatibility="compare_models")
+    np.testing.assert_allclose(fed["tiny-baseline"], 1.0, rtol=1e-5)  # the normalised patterns as they are
+    np.testing.assert_allclose(fed["tiny-pinn"], scale, rtol=1e-5)  # the PINN keeps its intensity_scale
+    assert record["parameters"]["compatibility"] == "compare_models"
+
+    fed, record = run()
+    assert set(fed) == {"tiny-baseline"}  # the PINN's patches are reused, only the Baseline is inferred
+    np.testing.assert_allclose(fed["tiny-baseline"], scale, rtol=1e-5)
+    blocks = record["blocks"]
+    assert blocks["infer:pinn"]["computed"] == 0 and blocks["infer:baseline"]["computed"] > 0
+    assert {"infer:pinn", "stitch:pinn"} <= set(record["reused"])
+    assert not {"infer:baseline", "stitch:baseline"} & set(record["reused"])

@@ -201,3 +201,62 @@ def test_store_opens_as_a_datatree_with_named_dimensions(store_copy):
     assert tree["data"].diffraction.dims == ("pattern", "det_y", "det_x")
     assert "input_index" in tree["data"].coords and "intensity_sum" in tree["data"].data_vars
     assert tree["groups"].nn_indices.dims == ("group", "member")
+
+
+def _compare(npz, out, *flags) -> int:
+    from ptychozarr.cli import main
+
+    argv = ["compare", "--test-data", str(npz), "--output-dir", str(out), "--stitch-crop-size", "8",
+            "--skip-registration", "--quiet", *flags]  # fmt: skip
+    return main(argv)
+
+
+@pytest.mark.parametrize(
+    ("flags", "told", "fix"),
+    [
+        (["--n-test-subsample", "10", "--n-test-groups", "50"], "--n-test-subsample 10 draws 10 points",
+         "give --n-test-groups 10 or less, or --n-test-subsample 50 or more"),
+        (["--n-test-groups", "500"], "the scan has only 400 points", "give --n-test-groups 400 or less"),
+        (["--n-test-subsample", "500", "--n-test-groups", "500"],
+         "--n-test-subsample 500 draws 400 points (the scan has only 400)",
+         "give --n-test-groups 400 or less"),
+    ],
+    ids=["subsample", "whole-scan", "subsample-past-the-scan"],
+)  # fmt: skip
+def test_more_groups_than_points_at_gridsize_2_is_refused_before_any_work(
+    small_npz, tiny_models, tmp_path, capsys, flags, told, fix
+):
+    """compare_models fails here (it never enables K-choose-C oversampling); the engine says so first."""
+    out = tmp_path / "out"
+    assert _compare(small_npz, out, "--pinn-model", str(tiny_models["pinn"]), *flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--n-test-groups {flags[-1]}: {told}, and at gridsize 2 each point seeds one group" in err
+    assert err.rstrip().endswith(fix)
+    assert not out.exists()
+
+
+def test_more_groups_than_points_at_gridsize_1_form_one_group_per_point(small_npz, tmp_path):
+    """As compare_models at gridsize 1: every drawn point seeds its group once, and one line says so."""
+    import json
+
+    recon = tmp_path / "recon.npz"  # an iterative arm only: the groups have gridsize 1
+    np.savez(recon, reconstructed_object=np.ones((160, 160), np.complex64))
+
+    def run(name, *flags):
+        out = tmp_path / name
+        seeded = ("--ptychi-recon", str(recon), "--test-subsample-seed", "3")
+        assert _compare(small_npz, out, *seeded, *flags) == 0
+        warnings = json.loads((out / "run.json").read_text())["warnings"]
+        nn = zarr.open_group(str(out / "store.zarr"), mode="r")["groups/nn_indices"][:]
+        return [w for w in warnings if "--n-test-groups" in w], nn
+
+    capped_lines, capped = run("capped", "--n-test-subsample", "10", "--n-test-groups", "50")
+    asked_lines, asked = run("asked", "--n-test-subsample", "10", "--n-test-groups", "10")
+    assert capped.shape == (10, 1)
+    np.testing.assert_array_equal(capped, asked)  # the same 10 points as asking for 10 groups
+    assert asked_lines == []
+    assert capped_lines == [
+        "--n-test-groups 50 > the 10 scan points in use: forming 10 groups, one per point, as compare_models "
+        "does at gridsize 1"
+    ]

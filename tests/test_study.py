@@ -235,3 +235,31 @@ def test_a_recorded_confidence_is_preferred_and_an_arm_without_scores_has_no_sta
     }  # fmt: skip
     assert registration_state(ArmResult("pinn", "PtychoPINN"))["state"] == ""
     assert registration_state(None)["state"] == ""
+
+
+def test_quiet_study_prints_nothing(small_npz, recon, tmp_path, capsys):
+    config = tmp_path / "study.toml"
+    config.write_text('output_dir = "out"\n' + COMPARE + _run("a", data=small_npz, recon=recon))
+    assert main(["study", str(config)]) == 0
+    assert "1 ok, 0 partial, 0 failed of 1 runs" in capsys.readouterr().out  # the summary table
+    assert main(["study", str(config), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_example_writes_its_runs_where_ptychopinns_summariser_looks(tmp_path):
+    """PtychoPINN's study reporters read ``<hub>/analysis/comparison_manifest.json`` and each run's
+    ``<hub>/analysis/dose_<dose>/<view>/<split>/comparison_metrics.csv``."""
+    import tomllib
+
+    from ptychozarr.report import run_dir
+    from ptychozarr.study import EXAMPLE, _output_dir
+
+    config = tomllib.loads(EXAMPLE)
+    out = _output_dir(config, tmp_path / "study.toml", tmp_path)
+    hub = out.parent
+    assert out == hub / "analysis"
+    (run,) = config["run"]
+    folder = run_dir(out, run["dose"], run["view"], run["split"], run.get("repeat"))
+    expected = Path("analysis", f"dose_{run['dose']}", run["view"], run["split"])
+    assert folder.relative_to(hub) == expected
+    assert f"written to {folder.relative_to(tmp_path)}/" in EXAMPLE  # the example says where, correctly

@@ -189,7 +189,7 @@ def _cmd_compare(args) -> int:
         args.test_data, _models(args), args.output_dir, args.ptychi_recon, given_options(args), where="flag"
     )
     result = run_compare(config)
-    _print_result(result)
+    _print_result(result, quiet=config.run.quiet)
     return 1 if result.errors else 0
 
 
@@ -199,12 +199,15 @@ def _check_output_dir(path: Path) -> None:
         raise InvalidParameterError(f"--output-dir {path}: is a file; give a folder (created when missing)")
 
 
-def _print_result(result) -> None:
+def _print_result(result, *, quiet: bool) -> None:
+    """The metrics table and where the files are; with ``quiet`` only the arms' errors (on stderr)."""
     from ptychozarr.report import format_table
 
-    print(format_table(result.arms))
     for label, error in result.errors.items():
         print(f"warning: {label}: {error}", file=sys.stderr)
+    if quiet:
+        return
+    print(format_table(result.arms))
     if "metrics_csv" in result.run["outputs"]:
         print(f"\nmetrics: {result.run['outputs']['metrics_csv']}")
     if "plot" in result.run["outputs"]:
@@ -240,7 +243,8 @@ def _cmd_study(args) -> int:
     from ptychozarr.study import study
 
     runs = study(args.config, force=args.force, quiet=args.quiet)
-    print(format_study_table(runs))
+    if not args.quiet:
+        print(format_study_table(runs))
     return 0 if all(r.status == "ok" for r in runs) else 1
 
 
@@ -334,21 +338,28 @@ def _cmd_demo(args) -> int:
     scan = out / "scan_test.npz"
     if not scan.exists():
         simulate(scan, **(DEMO_SCAN | {"n_points": args.n_points}))
-    print(f"scan: {scan}")
+    if not args.quiet:
+        print(f"scan: {scan}")
     if args.train:
         train_scan = out / "scan_train.npz"
         if not train_scan.exists():
             simulate(train_scan, **TRAIN_SCAN)
-        common = {"epochs": args.epochs, "dose": TRAIN_SCAN["dose"], "final_learning_rate": 1e-5}
+        common = {
+            "epochs": args.epochs,
+            "dose": TRAIN_SCAN["dose"],
+            "final_learning_rate": 1e-5,
+            "verbose": not args.quiet,
+        }
         models = {
             "PtychoPINN": train("pinn", train_scan, out / "models", gridsize=2, **common),
             "Baseline": train("baseline", train_scan, out / "models", **common),
         }
     else:
         models = {"PtychoPINN": demo_weights("pinn_gs2_n64"), "Baseline": demo_weights("baseline_n64")}
-        print(describe_models())
+        if not args.quiet:
+            print(describe_models())
     result = compare(scan, models, output_dir=out / "compare", quiet=args.quiet)
-    _print_result(result)
+    _print_result(result, quiet=args.quiet)
     return 1 if result.errors else 0
 
 
@@ -455,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logger = logging.getLogger("ptychozarr")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("ptychozarr: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(_console_level(args))
@@ -489,6 +500,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if xfsz is not None:
             signal.signal(xfsz, previous)
+
+
+class _Stderr(logging.StreamHandler):
+    """The console's log handler: writes to ``sys.stderr`` as it is when a line is logged, not as it was
+    when the handler was made, so that a caller who replaced stderr for one call (a redirect, a test's
+    capture) leaves no handler writing to a closed stream."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):
+        return sys.stderr
 
 
 def _console_level(args: argparse.Namespace) -> int:

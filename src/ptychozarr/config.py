@@ -36,6 +36,7 @@ from dask.utils import parse_bytes
 from ptychozarr.errors import InvalidParameterError
 
 __all__ = [
+    "COMPATIBILITY",
     "CompareConfig",
     "GroupOptions",
     "InferOptions",
@@ -236,7 +237,8 @@ class ScanOptions(_Options):
     # n_test_groups is the number of groups, one per drawn point. As in compare_models, n_test_groups
     # alone also draws that many points, and n_test_subsample alone forms one group per drawn point
     # (n_test_groups is set to it). Given both, fewer groups than points is refused (the grouping forms
-    # one group per point), and more groups than points as compare_models refuses it at gridsize > 1.
+    # one group per point). More groups than points depends on the gridsize, known from the models:
+    # preflight.check_groups refuses it at gridsize > 1 and the group stage caps it at gridsize 1.
 
     n_test_groups: int | None = option(
         None,
@@ -270,12 +272,6 @@ class ScanOptions(_Options):
                 "points is not supported (the grouping forms one group per point); give one of them, "
                 "or the same number"
             )
-        elif groups > points:
-            raise InvalidParameterError(
-                f"--n-test-groups {groups} > --n-test-subsample {points}: more groups than points needs "
-                "K-choose-C oversampling, which compare_models refuses at gridsize > 1; give at most "
-                f"--n-test-groups {points}"
-            )
 
     @property
     def points(self) -> int | None:
@@ -291,10 +287,33 @@ class GroupOptions(_Options):
     neighbours: int = option(7, "K: nearest neighbours each group is drawn from", _int)
 
 
+COMPATIBILITY: dict[str, dict[str, Any]] = {
+    "none": {},
+    # compare_models' defaults (scripts/compare_models.py parse_args; --max-registration-shift: it applies
+    # any shift); its unscaled Baseline input is the infer stage's (stages/infer.py)
+    "compare_models": {
+        "alignment": "coordinates",
+        "stitch_crop_size": 20,
+        "ms_ssim_sigma": 1.0,
+        "frc_sigma": 0.0,
+        "phase_align_method": "plane",
+        "max_registration_shift": 1000.0,
+    },
+}
+"""Each ``--compatibility`` mode's option defaults (options given explicitly win over them)."""
+
+
 @dataclass(frozen=True)
 class InferOptions(_Options):
     """Blockwise inference."""
 
+    compatibility: str = option(
+        "none",
+        "compare_models: its defaults (--alignment coordinates --max-registration-shift 1000, and its "
+        "crop, MS-SSIM, FRC and phase defaults) and its Baseline fed the normalised diffraction without "
+        "intensity_scale; options given explicitly win",
+        _choice(*COMPATIBILITY),
+    )
     stitch_crop_size: int = option(20, "M: side of the kept centre of each patch (even, 0 < M ≤ N)", _crop)
     block_groups: int | str = option("auto", "model inputs per task, or 'auto' (largest that fits)", _blocks)
     batch_size: int = option(32, "fixed batch of each model call", _int)
@@ -434,6 +453,13 @@ class RunOptions(_Options):
     force: bool = option(False, "redo every stage", _bool)
 
 
+def _with_compatibility(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` over the defaults of the ``compatibility`` mode they name (an unknown mode adds none:
+    the option's own check refuses it)."""
+    mode = options.get("compatibility")
+    return {**(COMPATIBILITY.get(mode, {}) if isinstance(mode, str) else {}), **options}
+
+
 _SECTIONS: dict[str, type[_Options]] = {
     "scan": ScanOptions,
     "group": GroupOptions,
@@ -494,10 +520,12 @@ class CompareConfig:
         """Build a config from flat options (keywords of ``compare``, keys of a TOML ``[compare]``).
 
         An unknown key raises :class:`InvalidParameterError` naming it and the nearest valid one
-        (``where`` says what held it, e.g. ``"[compare] key"``).
+        (``where`` says what held it, e.g. ``"[compare] key"``). A ``compatibility`` mode fills in its
+        defaults (:data:`COMPATIBILITY`) for the options not given.
         """
+        options = _with_compatibility(options or {})
         sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-        for key, value in (options or {}).items():
+        for key, value in options.items():
             if key not in _OWNER:
                 raise InvalidParameterError(f"unknown {where} {key!r}" + suggest(key, _OWNER))
             sections[_OWNER[key]][key] = value

@@ -133,7 +133,7 @@ def group(
     gridsize, k, seed
         As :func:`neighbour_groups`.
     points : array of int, optional
-        Scan points to group (a subsample, e.g. compare's ``--n-test-groups``), as store indices (store
+        Scan points to group (a subsample, e.g. compare's ``--n-test-subsample``), as store indices (store
         order, see the module docstring; ``input_index[points]`` are their input indices). Neighbours are
         found among them only, groups come in store order whatever the order of ``points``, and
         ``nn_indices`` keep the indices of the whole scan. All points when None.

@@ -7,8 +7,9 @@ One task per block, in three steps that overlap:
    are kept in a small per-process cache (:data:`CHUNK_CACHE_BYTES`), so that consecutive blocks of a
    store laid out in scan order decode each chunk about once;
 2. **gather**: each batch is gathered from that buffer, channels last, and multiplied by the one scale
-   (the grouping's normaliser ``f`` times the model's ``intensity_scale``) in a single pass into a
-   batch buffer the task reuses; a batch starts as soon as its rows are read;
+   (the grouping's normaliser ``f`` times the model's ``intensity_scale``, left out for an arm fed
+   unscaled) in a single pass into a batch buffer the task reuses; a batch starts as soon as its rows
+   are read;
 3. **predict**: the model is called with fixed-shape batches (only the last one of a block padded, the
    padding dropped) and crops its output to the central ``M×M`` before anything else happens to it.
 
@@ -447,7 +448,7 @@ def _infer_block(members, offsets, *, store, model, scale, crop, batch_size, sto
             reader.patterns,
             rows.reshape(members.shape),
             offsets,
-            scale * (m.spec.intensity_scale or 1.0),
+            scale,
             crop,
             batch_size,
             ready=reader.wait,
@@ -464,6 +465,7 @@ def infer(
     tf_threads: int | None = None,
     *,
     trust_bundle: bool = False,
+    intensity_scale: bool = True,
 ) -> xr.Dataset:
     """Lazy blockwise prediction of cropped object patches.
 
@@ -487,6 +489,9 @@ def infer(
     trust_bundle : bool
         Allow a PtychoPINN bundle, whose loading runs code from the file (see
         :func:`ptychozarr.models.load_model`).
+    intensity_scale : bool
+        Multiply the normalised diffraction by the model's ``spec.intensity_scale`` (when it has one);
+        False feeds it unscaled, as compare_models feeds its Baseline.
 
     Returns
     -------
@@ -526,6 +531,7 @@ def infer(
         weights = np.ones(len(positions))
         mode = "per_group"
     f = float(groups.attrs["normaliser"])
+    input_scale = (spec.intensity_scale or 1.0) if intensity_scale else 1.0
     patches = da.blockwise(
         _infer_block,
         "bij",
@@ -540,7 +546,7 @@ def infer(
         store=str(ds.attrs["store"]),
         store_key=tokenize(dict(ds.attrs)) if "source_sha256" in ds.attrs else None,
         model=ref,
-        scale=f,
+        scale=f * input_scale,
         crop=crop,
         batch_size=batch_size,
     )
@@ -555,6 +561,7 @@ def infer(
             "mode": mode,
             "crop": crop,
             "model": spec.to_dict(),
-            "normaliser": float(groups.attrs["normaliser"]),
+            "normaliser": f,
+            "input_scale": input_scale,
         },
     )

@@ -183,7 +183,7 @@ def _project_run(plan: RunPlan, client) -> memory.Plan:
     ``cuda`` scheduler the device side is the models' probe on the GPU.
     """
     config, infer, budget = plan.config, plan.config.infer, plan.config.run.memory_budget
-    n_points = min(plan.scan.patterns, config.scan.n_test_groups or plan.scan.patterns)
+    n_points = min(plan.scan.patterns, config.scan.points or plan.scan.patterns)
     kind = cluster.kind(config.run.scheduler)
     conc = kind.concurrency(client)
     loaded = [cached_model(arm.model, trust_bundle=infer.trust_bundle) for arm in plan.arms]

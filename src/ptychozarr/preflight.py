@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ptychozarr.config import CompareConfig, check_crop
+from ptychozarr.config import CompareConfig, ScanOptions, check_crop
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, PtychozarrError
 from ptychozarr.models.base import ModelSpec
 
-__all__ = ["ScanHeader", "check_positions", "model_spec", "validate"]
+__all__ = ["ScanHeader", "check_groups", "check_positions", "model_spec", "validate"]
 
 MAX_CANVAS = 2**20
 """Largest canvas side (pixels) a scan without ``objectGuess`` may stitch to."""
@@ -69,7 +69,8 @@ def validate(config: CompareConfig) -> ScanHeader:
     ------
     PtychozarrError
         One line naming the flag or file and the fix: a missing input, nothing to compare, a crop M
-        that is odd or larger than N, a model of another N or gridsize, a bundle without
+        that is odd or larger than N, a model of another N or gridsize, more groups than scan points
+        at gridsize > 1 (:func:`check_groups`), a bundle without
         ``--trust-bundle``, an iterative NPZ without a 2-D complex ``reconstructed_object`` or with a
         ``reconstruction_time`` or ``algorithm`` that is not one number or one string, positions that are
         not finite or span a canvas far larger than the object (:func:`check_positions`).
@@ -104,9 +105,45 @@ def validate(config: CompareConfig) -> ScanHeader:
     gridsize = max((s.gridsize for s in specs), default=1)
     for spec in specs:
         check_compatible(spec, n_pix, gridsize)
+    check_groups(config.scan, patterns, gridsize)
     if config.ptychi_recon is not None:
         check_reconstruction(config.ptychi_recon)
     return ScanHeader(patterns, n_pix, has_truth, is_store, gridsize)
+
+
+def check_groups(scan: ScanOptions, patterns: int, gridsize: int) -> None:
+    """Refuse more groups than scan points at gridsize > 1, as compare_models does.
+
+    Each drawn scan point seeds one group. compare_models then forms more groups only by K-choose-C
+    oversampling, which it never enables, so it fails (after loading the models and the data); here the
+    request is refused before any work. At gridsize 1 it uses every point once instead, and so does the
+    group stage (:func:`ptychozarr.stages.group.run`, one warning line).
+
+    Parameters
+    ----------
+    scan : ScanOptions
+        ``--n-test-groups`` G, ``--n-test-subsample`` S.
+    patterns : int
+        Scan points in the file: min(S or G, patterns) points are drawn.
+    gridsize : int
+        Gridsize of the groups (the largest of the models').
+    """
+    groups = scan.n_test_groups
+    drawn = min(scan.points or patterns, patterns)
+    if groups is None or groups <= drawn or gridsize == 1:
+        return
+    subsample = scan.n_test_subsample
+    if subsample is None:
+        source, fix = f"the scan has only {patterns} points", ""
+    else:
+        whole = f" (the scan has only {patterns})" if subsample > patterns else ""
+        source = f"--n-test-subsample {subsample} draws {drawn} points{whole}"
+        fix = f", or --n-test-subsample {groups} or more" if groups <= patterns else ""
+    raise InvalidParameterError(
+        f"--n-test-groups {groups}: {source}, and at gridsize {gridsize} each point seeds one group "
+        "(more groups than points needs K-choose-C oversampling, which compare_models refuses too); "
+        f"give --n-test-groups {drawn} or less{fix}"
+    )
 
 
 def _scan_header(test_data: Path) -> tuple[int, int, bool, bool]:

@@ -9,6 +9,8 @@ Each run writes its compare output in ``<output_dir>/dose_<dose>/<view>/<split>/
 a finished run is reused on re-run (its stages are complete in its store). A run whose arm is missing
 or fails keeps explicit empty rows and a warning; a run that fails as a whole is recorded as failed,
 and the study goes on. The summary files are :func:`ptychozarr.report.write_study_outputs`'.
+PtychoPINN's summariser finds runs only under ``<hub>/analysis/``, so :data:`EXAMPLE` names an
+``output_dir`` that ends in ``analysis``.
 
 Before the first run, and before anything is written, a study refuses (one line) what would make it
 wrong or write elsewhere: a value of the wrong type; two runs whose conditions name one folder once
@@ -42,7 +44,8 @@ __all__ = ["EXAMPLE", "MANIFEST", "study"]
 log = logging.getLogger(__name__)
 
 EXAMPLE = """\
-output_dir = "study_out"          # relative to this file
+output_dir = "study_out/analysis" # relative to this file; PtychoPINN's summariser reads
+                                  # <hub>/analysis/ (here the hub is study_out)
 
 [compare]                         # options of `ptychozarr compare`, for every run
 stitch_crop_size = 20
@@ -50,7 +53,7 @@ register_ptychi_only = true
 memory_budget = "8GB"
 trust_bundle = false              # true loads PtychoPINN wts.h5.zip bundles (unpickled: only your own)
 
-[[run]]                           # written to study_out/dose_1000/dense/test/
+[[run]]                           # written to study_out/analysis/dose_1000/dense/test/
 name = "dose1000-dense-test"
 dose = 1000
 view = "dense"

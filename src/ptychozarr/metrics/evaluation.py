@@ -13,7 +13,7 @@ import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.metrics import registry
-from ptychozarr.metrics._blocks import Window, halo_map
+from ptychozarr.metrics._blocks import Window, halo_map, store_images
 from ptychozarr.metrics._common import _NUMPY_CHUNK, _checked, _pair, _require_min_side
 from ptychozarr.metrics.fourier import FRC1OVER7, FRC50, _task_bytes, frc, frc_cutoff
 from ptychozarr.metrics.multiscale import _levels, _ms_halo, _ms_ssim_of, _radius, _range_block, _range_of
@@ -28,8 +28,9 @@ _COMPUTED = registry.COMPARE_MODELS
 #: Bytes per pixel of one input (complex128; complex64 inputs take half).
 _INPUT_BYTES = 16
 #: float64 arrays per chunk pixel besides the inputs: the statistics pass (moduli, phases and the nine
-#: plane-moment terms) and the pointwise pass (the four images and a difference).
-_STATS_FLOATS, _POINTWISE_FLOATS = 12, 5
+#: plane-moment terms), the pointwise pass (the four images and a difference) and the pass that writes
+#: the four images the windowed passes read (:func:`~ptychozarr.metrics._blocks.store_images`).
+_STATS_FLOATS, _POINTWISE_FLOATS, _STORE_FLOATS = 12, 5, 4
 #: Extended float64 blocks per image that an SSIM task holds: the overlapped copy and the pre-filtered one.
 _BLOCK_COPIES = 2
 
@@ -67,29 +68,31 @@ def task_memory(shape: tuple[int, int], *, chunk: int | None = None) -> dict[str
     Returns
     -------
     dict
-        ``stats`` (means, ranges, phase planes), ``pointwise`` (MAE, MSE, PSNR), ``ssim`` (SSIM and the
-        pre-filtered range, halo 3), ``ms_ssim`` (every level, halo ``3·2**(levels−1)`` + pre-filter
-        radius), ``frc_rows`` and ``frc_columns`` (the two FFT passes), then the passes registered
-        metrics add (:attr:`Metric.memory <ptychozarr.metrics.registry.Metric>`; the Hann-windowed FRC:
+        ``stats`` (means, ranges, phase planes), ``pointwise`` (MAE, MSE, PSNR), ``store`` (the scored
+        images written to the work directory), ``ssim`` (SSIM and the pre-filtered range, halo 3),
+        ``ms_ssim`` (every level, halo ``3·2**(levels−1)`` + pre-filter radius), ``frc_rows`` and
+        ``frc_columns`` (the two FFT passes), then the passes registered metrics add
+        (:attr:`Metric.memory <ptychozarr.metrics.registry.Metric>`; the Hann-windowed FRC:
         ``frc_rows_hann``, ``frc_columns_hann``): bytes of one task.
 
     Notes
     -----
     Built from the constants the metric modules use (chunk, halos, scikit-image strip size, FFT slab and
-    ring sub-block sizes), for complex128 inputs and the default ``ms_ssim_sigma`` of 1. The peak of a
-    pass is about this times the tasks running at once, plus the chunks that wait for their neighbours'
-    halos (one row of the inputs' chunks per image).
+    ring sub-block sizes), for complex128 inputs and the default ``ms_ssim_sigma`` of 1, as
+    :func:`evaluate` runs with a work directory: the windowed passes read their blocks from the written
+    images, so the peak of a pass is about this times the tasks running at once.
     """
     rows, cols = (min(chunk or _NUMPY_CHUNK, n) for n in shape)
     inputs = 2 * _INPUT_BYTES * rows * cols
 
     def windowed(halo: int) -> int:
         ext_rows, ext_cols = (min(c + 2 * halo, n) for c, n in zip((rows, cols), shape, strict=True))
-        return inputs + 2 * _BLOCK_COPIES * 8 * ext_rows * ext_cols + _scoring_bytes(ext_rows, ext_cols)
+        return 2 * _BLOCK_COPIES * 8 * ext_rows * ext_cols + _scoring_bytes(ext_rows, ext_cols)
 
     passes = {
         "stats": inputs + _STATS_FLOATS * 8 * rows * cols,
         "pointwise": inputs + _POINTWISE_FLOATS * 8 * rows * cols,
+        "store": inputs + _STORE_FLOATS * 8 * rows * cols,
         "ssim": windowed(max(_PAD, _radius(1.0))),
         "ms_ssim": windowed(_ms_halo(1.0, _levels(shape))),
         **_task_bytes(min(shape), _INPUT_BYTES),
@@ -128,8 +131,9 @@ def evaluate(
     lazy : bool
         Return dask objects to compute in one ``dask.compute`` pass instead of numbers.
     workdir : str or Path, optional
-        Directory for the FFT transposition of the FRC (see :func:`~ptychozarr.metrics.frc`). When
-        computing dask inputs eagerly without one, a temporary directory is used and removed.
+        Directory for the images the windowed passes read (SSIM, MS-SSIM) and for the FFT transposition
+        of the FRC (see :func:`~ptychozarr.metrics.frc`). When computing dask inputs eagerly without one,
+        a temporary directory is used and removed.
 
     Returns
     -------
@@ -152,13 +156,15 @@ def evaluate(
     - MS-SSIM on (t, p') with the pre-filter and on the scaled phases without it;
     - FRC curves on (t, p') and on the phases; frc50 and frc1over7 interpolated (:func:`frc_cutoff`).
 
-    Eagerly, the work runs in eight passes plus the registered metrics' over the inputs, each over one
-    image pair so that it streams
-    through memory: global statistics; pointwise; SSIM with the pre-filtered range (amplitude, phase);
-    every MS-SSIM level at once (amplitude, phase); FRC (amplitude, phase); then the registered
-    metrics' own (the Hann-windowed FRC: amplitude, phase). :func:`task_memory`
-    projects one task of each. Give inputs backed by storage (e.g. ``dask.array.from_zarr``) rather
-    than expensive graphs: every pass re-reads them.
+    Eagerly, the work runs in nine passes plus the registered metrics', each over one image pair so
+    that it streams through memory: global statistics; pointwise; writing the four scored images to
+    the work directory; SSIM with the pre-filtered range (amplitude, phase); every MS-SSIM level at
+    once (amplitude, phase); FRC (amplitude, phase); then the registered metrics' own (the
+    Hann-windowed FRC: amplitude, phase). The SSIM and MS-SSIM tasks read their blocks with halos from
+    the written images, so no block waits in memory for its neighbours and a pass's memory does not
+    grow with the image (numpy inputs are scored in memory). :func:`task_memory` projects one task of
+    each. Give inputs backed by storage (e.g. ``dask.array.from_zarr``) rather than expensive graphs:
+    the statistics, pointwise, writing and FRC passes read them.
     NaN in either input raises :class:`~ptychozarr.errors.InvalidParameterError` (when the graph runs,
     if ``lazy``).
     """
@@ -191,15 +197,19 @@ def evaluate(
 
     amplitude, phase = (t, p), (phi_t, phi_p)
     pointwise = _resolve(lazy, *(f(*pair) for f in (mae, mse, psnr) for pair in (amplitude, phase)))
-    # each pass below takes one image pair, so that it streams through memory
-    ms_pairs = ((t, p, ms_ssim_sigma, amp_range), (s_t, s_p, 0.0, 1.0))
-    ssims, ms_ranges = zip(*(_resolve(lazy, *_ssim_and_range(x, y, r, sg)) for x, y, sg, r in ms_pairs),
-                           strict=True)
-    multiscale = [_resolve(lazy, _ms_ssim_of(x, y, sg, r))[0]
-                  for (x, y, sg, _), r in zip(ms_pairs, ms_ranges, strict=True)]
     temporary = workdir is None and not (lazy or numpy_in)
     extras = [m for m in registry.metrics() if not m.compare_models]
     with tempfile.TemporaryDirectory() if temporary else nullcontext(workdir) as directory:
+        # each pass below takes one image pair, so that it streams through memory; with a directory the
+        # windowed passes read their blocks from the pairs written there, so no block waits for another
+        windowed = [t, p, s_t, s_p]
+        if directory is not None and not lazy:
+            windowed = store_images(windowed, directory, "scored")
+        ms_pairs = ((*windowed[:2], ms_ssim_sigma, amp_range), (*windowed[2:], 0.0, 1.0))
+        ssims, ms_ranges = zip(*(_resolve(lazy, *_ssim_and_range(x, y, r, sg)) for x, y, sg, r in ms_pairs),
+                               strict=True)
+        multiscale = [_resolve(lazy, _ms_ssim_of(x, y, sg, r))[0]
+                      for (x, y, sg, _), r in zip(ms_pairs, ms_ranges, strict=True)]
         curves = [_resolve(lazy, frc(*pair, sigma=frc_sigma, workdir=directory))[0]
                   for pair in (amplitude, phase)]
         scored = registry.Scored(amplitude, phase, (s_t, s_p), lazy=lazy, workdir=directory,

@@ -5,7 +5,7 @@ The shipped models (``weights/``) were trained on the upper half of the simulate
 noise. :func:`held_out_scores` scores a comparison's aligned reconstructions the way
 ``weights/README.md`` reports them (``benchmarks/heldout.py`` runs the comparison and records them), and
 :func:`describe_models` gives the one line the demo prints before its table, from the scores recorded in
-``weights/scores.json``.
+``weights/scores.json`` (they are not the table's compare_models metrics, and the line says so).
 """
 
 from __future__ import annotations
@@ -119,20 +119,33 @@ def held_out_scores(aligned: str | Path, labels: Iterable[str]) -> dict[str, dic
 
 
 def describe_models(scores_file: str | Path = SCORES_FILE) -> str:
-    """One line naming the shipped models and their held-out scores, for the demo to print."""
-    scores = json.loads(Path(scores_file).read_text())["scores"]
+    """One line naming the shipped models and their recorded held-out scores, for the demo to print.
+
+    The scores are :func:`held_out_scores`' (Pearson r, and scikit-image's SSIM of the unscaled amplitude
+    and of the plane-removed phase: "plain SSIM"), recorded for the default demo scan; the line says so,
+    because the table the demo prints next scores the run compare_models' way (its SSIM rescales the
+    amplitude to the truth's mean, trims the borders and maps the phase to [0, 1]), a different number.
+    """
+    scores_file = Path(scores_file)
+    recorded = json.loads(scores_file.read_text())
+    scores = recorded["scores"]
 
     def arm(label: str, how: str) -> str:
         s = scores[label]
         return (
             f"{label} ({SHIPPED[label]}, {how}) r {s['r_amplitude']:.2f} / {s['r_phase']:.2f}, "
-            f"SSIM {s['ssim_amplitude']:.2f} / {s['ssim_phase']:.2f}"
+            f"plain SSIM {s['ssim_amplitude']:.2f} / {s['ssim_phase']:.2f}"
         )
 
     constant = scores["constant"]
+    plain = f"plain SSIM {constant['ssim_amplitude']:.2f} / {constant['ssim_phase']:.2f}"
     return (
         "models: small N=64 reference models trained on simulated data (the object's upper half, "
-        f"{TRAIN_SCAN['dose']:.0e} photons per pattern); on its held-out lower half, amplitude / phase: "
+        f"{TRAIN_SCAN['dose']:.0e} photons per pattern). Held-out scores recorded in "
+        f"{scores_file.parent.name}/{scores_file.name} "
+        f"for the default {recorded['scan']['n_points']}-point scan of its lower half, amplitude / phase, as "
+        "Pearson r and plain SSIM (scikit-image's, of the unscaled amplitude and the plane-removed phase; "
+        "not the table's compare_models SSIM): "
         f"{arm('PtychoPINN', 'physics loss, no ground truth')}; {arm('Baseline', 'supervised')}; "
-        f"a constant object r 0 / 0, SSIM {constant['ssim_amplitude']:.2f} / {constant['ssim_phase']:.2f}"
+        f"a constant object r 0 / 0, {plain}"
     )

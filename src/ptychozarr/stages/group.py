@@ -34,11 +34,7 @@ _ARRAYS = ("nn_indices", "centres", "offsets")
 def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan: ScanOptions) -> xr.Dataset:
     """Groups of ``gridsize²`` neighbours (written into the scan's store; reused when they match)."""
     with rt.timed("group"):
-        points = None
-        n = scan.n_test_groups
-        if n is not None and n < ds.sizes["pattern"]:
-            rng = np.random.default_rng(scan.subsample_seed)
-            points = np.sort(rng.choice(ds.sizes["pattern"], n, replace=False))
+        points = _draw(rt, ds.sizes["pattern"], scan)
         store = Path(ds.attrs["store"])
         consolidated = _consolidated(store)
         if consolidated:  # about to change what it describes
@@ -53,6 +49,23 @@ def run(rt: Runtime, ds: xr.Dataset, gridsize: int, options: GroupOptions, scan:
             consolidate(store)
         groups_digest(groups)
         return groups
+
+
+def _draw(rt: Runtime, patterns: int, scan: ScanOptions) -> np.ndarray | None:
+    """The scan points to group (a seeded draw, sorted), None for all; one group is formed per point.
+
+    Asked for more groups than that (possible at gridsize 1 only: preflight refuses it above), one
+    warning line says that every point is used once, as compare_models does at gridsize 1.
+    """
+    n = min(scan.points or patterns, patterns)
+    if scan.n_test_groups is not None and scan.n_test_groups > n:
+        rt.warn(
+            f"--n-test-groups {scan.n_test_groups} > the {n} scan points in use: forming {n} groups, one "
+            "per point, as compare_models does at gridsize 1"
+        )
+    if n == patterns:
+        return None
+    return np.sort(np.random.default_rng(scan.subsample_seed).choice(patterns, n, replace=False))
 
 
 def _consolidated(store: Path) -> bool:

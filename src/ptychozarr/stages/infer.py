@@ -28,7 +28,7 @@ from ptychozarr.io import mark_complete
 from ptychozarr.io.store import DamagedScanError, array_options, missing_chunks, read_errors, writable
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
-from ptychozarr.stages._common import fingerprint, groups_key
+from ptychozarr.stages._common import arm_key, fingerprint, groups_key
 
 __all__ = ["project_memory", "run"]
 
@@ -68,16 +68,18 @@ def run(
 ) -> zarr.Group:
     """Predict one arm's patches into ``node/patches``; returns the complete group.
 
-    A complete group made with the same model, crop, blocks and groups is reused; an incomplete one
-    made with them keeps the blocks it has done.
+    A complete group made with the same model, crop, blocks, groups and input scale is reused; an
+    incomplete one made with them keeps the blocks it has done.
     """
     name = f"infer:{node.basename}"
+    scaled = _unscaled_arm(options) != node.basename
     params = {
         "model": fingerprint(model),
         "crop": options.stitch_crop_size,
         "block_groups": block_groups,
         "batch_size": options.batch_size,
         "groups": groups_key(groups),
+        **({} if scaled else {"intensity_scale": False}),
     }
     with rt.timed(name):
         out = node.get("patches")
@@ -87,7 +89,7 @@ def run(
         log.info("stage infer: %s with %s", node.basename, model.name)
         result = infer(
             ds, groups, str(model), crop=options.stitch_crop_size, block_groups=block_groups,
-            batch_size=options.batch_size, trust_bundle=options.trust_bundle,
+            batch_size=options.batch_size, trust_bundle=options.trust_bundle, intensity_scale=scaled,
         )  # fmt: skip
         out = _prepare(node, result, to_jsonable(params), keep=not rt.force)
         started = time.time()
@@ -101,8 +103,16 @@ def run(
         mark_complete(
             out, seconds=round(sum(attempts), 3), attempt_seconds=[round(a, 3) for a in attempts],
             mode=result.attrs["mode"], model_spec=result.attrs["model"],
+            input_scale=result.attrs["input_scale"],
         )  # fmt: skip
     return out
+
+
+def _unscaled_arm(options: InferOptions) -> str | None:
+    """The key of the arm fed the normalised diffraction without its model's ``intensity_scale``: the
+    Baseline under ``--compatibility compare_models`` (compare_models scales only its PINN's input), else
+    none."""
+    return arm_key("Baseline") if options.compatibility == "compare_models" else None
 
 
 def attempt_seconds(starts: list[float], block_end: np.ndarray, *, now: float) -> list[float]:
