@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 from ptychozarr.cli import main
 from ptychozarr.io import open_dataset
@@ -61,11 +62,12 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys, small_npz, small_store
     _one_line_error(
         capsys, ["ingest", str(tmp_path / "text.npz"), str(tmp_path / "a.zarr")], "not a readable NPZ"
     )
-    _one_line_error(capsys, ["ingest", str(small_npz), str(small_store)], "already exists")
+    zarr.open_group(tmp_path / "other.zarr", mode="w")  # a store of something else
+    _one_line_error(capsys, ["ingest", str(small_npz), str(tmp_path / "other.zarr")], "already exists")
     _one_line_error(capsys, ["group", str(small_store), "--gridsize", "2", "--k", "3"], "k=3")
     _one_line_error(capsys, ["group", str(tmp_path / "none.zarr")], "no Zarr store")
     _one_line_error(capsys, ["simulate", str(tmp_path / "x.npz"), "--patch-size", "33"], "patch_size=33")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.zarr", "text.npz"]
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import pytest
 
 from ptychozarr.cli import _build_parser, _console_level, _models, main
 from ptychozarr.config import CompareConfig, ScanOptions, given_options
-from ptychozarr.errors import InvalidParameterError
 
 # every flag of compare_models' argparse (PtychoPINN scripts/compare_models.py parse_args), with a value
 COMPARE_MODELS_ARGV = [

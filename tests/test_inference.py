@@ -131,7 +131,7 @@ def test_distinct_patterns_stitch_like_the_flattened_stack(data, baseline):
     flat_patches = _in_memory(network, ds, groups, flat, zeros, scale=1.0)
     x, y = ds["xcoords"].values, ds["ycoords"].values
     flat_positions = np.stack([x[nn.ravel()], y[nn.ravel()]], axis=1)
-    shape = (ds.sizes["obj_y"] + 2 * M + 2, ds.sizes["obj_x"] + 2 * M + 2)
+    shape = (ds.sizes["object_y"] + 2 * M + 2, ds.sizes["object_x"] + 2 * M + 2)
     want = _splat(flat_patches, flat_positions, np.ones(nn.size), shape)
     with dask.config.set(scheduler="threads"):
         got = _splat(out.patches.values, out.positions.values, out.weights.values, shape)

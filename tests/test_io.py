@@ -93,7 +93,7 @@ def test_round_trip_every_key_and_layout(tmp_path, layout, compressed):
         np.testing.assert_array_equal(ds[key].values, expected, err_msg=key, strict=True)
     squares = arrays["diffraction"][index].astype(np.float64) ** 2
     np.testing.assert_allclose(ds.intensity_sum.values, squares.sum(axis=(1, 2)), rtol=1e-12)
-    assert ds.objectGuess.dims == ("obj_y", "obj_x")
+    assert ds.objectGuess.dims == ("object_y", "object_x")
     assert ds.attrs["complete"] is True and ds.attrs["source"] == "scan.npz"
     assert ds.attrs["source_size"] == path.stat().st_size
     assert ds.attrs["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -241,12 +241,19 @@ def test_the_same_scan_in_any_order_gives_the_same_store(tmp_path, small_npz):
     }
 
 
-def test_overwrite(tmp_path):
+def test_a_store_is_reused_for_its_own_file_and_replaced_for_another_only_with_overwrite(tmp_path):
     path = _save(tmp_path / "s.npz", _scan())
     store = ingest(path, tmp_path / "s.zarr")
-    with pytest.raises(StoreError, match="already exists.*overwrite"):
-        ingest(path, store)
+    written = (store / "data" / "zarr.json").stat()
+    assert ingest(path, store) == store
+    again = (store / "data" / "zarr.json").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)  # nothing rewritten
+    with pytest.raises(StoreError, match="overwrite"):  # the same file in other chunks
+        ingest(path, store, chunk_bytes=2**16)
     other = _save(tmp_path / "t.npz", _scan(np.random.default_rng(5)))
+    with pytest.raises(StoreError, match="already exists.*overwrite"):
+        ingest(other, store)
+    assert open_dataset(store).attrs["source"] == "s.npz"
     ingest(other, store, overwrite=True)
     assert open_dataset(store).attrs["source"] == "t.npz"
     assert _leftovers(tmp_path) == []

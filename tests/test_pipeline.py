@@ -129,7 +129,7 @@ def test_results_equal_the_in_memory_composition_of_the_stages(reference, small_
     )
     recon = obj[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0][2:-2, 2:-2]
     truth = gt_full[rows, cols][2:-2, 2:-2]
-    np.testing.assert_allclose(store["arms/pinn/aligned"][:][2:-2, 2:-2], recon, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store["scores/pinn/aligned"][:][2:-2, 2:-2], recon, rtol=1e-5, atol=1e-6)
 
     t, p = np.abs(truth).astype(np.float64), np.abs(recon).astype(np.float64)
     p = p * t.mean() / p.mean()
@@ -194,8 +194,8 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
         zarr.open_group(str(p / "store.zarr"), mode="r") for p in (tmp_path, reference.output_dir)
     )
     for arm in ("pinn", "baseline"):
-        for name in ("object", "aligned"):
-            np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
+        for name in (f"arms/{arm}/object", f"scores/{arm}/aligned"):
+            np.testing.assert_array_equal(ours[name][:], theirs[name][:])
 
 
 @pytest.mark.slow
@@ -282,7 +282,7 @@ def test_iterative_arm_is_imported_aligned_and_reported(small_npz, models, refer
     assert [a.registration for a in result.arms] == ["unregistered", "unregistered", "registered"]
     assert {r["registration"] for r in rows if r["model"] == "PtyChi"} == {"registered"}
     store = zarr.open_group(str(result.store), mode="r")
-    boxes = {store[f"arms/{a.key}/{name}"].shape for a in result.arms for name in ("aligned", "aligned_gt")}
+    boxes = {store[f"scores/{a.key}/{name}"].shape for a in result.arms for name in ("aligned", "aligned_gt")}
     assert len(boxes) == 1  # registered and unregistered arms scored on one box
     assert [r["model"] for r in rows if r["metric"].startswith("registration_")] == ["PtyChi", "PtyChi"]
     times = {r["model"]: r["value"] for r in rows if r["metric"] == "computation_time_s"}
@@ -314,7 +314,7 @@ def test_an_iterative_arm_in_the_whole_object_frame_scores_like_one_in_the_scan_
     for name in METRIC_ORDER:
         assert got[name] == pytest.approx(want[name], rel=1e-6), name
     assert 0.1 < got["ssim"][0] < 0.99  # scored on the truth's own pixels, not a trivial copy
-    stores = [zarr.open_group(str(r.store), mode="r")["arms/ptychi/aligned"] for r in (whole, scan)]
+    stores = [zarr.open_group(str(r.store), mode="r")["scores/ptychi/aligned"] for r in (whole, scan)]
     assert [s.attrs["frame"] for s in stores] == ["object", "scan"]
     np.testing.assert_array_equal(stores[0][:], stores[1][:])
 
@@ -341,7 +341,7 @@ def test_a_registration_without_a_clear_peak_is_refused_and_the_arm_scored_unreg
     assert {r["registration"] for r in rows} == {arm.registration}
     assert not [r for r in rows if r["metric"].startswith("registration_")]
     assert [w for w in result.run["warnings"] if "registration refused" in w]
-    aligned = zarr.open_group(str(result.store), mode="r")["arms/ptychi/aligned"]
+    aligned = zarr.open_group(str(result.store), mode="r")["scores/ptychi/aligned"]
     assert aligned.attrs["registration"]["accepted"] is False
     assert aligned.attrs["registration"]["confidence"] < 0.6
 
@@ -489,8 +489,8 @@ def test_an_inference_killed_mid_way_redoes_only_the_unfinished_blocks(
         zarr.open_group(str(p / "store.zarr"), mode="r") for p in (tmp_path, reference.output_dir)
     )
     for arm in ("pinn", "baseline"):
-        for name in ("patches/patches", "object", "aligned"):
-            np.testing.assert_array_equal(ours[f"arms/{arm}/{name}"][:], theirs[f"arms/{arm}/{name}"][:])
+        for name in (f"arms/{arm}/patches/patches", f"arms/{arm}/object", f"scores/{arm}/aligned"):
+            np.testing.assert_array_equal(ours[name][:], theirs[name][:])
     assert not (tmp_path / ".ptychozarr.lock").exists()
 
 
@@ -562,9 +562,10 @@ def test_the_store_has_named_dimensions_and_consolidated_metadata(reference):
         root = zarr.open_consolidated(str(reference.store), mode="r")
     for arm in ("pinn", "baseline"):
         for name, dims in (
-            ("patches/patches", ("patch", "crop_y", "crop_x")),
-            ("patches/done", ("block",)),
-            ("aligned", ("aligned_y", "aligned_x")),
-            ("aligned_gt", ("aligned_y", "aligned_x")),
+            (f"arms/{arm}/patches/patches", ("patch", "crop_y", "crop_x")),
+            (f"arms/{arm}/patches/done", ("block",)),
+            (f"arms/{arm}/object", ("object_y", "object_x")),
+            (f"scores/{arm}/aligned", ("object_y", "object_x")),
+            (f"scores/{arm}/aligned_gt", ("object_y", "object_x")),
         ):
-            assert root[f"arms/{arm}/{name}"].metadata.dimension_names == dims
+            assert root[name].metadata.dimension_names == dims

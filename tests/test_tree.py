@@ -67,15 +67,17 @@ def test_objects_lie_on_object_pixel_coordinates(run, arm):
     stored = zarr.open_array(run.store / "arms" / arm / "object", mode="r")
     frame = CanvasFrame.from_attrs(stored.attrs["canvas"])
     assert obj.dims == ("object_y", "object_x") and obj.shape == frame.shape
-    np.testing.assert_array_equal(obj["object_y"], frame.origin[0] + np.arange(frame.shape[0]))
-    np.testing.assert_array_equal(obj["object_x"], frame.origin[1] + np.arange(frame.shape[1]))
+    # the object pixel nearest to each canvas pixel: the exact origin rounded, plus the index
+    np.testing.assert_array_equal(obj["object_y"], round(frame.origin[0]) + np.arange(frame.shape[0]))
+    np.testing.assert_array_equal(obj["object_x"], round(frame.origin[1]) + np.arange(frame.shape[1]))
+    assert obj["object_y"].attrs["units"] == "pixel"
     np.testing.assert_array_equal(obj.values, stored[...])
-    # every crop the arm was stitched from lies on the canvas: object pixels from position - M/2 on
+    # every crop the arm was stitched from lies on the canvas (to the half pixel of the rounding)
     positions = tree[f"arms/{arm}/patches"].dataset["positions"].values
     for axis, dim in enumerate(("object_x", "object_y")):
         first, last = float(obj[dim][0]), float(obj[dim][-1])
-        assert first <= positions[:, axis].min() - M / 2 + 1e-3
-        assert positions[:, axis].max() + M / 2 - 1 <= last + 1e-3
+        assert first <= positions[:, axis].min() - M / 2 + 0.5
+        assert positions[:, axis].max() + M / 2 - 1 <= last + 0.5
 
 
 def test_a_store_of_an_older_schema_is_ingested_again(small_npz, tmp_path):
@@ -104,8 +106,9 @@ def test_infer_and_stitch_with_a_store_compute_once(small_groups, models, model_
 
     model_calls.clear()
     arm = pz.infer(ds, groups, models["PtychoPINN"], **kwargs, store=tmp_path / "arm")
-    obj, frame = pz.stitch(arm, tile=64, store=tmp_path / "arm")
-    np.testing.assert_array_equal(obj.compute(), expected_object.compute())
+    obj = pz.stitch(arm, tile=64, store=tmp_path / "arm")
+    frame = CanvasFrame.from_attrs(obj.attrs["canvas"])
+    np.testing.assert_array_equal(obj.values, expected_object.compute())
     np.testing.assert_array_equal(arm.patches.values, expected_patches)
     for _ in range(3):  # every later read comes from the store
         np.asarray(obj), arm.patches.values
@@ -115,18 +118,19 @@ def test_infer_and_stitch_with_a_store_compute_once(small_groups, models, model_
     tree, caught = _open_tree(tmp_path / "arm")
     assert not [m for m in caught if "consolidated" in m.lower()]
     np.testing.assert_array_equal(tree["patches"].dataset["patches"].values, expected_patches)
-    np.testing.assert_array_equal(tree.dataset["object_x"], frame.origin[1] + np.arange(frame.shape[1]))
+    np.testing.assert_array_equal(tree.dataset["object_x"], obj["object_x"])
+    np.testing.assert_array_equal(tree.dataset["object"].values, obj.values)
 
 
-def test_a_store_is_not_overwritten_unless_asked(small_groups, models, tmp_path):
+def test_a_store_made_from_other_inputs_is_not_overwritten_unless_asked(small_groups, models, tmp_path):
     ds, groups = open_dataset(small_groups.attrs["store"]), small_groups
     kwargs = dict(crop=M, block_groups=200, store=tmp_path / "arm")
     arm = pz.infer(ds, groups, models["Baseline"], **kwargs)
     pz.stitch(arm, tile=64, store=tmp_path / "arm")
     with pytest.raises(StoreError, match="overwrite=True"):
-        pz.infer(ds, groups, models["Baseline"], **kwargs)
+        pz.infer(ds, groups, models["PtychoPINN"], **kwargs)
     with pytest.raises(StoreError, match="overwrite=True"):
-        pz.stitch(arm, tile=64, store=tmp_path / "arm")
+        pz.stitch(arm, tile=32, store=tmp_path / "arm")
     with pytest.raises(InvalidParameterError, match="from the dataset"):
         pz.stitch(arm, arm.positions.values, store=tmp_path / "arm")
     pz.infer(ds, groups, models["Baseline"], **kwargs, overwrite=True)

@@ -376,7 +376,7 @@ def describe(ds) -> str:
         f"y in [{float(ds.ycoords.min()):.1f}, {float(ds.ycoords.max()):.1f}] px",
     ]
     if "objectGuess" in ds:
-        lines.append(f"  ground truth objectGuess {ds.sizes['obj_y']}×{ds.sizes['obj_x']}")
+        lines.append(f"  ground truth objectGuess {ds.sizes['object_y']}×{ds.sizes['object_x']}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@
     infer     groups → arms/<arm>/patches              (per model arm; per-block completion)
     stitch    patches → arms/<arm>/object              (tile-owned partial sums)
     iterative NPZ → arms/<arm>/object                  (the iterative arm)
-    score     object → arms/<arm>/aligned, aligned_gt  (alignment, registration, metrics)
+    score     object → scores/<arm>/aligned, aligned_gt (alignment, registration, metrics)
     report    arms → comparison_metrics.csv, FRC CSVs, plot, NPZs, run.json
 
 A stage whose output is complete and was made with the same parameters and inputs is reused, and an
@@ -34,10 +34,11 @@ import zarr
 
 from ptychozarr import _tf, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
-from ptychozarr.errors import PtychozarrError
+from ptychozarr.errors import InvalidParameterError, PtychozarrError
 from ptychozarr.inference import load_count, oom_events
 from ptychozarr.io import consolidate
-from ptychozarr.io.store import DamagedScanError
+from ptychozarr.io.store import DamagedScanError, zarr_source
+from ptychozarr.models import Model
 from ptychozarr.plan import RunPlan, digest, resolve
 from ptychozarr.preflight import ScanHeader
 from ptychozarr.report import ArmResult
@@ -78,8 +79,8 @@ class Comparison:
 
 
 def compare(
-    test_data: str | os.PathLike,
-    models: Mapping[str, str | os.PathLike],
+    test_data: str | os.PathLike | xr.Dataset,
+    models: Mapping[str, str | os.PathLike | Model],
     *,
     output_dir: str | os.PathLike,
     ptychi_recon: str | os.PathLike | None = None,
@@ -89,12 +90,17 @@ def compare(
 
     Parameters
     ----------
-    test_data : path
-        The scan: an NPZ (ingested into ``output_dir/store.zarr``) or an ingested Zarr store (whose
-        ``groups/`` the run writes or reuses; the arms always go to ``output_dir/store.zarr``).
-    models : mapping of str to path
+    test_data : path or xarray.Dataset
+        The scan: an NPZ (ingested into ``output_dir/store.zarr``), an ingested Zarr store (whose
+        ``groups/`` the run writes or reuses; the arms always go to ``output_dir/store.zarr``), or the
+        dataset :func:`ptychozarr.open_dataset` returns for one, unchanged (a selection of it is refused:
+        write it to a store of its own first).
+    models : mapping of str to path or Model
         Model arms, label → model path (``.keras`` with sidecar, or a PtychoPINN ``wts.h5.zip`` with
-        ``trust_bundle=True``), in report order, e.g. ``{"PtychoPINN": p, "Baseline": b}``.
+        ``trust_bundle=True``) or a model loaded from one (:func:`ptychozarr.load_model`,
+        :func:`ptychozarr.models.ptychopinn.load_bundle`), in report order, e.g.
+        ``{"PtychoPINN": p, "Baseline": b}``. A loaded model's file is what runs (loaded again by each
+        worker), so a loaded bundle needs ``trust_bundle=True`` here too.
     output_dir : path
         Where the store and the report files go (one run at a time: a lock refuses a second).
     ptychi_recon : path, optional
@@ -109,8 +115,37 @@ def compare(
     -------
     Comparison
     """
-    config = CompareConfig.from_options(test_data, models, output_dir, ptychi_recon, options)
+    paths = {label: _model_path(label, model) for label, model in models.items()}
+    config = CompareConfig.from_options(_scan_path(test_data), paths, output_dir, ptychi_recon, options)
     return run_compare(config)
+
+
+def _scan_path(test_data: str | os.PathLike | xr.Dataset) -> str | os.PathLike:
+    """The path of the scan ``compare`` was given: itself, or the store a dataset was opened from."""
+    if not isinstance(test_data, xr.Dataset):
+        return test_data
+    store = test_data.attrs.get("store")
+    stored = "diffraction" in test_data and zarr_source(test_data["diffraction"].data) is not None
+    if store is None or not stored:
+        raise InvalidParameterError(
+            "compare(dataset): the dataset is not a whole ingested store as ptychozarr.open_dataset returns "
+            "it (a selection or an in-memory dataset); save the scan as an NPZ and pass its path, or pass "
+            "open_dataset(store) unchanged"
+        )
+    return store
+
+
+def _model_path(label: str, model: str | os.PathLike | Model) -> str | os.PathLike:
+    """The file of a model arm: the path given, or the file a loaded model was read from."""
+    if not isinstance(model, Model):
+        return model
+    path = getattr(model, "path", None)
+    if path is None:
+        raise InvalidParameterError(
+            f"models[{label!r}] was built in memory and has no file; save it "
+            "(ptychozarr.models.save_keras) and pass its path"
+        )
+    return path
 
 
 def run_compare(config: CompareConfig) -> Comparison:
@@ -196,7 +231,7 @@ def _model_arms(rt: Runtime, root, ds, groups, plan: RunPlan) -> tuple[list[ArmR
         try:
             patches = stages.infer.run(rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups)
             result.computation_time_s = patches.attrs["seconds"]
-            stages.stitch.run(rt, node, plan.tile)
+            stages.stitch.run(rt, node, plan.tile, ds.attrs.get("pixel_size_m"))
         except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
             raise
         except PtychozarrError as exc:
@@ -213,7 +248,7 @@ def _score_arms(rt: Runtime, root, ds, groups, arms, errors, plan: RunPlan) -> N
     (registration asked but its measurement not accepted, with the reason).
     """
     registered = plan.registered([a.label for a in arms])
-    gt = ds["objectGuess"].data
+    gt = ds["objectGuess"]
     centres = np.asarray(groups["centres"].values)
     scan = np.stack([ds["xcoords"].values, ds["ycoords"].values], axis=1)
     aligned = {}
@@ -265,9 +300,10 @@ def _report(rt: Runtime, root: zarr.Group, arms: list[ArmResult], ds, plan: RunP
     """
     config = plan.config
     sources = {
-        a.key: {name: dict(node.attrs) for name, node in root[f"arms/{a.key}"].arrays()}
+        f"{group}/{a.key}": {name: dict(node.attrs) for name, node in root[f"{group}/{a.key}"].arrays()}
         for a in arms
-        if f"arms/{a.key}" in root
+        for group in ("arms", "scores")
+        if f"{group}/{a.key}" in root
     }
     key = digest(
         {
@@ -315,8 +351,8 @@ def _write_report(
             "comparison_metrics.csv (as compare_models)"
         )
     if scored:
-        aligned = {a.key: root[f"arms/{a.key}/aligned"] for a in scored}
-        truths = {a.key: root[f"arms/{a.key}/aligned_gt"] for a in scored}
+        aligned = {a.key: root[f"scores/{a.key}/aligned"] for a in scored}
+        truths = {a.key: root[f"scores/{a.key}/aligned_gt"] for a in scored}
         written["plot"] = str(
             report.write_comparison_figure(
                 out / "comparison_plot.png", {a.label: truths[a.key] for a in scored},
@@ -338,7 +374,7 @@ def _write_report(
         written["plot"] = str(plot)
     if config.output.save_npz:
         truth = ds["objectGuess"].data if header.has_truth else None
-        origins = {key: _origin(root[f"arms/{key}"]) for key in objects}
+        origins = {key: _origin(root, key) for key in objects}
         written["reconstructions"] = str(
             report.write_reconstructions_npz(
                 out / "reconstructions.npz", objects, origins, ground_truth=truth
@@ -367,13 +403,13 @@ def _title(config: CompareConfig, ds: xr.Dataset) -> str:
     )
 
 
-def _origin(node: zarr.Group) -> tuple[float, float] | None:
-    """Object pixel of an object's pixel (0, 0): the canvas frame's origin for a stitched object,
-    (0, 0) for an iterative object in the whole-object frame, None when unknown."""
-    source = node["object"]
+def _origin(root: zarr.Group, key: str) -> tuple[float, float] | None:
+    """Object pixel of arm ``key``'s object's pixel (0, 0): the canvas frame's origin for a stitched
+    object, (0, 0) for an iterative object in the whole-object frame, None when unknown."""
+    source = root[f"arms/{key}/object"]
     if "canvas" in source.attrs:
         return tuple(CanvasFrame.from_attrs(source.attrs["canvas"]).origin)
-    aligned = node.get("aligned")
+    aligned = root.get(f"scores/{key}/aligned")
     return (0.0, 0.0) if aligned is not None and aligned.attrs.get("frame") == "object" else None
 
 

@@ -4,8 +4,11 @@ Layout (DESIGN.md, "Store"): ``data/diffraction`` (n, N, N) float32 amplitude in
 patterns (zstd), ``data/{x,y}coords[_start]`` (n,) float64, ``data/scan_index`` (n,) int64,
 ``data/intensity_sum`` (n,) float64 (Σ d² of each pattern, computed while ingesting),
 ``data/input_index`` (n,) int64, ``data/probeGuess`` (N, N) complex64 and, when present,
-``data/objectGuess`` (H, W) complex64. Every array carries its dimension names; the ``data`` group
-carries the provenance and ``complete``.
+``data/objectGuess`` (H, W) complex64 on the object frame (:func:`write_frame`): dimensions ``object_y``,
+``object_x`` with their coordinates in object pixels (and in metres, ``object_y_m`` / ``object_x_m``, when
+the scan gives ``pixel_size_m``). Every array carries its dimension names and ``units``; the ``data``
+group carries the provenance, ``pixel_size_m`` and ``energy_eV`` when the scan gives them, and
+``complete``.
 
 Patterns are stored in scan-space order, along a Hilbert curve through their positions
 (:mod:`ptychozarr.io.order`), whatever the order of the input: consecutive patterns are close in space,
@@ -26,7 +29,8 @@ fill value, so a chunk absent from the store is a chunk lost (:func:`missing_chu
 :func:`check_chunks`). Stores are read through a :class:`CheckedStore` and never through consolidated
 metadata: a damaged chunk, a truncated chunk or metadata that is not JSON raise :class:`StoreError` and a
 lost chunk :class:`MissingChunkError`, each one line naming the array and the fix, never a fill value.
-Schema 3 (this layout) is the first with checksums; older stores are refused with the fix (re-ingest).
+Schema 3 was the first with checksums; schema 4 (this layout) puts the ground truth on the object frame.
+Older stores are refused with the fix (re-ingest).
 """
 
 from __future__ import annotations
@@ -77,14 +81,18 @@ __all__ = [
     "SCHEMA_VERSION",
     "CheckedStore",
     "DamagedScanError",
+    "FRAME_DIMS",
+    "FRAME_VERSION",
     "MissingChunkError",
     "array_options",
     "check_chunks",
     "codecs",
     "consolidate",
     "file_stat",
+    "frame_attributes",
     "holds_result",
     "ingest",
+    "ingested_from",
     "is_complete",
     "is_complete_with",
     "lost_chunks",
@@ -102,9 +110,21 @@ __all__ = [
     "sha256",
     "stores_every_chunk",
     "writable",
+    "write_frame",
+    "zarr_source",
 ]
 
-SCHEMA_VERSION = 3  # 3: every chunk stored and checksummed (crc32c)
+SCHEMA_VERSION = 4  # 3: every chunk stored and checksummed (crc32c); 4: the ground truth on the object frame
+FRAME_DIMS = ("object_y", "object_x")
+"""Dimensions of every 2-D object the engine stores (ground truth, stitched objects, aligned crops); each is
+also a coordinate array beside the object: the object pixel of each row and column (``units: pixel``)."""
+FRAME_VERSION = 2
+"""Version of the object frame, in the parameters of every stage that writes an object (1: each array had
+its own dimension names, the stitched object fractional coordinates); a result of another version is
+computed again, never read in the wrong frame."""
+OPTIONAL_SCALARS = {"pixel_size_m": "m", "energy_eV": "eV"}
+"""Optional scalar keys of a scan NPZ kept in ``data``'s attrs: the object pixel size in metres and the
+photon energy in electronvolts (PtychoPINN's NPZs name neither; these are the names this engine reads)."""
 # 4 MiB (64 patterns of 128²): in curve order a block of 256 groups then decodes about 3× its own patterns
 # (32 MiB chunks: 7×), and gathering every block costs less than one read of the whole array.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
@@ -122,11 +142,20 @@ _DIMS = {
     "input_index": ("pattern",),
     "intensity_sum": ("pattern",),
     "probeGuess": ("det_y", "det_x"),
-    "objectGuess": ("obj_y", "obj_x"),
+    "objectGuess": FRAME_DIMS,
     **{key: ("pattern",) for key in COORDINATE_KEYS},
 }
 _PATTERN_COORDINATES = "input_index"  # CF ``coordinates`` attribute of per-pattern arrays
 _SUM_ROWS = 32  # patterns per float64 temporary in pattern_intensity
+_UNITS = {
+    "diffraction": "arbitrary",  # sqrt(counts) when converted from integer counts (set at ingest)
+    "intensity_sum": "arbitrary",
+    "probeGuess": "arbitrary",
+    "objectGuess": "1",
+    "scan_index": "1",
+    "input_index": "1",
+    **dict.fromkeys(COORDINATE_KEYS, "pixel"),
+}
 _PATTERN_ORDER = "Hilbert curve of (xcoords, ycoords); input_index holds each pattern's index in the input"
 
 
@@ -148,6 +177,16 @@ def array_options(compress: bool = True) -> dict:
     """Keyword arguments of every ``create_array`` the engine makes: the codecs of :func:`codecs` and
     :data:`ARRAY_CONFIG` (every chunk written): ``group.create_array(name, data=x, **array_options())``."""
     return {"compressors": codecs(compress), "config": dict(ARRAY_CONFIG)}
+
+
+def zarr_source(array) -> zarr.Array | None:
+    """The Zarr array a dask array reads, when it is exactly ``da.from_zarr(z)`` of one (not sliced,
+    rechunked or computed on); None otherwise. What :func:`open_dataset` and the stores written with
+    ``store=`` return are such arrays, so a consumer can read the store itself."""
+    if not isinstance(array, da.Array) or not array.name.startswith("from-zarr-"):
+        return None
+    source = array.dask.get(f"original-{array.name}")
+    return source if isinstance(source, zarr.Array) and source.shape == array.shape else None
 
 
 def writable(array: zarr.Array) -> zarr.Array:
@@ -522,17 +561,22 @@ def ingest(
 ) -> Path:
     """Stream an NPZ scan into a new Zarr v3 store, never holding a whole member in memory.
 
+    A store that already holds this file's data in the current layout (:func:`ingested_from`) is
+    reused as it is, unless ``overwrite``.
+
     Parameters
     ----------
     npz_path : str or Path
         The scan: ``diff3d`` or ``diffraction`` as (M, N, N), (M, N, N, 1) or legacy (N, N, M);
         ``xcoords``, ``ycoords``, ``probeGuess``; optional ``xcoords_start``, ``ycoords_start``,
-        ``scan_index``, ``objectGuess``. Integer diffraction is photon counts and is stored as its square
-        root. Other keys (``Y``, ``_metadata``, …) are skipped and listed in the attrs.
+        ``scan_index``, ``objectGuess``, ``pixel_size_m`` (metres) and ``energy_eV`` (scalars). Integer
+        diffraction is photon counts and is stored as its square root. Other keys (``Y``, ``_metadata``,
+        …) are skipped and listed in the attrs.
     store_path : str or Path
         The store to create.
     overwrite : bool
-        Replace an existing ``store_path`` (only once the new store is complete). Only a Zarr store (a
+        Replace an existing ``store_path`` (only once the new store is complete), even one holding this
+        file's data. Only a Zarr store (a
         folder holding ``zarr.json``) is ever replaced: any other file or folder there is refused.
     chunk_bytes : int
         Target bytes of one diffraction chunk (whole patterns, at least one) and of one read.
@@ -547,15 +591,19 @@ def ingest(
     InvalidScanError
         The file breaks the data contract (the message names the key).
     StoreError
-        ``store_path`` exists and ``overwrite`` is false.
+        ``store_path`` exists, holds something else than this file's data and ``overwrite`` is false.
     InvalidParameterError
         ``overwrite`` is true and ``store_path`` is something other than a Zarr store.
     """
     npz_path, store_path = Path(npz_path), Path(store_path)
     if store_path.exists() or store_path.is_symlink():
+        if not overwrite and ingested_from(store_path, npz_path, chunk_bytes):
+            log.info("ingest: %s already holds %s; reusing it", store_path, npz_path.name)
+            return store_path
         if not overwrite:
             raise StoreError(
-                f"{store_path} already exists; choose another path or pass overwrite=True (--overwrite)"
+                f"{store_path} already exists and holds another scan, chunking or version's layout; choose "
+                "another path or pass overwrite=True (--overwrite)"
             )
         if not (store_path / "zarr.json").is_file():
             raise InvalidParameterError(
@@ -582,12 +630,42 @@ def ingest(
                 source_sha256=digest.result(),
                 source_stat=stat,
                 schema_version=SCHEMA_VERSION,
+                chunk_bytes=chunk_bytes,
                 **attrs,
             )
         replace_path(temporary, store_path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return store_path
+
+
+def ingested_from(store_path: str | Path, npz_path: str | Path, chunk_bytes: int | None = None) -> bool:
+    """Whether ``store_path`` holds the complete ingestion of ``npz_path`` in this layout: its ``data`` is
+    complete, of :data:`SCHEMA_VERSION`, made from a file of the same size and either the same
+    :func:`file_stat` or the same SHA-256 (and, when given, with the same ``chunk_bytes``), and holds
+    every chunk (a lost one is logged). The one rule by which :func:`ingest` and the pipeline's ingest
+    stage reuse a store."""
+    source = Path(npz_path)
+    try:
+        data = open_store(store_path)["data"]
+    except (PtychozarrError, KeyError):
+        return False
+    attrs = data.attrs
+    same = (
+        is_complete(data)
+        and attrs.get("schema_version") == SCHEMA_VERSION
+        and attrs.get("source_size") == source.stat().st_size
+        and (chunk_bytes is None or attrs.get("chunk_bytes") == chunk_bytes)
+        and (attrs.get("source_stat") == file_stat(source) or attrs.get("source_sha256") == sha256(source))
+    )
+    if not same:
+        return False
+    try:
+        check_chunks(data, "ingesting it again")
+    except PtychozarrError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
 
 
 def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch: Path) -> dict:
@@ -621,21 +699,27 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
             f"expected ({n},) integers"
         )
     per_pattern["scan_index"] = scan_index.astype(np.int64)
+    scalars = {name: _scalar(npz, name) for name in OPTIONAL_SCALARS if name in keys}
     probe = _complex("probeGuess", npz.read("probeGuess"))
     check_square("probeGuess", probe.shape, size)
     truth = npz.member("objectGuess") if "objectGuess" in keys else None
     if truth is not None and len(truth.shape) != 2:
         raise InvalidScanError(f"key 'objectGuess' has shape {truth.shape}; expected a 2-D (H, W) object")
     if truth is not None:  # before the diffraction: a damaged object is refused early
-        _write_object(npz, truth, data)
+        _write_object(npz, truth, data, scalars.get("pixel_size_m"))
     order = curve_order(*(per_pattern[name] for name in (*COORDINATE_KEYS, "scan_index")))
     _write(data, "intensity_sum", _write_diffraction(npz, layout, data, chunk_bytes, scratch, order))
     _write(data, "input_index", order)
     for name, values in per_pattern.items():
         _write(data, name, values[order])
     _write(data, "probeGuess", probe)
-    used = {key, *COORDINATE_KEYS, "scan_index", "probeGuess", "objectGuess"}
+    if layout.intensity:
+        data["diffraction"].attrs["units"] = "sqrt(counts)"
+    if truth is not None:
+        write_frame(data, truth.shape, scalars.get("pixel_size_m"))
+    used = {key, *COORDINATE_KEYS, "scan_index", "probeGuess", "objectGuess", *scalars}
     return {
+        **scalars,
         "diffraction_key": key,
         "diffraction_layout": layout.name,
         "diffraction_source_dtype": str(npz.members[key].dtype),
@@ -646,14 +730,15 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
     }
 
 
-def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group) -> None:
+def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group, pixel_size_m: float | None) -> None:
     """Stream ``objectGuess`` into ``data`` in slabs of about :data:`DEFAULT_CHUNK_BYTES`, stored in
     :data:`OBJECT_TILE`² chunks: an object of any size is never held whole (a Fortran-ordered member
     streams by columns)."""
     shape = tuple(member.shape)
     out = data.create_array(
         "objectGuess", shape=shape, dtype=np.complex64, chunks=tuple(min(OBJECT_TILE, n) for n in shape),
-        dimension_names=_DIMS["objectGuess"], attributes=_attributes("objectGuess"), **array_options(),
+        dimension_names=_DIMS["objectGuess"], **array_options(),
+        attributes={**_attributes("objectGuess"), **frame_attributes(pixel_size_m)},
     )  # fmt: skip
     stored = member.storage_shape
     rows = max(1, DEFAULT_CHUNK_BYTES // (stored[1] * member.dtype.itemsize))
@@ -665,6 +750,57 @@ def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group) -> None:
         else:
             out[start : start + len(block)] = block
         start += len(block)
+
+
+def _scalar(npz: NpzReader, key: str) -> float:
+    """An optional scalar of the scan (:data:`OPTIONAL_SCALARS`): one finite positive number."""
+    unit = OPTIONAL_SCALARS[key]
+    values = npz.read(key) if npz.member(key).shape in ((), (1,)) else None
+    if values is None or not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise InvalidScanError(f"key {key!r} must be one real number ({unit}); fix it in the file")
+    value = float(values.reshape(()))
+    if not np.isfinite(value) or value <= 0:
+        raise InvalidScanError(f"key {key!r} is {value}; give a finite positive number ({unit})")
+    return value
+
+
+def write_frame(
+    group: zarr.Group, shape: tuple[int, int], pixel_size_m: float | None, origin: tuple[int, int] = (0, 0)
+) -> None:
+    """Write the object frame's coordinates beside a 2-D object in ``group``: ``object_y`` and ``object_x``
+    (int64 object pixels, ``origin`` + index) and, with ``pixel_size_m``, ``object_y_m`` and
+    ``object_x_m`` (metres, pixel × size), named as the objects' CF ``coordinates``.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The group holding the object(s) of this ``shape`` on :data:`FRAME_DIMS`.
+    shape : (int, int)
+        Rows and columns of the object.
+    pixel_size_m : float or None
+        Object pixel size in metres.
+    origin : (int, int)
+        Object pixel of the object's pixel (0, 0).
+    """
+    for dim, size, start in zip(FRAME_DIMS, shape, origin, strict=True):
+        pixels = np.arange(start, start + size, dtype=np.int64)
+        attrs = {"units": "pixel", "long_name": f"object {dim[-1]} (pixel)"}
+        if pixel_size_m is not None:
+            attrs["pixel_size_m"] = pixel_size_m
+        group.create_array(dim, data=pixels, dimension_names=(dim,), overwrite=True, attributes=attrs,
+                           **array_options())  # fmt: skip
+        if pixel_size_m is not None:
+            group.create_array(
+                f"{dim}_m", data=pixels * pixel_size_m, dimension_names=(dim,), overwrite=True,
+                attributes={"units": "m", "long_name": f"object {dim[-1]} (m)"}, **array_options(),
+            )  # fmt: skip
+
+
+def frame_attributes(pixel_size_m: float | None) -> dict:
+    """Attributes of an object on the frame: its metre coordinates (CF ``coordinates``) and pixel size."""
+    if pixel_size_m is None:
+        return {}
+    return {"coordinates": " ".join(f"{d}_m" for d in FRAME_DIMS), "pixel_size_m": pixel_size_m}
 
 
 def _complex(key: str, values: np.ndarray) -> np.ndarray:
@@ -690,7 +826,8 @@ def _write(group: zarr.Group, name: str, values: np.ndarray) -> None:
 def _attributes(name: str) -> dict:
     """Per-pattern arrays name ``input_index`` as their coordinate (CF), so xarray's zarr engine sees it."""
     per_pattern = _DIMS[name][0] == "pattern" and name != _PATTERN_COORDINATES
-    return {"coordinates": _PATTERN_COORDINATES} if per_pattern else {}
+    units = {"units": _UNITS[name]}
+    return {"coordinates": _PATTERN_COORDINATES, **units} if per_pattern else units
 
 
 def pattern_intensity(patterns) -> np.ndarray:
@@ -809,9 +946,10 @@ def open_dataset(store_path: str | Path, *, verify: bool = True) -> xr.Dataset:
 
     Variables ``diffraction`` (pattern, det_y, det_x), ``xcoords``, ``ycoords``, ``xcoords_start``,
     ``ycoords_start``, ``scan_index``, ``intensity_sum`` (pattern), ``probeGuess`` (det_y, det_x) and,
-    when present, ``objectGuess`` (obj_y, obj_x), each chunked as stored, with the coordinate
-    ``input_index`` (pattern): patterns are in curve order, ``input_index`` maps them to the input's.
-    ``attrs`` are those of ``data`` plus ``store``, the store's path.
+    when present, ``objectGuess`` (object_y, object_x), each chunked as stored and with its ``units``,
+    and the coordinates ``input_index`` (pattern: patterns are in curve order, ``input_index`` maps them
+    to the input's), ``object_y`` and ``object_x`` (object pixels) and, with a pixel size, ``object_y_m``
+    and ``object_x_m`` (metres). ``attrs`` are those of ``data`` plus ``store``, the store's path.
 
     The store is opened past any consolidated metadata, and with ``verify`` every array's chunks are
     listed first: a store that lost a chunk is refused here, before any work. Without ``verify`` a lost
@@ -836,4 +974,7 @@ def open_dataset(store_path: str | Path, *, verify: bool = True) -> xr.Dataset:
         name: (array.metadata.dimension_names, da.from_zarr(array)) for name, array in sorted(data.arrays())
     }
     ds = xr.Dataset(variables, attrs={**data.attrs, "store": str(Path(store_path))})
-    return ds.set_coords(_PATTERN_COORDINATES) if _PATTERN_COORDINATES in ds else ds
+    for name, variable in ds.variables.items():  # units, pixel size; CF coordinates are applied below
+        variable.attrs.update({k: v for k, v in data[name].attrs.items() if k != "coordinates"})
+    metres = [f"{dim}_m" for dim in FRAME_DIMS]
+    return ds.set_coords([name for name in (_PATTERN_COORDINATES, *metres) if name in ds])

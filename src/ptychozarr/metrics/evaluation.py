@@ -104,8 +104,8 @@ def task_memory(shape: tuple[int, int], *, chunk: int | None = None) -> dict[str
 
 
 def evaluate(
-    recon,
-    ground_truth,
+    recon: np.ndarray | da.Array,
+    ground_truth: np.ndarray | da.Array,
     *,
     phase_align: Literal["plane", "mean"] = "plane",
     trim: int = 2,

@@ -11,7 +11,7 @@ the patch size from the stored patches)::
     infer    groups → arms/<arm>/patches      (+ done: per-block completion)
     stitch   patches → arms/<arm>/object
     iterative  NPZ → arms/<arm>/object
-    score    object → arms/<arm>/aligned, aligned_gt (attrs: metrics, offset)
+    score    object → scores/<arm>/aligned, aligned_gt (attrs: metrics, offset)
 """
 
 from ptychozarr.stages import group, infer, ingest, iterative, score, stitch

@@ -21,7 +21,7 @@ from ptychozarr import align
 from ptychozarr.errors import InvalidScanError, PtychozarrError
 from ptychozarr.io import mark_complete
 from ptychozarr.io.npz import NpzReader
-from ptychozarr.io.store import array_options
+from ptychozarr.io.store import FRAME_DIMS, FRAME_VERSION, array_options
 from ptychozarr.runtime import Runtime
 from ptychozarr.stages._common import arm_key, fingerprint
 
@@ -33,12 +33,12 @@ def run(rt: Runtime, root: zarr.Group, path: Path) -> tuple[str, str, float | No
     obj, seconds, label = read_reconstruction(path)
     key = arm_key(label)
     node = root.require_group(f"arms/{key}")
-    params = {"recon": fingerprint(path)}
+    params = {"recon": fingerprint(path), "frame": FRAME_VERSION}
     with rt.timed(f"import:{key}"):
         if not rt.reusable(f"import:{key}", node.get("object"), params):
             out = node.create_array(
                 "object", shape=obj.shape, dtype=np.complex64, chunks=obj.shape, overwrite=True,
-                attributes={"complete": False}, dimension_names=("obj_y", "obj_x"), **array_options(),
+                attributes={"complete": False}, dimension_names=FRAME_DIMS, **array_options(),
             )  # fmt: skip
             out[...] = obj
             mark_complete(out, params=params, label=label, seconds=seconds)

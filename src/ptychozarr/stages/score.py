@@ -9,8 +9,12 @@ Two passes, so that every arm is scored on identical shapes (FRC rings mean the 
 2. :func:`score_arms` cuts every arm and its truth to one box (:func:`ptychozarr.align.crop_to_common`)
    and evaluates each pair.
 
-Writes ``arms/<arm>/aligned`` and ``aligned_gt`` (named dimensions ``aligned_y``, ``aligned_x``); the
-metrics, the registration (offset, confidence, accepted, reason) and the box go to ``aligned``'s attrs.
+Writes ``scores/<arm>/aligned`` and ``aligned_gt`` on the object frame (dimensions ``object_y``,
+``object_x``) with their coordinates: the object pixels of the ground truth they were cut from, so that
+``xarray.align`` lines them up with ``data/objectGuess`` and the arm's object. They sit in a group of their
+own, beside ``arms/<arm>``, because a group of a tree has one coordinate per dimension (the stitched
+object's extent is not the crop's). The metrics, the registration (offset, confidence, accepted, reason)
+and the box go to ``aligned``'s attrs.
 The patch size M that placement uses is read from the arm's stored patches (the iterative arm, which
 has none, uses the configured M). An arm whose output is complete with the same parameters, box
 included, is reused, without measuring its registration again.
@@ -25,22 +29,25 @@ from dataclasses import dataclass
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 import zarr
 
 from ptychozarr import align, memory
 from ptychozarr.config import ScoreOptions
 from ptychozarr.io import is_complete, mark_complete
-from ptychozarr.io.store import array_options
+from ptychozarr.io.store import FRAME_DIMS, FRAME_VERSION, array_options, frame_attributes, write_frame
 from ptychozarr.metrics import evaluate, task_memory
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stitch import CanvasFrame
 
-__all__ = ["DIMS", "Aligned", "align_arm", "project_memory", "score_arms"]
+__all__ = ["DIMS", "Aligned", "align_arm", "project_memory", "score_arms", "scores_group"]
 
 log = logging.getLogger(__name__)
 
-DIMS = ("aligned_y", "aligned_x")
+DIMS = FRAME_DIMS
+_LEGACY = ("aligned", "aligned_gt")
+"""Arrays an earlier layout kept in ``arms/<arm>``: removed when the arm is scored again."""
 _ANY_SIDE = 2**16
 """Side of the image a metric task is projected for (any larger one projects the same)."""
 
@@ -67,9 +74,11 @@ class Aligned:
         The arm's group (``arms/<key>``).
     params : dict
         What the alignment and registration depend on (JSON values).
-    recon, truth : dask.array.Array
-        The aligned object (before its registration shift: :meth:`shifted`) and its ground-truth crop,
-        of equal shape.
+    recon : dask.array.Array
+        The aligned object, before its registration shift (:meth:`shifted`).
+    truth : xarray.DataArray
+        Its ground-truth crop, of equal shape, dask-backed, with the object-pixel coordinates it has in
+        the ground truth (which are the aligned object's too).
     registration : dict or None
         ``offset`` (applied, or None), ``measured``, ``confidence``, ``accepted``, ``reason``,
         ``component`` (what the offset was measured on) and ``channel_confidence`` (the amplitude's and
@@ -82,7 +91,7 @@ class Aligned:
     node: zarr.Group
     params: dict
     recon: da.Array
-    truth: da.Array
+    truth: xr.DataArray
     registration: dict | None = None
     frame: str | None = None
 
@@ -103,7 +112,7 @@ class Aligned:
 def align_arm(
     rt: Runtime,
     node: zarr.Group,
-    gt: da.Array,
+    gt: xr.DataArray,
     centres: np.ndarray,
     scan: np.ndarray,
     options: ScoreOptions,
@@ -112,6 +121,9 @@ def align_arm(
     crop: int,
 ) -> Aligned:
     """Pass 1: put ``node/object`` on the ground truth's grid and register it when ``registered``.
+
+    ``gt`` is the ground truth on the object frame (``objectGuess`` of :func:`ptychozarr.io.open_dataset`):
+    the alignment cuts it as an array, so its crop keeps its coordinates.
 
     ``crop`` is the configured M, used only when the arm has no stored patches (the iterative arm). A
     registration stored by a complete earlier score with the same parameters is reused.
@@ -127,12 +139,12 @@ def align_arm(
         if registered:
             registration = _stored_registration(node, params) if not rt.force else None
             if registration is None:
-                registration = _register(recon, truth, params)
+                registration = _register(recon, truth.data, params)
             if not registration["accepted"]:
                 rt.warn(
                     f"{node.basename}: registration refused ({registration['reason']}); scored unregistered"
                 )
-    return Aligned(node, params, da.asarray(recon), da.asarray(truth), registration, frame)
+    return Aligned(node, params, da.asarray(recon), truth, registration, frame)
 
 
 def _align(node, gt, centres, scan, params) -> tuple:
@@ -157,7 +169,7 @@ _FRAMES = {"scan": "scan-box", "object": "whole-object (objectGuess)"}
 
 def _stored_registration(node: zarr.Group, params: dict) -> dict | None:
     """The registration a complete earlier score measured with the same alignment parameters."""
-    aligned = node.get("aligned")
+    aligned = scores_group(node).get("aligned")
     if aligned is None or not is_complete(aligned) or aligned.attrs.get("params", {}).get("align") != params:
         return None
     return aligned.attrs.get("registration")
@@ -200,26 +212,39 @@ def score_arms(rt: Runtime, arms: Sequence[Aligned]) -> list[zarr.Array]:
         )
         for i, arm in enumerate(arms):
             recon, truth = pairs[i]
-            params = {"align": arm.params, "box": list(recon.shape)}
+            origin = [int(truth[dim][0]) for dim in DIMS]
+            params = {"align": arm.params, "box": list(recon.shape), "origin": origin, "frame": FRAME_VERSION}
             name = f"score:{arm.node.basename}"
+            node = scores_group(arm.node)
             with rt.timed(name):
-                if not rt.reusable(name, arm.node.get("aligned"), params):
-                    _score(rt, arm, recon, truth, params)
-            out.append(arm.node["aligned"])
+                if not rt.reusable(name, node.get("aligned"), params):
+                    _score(rt, arm, node, recon, truth, params)
+            out.append(node["aligned"])
     return out
 
 
-def _score(rt: Runtime, arm: Aligned, recon, truth, params: dict) -> None:
+def scores_group(node: zarr.Group) -> zarr.Group:
+    """The group of an arm's scored crops, ``scores/<arm>`` beside ``arms/<arm>`` (created when missing)."""
+    root = zarr.open_group(node.store, mode="a", zarr_format=3, use_consolidated=False)
+    return root.require_group("scores").require_group(node.basename)
+
+
+def _score(rt: Runtime, arm: Aligned, node: zarr.Group, recon, truth: xr.DataArray, params: dict) -> None:
     """Store the arm's ``aligned`` crop and its truth, then score what was stored (every pass of the
     metrics reads the store, not the alignment's graph)."""
     log.info("stage score: scoring %s on a %s box", arm.node.basename, tuple(recon.shape))
-    node = arm.node
-    for name, image in (("aligned_gt", truth), ("aligned", recon)):
+    for legacy in _LEGACY:
+        if legacy in arm.node:
+            del arm.node[legacy]
+    pixel_size_m = truth.attrs.get("pixel_size_m")
+    for name, image in (("aligned_gt", truth.data), ("aligned", recon)):
         target = node.create_array(
             name, shape=image.shape, dtype=np.complex64, chunks=tuple(min(s, 1024) for s in image.shape),
-            overwrite=True, attributes={"complete": False}, dimension_names=DIMS, **array_options(),
+            overwrite=True, attributes={"complete": False, **frame_attributes(pixel_size_m)},
+            dimension_names=DIMS, **array_options(),
         )  # fmt: skip
         rt.compute("metrics", da.store, image.astype(np.complex64), target, lock=False, progress=False)
+    write_frame(node, recon.shape, pixel_size_m, tuple(params["origin"]))
     options = params["align"]
     metrics = rt.compute(
         "metrics", evaluate, da.from_zarr(node["aligned"]), da.from_zarr(node["aligned_gt"]),

@@ -1,8 +1,11 @@
 """Stitch stage: an arm's stored patches into its object, in tiles (``ptychozarr.stitch``).
 
-Writes ``arms/<arm>/object`` (named dimensions ``object_y``, ``object_x``) beside its coordinates
-``object_y`` and ``object_x``: the object-grid position of every canvas row and column, in object
-pixels (the canvas frame's origin plus the index), so that xarray opens the object on the object grid.
+Writes ``arms/<arm>/object`` on the object frame (:data:`ptychozarr.io.store.FRAME_DIMS`: dimensions
+``object_y``, ``object_x``) beside its coordinates ``object_y`` and ``object_x``: the object pixel of every
+canvas row and column, the canvas frame's origin rounded to the nearest pixel (as placement alignment
+rounds it) plus the index, so that xarray lines the object up with the ground truth and the aligned crops.
+The exact, sub-pixel origin stays in the object's ``canvas`` attrs. With a pixel size, the coordinates in
+metres ``object_y_m`` and ``object_x_m`` are written too.
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import numpy as np
 import zarr
 
 from ptychozarr import memory
-from ptychozarr.io.store import array_options
+from ptychozarr.io.store import FRAME_DIMS, FRAME_VERSION, frame_attributes, write_frame
 from ptychozarr.runtime import Runtime
 from ptychozarr.stitch import CanvasFrame, stitch_to_zarr, task_memory
 
-__all__ = ["DIMS", "TASK_KINDS", "project_memory", "run", "write_coordinates", "write_object"]
+__all__ = ["DIMS", "TASK_KINDS", "frame_origin", "project_memory", "run", "write_coordinates", "write_object"]
 
-DIMS = ("object_y", "object_x")
+DIMS = FRAME_DIMS
 """Dimension names of a stitched object (and the names of its coordinate arrays)."""
 
 TASK_KINDS = ("stitch-tile",)
@@ -35,15 +38,19 @@ def project_memory(
     return tuple(memory.TaskMemory(kind, {"task": projected[kind]}, "tile") for kind in TASK_KINDS)
 
 
-def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
-    """Stitch ``node/patches`` into ``node/object`` (the patch size M is the stored patches' side)."""
+def run(rt: Runtime, node: zarr.Group, tile: int, pixel_size_m: float | None = None) -> zarr.Array:
+    """Stitch ``node/patches`` into ``node/object`` (the patch size M is the stored patches' side);
+    ``pixel_size_m`` (the scan's) adds coordinates in metres."""
     name = f"stitch:{node.basename}"
     patches = node["patches"]
-    params = {"patches": dict(patches.attrs["params"]), "tile": tile, "dims": DIMS}
+    params = {
+        "patches": dict(patches.attrs["params"]), "tile": tile, "frame": FRAME_VERSION,
+        "pixel_size_m": pixel_size_m,
+    }  # fmt: skip
     with rt.timed(name):
         if rt.reusable(name, node.get("object"), params):
             if not all(dim in node for dim in DIMS):  # a run stopped between the object and its coordinates
-                write_coordinates(node, node["object"])
+                write_coordinates(node, node["object"], pixel_size_m)
             return node["object"]
         return rt.compute(
             "stitch",
@@ -55,6 +62,7 @@ def run(rt: Runtime, node: zarr.Group, tile: int) -> zarr.Array:
             tile=tile,
             attrs={"params": params},
             overwrite=True,
+            pixel_size_m=pixel_size_m,
             task_kinds=TASK_KINDS,
         )
 
@@ -70,6 +78,7 @@ def write_object(
     block: int | None = None,
     attrs: dict | None = None,
     overwrite: bool = False,
+    pixel_size_m: float | None = None,
 ) -> zarr.Array:
     """Stitch into ``node/object`` (:func:`ptychozarr.stitch.stitch_to_zarr`) and write its coordinates.
 
@@ -79,31 +88,31 @@ def write_object(
         The arm's group.
     patches, positions, weights, tile, canvas, block, attrs, overwrite
         As for :func:`ptychozarr.stitch.stitch_to_zarr`.
+    pixel_size_m : float, optional
+        Object pixel size in metres: adds the coordinates in metres.
 
     Returns
     -------
     zarr.Array
         ``node/object``, complete, with dimensions :data:`DIMS`.
     """
+    attrs = {**dict(attrs or {}), **frame_attributes(pixel_size_m)}
     out = stitch_to_zarr(
         node, "object", patches, positions, weights, tile=tile, canvas=canvas, block=block, attrs=attrs,
         overwrite=overwrite, dimension_names=DIMS,
     )  # fmt: skip
-    write_coordinates(node, out)
+    write_coordinates(node, out, pixel_size_m)
     return out
 
 
-def write_coordinates(node: zarr.Group, obj: zarr.Array) -> None:
-    """Write ``node/object_y`` and ``node/object_x``: origin + index of each row and column of ``obj``.
+def frame_origin(canvas: CanvasFrame) -> tuple[int, int]:
+    """The object pixel of a canvas's pixel (0, 0): its origin rounded to the nearest pixel."""
+    return tuple(int(np.rint(v)) for v in canvas.origin)
 
-    The origin is the canvas frame recorded in ``obj``'s attrs; positions are object pixels, as the scan
-    coordinates and ``objectGuess``'s indices.
-    """
+
+def write_coordinates(node: zarr.Group, obj: zarr.Array, pixel_size_m: float | None = None) -> None:
+    """Write ``node/object_y`` and ``node/object_x`` (and in metres, with ``pixel_size_m``): the object
+    pixel of each row and column of ``obj``, :func:`frame_origin` of the canvas in its attrs + index
+    (:func:`ptychozarr.io.store.write_frame`)."""
     frame = CanvasFrame.from_attrs(obj.attrs["canvas"])
-    positions = frame.to_object(np.arange(frame.shape[0]), np.arange(frame.shape[1]))
-    for dim, values in zip(DIMS, positions, strict=True):
-        node.create_array(
-            dim, data=values.astype(np.float64), dimension_names=(dim,), overwrite=True,
-            attributes={"units": "object pixels", "long_name": f"object {dim[-1]} of the pixel"},
-            **array_options(),
-        )  # fmt: skip
+    write_frame(node, frame.shape, pixel_size_m, frame_origin(frame))
