@@ -100,6 +100,15 @@ def test_fourier_shift_through_a_work_directory_equals_numpy(obj, tmp_path, monk
     assert len(list(tmp_path.glob("*.zarr"))) == 2  # the transposition and the result
 
 
+def test_fourier_shift_through_a_work_directory_keeps_its_chunks_within_the_image(obj, tmp_path):
+    import zarr
+
+    align.fourier_shift(da.from_array(obj, chunks=(70, 45)), (0.4, -1.6), workdir=tmp_path).compute()
+    for path in tmp_path.glob("*.zarr"):  # a small image's slab is the whole image, not a larger chunk
+        stored = zarr.open_array(path, mode="r")
+        assert all(c <= n for c, n in zip(stored.chunks, obj.shape, strict=True)), stored.chunks
+
+
 def test_fourier_shift_dask_equals_numpy(obj):
     expected = align.fourier_shift(obj, (0.4, -1.6))
     got = align.fourier_shift(da.from_array(obj, chunks=(70, 45)), (0.4, -1.6)).compute()

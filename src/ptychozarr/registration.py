@@ -476,7 +476,7 @@ def fourier_shift(image, offset: tuple[float, float], *, workdir: str | Path | N
     if isinstance(image, da.Array):
         meta = np.empty((0, 0), np.complex128)
         (h, w), tiles = image.shape, image.chunks
-        slab_rows, slab_cols = (max(1, SLAB_BYTES // (16 * n)) for n in (w, h))
+        slab_rows, slab_cols = (min(max(1, SLAB_BYTES // (16 * n)), m) for n, m in ((w, h), (h, w)))
         rows = image.rechunk((slab_rows if workdir else image.chunks[0], -1))
         rows = rows.map_blocks(_shift_axis, dx, 1, dtype=np.complex128, meta=meta)
         if workdir is None:
