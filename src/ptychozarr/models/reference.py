@@ -65,8 +65,26 @@ def _check_depth(N: int, depth: int) -> None:
         )
 
 
+def _unet(inp, filters: int, depth: int, batch_norm: bool):
+    """U-Net body: ``depth`` pooled stages, a bottleneck, and decoder stages fed the matching encoder's
+    features (skip connections), so that detail finer than the bottleneck's cells reaches the heads."""
+    keras = _tf.keras()
+
+    x, skips = inp, []
+    for level in range(depth):
+        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
+    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
+    for level in reversed(range(depth)):
+        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
+        x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
+        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
+    return x
+
+
 def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
-    """Encoder–decoder from a group's diffraction to the group's object patch.
+    """U-Net from a group's diffraction to the group's object patch.
 
     Parameters
     ----------
@@ -90,15 +108,7 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, gridsize**2), name="diffraction")
-    x = inp
-    for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
-        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
-    for level in reversed(range(depth)):
-        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
-        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
-    return keras.Model(inp, _heads(x), name=f"pinn_gs{gridsize}_n{N}")
+    return keras.Model(inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}")
 
 
 def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
@@ -108,9 +118,7 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
     ----------
     N : int
         Pattern side.
-    filters, depth : int
-        As in :func:`build_pinn`; the U-Net adds skip connections between matching stages.
-    batch_norm : bool
+    filters, depth, batch_norm
         As in :func:`build_pinn`.
 
     Returns
@@ -122,17 +130,7 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, 1), name="diffraction")
-    x, skips = inp, []
-    for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
-        skips.append(x)
-        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
-    for level in reversed(range(depth)):
-        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
-        x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
-        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
-    return keras.Model(inp, _heads(x), name=f"baseline_n{N}")
+    return keras.Model(inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"baseline_n{N}")
 
 
 def with_phase_gauge(network, probe):
