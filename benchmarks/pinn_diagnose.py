@@ -210,7 +210,7 @@ def overfit(
 
     keras.utils.set_random_seed(0)
     n = data["group"].shape[-1]
-    network = build_pinn(n, 2, filters, depth, **build)
+    network = build_pinn(n, 2, filters, depth, probe=data["probe"], **build)
     optimizer = keras.optimizers.Adam(lr)
     x, offsets = tf.constant(data["clean"]), tf.constant(data["offsets"])
     gain = tf.constant(data["f"], tf.float32)

@@ -146,3 +146,42 @@ def test_gradient_in_the_phase_matches_finite_differences(groups):
     for v in np.random.default_rng(0).standard_normal((3, *phase.shape)):
         fd = (_numpy_loss(g, amp, phase + eps * v) - _numpy_loss(g, amp, phase - eps * v)) / (2 * eps)
         assert np.sum(grad * v) == pytest.approx(fd, rel=0.05)
+
+
+def _network_backprop(g):
+    """The PINN's back-propagation layer applied to the groups' normalised patterns, as complex."""
+    from ptychozarr import _tf
+    from ptychozarr.models.reference import build_pinn
+
+    keras = _tf.keras()
+    network = build_pinn(N, 2, filters=4, depth=2, probe=g["probe"])
+    out = keras.Model(network.inputs[0], network.get_layer("backprop").output)(g["x"]).numpy()
+    return np.moveaxis(out[..., :4] + 1j * out[..., 4:], -1, 1)
+
+
+def test_back_propagation_layer_is_the_inverse_fft_of_the_phased_patterns(groups):
+    """numpy's 2-D inverse FFT of the amplitudes given the probe lines' far-field phases, times the
+    conjugate phases of the probe's lines, equals the network's fixed Dense layers."""
+    probe, x = groups["probe"], np.moveaxis(groups["x"], -1, 1)
+    row, col = probe[N // 2, :], probe[:, N // 2]
+    far_row, far_col = (np.exp(1j * np.angle(np.fft.fftshift(np.fft.fft(line)))) for line in (row, col))
+    field = x * far_col[:, None] * far_row[None, :] * N
+    want = np.fft.ifft2(np.fft.ifftshift(field, axes=(-2, -1)))
+    want *= np.exp(-1j * np.angle(col))[:, None] * np.exp(-1j * np.angle(row))[None, :]
+    np.testing.assert_allclose(_network_backprop(groups), want, atol=2e-5 * np.abs(want).max())
+
+
+def test_back_propagation_is_a_first_estimate_of_the_object(groups):
+    """Within the probe's support the back-propagated patterns already follow the members' patches."""
+    estimate, truth = _network_backprop(groups), groups["members"]
+    weights = np.abs(groups["probe"]) ** 2
+    support = weights > 0.1 * weights.max()
+    gauge = np.exp(-1j * np.angle(np.sum(estimate * weights, axis=(2, 3), keepdims=True)))
+    true_phase = (
+        np.angle(truth) - np.sum(np.angle(truth) * weights, axis=(2, 3), keepdims=True) / weights.sum()
+    )
+    r_amp = np.corrcoef(np.abs(estimate)[:, :, support].ravel(), np.abs(truth)[:, :, support].ravel())[0, 1]
+    r_phase = np.corrcoef(
+        np.angle(estimate * gauge)[:, :, support].ravel(), true_phase[:, :, support].ravel()
+    )
+    assert r_amp > 0.7 and r_phase[0, 1] > 0.4, (r_amp, r_phase[0, 1])

@@ -22,11 +22,13 @@ import math
 from ptychozarr import _tf
 
 __all__ = [
+    "back_propagated",
     "build_baseline",
     "build_pinn",
     "far_field",
     "object_from_outputs",
     "poisson_nll",
+    "propagation_matrices",
     "translate",
     "with_phase_gauge",
 ]
@@ -83,8 +85,80 @@ def _unet(inp, filters: int, depth: int, batch_norm: bool):
     return x
 
 
-def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
-    """U-Net from a group's diffraction to the group's object patch.
+def propagation_matrices(probe):
+    """The two ``N×N`` complex matrices of the separable back-propagation of :func:`back_propagated`.
+
+    Along each axis: the measured amplitude times the phase of the far field of the probe's central line
+    (row for x, column for y), inverse FFT (zero frequency at ``N/2``), times the conjugate phase of that
+    line. For a probe whose phase is a quadratic (a defocus, as the simulator's), the phase of its 2-D far
+    field is close to the sum of its two lines' far-field phases, and its phase is exactly the product of
+    theirs.
+
+    Parameters
+    ----------
+    probe : ndarray, (N, N) complex
+
+    Returns
+    -------
+    (ndarray, ndarray)
+        ``My`` (rows) and ``Mx`` (columns), complex128: ``back = My · amplitude · Mxᵀ``.
+    """
+    import numpy as np
+
+    n = probe.shape[0]
+
+    def along(line):
+        far = np.exp(1j * np.angle(np.fft.fftshift(np.fft.fft(line))))
+        inverse = np.fft.ifft(np.fft.ifftshift(np.diag(far), axes=0), axis=0)
+        return np.sqrt(n) * np.exp(-1j * np.angle(line))[:, None] * inverse
+
+    return along(probe[:, n // 2]), along(probe[n // 2, :])
+
+
+def back_propagated(amplitudes, probe):
+    """Stock layers giving each pattern's wave back-propagated to the object, as real and imaginary parts.
+
+    The far-field amplitude is given the phase of the probe's far field, propagated back (inverse FFT)
+    and freed of the probe's phase, in a separable form (:func:`propagation_matrices`): a first estimate
+    of the illuminated object, which a strongly defocused probe makes a Fresnel hologram of the object,
+    twin image included. Fixed ``Dense`` layers along each axis, so a saved network needs no custom code.
+
+    Parameters
+    ----------
+    amplitudes : keras tensor, (b, N, N, C)
+    probe : ndarray, (N, N) complex
+
+    Returns
+    -------
+    keras tensor, (b, N, N, 2C)
+        Real parts of the ``C`` patterns' estimates, then their imaginary parts.
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    n, c = probe.shape[0], amplitudes.shape[-1]
+    my, mx = propagation_matrices(probe)
+    along_x = keras.layers.Dense(2 * n, use_bias=False, trainable=False, name="backprop_x")
+    along_y = keras.layers.Dense(2 * n, use_bias=False, trainable=False, name="backprop_y")
+    x = keras.layers.Permute((3, 1, 2), name="backprop_channels_first")(amplitudes)  # (b, C, y, x)
+    x = along_x(x)  # (b, C, y, [re x', im x'])
+    x = keras.layers.Reshape((c, n, 2, n), name="backprop_split_x")(x)
+    x = keras.layers.Permute((1, 4, 3, 2), name="backprop_rows_last")(x)  # (b, C, x', part, y)
+    x = keras.layers.Reshape((c, n, 2 * n), name="backprop_join_y")(x)
+    x = along_y(x)  # (b, C, x', [re y', im y'])
+    x = keras.layers.Reshape((c, n, 2, n), name="backprop_split_y")(x)
+    x = keras.layers.Permute((4, 2, 3, 1), name="backprop_channels_last")(x)  # (b, y', x', part, C)
+    x = keras.layers.Reshape((n, n, 2 * c), name="backprop")(x)
+    along_x.set_weights([np.concatenate([mx.T.real, mx.T.imag], axis=1).astype(np.float32)])
+    r, i = my.T.real, my.T.imag  # rows: input y, columns: output y'
+    along_y.set_weights([np.block([[r, i], [-i, r]]).astype(np.float32)])
+    return x
+
+
+def build_pinn(
+    N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False, probe=None
+):
+    """U-Net from a group's diffraction (and, given the probe, its back-propagation) to the group's patch.
 
     Parameters
     ----------
@@ -98,6 +172,10 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
         Number of 2× pooling stages (``N`` must be divisible by ``2**depth``).
     batch_norm : bool
         Batch-normalise every convolution before its ReLU (faster training).
+    probe : ndarray, (N, N) complex, optional
+        The known probe: the U-Net then also sees each pattern's back-propagated wave
+        (:func:`back_propagated`), so that it corrects a first estimate of the object locally instead of
+        inverting the propagation, which spans the whole probe, with small convolutions.
 
     Returns
     -------
@@ -108,7 +186,10 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, gridsize**2), name="diffraction")
-    return keras.Model(inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}")
+    x = inp
+    if probe is not None:
+        x = keras.layers.Concatenate(name="with_backprop")([inp, back_propagated(inp, probe)])
+    return keras.Model(inp, _heads(_unet(x, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}")
 
 
 def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):

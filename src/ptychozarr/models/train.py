@@ -296,7 +296,7 @@ def train(
                 kind,
                 n_pix,
                 gridsize,
-                lambda: build_pinn(n_pix, gridsize, filters, depth, batch_norm),
+                lambda: build_pinn(n_pix, gridsize, filters, depth, batch_norm, probe=probe),
             )
             log_gain = tf.Variable(np.log(start.get("gain", f)), dtype=tf.float32, name="log_gain")
             optimizer = _adam(
