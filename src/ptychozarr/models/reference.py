@@ -26,6 +26,7 @@ __all__ = [
     "build_baseline",
     "build_pinn",
     "far_field",
+    "moved_to_centre",
     "object_from_outputs",
     "poisson_nll",
     "propagation_matrices",
@@ -155,6 +156,89 @@ def back_propagated(amplitudes, probe):
     return x
 
 
+MAX_SHIFT = 8
+"""Largest member offset, in pixels along each axis, that :func:`moved_to_centre` moves (beyond: zeros)."""
+
+
+def _hat_weights(positions, axis: int, features: int, members: int, name: str):
+    """Per sample, channel and integer shift ``j``: the bilinear weight ``max(0, 1 − |t − j|)`` of the
+    channel's member offset ``t`` along ``axis`` (0: x, 1: y), from fixed Dense layers and ReLUs.
+
+    Returns a ``(b, 1, 1, features·S)`` tensor, channel-major, ``S = 2·MAX_SHIFT + 1`` shifts.
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    shifts = np.arange(-MAX_SHIFT, MAX_SHIFT + 1)
+    s = len(shifts)
+    flat = keras.layers.Flatten(name=f"{name}_offsets")(positions)  # (b, 2C): x of each member, then y
+    signed = keras.layers.Dense(2 * features * s, activation="relu", trainable=False, name=f"{name}_signed")
+    hat = keras.layers.Dense(features * s, activation="relu", trainable=False, name=f"{name}_hat")
+    weights = hat(signed(flat))
+    select = np.zeros((2 * members, features * s))
+    for k in range(features):
+        select[axis * members + k % members, k * s : (k + 1) * s] = 1
+    bias = -np.tile(shifts, features).astype(np.float64)
+    signed.set_weights(
+        [
+            np.concatenate([select, -select], 1).astype(np.float32),
+            np.concatenate([bias, -bias]).astype(np.float32),
+        ]
+    )
+    eye = np.eye(features * s)
+    hat.set_weights([-np.concatenate([eye, eye]).astype(np.float32), np.ones(features * s, np.float32)])
+    return keras.layers.Reshape((1, 1, features * s), name=f"{name}_weights")(weights)
+
+
+def moved_to_centre(features, positions):
+    """Each member's feature channels moved by minus its offset, onto the group's centre, in stock layers.
+
+    Along x, then y: every integer shift ``j`` of ``−MAX_SHIFT … MAX_SHIFT`` from a fixed one-hot
+    depthwise convolution (zero fill), weighted per sample by the bilinear weights of the member's offset
+    (:func:`_hat_weights`) and summed: ``out[r, s] = feature[r + t_y, s + t_x]``, bilinear, the inverse of
+    :func:`translate`.
+
+    Parameters
+    ----------
+    features : keras tensor, (b, N, N, K)
+        Channel ``k`` belongs to member ``k mod C``.
+    positions : keras tensor, (b, 1, 2, C)
+        Members' offsets ``(x, y)`` as the engine passes them (PtychoPINN's layout).
+
+    Returns
+    -------
+    keras tensor, (b, N, N, K)
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    k, members = features.shape[-1], positions.shape[-1]
+    s = 2 * MAX_SHIFT + 1
+    x = features
+    for axis, kernel_shape in ((0, (1, s)), (1, (s, 1))):
+        name = f"centre_{'xy'[axis]}"
+        shifted_layer = keras.layers.DepthwiseConv2D(
+            kernel_shape,
+            padding="same",
+            depth_multiplier=s,
+            use_bias=False,
+            trainable=False,
+            name=f"{name}_shifts",
+        )
+        shifted = shifted_layer(x)  # (b, N, N, K·S): channel-major, shift j = index − MAX_SHIFT
+        kernel = np.zeros((*kernel_shape, k, s), np.float32)
+        for j in range(s):
+            kernel[(0, j) if axis == 0 else (j, 0)][:, j] = 1  # picks input[· + j − MAX_SHIFT]
+        shifted_layer.set_weights([kernel])
+        weighted = keras.layers.Multiply(name=f"{name}_weighted")(
+            [shifted, _hat_weights(positions, axis, k, members, name)]
+        )
+        total = keras.layers.Conv2D(k, 1, use_bias=False, trainable=False, name=f"{name}_sum")
+        x = total(weighted)
+        total.set_weights([np.kron(np.eye(k), np.ones((s, 1)))[None, None].astype(np.float32)])
+    return x
+
+
 def build_pinn(
     N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False, probe=None
 ):
@@ -185,11 +269,17 @@ def build_pinn(
     keras = _tf.keras()
 
     _check_depth(N, depth)
-    inp = keras.Input((N, N, gridsize**2), name="diffraction")
-    x = inp
-    if probe is not None:
-        x = keras.layers.Concatenate(name="with_backprop")([inp, back_propagated(inp, probe)])
-    return keras.Model(inp, _heads(_unet(x, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}")
+    c = gridsize**2
+    inp = keras.Input((N, N, c), name="diffraction")
+    if probe is None:
+        return keras.Model(
+            inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}"
+        )
+    positions = keras.Input((1, 2, c), name="positions")
+    estimates = back_propagated(inp, probe)
+    x = keras.layers.Concatenate(name="with_backprop")([inp, moved_to_centre(estimates, positions)])
+    outputs = _heads(_unet(x, filters, depth, batch_norm))
+    return keras.Model([inp, positions], outputs, name=f"pinn_gs{gridsize}_n{N}")
 
 
 def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):

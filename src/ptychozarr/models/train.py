@@ -132,8 +132,9 @@ def _pinn_step(network, probe, log_gain, optimizer, count_scale: float, gridsize
 
     @tf.function(reduce_retracing=True)
     def step(x, offsets):
+        positions = tf.transpose(offsets, (0, 2, 1))[:, None]  # the engine's layout, (b, 1, 2, C)
         with tf.GradientTape() as tape:
-            obj = object_from_outputs(*network(x, training=True))
+            obj = object_from_outputs(*network([x, positions], training=True))
             pred = tf.exp(log_gain) * far_field(obj, probe, offsets if gridsize > 1 else None)
             loss = poisson_nll(pred, x, count_scale)
         variables = network.trainable_variables + [log_gain]
@@ -351,7 +352,7 @@ def train(
                 kind=kind,
                 N=n_pix,
                 gridsize=gridsize,
-                takes_positions=False,
+                takes_positions=kind == "pinn",
                 intensity_scale=None,
                 output="amp_phase",
                 name=name or (f"pinn_gs{gridsize}_n{n_pix}" if kind == "pinn" else f"baseline_n{n_pix}"),
