@@ -33,8 +33,10 @@ from ptychozarr import _tf
 __all__ = ["forward_check", "gradient_check", "loss_ranking", "main", "overfit", "training_groups"]
 
 
-def training_groups(output_dir: str | Path, n_groups: int | None = None, seed: int = 0) -> dict:
-    """The demo's training scan, grouped (gridsize 2) as ``train`` groups it, with ground truth.
+def training_groups(
+    output_dir: str | Path, n_groups: int | None = None, seed: int = 0, scan: dict | None = None
+) -> dict:
+    """The demo's training scan (or ``scan``'s keywords), grouped (gridsize 2) as ``train`` does, with truth.
 
     Returns
     -------
@@ -50,7 +52,9 @@ def training_groups(output_dir: str | Path, n_groups: int | None = None, seed: i
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    scan = simulate(output_dir / "train.npz", **TRAIN_SCAN)
+    scan = scan or TRAIN_SCAN
+    dose = scan["dose"]
+    scan = simulate(output_dir / "train.npz", **scan)
     ds = open_dataset(ingest(scan, output_dir / "train.zarr", overwrite=True))
     ds.attrs.pop("store")
     groups = group(ds, gridsize=2, k=7, seed=seed)
@@ -73,8 +77,8 @@ def training_groups(output_dir: str | Path, n_groups: int | None = None, seed: i
         "group": extract_patches(obj, centres[:, 0], centres[:, 1], n),
         "probe": probe.astype(np.complex64),
         "f": f,
-        "dose": TRAIN_SCAN["dose"],
-        "count_scale": float(np.sqrt(TRAIN_SCAN["dose"]) / (n / 2)),
+        "dose": dose,
+        "count_scale": float(np.sqrt(dose) / (n / 2)),
     }
 
 

@@ -1,13 +1,17 @@
 """Reference architectures and the differentiable forward model that trains the PINN.
 
 Two networks, both Keras 3 functional models built from stock layers only (so a saved ``.keras`` file
-loads without custom objects), both returning ``[amplitude, phase]`` as two ``(b, N, N, 1)`` tensors:
+loads without custom objects), both U-Nets returning ``[amplitude, phase]`` as two ``(b, N, N, 1)``
+tensors:
 
-- :func:`build_pinn` — an encoder–decoder from a group's ``C`` diffraction amplitudes to the group's
-  object patch (amplitude ``sigmoid``, phase ``π·tanh``). It is trained without ground truth: the
-  predicted object is moved to each member's offset (:func:`translate`), multiplied by the probe and
-  propagated to the far field (:func:`far_field`), and compared with the measured amplitudes through a
-  Poisson negative log-likelihood (:func:`poisson_nll`).
+- :func:`build_pinn` — from a group's ``C`` diffraction amplitudes and its members' offsets to the group's
+  object patch (amplitude ``sigmoid``, phase ``π·tanh``). Given the known probe, its first layers are
+  fixed physics: each pattern is propagated back to the object (:func:`back_propagated`, a first
+  estimate of the illuminated patch, twin image included) and moved by minus its member's offset onto
+  the group centre (:func:`moved_to_centre`); the U-Net then corrects aligned estimates locally. It is
+  trained without ground truth: the predicted object is moved to each member's offset
+  (:func:`translate`), multiplied by the probe and propagated to the far field (:func:`far_field`), and
+  compared with the measured amplitudes through a Poisson negative log-likelihood (:func:`poisson_nll`).
 - :func:`build_baseline` — a U-Net from one pattern to its object patch, trained on ground-truth patches.
 
 Frames are those of DESIGN.md: a pattern's offset is ``−(position − group centre)`` as ``(x, y)``, and

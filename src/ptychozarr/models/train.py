@@ -4,8 +4,11 @@ Batches come from windows of consecutive groups (or patterns): each window's pat
 Zarr diffraction with one orthogonal selection, shuffled, and cut into batches; windows are visited in a
 new random order every epoch. Memory depends on the window, never on the scan.
 
-- ``kind="pinn"``: no ground truth. The network's object is moved to each member's offset, multiplied
-  by the store's probe and propagated (:func:`~ptychozarr.models.reference.far_field`); a trainable gain
+- ``kind="pinn"``: no ground truth. The network (:func:`~ptychozarr.models.reference.build_pinn`, built
+  with the store's probe) takes the group's patterns and its members' offsets in the engine's layout
+  ``(b, 1, 2, C)`` (its spec has ``takes_positions``). Its object is moved to each member's offset,
+  multiplied by the store's probe and propagated (:func:`~ptychozarr.models.reference.far_field`); a
+  trainable gain
   (initialised to the grouping's normaliser ``f``, which maps the simulator's ``|FFT|/N`` onto normalised
   amplitudes) scales the result, and the Poisson negative log-likelihood is taken in photon counts
   ``(sqrt(dose)/(N/2) · amplitude)²`` (the normalised data holds ``dose`` photons per pattern on average).
@@ -77,6 +80,11 @@ def _network(start_from, kind: str, n_pix: int, gridsize: int, build) -> tuple:
         raise InvalidParameterError(
             f"start_from={start_from}: a {spec.kind} of N={spec.N}, gridsize {spec.gridsize}, not the "
             f"{kind} of N={n_pix}, gridsize {gridsize} being trained; give a model of the same kind"
+        )
+    if kind == "pinn" and not spec.takes_positions:
+        raise InvalidParameterError(
+            f"start_from={start_from}: a PINN without the members' offsets as input (an older "
+            "architecture); train a new one instead"
         )
     return model.network, model.provenance
 
