@@ -13,10 +13,15 @@ Four checks, each printed as one JSON object:
    finite differences of an independent float64 numpy/scipy evaluation of the loss.
 4. ``overfit``: a fresh PINN trained on 16 groups of noise-free patterns with the known probe; the phase r
    (weighted mean removed, under the probe) of its patches against the true group patches.
+5. ``fit`` (with ``--model``): a trained PINN on 64 training groups: its loss (at its own gain) over the
+   true patches' loss, and the amplitude and phase r of its patches. A loss left well above the truth's
+   is a network that does not fit, not a forward model that is wrong.
 
 Usage::
 
     python -m benchmarks.pinn_diagnose /tmp/pz/diag [--steps 300] [--filters 16] [--depth 3]
+    python -m benchmarks.pinn_diagnose /tmp/pz/diag --checks fit \
+        --model src/ptychozarr/models/weights/pinn_gs2_n64.keras
 """
 
 from __future__ import annotations
@@ -217,12 +222,13 @@ def overfit(
     network = build_pinn(n, 2, filters, depth, probe=data["probe"], **build)
     optimizer = keras.optimizers.Adam(lr)
     x, offsets = tf.constant(data["clean"]), tf.constant(data["offsets"])
+    positions = tf.constant(np.swapaxes(data["offsets"], 1, 2)[:, None])  # the engine's (b, 1, 2, C)
     gain = tf.constant(data["f"], tf.float32)
 
     @tf.function
     def step():
         with tf.GradientTape() as tape:
-            obj = object_from_outputs(*network(x, training=True))
+            obj = object_from_outputs(*network([x, positions], training=True))
             loss = poisson_nll(gain * far_field(obj, data["probe"], offsets), x, data["count_scale"])
         optimizer.apply_gradients(
             zip(tape.gradient(loss, network.trainable_variables), network.trainable_variables, strict=True)
@@ -235,7 +241,7 @@ def overfit(
         loss = float(step())
         if i % max(steps // 10, 1) == 0 or i == steps - 1:
             losses.append(round(loss - truth_loss, 3))
-    amp, phase = (np.asarray(o)[..., 0] for o in network(x))
+    amp, phase = (np.asarray(o)[..., 0] for o in network([x, positions]))
     weights = np.abs(data["probe"]) ** 2
     support = weights > 0.1 * weights.max()
     t_amp = np.abs(data["group"])
@@ -248,6 +254,27 @@ def overfit(
     }
 
 
+def fit_check(data: dict, model_path: str | Path) -> dict:
+    """A trained PINN's loss over the true patches' loss on ``data``, and the r of its patches."""
+    from ptychozarr.models import load_model
+
+    model = load_model(model_path)
+    positions = np.swapaxes(data["offsets"], 1, 2)[:, None]
+    inputs = [data["x"], positions] if model.spec.takes_positions else data["x"]
+    amp, phase = (np.asarray(o)[..., 0] for o in model.network(inputs))
+    weights = np.abs(data["probe"]) ** 2
+    support = weights > 0.1 * weights.max()
+    gain = model.provenance.get("gain", data["f"])
+    return {
+        "loss_excess_over_truth": _loss(data | {"f": gain}, amp * np.exp(1j * phase))
+        - _loss(data, data["group"]),
+        "r_amplitude": float(
+            np.corrcoef(amp[:, support].ravel(), np.abs(data["group"])[:, support].ravel())[0, 1]
+        ),
+        "r_phase": _phase_r(phase, np.angle(data["group"]), weights),
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("output_dir", help="where the training scan goes")
@@ -255,9 +282,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--filters", type=int, default=16)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--checks", default="forward,ranking,gradient,overfit")
+    parser.add_argument("--model", help="a trained PINN for the fit check")
     args = parser.parse_args(argv)
     data = training_groups(args.output_dir, n_groups=16)
     checks = {
+        "fit": lambda: fit_check(training_groups(args.output_dir, n_groups=64), args.model),
         "forward": lambda: forward_check(data),
         "ranking": lambda: loss_ranking(data),
         "gradient": lambda: gradient_check(data),
