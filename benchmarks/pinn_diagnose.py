@@ -176,7 +176,7 @@ def gradient_check(data: dict, n_dirs: int = 4, eps: float = 1e-6, seed: int = 0
 
     Taken at the true amplitude and half the true phase, away from the minimum, along random directions.
     The steps must be small (``eps`` 1e-6 in float64): pixels with counts where the predicted rate is
-    near zero make the log-likelihood strongly curved, so differences over 1e-3 rad are off by up to 40 %.
+    near zero make the log-likelihood strongly curved, so differences over 1e-2 rad are off by up to 40 %.
     """
     tf = _tf.tensorflow()
     from ptychozarr.models.reference import far_field, poisson_nll
