@@ -1,13 +1,17 @@
 """Reference architectures and the differentiable forward model that trains the PINN.
 
 Two networks, both Keras 3 functional models built from stock layers only (so a saved ``.keras`` file
-loads without custom objects), both returning ``[amplitude, phase]`` as two ``(b, N, N, 1)`` tensors:
+loads without custom objects), both U-Nets returning ``[amplitude, phase]`` as two ``(b, N, N, 1)``
+tensors:
 
-- :func:`build_pinn` — an encoder–decoder from a group's ``C`` diffraction amplitudes to the group's
-  object patch (amplitude ``sigmoid``, phase ``π·tanh``). It is trained without ground truth: the
-  predicted object is moved to each member's offset (:func:`translate`), multiplied by the probe and
-  propagated to the far field (:func:`far_field`), and compared with the measured amplitudes through a
-  Poisson negative log-likelihood (:func:`poisson_nll`).
+- :func:`build_pinn` — from a group's ``C`` diffraction amplitudes and its members' offsets to the group's
+  object patch (amplitude ``sigmoid``, phase ``π·tanh``). Given the known probe, its first layers are
+  fixed physics: each pattern is propagated back to the object (:func:`back_propagated`, a first
+  estimate of the illuminated patch, twin image included) and moved by minus its member's offset onto
+  the group centre (:func:`moved_to_centre`); the U-Net then corrects aligned estimates locally. It is
+  trained without ground truth: the predicted object is moved to each member's offset
+  (:func:`translate`), multiplied by the probe and propagated to the far field (:func:`far_field`), and
+  compared with the measured amplitudes through a Poisson negative log-likelihood (:func:`poisson_nll`).
 - :func:`build_baseline` — a U-Net from one pattern to its object patch, trained on ground-truth patches.
 
 Frames are those of DESIGN.md: a pattern's offset is ``−(position − group centre)`` as ``(x, y)``, and
@@ -22,11 +26,14 @@ import math
 from ptychozarr import _tf
 
 __all__ = [
+    "back_propagated",
     "build_baseline",
     "build_pinn",
     "far_field",
+    "moved_to_centre",
     "object_from_outputs",
     "poisson_nll",
+    "propagation_matrices",
     "translate",
     "with_phase_gauge",
 ]
@@ -65,8 +72,181 @@ def _check_depth(N: int, depth: int) -> None:
         )
 
 
-def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
-    """Encoder–decoder from a group's diffraction to the group's object patch.
+def _unet(inp, filters: int, depth: int, batch_norm: bool):
+    """U-Net body: ``depth`` pooled stages, a bottleneck, and decoder stages fed the matching encoder's
+    features (skip connections), so that detail finer than the bottleneck's cells reaches the heads."""
+    keras = _tf.keras()
+
+    x, skips = inp, []
+    for level in range(depth):
+        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
+        skips.append(x)
+        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
+    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
+    for level in reversed(range(depth)):
+        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
+        x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
+        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
+    return x
+
+
+def propagation_matrices(probe):
+    """The two ``N×N`` complex matrices of the separable back-propagation of :func:`back_propagated`.
+
+    Along each axis: the measured amplitude times the phase of the far field of the probe's central line
+    (row for x, column for y), inverse FFT (zero frequency at ``N/2``), times the conjugate phase of that
+    line. For a probe whose phase is a quadratic (a defocus, as the simulator's), the phase of its 2-D far
+    field is close to the sum of its two lines' far-field phases, and its phase is exactly the product of
+    theirs.
+
+    Parameters
+    ----------
+    probe : ndarray, (N, N) complex
+
+    Returns
+    -------
+    (ndarray, ndarray)
+        ``My`` (rows) and ``Mx`` (columns), complex128: ``back = My · amplitude · Mxᵀ``.
+    """
+    import numpy as np
+
+    n = probe.shape[0]
+
+    def along(line):
+        far = np.exp(1j * np.angle(np.fft.fftshift(np.fft.fft(line))))
+        inverse = np.fft.ifft(np.fft.ifftshift(np.diag(far), axes=0), axis=0)
+        return np.sqrt(n) * np.exp(-1j * np.angle(line))[:, None] * inverse
+
+    return along(probe[:, n // 2]), along(probe[n // 2, :])
+
+
+def back_propagated(amplitudes, probe):
+    """Stock layers giving each pattern's wave back-propagated to the object, as real and imaginary parts.
+
+    The far-field amplitude is given the phase of the probe's far field, propagated back (inverse FFT)
+    and freed of the probe's phase, in a separable form (:func:`propagation_matrices`): a first estimate
+    of the illuminated object, which a strongly defocused probe makes a Fresnel hologram of the object,
+    twin image included. Fixed ``Dense`` layers along each axis, so a saved network needs no custom code.
+
+    Parameters
+    ----------
+    amplitudes : keras tensor, (b, N, N, C)
+    probe : ndarray, (N, N) complex
+
+    Returns
+    -------
+    keras tensor, (b, N, N, 2C)
+        Real parts of the ``C`` patterns' estimates, then their imaginary parts.
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    n, c = probe.shape[0], amplitudes.shape[-1]
+    my, mx = propagation_matrices(probe)
+    along_x = keras.layers.Dense(2 * n, use_bias=False, trainable=False, name="backprop_x")
+    along_y = keras.layers.Dense(2 * n, use_bias=False, trainable=False, name="backprop_y")
+    x = keras.layers.Permute((3, 1, 2), name="backprop_channels_first")(amplitudes)  # (b, C, y, x)
+    x = along_x(x)  # (b, C, y, [re x', im x'])
+    x = keras.layers.Reshape((c, n, 2, n), name="backprop_split_x")(x)
+    x = keras.layers.Permute((1, 4, 3, 2), name="backprop_rows_last")(x)  # (b, C, x', part, y)
+    x = keras.layers.Reshape((c, n, 2 * n), name="backprop_join_y")(x)
+    x = along_y(x)  # (b, C, x', [re y', im y'])
+    x = keras.layers.Reshape((c, n, 2, n), name="backprop_split_y")(x)
+    x = keras.layers.Permute((4, 2, 3, 1), name="backprop_channels_last")(x)  # (b, y', x', part, C)
+    x = keras.layers.Reshape((n, n, 2 * c), name="backprop")(x)
+    along_x.set_weights([np.concatenate([mx.T.real, mx.T.imag], axis=1).astype(np.float32)])
+    r, i = my.T.real, my.T.imag  # rows: input y, columns: output y'
+    along_y.set_weights([np.block([[r, i], [-i, r]]).astype(np.float32)])
+    return x
+
+
+MAX_SHIFT = 8
+"""Largest member offset, in pixels along each axis, that :func:`moved_to_centre` moves (beyond: zeros)."""
+
+
+def _hat_weights(positions, axis: int, features: int, members: int, name: str):
+    """Per sample, channel and integer shift ``j``: the bilinear weight ``max(0, 1 − |t − j|)`` of the
+    channel's member offset ``t`` along ``axis`` (0: x, 1: y), from fixed Dense layers and ReLUs.
+
+    Returns a ``(b, 1, 1, features·S)`` tensor, channel-major, ``S = 2·MAX_SHIFT + 1`` shifts.
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    shifts = np.arange(-MAX_SHIFT, MAX_SHIFT + 1)
+    s = len(shifts)
+    flat = keras.layers.Flatten(name=f"{name}_offsets")(positions)  # (b, 2C): x of each member, then y
+    signed = keras.layers.Dense(2 * features * s, activation="relu", trainable=False, name=f"{name}_signed")
+    hat = keras.layers.Dense(features * s, activation="relu", trainable=False, name=f"{name}_hat")
+    weights = hat(signed(flat))
+    select = np.zeros((2 * members, features * s))
+    for k in range(features):
+        select[axis * members + k % members, k * s : (k + 1) * s] = 1
+    bias = -np.tile(shifts, features).astype(np.float64)
+    signed.set_weights(
+        [
+            np.concatenate([select, -select], 1).astype(np.float32),
+            np.concatenate([bias, -bias]).astype(np.float32),
+        ]
+    )
+    eye = np.eye(features * s)
+    hat.set_weights([-np.concatenate([eye, eye]).astype(np.float32), np.ones(features * s, np.float32)])
+    return keras.layers.Reshape((1, 1, features * s), name=f"{name}_weights")(weights)
+
+
+def moved_to_centre(features, positions):
+    """Each member's feature channels moved by minus its offset, onto the group's centre, in stock layers.
+
+    Along x, then y: every integer shift ``j`` of ``−MAX_SHIFT … MAX_SHIFT`` from a fixed one-hot
+    depthwise convolution (zero fill), weighted per sample by the bilinear weights of the member's offset
+    (:func:`_hat_weights`) and summed: ``out[r, s] = feature[r + t_y, s + t_x]``, bilinear, the inverse of
+    :func:`translate`.
+
+    Parameters
+    ----------
+    features : keras tensor, (b, N, N, K)
+        Channel ``k`` belongs to member ``k mod C``.
+    positions : keras tensor, (b, 1, 2, C)
+        Members' offsets ``(x, y)`` as the engine passes them (PtychoPINN's layout).
+
+    Returns
+    -------
+    keras tensor, (b, N, N, K)
+    """
+    keras = _tf.keras()
+    import numpy as np
+
+    k, members = features.shape[-1], positions.shape[-1]
+    s = 2 * MAX_SHIFT + 1
+    x = features
+    for axis, kernel_shape in ((0, (1, s)), (1, (s, 1))):
+        name = f"centre_{'xy'[axis]}"
+        shifted_layer = keras.layers.DepthwiseConv2D(
+            kernel_shape,
+            padding="same",
+            depth_multiplier=s,
+            use_bias=False,
+            trainable=False,
+            name=f"{name}_shifts",
+        )
+        shifted = shifted_layer(x)  # (b, N, N, K·S): channel-major, shift j = index − MAX_SHIFT
+        kernel = np.zeros((*kernel_shape, k, s), np.float32)
+        for j in range(s):
+            kernel[(0, j) if axis == 0 else (j, 0)][:, j] = 1  # picks input[· + j − MAX_SHIFT]
+        shifted_layer.set_weights([kernel])
+        weighted = keras.layers.Multiply(name=f"{name}_weighted")(
+            [shifted, _hat_weights(positions, axis, k, members, name)]
+        )
+        total = keras.layers.Conv2D(k, 1, use_bias=False, trainable=False, name=f"{name}_sum")
+        x = total(weighted)
+        total.set_weights([np.kron(np.eye(k), np.ones((s, 1)))[None, None].astype(np.float32)])
+    return x
+
+
+def build_pinn(
+    N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_norm: bool = False, probe=None
+):
+    """U-Net from a group's diffraction (and, given the probe, its back-propagation) to the group's patch.
 
     Parameters
     ----------
@@ -80,6 +260,10 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
         Number of 2× pooling stages (``N`` must be divisible by ``2**depth``).
     batch_norm : bool
         Batch-normalise every convolution before its ReLU (faster training).
+    probe : ndarray, (N, N) complex, optional
+        The known probe: the U-Net then also sees each pattern's back-propagated wave
+        (:func:`back_propagated`), so that it corrects a first estimate of the object locally instead of
+        inverting the propagation, which spans the whole probe, with small convolutions.
 
     Returns
     -------
@@ -89,16 +273,17 @@ def build_pinn(N: int, gridsize: int, filters: int = 16, depth: int = 3, batch_n
     keras = _tf.keras()
 
     _check_depth(N, depth)
-    inp = keras.Input((N, N, gridsize**2), name="diffraction")
-    x = inp
-    for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
-        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
-    for level in reversed(range(depth)):
-        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
-        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
-    return keras.Model(inp, _heads(x), name=f"pinn_gs{gridsize}_n{N}")
+    c = gridsize**2
+    inp = keras.Input((N, N, c), name="diffraction")
+    if probe is None:
+        return keras.Model(
+            inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"pinn_gs{gridsize}_n{N}"
+        )
+    positions = keras.Input((1, 2, c), name="positions")
+    estimates = back_propagated(inp, probe)
+    x = keras.layers.Concatenate(name="with_backprop")([inp, moved_to_centre(estimates, positions)])
+    outputs = _heads(_unet(x, filters, depth, batch_norm))
+    return keras.Model([inp, positions], outputs, name=f"pinn_gs{gridsize}_n{N}")
 
 
 def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
@@ -108,9 +293,7 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
     ----------
     N : int
         Pattern side.
-    filters, depth : int
-        As in :func:`build_pinn`; the U-Net adds skip connections between matching stages.
-    batch_norm : bool
+    filters, depth, batch_norm
         As in :func:`build_pinn`.
 
     Returns
@@ -122,17 +305,7 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, 1), name="diffraction")
-    x, skips = inp, []
-    for level in range(depth):
-        x = _conv(x, filters * 2**level, f"enc{level}", batch_norm)
-        skips.append(x)
-        x = keras.layers.MaxPooling2D(name=f"enc{level}_pool")(x)
-    x = _conv(x, filters * 2**depth, "bottleneck", batch_norm)
-    for level in reversed(range(depth)):
-        x = keras.layers.UpSampling2D(name=f"dec{level}_up")(x)
-        x = keras.layers.Concatenate(name=f"dec{level}_skip")([x, skips[level]])
-        x = _conv(x, filters * 2**level, f"dec{level}", batch_norm)
-    return keras.Model(inp, _heads(x), name=f"baseline_n{N}")
+    return keras.Model(inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"baseline_n{N}")
 
 
 def with_phase_gauge(network, probe):

@@ -4,8 +4,11 @@ Batches come from windows of consecutive groups (or patterns): each window's pat
 Zarr diffraction with one orthogonal selection, shuffled, and cut into batches; windows are visited in a
 new random order every epoch. Memory depends on the window, never on the scan.
 
-- ``kind="pinn"``: no ground truth. The network's object is moved to each member's offset, multiplied
-  by the store's probe and propagated (:func:`~ptychozarr.models.reference.far_field`); a trainable gain
+- ``kind="pinn"``: no ground truth. The network (:func:`~ptychozarr.models.reference.build_pinn`, built
+  with the store's probe) takes the group's patterns and its members' offsets in the engine's layout
+  ``(b, 1, 2, C)`` (its spec has ``takes_positions``). Its object is moved to each member's offset,
+  multiplied by the store's probe and propagated (:func:`~ptychozarr.models.reference.far_field`); a
+  trainable gain
   (initialised to the grouping's normaliser ``f``, which maps the simulator's ``|FFT|/N`` onto normalised
   amplitudes) scales the result, and the Poisson negative log-likelihood is taken in photon counts
   ``(sqrt(dose)/(N/2) · amplitude)²`` (the normalised data holds ``dose`` photons per pattern on average).
@@ -78,6 +81,11 @@ def _network(start_from, kind: str, n_pix: int, gridsize: int, build) -> tuple:
             f"start_from={start_from}: a {spec.kind} of N={spec.N}, gridsize {spec.gridsize}, not the "
             f"{kind} of N={n_pix}, gridsize {gridsize} being trained; give a model of the same kind"
         )
+    if kind == "pinn" and not spec.takes_positions:
+        raise InvalidParameterError(
+            f"start_from={start_from}: a PINN without the members' offsets as input (an older "
+            "architecture); train a new one instead"
+        )
     return model.network, model.provenance
 
 
@@ -132,8 +140,9 @@ def _pinn_step(network, probe, log_gain, optimizer, count_scale: float, gridsize
 
     @tf.function(reduce_retracing=True)
     def step(x, offsets):
+        positions = tf.transpose(offsets, (0, 2, 1))[:, None]  # the engine's layout, (b, 1, 2, C)
         with tf.GradientTape() as tape:
-            obj = object_from_outputs(*network(x, training=True))
+            obj = object_from_outputs(*network([x, positions], training=True))
             pred = tf.exp(log_gain) * far_field(obj, probe, offsets if gridsize > 1 else None)
             loss = poisson_nll(pred, x, count_scale)
         variables = network.trainable_variables + [log_gain]
@@ -296,7 +305,7 @@ def train(
                 kind,
                 n_pix,
                 gridsize,
-                lambda: build_pinn(n_pix, gridsize, filters, depth, batch_norm),
+                lambda: build_pinn(n_pix, gridsize, filters, depth, batch_norm, probe=probe),
             )
             log_gain = tf.Variable(np.log(start.get("gain", f)), dtype=tf.float32, name="log_gain")
             optimizer = _adam(
@@ -351,7 +360,7 @@ def train(
                 kind=kind,
                 N=n_pix,
                 gridsize=gridsize,
-                takes_positions=False,
+                takes_positions=kind == "pinn",
                 intensity_scale=None,
                 output="amp_phase",
                 name=name or (f"pinn_gs{gridsize}_n{n_pix}" if kind == "pinn" else f"baseline_n{n_pix}"),
