@@ -118,11 +118,13 @@ def ref_frc_windowed(a, b):
 
 
 def ref_crossing(curve, threshold):
-    """The first fall below the threshold after the curve was at or above it (ring 0 ignored),
-    interpolated from the ring before; 0.0 if never at or above, NaN if it never falls."""
+    """The first fall below the threshold after the curve was at or above it, from the curve's peak
+    on (ring 0 ignored), interpolated from the ring before; 0.0 if never at or above, NaN if it never
+    falls."""
     threshold = np.broadcast_to(threshold, np.shape(curve))
     risen = False
-    for i in range(1, len(curve)):
+    start = 1 + max(range(len(curve) - 1), key=lambda k: curve[k + 1])
+    for i in range(start, len(curve)):
         if curve[i] >= threshold[i]:
             risen = True
         elif risen:
@@ -328,6 +330,7 @@ def test_unknown_window_raises():
         ([1.0, 0.2, 0.6, 0.9, 0.3], 0.5, 3 + 2 / 3),  # low rings below, then a rise: the fall after it
         ([1.0, 0.8, 0.2, 0.1], 1 / 7, 2.5714285714285716),
         ([1.0, 0.8, 0.6], [1.0, 0.5, 0.7], 1.75),  # a per-ring threshold
+        ([1.0, 0.18, 0.08, 0.56, 0.9, 0.1], 1 / 7, 4 + (0.9 - 1 / 7) / 0.8),  # a dip before the peak
     ],
 )
 def test_frc_crossing_golden_values(curve, threshold, expected):

@@ -291,7 +291,9 @@ def _crossing(curve: np.ndarray, threshold: np.ndarray) -> float:
     c = np.asarray(curve, dtype=np.float64)
     d = c - np.broadcast_to(np.asarray(threshold, dtype=np.float64), c.shape)
     rings = np.arange(d.size)
-    above = np.flatnonzero(np.isfinite(d) & (d >= 0) & (rings >= 1))
+    finite = np.isfinite(c) & (rings >= 1)
+    peak = int(np.argmax(np.where(finite, c, -np.inf))) if finite.any() else d.size
+    above = np.flatnonzero(np.isfinite(d) & (d >= 0) & (rings >= peak))
     if above.size == 0:
         return 0.0  # never above past ring 0: nothing resolved
     below = np.flatnonzero(np.isfinite(d) & (d < 0) & (rings > above[0]))
@@ -311,7 +313,7 @@ def _crossing_of_rings(rings: np.ndarray, threshold) -> float:
 
 
 def frc_crossing(rings, threshold):
-    """Where an FRC curve first falls below a threshold, in rings, ring 0 ignored.
+    """Where an FRC curve first falls below a threshold after its peak, in rings, ring 0 ignored.
 
     Parameters
     ----------
@@ -323,12 +325,13 @@ def frc_crossing(rings, threshold):
     Returns
     -------
     float (0-d dask array for dask ``rings``): where the curve first falls below the threshold after
-    it was at or above it — the first ring i with ``c[i] < t[i]`` past the first ring ≥ 1 with
-    ``c ≥ t`` — ``d = c − t`` interpolated linearly to zero between rings i − 1 and i. Ring 0 (the
-    images' means) is ignored, and so are low rings below the threshold before the curve rises (a
-    phase whose offset or ramp was removed correlates little there). 0.0 when the curve is never at or
-    above the threshold (nothing resolved); NaN when it never falls below it (written as an empty cell,
-    never as the curve's length).
+    its peak — the first ring i with ``c[i] < t[i]`` past the first ring at or after the curve's
+    highest ring (ring ≥ 1) with ``c ≥ t`` — ``d = c − t`` interpolated linearly to zero between rings
+    i − 1 and i. Ring 0 (the images' means) is ignored, and so are the low rings before the peak (a
+    phase whose offset or ramp was removed correlates little there, and can dip under a threshold and
+    rise again). 0.0 when the curve is never at or above the threshold from its peak on (nothing
+    resolved); NaN when it never falls below it (written as an empty cell, never as the curve's
+    length).
     """
     if isinstance(rings, da.Array):
         return da.from_delayed(dask.delayed(_crossing_of_rings)(rings, threshold), (), np.float64)
