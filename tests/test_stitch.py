@@ -434,15 +434,17 @@ def test_stitch_to_zarr_names_dimensions_for_xarray(tmp_path):
 
 
 _BIG = """
-import json, resource, sys
+import json, resource, sys, tracemalloc
 import numpy as np, zarr
 from ptychozarr.stitch import stitch_to_zarr
 data = np.load(sys.argv[1])
 group = zarr.open_group(sys.argv[2], mode="w")
+tracemalloc.start()
 arr = stitch_to_zarr(group, "object", data["patches"], data["positions"], tile=1024,
                      canvas=((0.0, 0.0), (40_000, 40_000)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak": peak, "stored": arr.nchunks_initialized}))
+traced = tracemalloc.get_traced_memory()[1]
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"traced": traced, "rss": rss, "stored": arr.nchunks_initialized}))
 """
 
 
@@ -464,7 +466,11 @@ def test_canvas_far_bigger_than_memory_streams_to_zarr(tmp_path):
         check=True,
     )
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["peak"] < 2 * 2**30  # the canvas alone would be 12.8 GB as complex64
+    # the canvas alone would be 12.8 GB as complex64; what the process holds at once (every buffer numpy
+    # and zarr allocate, in every thread) stays near two tiles per thread. The process's peak RSS is
+    # reported beside it: it is 0.2 GB alone, but was seen at 2.7–9.8 GB inside a loaded test session
+    # (freed tiles the allocator kept), so the bound is on what is held, not on what the OS reports.
+    assert report["traced"] < 2**30, report
     arr = zarr.open_group(tmp_path / "big.zarr", mode="r")["object"]
     assert arr.shape == (side, side) and arr.attrs["complete"] is True
     assert report["stored"] == arr.nchunks  # every tile is a stored chunk, untouched ones included
