@@ -95,10 +95,10 @@ __all__ = [
 
 Component = Literal["channels", "amplitude", "complex"]
 MIN_CONFIDENCE = 0.6
+"""Smallest accepted :attr:`Registration.confidence`: a second peak under 40 % of the main one."""
 #: Bytes of one slab (whole rows, then whole columns, complex128) of a dask Fourier shift with a work
 #: directory.
 SLAB_BYTES = 2**23
-"""Smallest accepted :attr:`Registration.confidence`: a second peak under 40 % of the main one."""
 _MAX_WINDOW = 1024
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
 _MAX_STEPS = 10
