@@ -228,6 +228,7 @@ def test_n_test_subsample_and_its_seed_draw_the_scan_points(small_npz, tiny_mode
 # compare_models' defaults, as its argparse and its registration state them (reference spec §3.1, §4, §5)
 COMPARE_MODELS_DEFAULTS = {
     ("infer", "stitch_crop_size"): 20,
+    ("stitch", "canvas"): "ptychopinn",  # reassemble_position's square canvas, a sub-pixel origin
     ("score", "alignment"): "coordinates",  # it centre-crops the canvas and the truth
     ("score", "ms_ssim_sigma"): 1.0,
     ("score", "frc_sigma"): 0.0,
@@ -242,6 +243,7 @@ def test_compatibility_mode_sets_compare_models_defaults_and_given_flags_win():
     for (section, name), value in COMPARE_MODELS_DEFAULTS.items():
         assert getattr(getattr(compat, section), name) == value, name
     assert plain.score.alignment == "placement" and plain.score.max_registration_shift == 10.0
+    assert plain.stitch.canvas == "object"
     assert compat.score.max_registration_shift >= 1000  # compare_models applies any shift it measures
     assert compat.options()["compatibility"] == "compare_models"  # what run.json's parameters record
 
@@ -332,15 +334,22 @@ def test_compatibility_feeds_the_baseline_unscaled_and_recomputes_only_its_infer
             (out / "run.json").read_text()
         )
 
+    def canvas():
+        return zarr.open_group(str(out / "store.zarr"), mode="r")["arms/pinn/object"].attrs["canvas"]
+
     fed, record = run(compatibility="compare_models")
     np.testing.assert_allclose(fed["tiny-baseline"], 1.0, rtol=1e-5)  # the normalised patterns as they are
     np.testing.assert_allclose(fed["tiny-pinn"], scale, rtol=1e-5)  # the PINN keeps its intensity_scale
     assert record["parameters"]["compatibility"] == "compare_models"
+    square = canvas()  # reassemble_position's canvas: square, its origin where the positions' mean puts it
+    assert square["shape"][0] == square["shape"][1]
+    assert not all(float(v).is_integer() for v in square["origin_yx"])
 
     fed, record = run()
     assert set(fed) == {"tiny-baseline"}  # the PINN's patches are reused, only the Baseline is inferred
     np.testing.assert_allclose(fed["tiny-baseline"], scale, rtol=1e-5)
     blocks = record["blocks"]
     assert blocks["infer:pinn"]["computed"] == 0 and blocks["infer:baseline"]["computed"] > 0
-    assert {"infer:pinn", "stitch:pinn"} <= set(record["reused"])
-    assert not {"infer:baseline", "stitch:baseline"} & set(record["reused"])
+    assert "infer:pinn" in record["reused"]  # its patches; its object is stitched again on the object grid
+    assert not {"stitch:pinn", "infer:baseline", "stitch:baseline"} & set(record["reused"])
+    assert all(float(v).is_integer() for v in canvas()["origin_yx"])

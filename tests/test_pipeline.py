@@ -68,26 +68,24 @@ def test_metrics_csv_has_compare_models_schema_and_order(reference):
 
 
 def _splat(crops, positions, weights):
-    """PtychoPINN's reassemble_position written plainly: float32 offsets, square canvas, np.add.at."""
+    """reassemble_position's bilinear splat written plainly with np.add.at, on the object's pixel grid:
+    the canvas starts at the whole pixel below the first crop's corner and ends at the last tap."""
     m = crops.shape[1]
-    pos = positions.astype(np.float32)
-    com = pos.astype(np.float64).mean(axis=0).astype(np.float32)
-    rel = (pos - com).astype(np.float64)
-    pad = int(np.ceil(np.abs(rel).max()))
-    pad += pad % 2
-    size = m + 2 * pad
-    num, den = np.zeros((size, size), complex), np.zeros((size, size))
+    corner = positions[:, ::-1].astype(np.float64) - m / 2  # (row, col) of each crop's first pixel
+    origin = np.floor(corner.min(axis=0)).astype(int)
+    shape = np.ceil(corner.max(axis=0)).astype(int) + m - origin
+    num, den = np.zeros(shape, complex), np.zeros(shape)
+    rel = corner - origin
     k = np.floor(rel).astype(int)
     f = rel - k
     ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
     for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
-        w = (f[:, 1] if dy else 1 - f[:, 1]) * (f[:, 0] if dx else 1 - f[:, 0]) * weights
-        r = ii[None] + pad + k[:, 1, None, None] + dy
-        c = jj[None] + pad + k[:, 0, None, None] + dx
-        ok = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+        w = (f[:, 0] if dy else 1 - f[:, 0]) * (f[:, 1] if dx else 1 - f[:, 1]) * weights
+        r = ii[None] + k[:, 0, None, None] + dy
+        c = jj[None] + k[:, 1, None, None] + dx
+        ok = (r < shape[0]) & (c < shape[1])  # only zero-weight taps fall outside
         np.add.at(num, (r[ok], c[ok]), (w[:, None, None] * crops)[ok])
         np.add.at(den, (r[ok], c[ok]), np.broadcast_to(w[:, None, None], r.shape)[ok])
-    origin = com.astype(np.float64)[::-1] - size / 2
     return num / (den + 1e-9), origin
 
 
@@ -120,7 +118,7 @@ def test_results_equal_the_in_memory_composition_of_the_stages(reference, small_
     np.testing.assert_allclose(store["arms/pinn/object"][:], obj, rtol=1e-5, atol=1e-6)
 
     # placement on the ground-truth grid, limited to the scan box with an M//2 margin
-    y0, x0 = np.rint(origin).astype(int)
+    y0, x0 = origin
     rows = slice(
         max(y0, int(centres[:, 1].min()) - M // 2), min(y0 + obj.shape[0], int(centres[:, 1].max()) + M // 2)
     )

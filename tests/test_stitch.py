@@ -169,6 +169,28 @@ def test_explicit_canvas_equals_scatter_add(tile, block):
     assert_close(obj.compute(), want)
 
 
+@pytest.mark.parametrize("whole", [False, True])
+def test_object_grid_canvas_has_a_whole_pixel_origin_and_wastes_no_row_or_column(whole):
+    """canvas="object": the object's own pixel grid, just large enough for every tap that carries weight,
+    and the same sums as scatter-add on that frame (weight-0 patches are left out of its extent)."""
+    rng = np.random.default_rng(12)
+    n, m = 150, 10
+    patches, pos = random_patches(rng, n, m), rng.uniform(15, 95, (n, 2))
+    if whole:  # whole-pixel corners: the last tap of each crop has no weight and no canvas row
+        pos = np.round(pos)
+    weights = np.ones(n)
+    weights[np.argmax(pos[:, 0])] = 0  # the right-most patch does not count
+    obj, frame = stitch(patches, pos, weights, canvas="object")
+    assert all(float(v).is_integer() for v in frame.origin)
+    _, den = splat_sums(patches, explicit_shifts(pos, m, frame.origin), frame.shape, weights)
+    for axis in (0, 1):  # the first and the last row (column) carry weight
+        profile = den.sum(axis=1 - axis)
+        assert profile[0] > 0 and profile[-1] > 0
+    assert frame.origin[1] + frame.shape[1] <= np.sort(pos[:, 0])[-2] + m / 2 + 1
+    want = scatter_add(patches, explicit_shifts(pos, m, frame.origin), frame.shape, weights)
+    assert_close(obj.compute(), want)
+
+
 def test_weights_and_dask_input():
     rng = np.random.default_rng(5)
     n, m = 120, 8

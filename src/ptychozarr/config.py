@@ -9,7 +9,7 @@ are both generated from these fields, so a name, a default or a check lives in o
       ├─ scan    ScanOptions     which scan points      (n_test_groups, n_test_subsample, subsample_seed)
       ├─ group   GroupOptions    neighbour groups       (group_seed, neighbours)
       ├─ infer   InferOptions    model inputs per task  (stitch_crop_size, block_groups, batch_size, …)
-      ├─ stitch  StitchOptions   object tiles           (tile)
+      ├─ stitch  StitchOptions   the object's canvas    (tile, canvas)
       ├─ score   ScoreOptions    alignment and metrics  (phase_align_method, …)
       ├─ output  OutputOptions   files written          (save_npz, save_npz_aligned, p_min, p_max, …)
       └─ run     RunOptions      where and how it runs  (scheduler, n_workers, memory_budget, quiet, force)
@@ -288,6 +288,7 @@ COMPATIBILITY: dict[str, dict[str, Any]] = {
     # any shift); its unscaled Baseline input is the infer stage's (stages/infer.py)
     "compare_models": {
         "alignment": "coordinates",
+        "canvas": "ptychopinn",
         "stitch_crop_size": 20,
         "ms_ssim_sigma": 1.0,
         "frc_sigma": 0.0,
@@ -324,6 +325,12 @@ class StitchOptions(_Options):
     """Stitching into object tiles."""
 
     tile: int = option(1024, "side of the stitched object's tiles (Zarr chunks)", _int)
+    canvas: str = option(
+        "object",
+        "object: on the object's own pixel grid (whole-pixel origin, exact placement); ptychopinn: "
+        "reassemble_position's square canvas centred on the positions' mean (a sub-pixel origin)",
+        _choice("object", "ptychopinn"),
+    )
 
 
 @dataclass(frozen=True)

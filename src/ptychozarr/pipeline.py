@@ -231,7 +231,7 @@ def _model_arms(rt: Runtime, root, ds, groups, plan: RunPlan) -> tuple[list[ArmR
         try:
             patches = stages.infer.run(rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups)
             result.computation_time_s = patches.attrs["seconds"]
-            stages.stitch.run(rt, node, plan.tile, ds.attrs.get("pixel_size_m"))
+            stages.stitch.run(rt, node, plan.tile, ds.attrs.get("pixel_size_m"), plan.config.stitch.canvas)
         except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
             raise
         except PtychozarrError as exc:

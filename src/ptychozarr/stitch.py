@@ -70,7 +70,7 @@ from dask.highlevelgraph import HighLevelGraph
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
 from ptychozarr.io.store import array_options
 
-__all__ = ["CanvasFrame", "stitch", "stitch_to_zarr", "task_memory"]
+__all__ = ["CanvasFrame", "object_grid", "stitch", "stitch_to_zarr", "task_memory"]
 
 _EPS = 1e-9  # added to the weight before dividing, as reassemble_position does
 _VALUES_PER_BATCH = 2**17  # footprint pixels scattered at once inside one tile task
@@ -170,9 +170,10 @@ def stitch(
         are left out.
     tile : int
         Side of the square canvas tiles, which are the chunks of the result.
-    canvas : CanvasFrame or ((y0, x0), (rows, cols)), optional
+    canvas : CanvasFrame, ((y0, x0), (rows, cols)) or "object", optional
         An explicit canvas on the object grid: crop pixel ``(i, j)`` of a patch at ``(x, y)`` lands at
-        canvas ``(y + i - M/2 - y0, x + j - M/2 - x0)``. When omitted, the canvas is PtychoPINN's:
+        canvas ``(y + i - M/2 - y0, x + j - M/2 - x0)``; ``"object"``: :func:`object_grid`, the
+        smallest such canvas with a whole-pixel origin. When omitted, the canvas is PtychoPINN's:
         positions cast to float32, centred on their float32 mean ``com`` (weighted by ``weights``),
         ``pad`` the ceiling of the largest ``|position - com|`` rounded up to even, square side
         ``P = M + 2·pad``.
@@ -439,9 +440,38 @@ def _shifts(pos: np.ndarray, w: np.ndarray, m: int, canvas) -> tuple[np.ndarray,
         shift = pad + a[:, ::-1].astype(np.float64)  # (x, y) → (row, col); exact in float64
         origin = (float(com[1]) - size / 2, float(com[0]) - size / 2)
         return shift, CanvasFrame(origin, (size, size))
-    frame = _as_frame(canvas)
+    if isinstance(canvas, str) and canvas == "object":
+        frame = object_grid(pos, m, w)
+    else:
+        frame = _as_frame(canvas)
     shift = pos[:, ::-1] - m / 2 - np.asarray(frame.origin)
     return shift, frame
+
+
+def object_grid(positions, patch_size: int, weights=None) -> CanvasFrame:
+    """The smallest canvas on the object's own pixel grid that holds every tap of every weighted patch.
+
+    Its origin is a whole object pixel, so canvas pixel ``(r, c)`` *is* object pixel ``(y0 + r, x0 + c)``
+    (no sub-pixel remainder for the alignment or the registration to undo); it spans from the floor of
+    the first crop pixel's position to the last pixel a bilinear tap with a non-zero weight reaches.
+
+    Parameters
+    ----------
+    positions : (n, 2) array
+        Scan positions ``(x, y)`` in object pixels.
+    patch_size : int
+        Crop side ``M``.
+    weights : (n,) array, optional
+        Patches of weight 0 are left out.
+    """
+    pos = np.asarray(positions, np.float64)
+    if weights is not None:
+        pos = pos[np.asarray(weights) > 0]
+    if len(pos) == 0:
+        raise InvalidParameterError("every weight is 0: nothing to stitch (give some patch a weight > 0)")
+    corner = pos[:, ::-1] - patch_size / 2  # (row, col) of each top-left crop pixel
+    first, last = np.floor(corner.min(axis=0)), np.ceil(corner.max(axis=0)) + patch_size - 1
+    return CanvasFrame(tuple(float(v) for v in first), tuple(int(v) for v in last - first + 1))
 
 
 def _as_frame(canvas) -> CanvasFrame:
@@ -460,8 +490,8 @@ def _as_frame(canvas) -> CanvasFrame:
         ok = False
     if not ok:
         raise InvalidParameterError(
-            f"canvas={canvas!r}: expected a CanvasFrame or ((y0, x0), (rows, cols)) with a finite origin "
-            "and integer rows, cols ≥ 1"
+            f"canvas={canvas!r}: expected 'object', a CanvasFrame or ((y0, x0), (rows, cols)) with a finite "
+            "origin and integer rows, cols ≥ 1"
         )
     return CanvasFrame(origin, shape)
 

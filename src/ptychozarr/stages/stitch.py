@@ -2,10 +2,13 @@
 
 Writes ``arms/<arm>/object`` on the object frame (:data:`ptychozarr.io.store.FRAME_DIMS`: dimensions
 ``object_y``, ``object_x``) beside its coordinates ``object_y`` and ``object_x``: the object pixel of every
-canvas row and column, the canvas frame's origin rounded to the nearest pixel (as placement alignment
-rounds it) plus the index, so that xarray lines the object up with the ground truth and the aligned crops.
-The exact, sub-pixel origin stays in the object's ``canvas`` attrs. With a pixel size, the coordinates in
-metres ``object_y_m`` and ``object_x_m`` are written too.
+canvas row and column, so that xarray lines the object up with the ground truth and the aligned crops.
+The default canvas lies on the object's own pixel grid (``canvas="object"``,
+:func:`ptychozarr.stitch.object_grid`), so these are exact. PtychoPINN's canvas (``canvas="ptychopinn"``,
+compare_models' compatibility) has a sub-pixel origin: the coordinates are then that origin rounded to
+the nearest pixel (as placement alignment rounds it) plus the index, and the exact origin stays in the
+object's ``canvas`` attrs. With a pixel size, the coordinates in metres ``object_y_m`` and ``object_x_m``
+are written too.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ def project_memory(
     return tuple(memory.TaskMemory(kind, {"task": projected[kind]}, "tile") for kind in TASK_KINDS)
 
 
-def run(rt: Runtime, node: zarr.Group, tile: int, pixel_size_m: float | None = None) -> zarr.Array:
+def run(
+    rt: Runtime, node: zarr.Group, tile: int, pixel_size_m: float | None = None, canvas: str = "object"
+) -> zarr.Array:
     """Stitch ``node/patches`` into ``node/object`` (the patch size M is the stored patches' side);
-    ``pixel_size_m`` (the scan's) adds coordinates in metres."""
+    ``pixel_size_m`` (the scan's) adds coordinates in metres; ``canvas`` is ``"object"`` (the object's
+    pixel grid) or ``"ptychopinn"`` (reassemble_position's canvas)."""
     name = f"stitch:{node.basename}"
     patches = node["patches"]
     params = {
         "patches": dict(patches.attrs["params"]), "tile": tile, "frame": FRAME_VERSION,
-        "pixel_size_m": pixel_size_m,
+        "pixel_size_m": pixel_size_m, "canvas": canvas,
     }  # fmt: skip
     with rt.timed(name):
         if rt.reusable(name, node.get("object"), params):
@@ -60,6 +66,7 @@ def run(rt: Runtime, node: zarr.Group, tile: int, pixel_size_m: float | None = N
             patches["positions"][:],
             patches["weights"][:],
             tile=tile,
+            canvas="object" if canvas == "object" else None,
             attrs={"params": params},
             overwrite=True,
             pixel_size_m=pixel_size_m,
