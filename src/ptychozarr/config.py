@@ -305,9 +305,9 @@ class InferOptions(_Options):
 
     compatibility: str = option(
         "none",
-        "compare_models: its defaults (--alignment coordinates --max-registration-shift 1000, and its "
-        "crop, MS-SSIM, FRC and phase defaults) and its Baseline fed the normalised diffraction without "
-        "intensity_scale; options given explicitly win",
+        "compare_models: its defaults (--alignment coordinates --canvas ptychopinn "
+        "--max-registration-shift 1000, and its crop, MS-SSIM, FRC and phase defaults) and its Baseline "
+        "fed the normalised diffraction without intensity_scale; options given explicitly win",
         _choice(*COMPATIBILITY),
     )
     stitch_crop_size: int = option(20, "M: side of the kept centre of each patch (even, 0 < M ≤ N)", _crop)
