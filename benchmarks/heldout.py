@@ -14,14 +14,15 @@ import json
 from pathlib import Path
 
 from ptychozarr.models import demo_weights
-from ptychozarr.models.demo import DEMO_SCAN, SCORES_FILE, SHIPPED, held_out_scores
+from ptychozarr.models.demo import DEMO_SCAN, SCORES_FILE, SHIPPED, covered_pixels, held_out_scores
 from ptychozarr.pipeline import compare
 from ptychozarr.simulate import simulate
 
 __all__ = ["main", "score_models"]
 
 def score_models(output_dir: str | Path, models: dict | None = None, record: bool = False) -> dict:
-    """Simulate :data:`DEMO_SCAN`, compare the models on it and score them (:func:`held_out_scores`).
+    """Simulate :data:`DEMO_SCAN`, compare the models on it and score them (:func:`held_out_scores`) on
+    the pixels the scan covers, and on the whole scored box beside them (``"whole_box"``).
 
     Parameters
     ----------
@@ -35,16 +36,19 @@ def score_models(output_dir: str | Path, models: dict | None = None, record: boo
     Returns
     -------
     dict
-        ``{"scan": DEMO_SCAN, "scores": held_out_scores(...)}``.
+        ``{"scan": DEMO_SCAN, "scores": held_out_scores(..., covered), "whole_box": held_out_scores(...)}``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     models = models or {label: demo_weights(stem) for label, stem in SHIPPED.items()}
     scan = simulate(output_dir / "scan_test.npz", **DEMO_SCAN)
-    compare(scan, models, output_dir=output_dir / "compare", quiet=True, force=True)
+    run = compare(scan, models, output_dir=output_dir / "compare", quiet=True, force=True)
+    aligned = output_dir / "compare" / "reconstructions_aligned.npz"
+    covered = {arm.label: covered_pixels(run.store, arm.key) for arm in run.arms}
     result = {
         "scan": DEMO_SCAN,
-        "scores": held_out_scores(output_dir / "compare" / "reconstructions_aligned.npz", models),
+        "scores": held_out_scores(aligned, models, covered),
+        "whole_box": held_out_scores(aligned, models),
     }
     if record:
         SCORES_FILE.write_text(json.dumps(result, indent=2) + "\n")

@@ -357,10 +357,33 @@ def test_held_out_scores_against_numpy(tmp_path):
     assert scores["constant"]["r_amplitude"] == 0.0
     from skimage.metrics import structural_similarity
 
-    want = structural_similarity(0.5 * amp + 0.1, amp, data_range=float(np.ptp(amp)))
+    good = 0.5 * amp + 0.1  # its SSIM is taken with its mean scaled to the truth's, as compare_models does
+    want = structural_similarity(good * amp.mean() / good.mean(), amp, data_range=float(np.ptp(amp)))
     assert scores["Good"]["ssim_amplitude"] == pytest.approx(want, abs=1e-3)
     assert scores["Good"]["ssim_phase"] == pytest.approx(1.0, abs=1e-3)
     assert scores["constant"]["ssim_amplitude"] < scores["Good"]["ssim_amplitude"]
+
+
+def test_held_out_scores_on_covered_pixels_leave_out_what_no_patch_reaches(tmp_path):
+    """A copy of the truth with an uncovered corner (zeros, or ringing phases): r = 1 and SSIM = 1 on the
+    covered pixels, lower over the whole box."""
+    from ptychozarr.models.demo import held_out_scores
+
+    rng = np.random.default_rng(2)
+    amp, phase = 0.2 + 0.8 * rng.random((40, 50)), rng.random((40, 50))
+    covered = np.ones(amp.shape, bool)
+    covered[:8, :12] = False
+    np.savez(
+        tmp_path / "aligned.npz",
+        ground_truth_amplitude=amp,
+        ground_truth_phase=phase,
+        a_amplitude=np.where(covered, amp, 0.0),
+        a_phase=np.where(covered, phase, rng.uniform(-np.pi, np.pi, amp.shape)),
+    )
+    whole = held_out_scores(tmp_path / "aligned.npz", ["A"])["A"]
+    scored = held_out_scores(tmp_path / "aligned.npz", ["A"], covered={"A": covered})["A"]
+    assert all(value == pytest.approx(1.0, abs=1e-3) for value in scored.values()), scored
+    assert all(value < 0.98 for value in whole.values()), whole
 
 
 def test_held_out_scores_use_each_arms_own_ground_truth_crop(tmp_path):

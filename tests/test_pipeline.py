@@ -149,6 +149,21 @@ def test_results_equal_the_in_memory_composition_of_the_stages(reference, small_
     )
 
 
+def test_covered_pixels_are_those_a_crop_reaches(reference):
+    """The scored crop's covered pixels equal the union of the crops' footprints, from the group centres."""
+    from ptychozarr.models.demo import covered_pixels
+
+    store = zarr.open_group(str(reference.store), mode="r")
+    corner = store["groups/centres"][:][:, ::-1] - M / 2  # (row, col) of each crop's first pixel
+    rows, cols = store["scores/pinn/object_y"][:], store["scores/pinn/object_x"][:]
+    want = np.zeros((len(rows), len(cols)), bool)
+    for first, last in zip(np.floor(corner).astype(int), np.ceil(corner).astype(int) + M - 1, strict=True):
+        want[np.ix_((rows >= first[0]) & (rows <= last[0]), (cols >= first[1]) & (cols <= last[1]))] = True
+    got = covered_pixels(reference.store, "pinn")
+    np.testing.assert_array_equal(got, want)
+    assert not got.all()  # the scan box has corners no crop reaches
+
+
 def test_baseline_predicts_each_distinct_pattern_once(reference):
     store = zarr.open_group(str(reference.store), mode="r")
     weights = store["arms/baseline/patches/weights"][:]
