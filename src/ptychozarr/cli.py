@@ -348,6 +348,7 @@ def _cmd_demo(args) -> int:
             "epochs": args.epochs,
             "dose": TRAIN_SCAN["dose"],
             "final_learning_rate": 1e-5,
+            "augment": True,
             "verbose": not args.quiet,
         }
         models = {
@@ -390,7 +391,10 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate",
         help="write a synthetic scan following the study's data contract",
-        description="Simulate a scan (structured object, defocused probe, Poisson noise) into an NPZ file.",
+        description=(
+            "Simulate a scan (structured object, defocused probe behind a diffuser, Poisson noise) into an "
+            "NPZ file."
+        ),
     )
     simulate.add_argument("output", type=Path, help="NPZ file to write")
     simulate.add_argument("--n-points", type=int, default=5216, help="positions in the file (default 5216)")

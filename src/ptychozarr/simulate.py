@@ -1,8 +1,8 @@
 """Synthetic ptychography scans that follow the study's data contract (PtychoPINN's keys, dtypes, frame).
 
 The object is complex and structured (amplitude from scikit-image's ``camera``, phase from the detail
-of ``astronaut``), the probe a strongly defocused soft aperture, the positions uniform within the
-object's margins, and each pattern
+of ``astronaut``), the probe a strongly defocused soft aperture behind a diffuser, the positions
+uniform within the object's margins, and each pattern
 
     A = sqrt(Poisson(s_sim² · |FFT(P·O)|² / N²)) / s_sim,   s_sim = sqrt(dose / mean_patterns Σ|P·O|²),
 
@@ -57,16 +57,30 @@ def make_object(size: int) -> np.ndarray:
 
 
 def make_probe(n: int) -> np.ndarray:
-    """An ``n``×``n`` complex64 probe: a soft aperture of radius 0.3·n under a strong defocus.
+    """An ``n``×``n`` complex64 probe: a soft square aperture under a strong defocus and a diffuser.
 
-    The defocus is the quadratic phase ``π r²/n``, whose local frequency ``r/n`` cycles per pixel sends
-    the wave at radius ``r`` to ``r`` pixels from the centre of the far field: a pattern is a Fresnel
-    image of the illuminated object, as in a strongly defocused (projection) geometry. Its energy lies
-    within a radius of about n/3 of the centre; its maximum amplitude is 1.
+    - **aperture**: a soft square of side ``0.3·√π·n`` (the area of a disc of radius 0.3·n), edges
+      ``n/40`` wide;
+    - **defocus**: the quadratic phase ``π r²/n``, whose local frequency ``r/n`` cycles per pixel sends
+      the wave at radius ``r`` to ``r`` pixels from the centre of the far field: a pattern is a Fresnel
+      image of the illuminated object;
+    - **diffuser**: a phase ``d(y) + d(x)`` of 1 rad rms, ``d`` a random profile (fixed seed) smoothed
+      over ``n/40`` px. Under a defocus alone a shift of the object is a tilt of the wave, so patterns a
+      few pixels apart carry the same information and the frequencies a defocus does not transfer stay
+      lost; the diffuser makes every position see the object through a different phase, as in near-field
+      ptychography with a diffuser.
+
+    The probe is separable (``P[r, c] = p[r]·p[c]``) and symmetric under the reflections about its
+    centre pixel ``n/2`` and the transpose. Its maximum amplitude is 1.
     """
-    radius = np.hypot(*(np.indices((n, n)) - n / 2))
-    aperture = 1.0 / (1.0 + np.exp((radius - 0.3 * n) / (n / 40)))
-    probe = aperture * np.exp(1j * np.pi * radius**2 / n)
+    from scipy.ndimage import gaussian_filter1d
+
+    t = np.arange(n) - n / 2
+    aperture = 1.0 / (1.0 + np.exp((np.abs(t) - 0.15 * np.sqrt(np.pi) * n) / (n / 40)))
+    profile = gaussian_filter1d(np.random.default_rng(7).standard_normal(n), n / 40, mode="wrap")
+    diffuser = (profile / profile.std())[np.abs(t).astype(np.intp)]  # even about the centre pixel
+    line = aperture * np.exp(1j * (np.pi * t**2 / n + diffuser))
+    probe = np.outer(line, line)
     return (probe / np.abs(probe).max()).astype(np.complex64)
 
 

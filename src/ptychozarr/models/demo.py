@@ -39,7 +39,7 @@ DEMO_SCAN: dict = {
 """``simulate`` keywords of the demo's scan: the held-out lower half of the object, at 10⁶ photons per
 pattern (the study's 10³ leaves the small demo models little to reconstruct from)."""
 
-TRAIN_SCAN: dict = DEMO_SCAN | {"n_points": 3000, "seed": 1, "split": "train"}
+TRAIN_SCAN: dict = DEMO_SCAN | {"n_points": 6000, "seed": 1, "split": "train"}
 """``simulate`` keywords of the shipped models' training scan: the upper half of the same object."""
 
 SCORES_FILE = Path(__file__).parent / "weights" / "scores.json"

@@ -12,7 +12,8 @@ tensors:
   trained without ground truth: the predicted object is moved to each member's offset
   (:func:`translate`), multiplied by the probe and propagated to the far field (:func:`far_field`), and
   compared with the measured amplitudes through a Poisson negative log-likelihood (:func:`poisson_nll`).
-- :func:`build_baseline` — a U-Net from one pattern to its object patch, trained on ground-truth patches.
+- :func:`build_baseline` — a U-Net from one pattern (and, given the probe, its back-propagation) to its
+  object patch, trained on ground-truth patches.
 
 Frames are those of DESIGN.md: a pattern's offset is ``−(position − group centre)`` as ``(x, y)``, and
 member ``c`` of a group sees the group object moved by its offset, i.e. ``member[r, s] =
@@ -95,9 +96,9 @@ def propagation_matrices(probe):
 
     Along each axis: the measured amplitude times the phase of the far field of the probe's central line
     (row for x, column for y), inverse FFT (zero frequency at ``N/2``), times the conjugate phase of that
-    line. For a probe whose phase is a quadratic (a defocus, as the simulator's), the phase of its 2-D far
-    field is close to the sum of its two lines' far-field phases, and its phase is exactly the product of
-    theirs.
+    line. For a separable probe ``P[r, c] = p[r]·q[c]`` (the simulator's) this is exact: the phase of its
+    2-D far field is the sum of its two lines' far-field phases, and its phase the sum of theirs (the
+    constant each line carries from the other cancels). For another probe it is an approximation.
 
     Parameters
     ----------
@@ -125,8 +126,10 @@ def back_propagated(amplitudes, probe):
 
     The far-field amplitude is given the phase of the probe's far field, propagated back (inverse FFT)
     and freed of the probe's phase, in a separable form (:func:`propagation_matrices`): a first estimate
-    of the illuminated object, which a strongly defocused probe makes a Fresnel hologram of the object,
-    twin image included. Fixed ``Dense`` layers along each axis, so a saved network needs no custom code.
+    of the illuminated object: for a weakly scattering patch ``1 + δ``, ``1 + δ/2`` plus a twin term whose
+    phase the probe's far field scrambles (a defocus alone would make it a coherent twin image; the
+    simulator's diffuser turns it into speckle). Fixed ``Dense`` layers along each axis, so a saved
+    network needs no custom code.
 
     Parameters
     ----------
@@ -286,7 +289,7 @@ def build_pinn(
     return keras.Model([inp, positions], outputs, name=f"pinn_gs{gridsize}_n{N}")
 
 
-def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False):
+def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool = False, probe=None):
     """U-Net from one diffraction pattern to its object patch.
 
     Parameters
@@ -295,6 +298,9 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
         Pattern side.
     filters, depth, batch_norm
         As in :func:`build_pinn`.
+    probe : ndarray, (N, N) complex, optional
+        The known probe: the U-Net then also sees the pattern's back-propagated wave
+        (:func:`back_propagated`), as the PINN does.
 
     Returns
     -------
@@ -305,7 +311,12 @@ def build_baseline(N: int, filters: int = 16, depth: int = 3, batch_norm: bool =
 
     _check_depth(N, depth)
     inp = keras.Input((N, N, 1), name="diffraction")
-    return keras.Model(inp, _heads(_unet(inp, filters, depth, batch_norm)), name=f"baseline_n{N}")
+    x = (
+        inp
+        if probe is None
+        else keras.layers.Concatenate(name="with_backprop")([inp, back_propagated(inp, probe)])
+    )
+    return keras.Model(inp, _heads(_unet(x, filters, depth, batch_norm)), name=f"baseline_n{N}")
 
 
 def with_phase_gauge(network, probe):

@@ -334,7 +334,11 @@ def train(
             xs = ds["xcoords"].values + pad
             ys = ds["ycoords"].values + pad
             network, _ = _network(
-                start_from, kind, n_pix, 1, lambda: build_baseline(n_pix, filters, depth, batch_norm)
+                start_from,
+                kind,
+                n_pix,
+                1,
+                lambda: build_baseline(n_pix, filters, depth, batch_norm, probe=probe),
             )
             optimizer = _adam(
                 learning_rate, final_learning_rate, _steps(len(members), epochs, window, batch_size)
