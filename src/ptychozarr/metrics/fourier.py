@@ -72,6 +72,8 @@ def _slab(n: int, slab_bytes: int) -> int:
 _RING_TEMPORARIES = 10
 #: Ring sums per ring: Re(Fa·Fb*), |Fa|², |Fb|² and the ring's pixel count.
 _SUMS = 4
+#: Spectrum slabs (of both images) that Zarr's I/O thread may still hold while a spilled task runs.
+_IO_SLABS = 1
 
 
 def _task_bytes(n: int, input_bytes: int, slab_bytes: int = _SLAB_BYTES) -> dict[str, int]:
@@ -80,13 +82,14 @@ def _task_bytes(n: int, input_bytes: int, slab_bytes: int = _SLAB_BYTES) -> dict
     A row task holds a row slab of both inputs (``input_bytes`` per pixel), of both images (float64) and
     their half spectra (complex128); a column
     task holds a column slab of both half spectra (transformed in place) and the ring temporaries of
-    one column sub-block.
+    one column sub-block. Either may also overlap the slab of both spectra that Zarr's I/O thread has
+    just written or read (``_IO_SLABS``): when that thread lets it go depends on how busy the machine is.
     """
     half = n // 2 + 1
     rows, cols = _slab(n, slab_bytes), min(_slab(n, slab_bytes), half)
     ring = _RING_TEMPORARIES * 8 * n * min(_ring_columns(n), cols)
-    return {"frc_rows": 2 * rows * ((input_bytes + 8) * n + 16 * half),
-            "frc_columns": 2 * 16 * n * cols + ring}
+    return {"frc_rows": 2 * rows * ((input_bytes + 8) * n + (1 + _IO_SLABS) * 16 * half),
+            "frc_columns": (1 + _IO_SLABS) * 2 * 16 * n * cols + ring}
 
 
 def _row_spectrum(x: da.Array, slab_bytes: int) -> da.Array:
