@@ -305,3 +305,46 @@ def test_report_redraws_the_figure_when_its_options_change(small_npz, tiny_model
     limits = {"p_min": 5.0, "pinn_phase_vmin": -1.0, "pinn_phase_vmax": 1.0}
     assert run(**limits) == (False, True)
     assert run(**limits, phase_align_method="mean") == (False, True)
+
+
+@pytest.mark.parametrize("kind", ["zarr", "dask", "numpy"])
+def test_strided_reads_equal_numpy_striding_one_chunk_at_a_time(kind, tmp_path):
+    # 100×130 in 32×48 chunks, read with steps and trims that cut chunks unevenly
+    import dask.array as da
+    import zarr
+
+    from ptychozarr.report.figure import _strided
+
+    rng = np.random.default_rng(2)
+    image = (rng.random((100, 130)) + 1j * rng.random((100, 130))).astype(np.complex64)
+    if kind == "zarr":
+        array = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=image.shape, chunks=(32, 48),
+                                  dtype=image.dtype)  # fmt: skip
+        array[:] = image
+    else:
+        array = da.from_array(image, chunks=(32, 48)) if kind == "dask" else image
+    for step, trim in itertools.product((1, 3, 7), (0, 2, 5)):
+        want = image[trim : 100 - trim : step, trim : 130 - trim : step].astype(np.complex128)
+        np.testing.assert_array_equal(_strided(array, step, trim), want, strict=True)
+
+
+class _Reads:
+    """A chunked array that records the selections read from it."""
+
+    def __init__(self, image, chunks):
+        self.image, self.chunks, self.shape, self.selections = image, chunks, image.shape, []
+
+    def __getitem__(self, key):
+        self.selections.append(key)
+        return self.image[key]
+
+
+def test_a_strided_read_never_spans_two_chunks():
+    from ptychozarr.report.figure import _strided
+
+    array = _Reads(np.arange(100 * 130).reshape(100, 130), (32, 48))
+    _strided(array, 3, 2)
+    assert len(array.selections) == 3 * 3  # rows 2…95 and columns 2…125 meet three chunks each
+    for key in array.selections:
+        for part, chunk in zip(key, array.chunks, strict=True):
+            assert part.start // chunk == (part.stop - 1) // chunk

@@ -23,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreError
 from ptychozarr.io import NpzReader, NpzWriter, curve_order, ingest, open_dataset
+from ptychozarr.io import store as store_module
 from ptychozarr.io.order import hilbert_index
 
 N, M = 16, 40
@@ -99,6 +100,21 @@ def test_round_trip_every_key_and_layout(tmp_path, layout, compressed):
     assert ds.attrs["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert ds.attrs["diffraction_layout"].replace(" ", "").startswith(layout.split()[0].replace(" ", ""))
     assert ds.attrs["store"] == str(store)
+
+
+@pytest.mark.parametrize("fortran", [False, True], ids=["C", "Fortran"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])
+def test_an_object_of_many_tiles_is_stored_as_it_was_saved(tmp_path, monkeypatch, compressed, fortran):
+    # 16² tiles: a 40×70 object spans 3×5 chunks, partly filled at its right and bottom edges
+    monkeypatch.setattr(store_module, "OBJECT_TILE", 16)
+    arrays = _scan()
+    rng = np.random.default_rng(4)
+    obj = (rng.normal(size=(40, 70)) + 1j * rng.normal(size=(40, 70))).astype(np.complex64)
+    arrays["objectGuess"] = np.asfortranarray(obj) if fortran else obj
+    store = ingest(_save(tmp_path / "scan.npz", arrays, compressed), tmp_path / "scan.zarr")
+    stored = zarr.open_array(store / "data" / "objectGuess", mode="r")
+    assert stored.chunks == (16, 16)
+    np.testing.assert_array_equal(stored[:], arrays["objectGuess"], strict=True)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["stored", "deflated"])

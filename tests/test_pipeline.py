@@ -14,6 +14,7 @@ import pytest
 import zarr
 from skimage.metrics import structural_similarity
 
+from ptychozarr import inference
 from ptychozarr.errors import InvalidParameterError, InvalidScanError, MemoryBudgetError, ModelMismatchError
 from ptychozarr.io import open_dataset
 from ptychozarr.metrics import registry
@@ -209,6 +210,15 @@ def test_a_killed_run_resumes_to_identical_outputs(kill_after, reference, small_
     for arm in ("pinn", "baseline"):
         for name in (f"arms/{arm}/object", f"scores/{arm}/aligned"):
             np.testing.assert_array_equal(ours[name][:], theirs[name][:])
+
+
+def test_decoded_chunks_are_freed_once_the_arms_are_inferred(small_npz, models, tmp_path, monkeypatch):
+    # blocks of 8 groups read parts of chunks, through the cache; nothing of it is left for later stages
+    cache = inference._ChunkCache(inference.CHUNK_CACHE_BYTES)
+    monkeypatch.setattr(inference, "_CHUNKS", cache)
+    compare(small_npz, models, output_dir=tmp_path, **{**FLAGS, "block_groups": 8})
+    assert cache.decoded > 0
+    assert not cache._items
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ import numpy as np
 
 from ptychozarr.errors import InvalidParameterError, InvalidScanError
 from ptychozarr.registration import (
+    MAX_WINDOW,
     MIN_CONFIDENCE,
     Registration,
     common_shape,
@@ -195,7 +196,13 @@ def align_fixed_canvas(recon, ground_truth, scan_positions_xy, patch_size: int):
 
 
 def register(
-    image, reference, *, upsample_factor: int = 50, border_crop: int = 2, max_window: int = 1024, **options
+    image,
+    reference,
+    *,
+    upsample_factor: int = 50,
+    border_crop: int = 2,
+    max_window: int = MAX_WINDOW,
+    **options,
 ):
     """Measure, apply and crop: the fine registration of one arm.
 

@@ -53,6 +53,7 @@ __all__ = [
     "model_spec",
     "oom_events",
     "predict_patches",
+    "release_chunks",
     "task_memory",
 ]
 
@@ -184,8 +185,19 @@ class _ChunkCache:
                     self._items.popitem(last=False)
         return value
 
+    def clear(self) -> None:
+        """Drop every cached chunk."""
+        with self._lock:
+            self._items.clear()
+
 
 _CHUNKS = _ChunkCache(CHUNK_CACHE_BYTES)
+
+
+def release_chunks() -> None:
+    """Free this process's decoded-chunk cache: once the model arms are inferred it serves nothing, and
+    would otherwise stay in memory for the rest of the run (and of any run after it in the process)."""
+    _CHUNKS.clear()
 
 
 class _Reader:

@@ -35,7 +35,7 @@ import zarr
 from ptychozarr import _tf, cluster, memory, report, stages
 from ptychozarr.config import CompareConfig
 from ptychozarr.errors import InvalidParameterError, PtychozarrError
-from ptychozarr.inference import load_count, oom_events
+from ptychozarr.inference import load_count, oom_events, release_chunks
 from ptychozarr.io import consolidate
 from ptychozarr.io.store import DamagedScanError, zarr_source
 from ptychozarr.models import Model
@@ -176,7 +176,7 @@ def run_compare(config: CompareConfig) -> Comparison:
                         plan = plan.with_memory(client)
             root = open_run_store(plan.store)
             plan.record(root)
-            arms, errors = _model_arms(rt, root, ds, groups, plan)
+            arms, errors = _model_arms(rt, root, ds, groups, plan, client)
             if config.ptychi_recon is not None:
                 key, label, seconds = stages.iterative.run(rt, root, config.ptychi_recon)
                 arms.append(ArmResult(key, label, computation_time_s=seconds))
@@ -222,14 +222,19 @@ def run_compare(config: CompareConfig) -> Comparison:
     return Comparison(config.output_dir, plan.store, arms, errors, objects, payload)
 
 
-def _model_arms(rt: Runtime, root, ds, groups, plan: RunPlan) -> tuple[list[ArmResult], dict[str, str]]:
+def _model_arms(
+    rt: Runtime, root, ds, groups, plan: RunPlan, client
+) -> tuple[list[ArmResult], dict[str, str]]:
     """Infer and stitch every model arm; an arm that fails keeps empty rows and an error."""
     arms, errors = [], {}
     for arm in plan.arms:
         result = ArmResult(arm.key, arm.label)
         node = root.require_group(f"arms/{arm.key}")
         try:
-            patches = stages.infer.run(rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups)
+            with _chunks_released(client):
+                patches = stages.infer.run(
+                    rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups
+                )  # fmt: skip
             result.computation_time_s = patches.attrs["seconds"]
             stages.stitch.run(rt, node, plan.tile, ds.attrs.get("pixel_size_m"), plan.config.stitch.canvas)
         except DamagedScanError:  # the scan itself: every arm would fail, the run is refused
@@ -239,6 +244,19 @@ def _model_arms(rt: Runtime, root, ds, groups, plan: RunPlan) -> tuple[list[ArmR
             log.warning("arm %s: %s", arm.label, exc)
         arms.append(result)
     return arms, errors
+
+
+@contextlib.contextmanager
+def _chunks_released(client):
+    """Free the decoded-chunk cache of this process (and, when the block ends without an error, of every
+    worker of ``client``): the chunks serve no later stage and would stay in memory for the rest of the
+    run."""
+    try:
+        yield
+    finally:
+        release_chunks()
+    if client is not None:
+        client.run(release_chunks)
 
 
 def _score_arms(rt: Runtime, root, ds, groups, arms, errors, plan: RunPlan) -> None:

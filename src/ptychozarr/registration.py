@@ -84,6 +84,7 @@ from ptychozarr.errors import InvalidParameterError
 from ptychozarr.io.store import array_options
 
 __all__ = [
+    "MAX_WINDOW",
     "MIN_CONFIDENCE",
     "Registration",
     "common_shape",
@@ -99,7 +100,9 @@ MIN_CONFIDENCE = 0.6
 #: Bytes of one slab (whole rows, then whole columns, complex128) of a dask Fourier shift with a work
 #: directory.
 SLAB_BYTES = 2**23
-_MAX_WINDOW = 1024
+MAX_WINDOW = 768
+"""Side of the central window larger images are registered on: the only part brought into memory, about
+16 complex128 copies of it at the peak (0.15 GiB), whatever the object's size."""
 _SEARCH_WINDOW = 512  # the blur is matched on the central window of at most this side
 _MAX_STEPS = 10
 _PULLED = 1.0
@@ -251,15 +254,26 @@ def _remove_ramp(image: np.ndarray, reference: np.ndarray, offset, blur: float) 
             np.angle(np.sum(product[:, 1:] * product[:, :-1].conj())),
         ]
     )
-    rows, cols = np.indices(image.shape)
+    rows, cols = (np.arange(n) - (n - 1) / 2 for n in image.shape)
+    rows = rows[:, None]
     residual = aligned * np.exp(-1j * (slope[0] * rows + slope[1] * cols))
     residual = residual * np.exp(-1j * np.angle(np.sum(residual * window)))
-    weight = np.sqrt(np.abs(product)).ravel()
-    truth_phase = np.angle(blurred * np.exp(-1j * np.angle(blurred.sum()))).ravel()
-    design = np.stack([rows.ravel(), cols.ravel(), np.ones(rows.size), truth_phase], axis=1)
-    plane = np.linalg.lstsq(design * weight[:, None], np.angle(residual).ravel() * weight, rcond=None)[0]
-    slope += plane[:2]
+    truth_phase = np.angle(blurred * np.exp(-1j * np.angle(blurred.sum())))
+    slope += _weighted_fit((rows, cols, 1.0, truth_phase), np.angle(residual), np.abs(product))[:2]
     return image * np.exp(-1j * (slope[0] * rows + slope[1] * cols))
+
+
+def _weighted_fit(basis, target: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Coefficients of the weighted least-squares fit of ``target`` by the ``basis`` images (arrays that
+    broadcast to its shape, or scalars), solved by the normal equations: one temporary image at a time,
+    never a pixels × basis design matrix."""
+    k = len(basis)
+    normal = np.empty((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            normal[i, j] = normal[j, i] = np.sum(weight * basis[i] * basis[j])
+    moments = [np.sum(weight * b * target) for b in basis]
+    return np.linalg.solve(normal, moments)
 
 
 def _confidence(reference: np.ndarray, image: np.ndarray) -> float:
@@ -288,7 +302,7 @@ def find_offset(
     reference,
     *,
     upsample_factor: int = 50,
-    max_window: int = _MAX_WINDOW,
+    max_window: int = MAX_WINDOW,
     component: Component = "channels",
     max_blur: float = 12.0,
     min_confidence: float = MIN_CONFIDENCE,
@@ -304,8 +318,8 @@ def find_offset(
         Sub-pixel precision 1/upsample_factor.
     max_window : int
         Larger images are registered on their central ``max_window``-sided window, the only part
-        brought into memory (about 16 complex128 copies of it at the peak: 0.26 GiB at 1024,
-        1 GiB at 2048). PtychoPINN correlates the whole image.
+        brought into memory (about 16 complex128 copies of it at the peak: 0.15 GiB at the default
+        :data:`MAX_WINDOW`, 1 GiB at 2048). PtychoPINN correlates the whole image.
     component : {"channels", "amplitude", "complex"}
         For complex input, after the relative phase ramp is removed: standardised amplitude and phase
         together (default), the magnitudes only, or the complex fields (see the module notes). Real

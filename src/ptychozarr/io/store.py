@@ -733,7 +733,8 @@ def _ingest_members(npz: NpzReader, data: zarr.Group, chunk_bytes: int, scratch:
 def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group, pixel_size_m: float | None) -> None:
     """Stream ``objectGuess`` into ``data`` in slabs of about :data:`DEFAULT_CHUNK_BYTES`, stored in
     :data:`OBJECT_TILE`² chunks: an object of any size is never held whole (a Fortran-ordered member
-    streams by columns)."""
+    streams by columns), and a slab is written one chunk at a time, so that the chunks Zarr reads, merges
+    and re-encodes at once do not grow with the object's width."""
     shape = tuple(member.shape)
     out = data.create_array(
         "objectGuess", shape=shape, dtype=np.complex64, chunks=tuple(min(OBJECT_TILE, n) for n in shape),
@@ -745,10 +746,12 @@ def _write_object(npz: NpzReader, member: NpzMember, data: zarr.Group, pixel_siz
     start = 0
     for block in npz.iter_blocks("objectGuess", rows):
         block = _complex("objectGuess", block)
-        if member.fortran_order:
-            out[:, start : start + len(block)] = block.T
-        else:
-            out[start : start + len(block)] = block
+        for across in range(0, block.shape[1], OBJECT_TILE):
+            part = block[:, across : across + OBJECT_TILE]
+            if member.fortran_order:
+                out[across : across + part.shape[1], start : start + len(block)] = part.T
+            else:
+                out[start : start + len(block), across : across + part.shape[1]] = part
         start += len(block)
 
 
