@@ -25,6 +25,7 @@ from ptychozarr.errors import InvalidParameterError, InvalidScanError, StoreErro
 from ptychozarr.io import NpzReader, NpzWriter, curve_order, ingest, open_dataset
 from ptychozarr.io import store as store_module
 from ptychozarr.io.order import hilbert_index
+from ptychozarr.io.store import read_by_chunk
 
 N, M = 16, 40
 PER_PATTERN = ("diffraction", "xcoords", "ycoords", "xcoords_start", "ycoords_start", "scan_index")
@@ -399,3 +400,47 @@ def test_ingest_memory_is_bounded_by_blocks_not_file_size(tmp_path):
 def test_pickle_trap_is_armed():
     with pytest.raises(AssertionError, match="unpickled"):
         pickle.loads(pickle.dumps(_Trap()))
+
+
+@pytest.mark.parametrize("kind", ["zarr", "dask", "numpy"])
+def test_read_by_chunk_equals_the_numpy_selection(kind, tmp_path):
+    # 100×130 in 32×48 chunks (dask: uneven ones), selections that cut chunks unevenly
+    import dask.array as da
+
+    rng = np.random.default_rng(2)
+    image = (rng.random((100, 130)) + 1j * rng.random((100, 130))).astype(np.complex64)
+    if kind == "zarr":
+        array = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=image.shape, chunks=(32, 48),
+                                  dtype=image.dtype)  # fmt: skip
+        array[:] = image
+    else:
+        array = da.from_array(image, chunks=((10, 50, 40), (48, 48, 34))) if kind == "dask" else image
+    for rows, cols in [
+        (slice(None), slice(None)),
+        (slice(2, 98, 3), slice(5, 125, 7)),
+        (slice(31, 33), slice(0, 130, 129)),
+        (slice(40, 40), slice(None)),
+    ]:
+        got = read_by_chunk(array, rows, cols)
+        np.testing.assert_array_equal(got, image[rows, cols], strict=True)
+
+
+class _Reads:
+    """A chunked array that records the selections read from it."""
+
+    def __init__(self, image, chunks):
+        self.image, self.chunks, self.selections = image, chunks, []
+        self.shape, self.dtype = image.shape, image.dtype
+
+    def __getitem__(self, key):
+        self.selections.append(key)
+        return self.image[key]
+
+
+def test_read_by_chunk_reads_no_selection_across_two_chunks():
+    array = _Reads(np.arange(100 * 130).reshape(100, 130), (32, 48))
+    read_by_chunk(array, slice(2, 98, 3), slice(2, 128, 3))
+    assert len(array.selections) == 3 * 3  # rows 2…95 and columns 2…125 meet three chunks each
+    for key in array.selections:
+        for part, chunk in zip(key, array.chunks, strict=True):
+            assert part.start // chunk == (part.stop - 1) // chunk

@@ -102,6 +102,7 @@ __all__ = [
     "open_dataset",
     "open_store",
     "pattern_intensity",
+    "read_by_chunk",
     "read_errors",
     "remove_leftovers",
     "replace_path",
@@ -396,6 +397,39 @@ def open_array(store_path: str | Path, path: str, mode: str = "r") -> zarr.Array
         return zarr.open_array(store, path=path, mode=mode, zarr_format=3)
     except FileNotFoundError:
         raise StoreError(f"{_location(store, path)}: no such array; {_fix_for(path)}") from None
+
+
+def read_by_chunk(array, rows: slice, cols: slice) -> np.ndarray:
+    """``array[rows, cols]`` of a 2-D Zarr, dask or numpy array, read one chunk at a time.
+
+    A selection across many chunks of a Zarr array decodes them all at once (and one of a dask array
+    computes them all at once), so that reading a band of a wide object would hold as many decoded
+    chunks as it crosses; read piece by piece, no more than one is held besides the result.
+    """
+    shape = tuple(array.shape)
+    chunks = getattr(array, "chunks", None) or shape
+    pieces = [
+        _pieces(range(*sel.indices(n)), _chunk_edges(c, n))
+        for sel, n, c in zip((rows, cols), shape, chunks, strict=True)
+    ]
+    out = np.empty(tuple(p[-1][0].stop if p else 0 for p in pieces), np.dtype(array.dtype))
+    for at_row, read_rows in pieces[0]:
+        for at_col, read_cols in pieces[1]:
+            out[at_row, at_col] = np.asarray(array[read_rows, read_cols])
+    return out
+
+
+def _chunk_edges(chunks: int | tuple[int, ...], n: int) -> np.ndarray:
+    """Where the chunks along an axis of length ``n`` end: regular (Zarr) or listed (dask) chunks."""
+    return np.arange(chunks, n + chunks, chunks) if isinstance(chunks, int) else np.cumsum(chunks)
+
+
+def _pieces(index: range, edges: np.ndarray) -> list[tuple[slice, slice]]:
+    """``index`` cut where it enters the next chunk: (output slice, input slice) pairs."""
+    within = np.searchsorted(edges, np.asarray(index), side="right")
+    starts = [0, *(np.flatnonzero(np.diff(within)) + 1).tolist(), len(index)]
+    pairs = zip(starts, starts[1:], strict=False)
+    return [(slice(a, b), slice(index[a], index[b - 1] + 1, index.step)) for a, b in pairs if b > a]
 
 
 def remove_leftovers(directory: str | Path, name: str | None = None) -> list[Path]:

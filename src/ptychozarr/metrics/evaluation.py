@@ -27,10 +27,11 @@ _COMPUTED = registry.COMPARE_MODELS
 
 #: Bytes per pixel of one input (complex128; complex64 inputs take half).
 _INPUT_BYTES = 16
-#: float64 arrays per chunk pixel besides the inputs: the statistics pass (moduli, phases and the nine
-#: plane-moment terms), the pointwise pass (the four images and a difference) and the pass that writes
-#: the four images the windowed passes read (:func:`~ptychozarr.metrics._blocks.store_images`).
-_STATS_FLOATS, _POINTWISE_FLOATS, _STORE_FLOATS = 12, 5, 4
+#: float64 arrays per chunk pixel besides the inputs: the statistics pass (a modulus or phase and its
+#: float64 copy for the plane moments), the pointwise pass (the four images and a difference) and the
+#: pass that writes the four images the windowed passes read
+#: (:func:`~ptychozarr.metrics._blocks.store_images`).
+_STATS_FLOATS, _POINTWISE_FLOATS, _STORE_FLOATS = 2, 5, 4
 #: Extended float64 blocks per image that an SSIM task holds: the overlapped copy and the pre-filtered one.
 _BLOCK_COPIES = 2
 

@@ -66,15 +66,21 @@ def _diff(a: da.Array, b: da.Array) -> da.Array:
 
 
 def _plane_moments(block: np.ndarray, centre: tuple[float, float], block_info=None) -> np.ndarray:
-    """Sums over one block of the normal-equation terms of ``z = a·x + b·y + c`` (centred x, y)."""
+    """Sums over one block of the normal-equation terms of ``z = a·x + b·y + c`` (centred x, y).
+
+    The coordinate terms are separable and the data terms are sums of the block's row and column sums,
+    so that no image-sized temporary is made besides the block in float64.
+    """
     (r0, r1), (c0, c1) = block_info[0]["array-location"]
-    y = np.arange(r0, r1, dtype=np.float64)[:, None] - centre[0]
-    x = np.arange(c0, c1, dtype=np.float64)[None, :] - centre[1]
+    y = np.arange(r0, r1, dtype=np.float64) - centre[0]
+    x = np.arange(c0, c1, dtype=np.float64) - centre[1]
     z = block.astype(np.float64)
-    ones = np.ones_like(z)
-    xs, ys = x * ones, y * ones
-    terms = (xs * xs, xs * ys, xs, ys * ys, ys, ones, xs * z, ys * z, z)
-    return np.array([t.sum() for t in terms])[None, None, :]
+    ny, nx = len(y), len(x)
+    terms = (
+        ny * (x @ x), x.sum() * y.sum(), ny * x.sum(), nx * (y @ y), nx * y.sum(), float(ny * nx),
+        z.sum(axis=0) @ x, z.sum(axis=1) @ y, z.sum(),
+    )  # fmt: skip
+    return np.array(terms)[None, None, :]
 
 
 def _solve_plane(moments: np.ndarray, centre: tuple[float, float]) -> np.ndarray:

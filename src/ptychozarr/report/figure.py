@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
+from ptychozarr.io.store import read_by_chunk
 from ptychozarr.metrics import (
     FRC1OVER7,
     FRC50,
@@ -97,27 +98,10 @@ def _step(shape, max_side: int) -> int:
 
 
 def _strided(array, step: int, trim: int = 0) -> np.ndarray:
-    """``array`` less ``trim`` pixels per side, one pixel in ``step`` per axis, read as complex128.
-
-    A Zarr or dask array is read one chunk at a time: a strided selection of the whole array would
-    decode every chunk at once, a memory that grows with the object.
-    """
-    chunks = getattr(array, "chunks", None) or array.shape
-    chunks = [c if isinstance(c, int) else max(c) for c in chunks]
-    rows, cols = (_pieces(range(trim, n - trim, step), c) for n, c in zip(array.shape, chunks, strict=True))
-    out = np.empty((rows[-1][0].stop, cols[-1][0].stop), np.complex128)
-    for at_row, read_rows in rows:
-        for at_col, read_cols in cols:
-            out[at_row, at_col] = np.asarray(array[read_rows, read_cols])
-    return out
-
-
-def _pieces(index: range, chunk: int) -> list[tuple[slice, slice]]:
-    """``index`` cut where it enters the next chunk: (output slice, input slice) pairs."""
-    within = np.asarray(index) // chunk
-    starts = [0, *(np.flatnonzero(np.diff(within)) + 1).tolist(), len(index)]
-    pairs = zip(starts, starts[1:], strict=False)
-    return [(slice(a, b), slice(index[a], index[b - 1] + 1, index.step)) for a, b in pairs]
+    """``array`` less ``trim`` pixels per side, one pixel in ``step`` per axis, read as complex128 (one
+    chunk at a time: :func:`~ptychozarr.io.store.read_by_chunk`)."""
+    rows, cols = (slice(trim, n - trim, step) for n in array.shape)
+    return read_by_chunk(array, rows, cols).astype(np.complex128)
 
 
 def _phase_remover(phase_align: str):

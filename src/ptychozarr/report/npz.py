@@ -34,6 +34,7 @@ import numpy as np
 
 from ptychozarr.errors import InvalidParameterError
 from ptychozarr.io.npz import NpzWriter
+from ptychozarr.io.store import read_by_chunk
 from ptychozarr.report._files import replacing
 
 __all__ = ["metadata_path", "npz_prefix", "write_aligned_npz", "write_reconstructions_npz"]
@@ -49,22 +50,22 @@ def npz_prefix(key: str) -> str:
 
 
 def _rows(array, slab_bytes: int) -> int:
-    """Rows per slab: about ``slab_bytes`` of complex64, in whole row chunks of a chunked array.
-
-    Whole chunks, so that no chunk of a Zarr or dask array is decoded (or computed) twice.
-    """
+    """Rows per slab: about ``slab_bytes`` of complex64, in whole row chunks of a chunked array when one
+    fits (so that no chunk is read twice), else fewer (a chunk is then read by each slab it meets)."""
     rows = max(1, slab_bytes // max(1, array.shape[1] * 8))
     chunks = getattr(array, "chunks", None)
     if not chunks:
         return rows
     chunk = chunks[0] if isinstance(chunks[0], int) else max(chunks[0])
-    return max(chunk, rows // chunk * chunk)
+    return rows // chunk * chunk or rows
 
 
 def _slabs(array, slab_bytes: int):
+    """Row slabs of ``array``, each read one chunk at a time (:func:`~ptychozarr.io.store.read_by_chunk`):
+    no more than one decoded chunk is held however wide the array."""
     rows = _rows(array, slab_bytes)
     for start in range(0, array.shape[0], rows):
-        yield np.asarray(array[start : start + rows])
+        yield read_by_chunk(array, slice(start, start + rows), slice(None))
 
 
 _PARTS = ("amplitude", "phase", "complex")
