@@ -176,7 +176,7 @@ def run_compare(config: CompareConfig) -> Comparison:
                         plan = plan.with_memory(client)
             root = open_run_store(plan.store)
             plan.record(root)
-            arms, errors = _model_arms(rt, root, ds, groups, plan, client)
+            arms, errors = _model_arms(rt, root, ds, groups, plan, client, kind)
             if config.ptychi_recon is not None:
                 key, label, seconds = stages.iterative.run(rt, root, config.ptychi_recon)
                 arms.append(ArmResult(key, label, computation_time_s=seconds))
@@ -223,7 +223,7 @@ def run_compare(config: CompareConfig) -> Comparison:
 
 
 def _model_arms(
-    rt: Runtime, root, ds, groups, plan: RunPlan, client
+    rt: Runtime, root, ds, groups, plan: RunPlan, client, kind: cluster.SchedulerKind
 ) -> tuple[list[ArmResult], dict[str, str]]:
     """Infer and stitch every model arm; an arm that fails keeps empty rows and an error."""
     arms, errors = [], {}
@@ -231,7 +231,7 @@ def _model_arms(
         result = ArmResult(arm.key, arm.label)
         node = root.require_group(f"arms/{arm.key}")
         try:
-            with _chunks_released(client):
+            with _chunks_released(client, kind):
                 patches = stages.infer.run(
                     rt, node, ds, groups, arm.model, plan.config.infer, plan.block_groups
                 )  # fmt: skip
@@ -247,7 +247,7 @@ def _model_arms(
 
 
 @contextlib.contextmanager
-def _chunks_released(client):
+def _chunks_released(client, kind: cluster.SchedulerKind):
     """Free the decoded-chunk cache of this process (and, when the block ends without an error, of every
     worker of ``client``): the chunks serve no later stage and would stay in memory for the rest of the
     run."""
@@ -255,7 +255,7 @@ def _chunks_released(client):
         yield
     finally:
         release_chunks()
-    if client is not None:
+    if not kind.in_process:
         client.run(release_chunks)
 
 
