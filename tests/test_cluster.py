@@ -89,6 +89,13 @@ def test_workers_get_the_tensorflow_thread_settings(client):
     assert set(client.run(_environ, "TF_NUM_INTEROP_THREADS").values()) == {expected}
 
 
+def test_workers_start_with_the_fixed_mmap_threshold(client):
+    # set before the worker process starts, when glibc reads it
+    from ptychozarr.memory import MMAP_THRESHOLD
+
+    assert set(client.run(_environ, "MALLOC_MMAP_THRESHOLD_").values()) == {str(MMAP_THRESHOLD)}
+
+
 @pytest.mark.slow
 def test_concurrency_of_each_scheduler(client):
     assert concurrency(client) == Concurrency(2, 1)

@@ -43,6 +43,7 @@ from typing import Any
 import dask
 from dask.system import CPU_COUNT
 
+from ptychozarr import memory
 from ptychozarr.errors import InvalidParameterError, PtychozarrError
 
 __all__ = [
@@ -405,7 +406,9 @@ def _local_cluster(
     environ = {**dask.config.get("distributed.nanny.environ"), **env}
     kwargs = {"n_workers": n_workers, "threads_per_worker": threads_per_worker, "dashboard_address": None}
     bounded = {"distributed.scheduler.no-workers-timeout": f"{NO_WORKERS_TIMEOUT}s"}
-    with dask.config.set({"distributed.nanny.environ": environ} | bounded):
+    before_start = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **memory.MALLOC_ENV}
+    settings = {"distributed.nanny.environ": environ, "distributed.nanny.pre-spawn-environ": before_start}
+    with dask.config.set(settings | bounded):
         if gpu:
             from dask_cuda import LocalCUDACluster
 

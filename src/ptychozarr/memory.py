@@ -43,12 +43,15 @@ from ptychozarr.errors import InvalidParameterError, MemoryBudgetError
 
 __all__ = [
     "DEFAULT_RESERVED",
+    "MALLOC_ENV",
+    "MMAP_THRESHOLD",
     "PeakMemory",
     "Plan",
     "TaskMemory",
     "TaskMemoryCallback",
     "check",
     "choose_block_groups",
+    "map_large_blocks",
     "measure_reserved",
     "probe_model",
     "process_peaks",
@@ -343,6 +346,23 @@ def release_freed() -> None:
     nothing elsewhere), so that what one stage freed does not stay in the RSS of the next."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+MMAP_THRESHOLD = 2**20
+"""Bytes from which glibc maps an allocation apart, to unmap it when it is freed. By default glibc raises
+its threshold (up to 32 MiB) each time a mapped block is freed; image-sized temporaries then come from
+the malloc arenas of the threads that made them (dask's, Zarr's I/O loop, TensorFlow's), where what is
+freed stays in the RSS, more of it the more chunks a run has passed through."""
+#: Environment that sets the same threshold in a process started with it (local cluster workers).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def map_large_blocks() -> None:
+    """Fix glibc's mmap threshold of this process at :data:`MMAP_THRESHOLD` (``mallopt``; nothing
+    elsewhere), so that every block from that size is returned to the operating system when freed."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _libc():

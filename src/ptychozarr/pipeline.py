@@ -157,6 +157,7 @@ def run_compare(config: CompareConfig) -> Comparison:
     refusal before any work, TensorFlow is imported while the scan is ingested and grouped.
     """
     rt = Runtime(quiet=config.run.quiet, force=config.run.force)
+    memory.map_large_blocks()
     with rt.timed("validate"):
         plan = resolve(config)
     kind = cluster.kind(config.run.scheduler)
