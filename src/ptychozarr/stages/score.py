@@ -37,6 +37,7 @@ from ptychozarr.config import ScoreOptions
 from ptychozarr.io import is_complete, mark_complete
 from ptychozarr.io.store import FRAME_DIMS, FRAME_VERSION, array_options, frame_attributes, write_frame
 from ptychozarr.metrics import evaluate, task_memory
+from ptychozarr.registration import MAX_WINDOW
 from ptychozarr.report import to_jsonable
 from ptychozarr.runtime import Runtime
 from ptychozarr.stitch import CanvasFrame
@@ -131,8 +132,11 @@ def align_arm(
     if "patches" in node:
         crop = int(node["patches"]["patches"].shape[-1])
     params = to_jsonable(
-        {**options.__dict__, "crop": crop, "object": dict(node["object"].attrs), "registered": registered}
-    )
+        {
+            **options.__dict__, "crop": crop, "object": dict(node["object"].attrs), "registered": registered,
+            "registration_window": MAX_WINDOW,
+        }
+    )  # fmt: skip
     with rt.timed(f"align:{node.basename}"):
         recon, truth, frame = _align(node, gt, centres, scan, params)
         registration = None
